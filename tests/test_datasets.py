@@ -1,0 +1,273 @@
+"""Tests for utils/datasets.py: CIFAR-10 reading and its safety checks, digits, split files."""
+import builtins
+import hashlib
+import os
+import pickle
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+from sklearn import datasets as sklearn_datasets
+from sklearn import model_selection
+
+from utils import datasets
+from utils.errors import UserError
+
+IMAGES_PER_BATCH = 4
+BATCH_NAMES = [f"data_batch_{number}" for number in range(1, 6)] + ["test_batch"]
+
+
+class _Python2StylePickler(pickle._Pickler):
+  """Writes bytes as Python 2 `str` opcodes, as the official CIFAR pickles do.
+
+  Python 3's protocol 2 would route bytes through `_codecs.encode`, a global the real files never
+  use (and the loader rightly refuses).
+  """
+  dispatch = dict(pickle._Pickler.dispatch)
+
+  def _save_bytes_as_str(self, obj):
+    if len(obj) < 256:
+      self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+    else:
+      self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+    self.memoize(obj)
+
+  dispatch[bytes] = _save_bytes_as_str
+
+
+class _WritesMarker:
+  """Unpickling this calls open(marker, "w"): proof that a pickle was (wrongly) loaded."""
+
+  def __init__(self, marker_path):
+    self.marker_path = marker_path
+
+  def __reduce__(self):
+    return (builtins.open, (self.marker_path, "w"))
+
+
+def _row(global_index):
+  # Distinct per image, plane and position, so any transposition or reordering shows.
+  positions = np.arange(3072)
+  return ((positions % 1024 + 85 * (positions // 1024) + 7 * global_index) % 256).astype(np.uint8)
+
+
+def _label(global_index):
+  return (3 * global_index + 1) % 10
+
+
+def _write_batch(path, first_index, payload=None):
+  indices = range(first_index, first_index + IMAGES_PER_BATCH)
+  batch = {b"batch_label": b"fake", b"labels": [_label(index) for index in indices],
+           b"data": np.stack([_row(index) for index in indices])}
+  if payload is not None:
+    batch[b"payload"] = payload
+  with open(path, "wb") as file:
+    _Python2StylePickler(file, protocol=2).dump(batch)
+
+
+def _make_folder(root, malicious_marker=None, skip=()):
+  """Writes a fake cifar-10-batches-py/ under root; train images get global indices 0..19."""
+  folder = os.path.join(root, datasets.CIFAR10_FOLDER)
+  os.makedirs(folder)
+  for batch_number, name in enumerate(BATCH_NAMES):
+    if name in skip:
+      continue
+    payload = _WritesMarker(malicious_marker) if malicious_marker and batch_number == 0 else None
+    first_index = 100 if name == "test_batch" else IMAGES_PER_BATCH * batch_number
+    _write_batch(os.path.join(folder, name), first_index, payload)
+  with open(os.path.join(folder, "batches.meta"), "wb") as file:
+    pickle.dump({b"label_names": [b"class"] * 10}, file, protocol=2)
+  return folder
+
+
+def _make_archive(root, **folder_options):
+  """Writes root/cifar-10-python.tar.gz from a fake folder built elsewhere; returns (path, md5)."""
+  folder = _make_folder(os.path.join(root, "build"), **folder_options)
+  archive_dir = os.path.join(root, "data")
+  os.makedirs(archive_dir)
+  archive_path = os.path.join(archive_dir, datasets.CIFAR10_ARCHIVE)
+  with tarfile.open(archive_path, "w:gz") as archive:
+    archive.add(folder, arcname=datasets.CIFAR10_FOLDER)
+  return archive_path, _md5(archive_path)
+
+
+def _md5(path):
+  with open(path, "rb") as file:
+    return hashlib.md5(file.read()).hexdigest()
+
+
+def _expected_image(global_index):
+  planes = _row(global_index).reshape(3, 32, 32)
+  return np.stack([planes[0], planes[1], planes[2]], axis=-1)
+
+
+def _check_fake_cifar(train_images, train_labels, test_images, test_labels):
+  assert train_images.shape == (20, 32, 32, 3) and train_images.dtype == np.uint8
+  assert test_images.shape == (4, 32, 32, 3) and test_images.dtype == np.uint8
+  assert train_labels.dtype == np.int64 and test_labels.dtype == np.int64
+  # Pixel (y, x, channel) is row[channel * 1024 + y * 32 + x] for a CHW row.
+  assert train_images[0, 0, 1, 0] == 1
+  assert train_images[0, 0, 0, 1] == 85
+  assert train_images[0, 2, 3, 2] == (2 * 32 + 3 + 2 * 85) % 256
+  for index in range(20):  # Batch order: data_batch_1 holds 0..3, data_batch_5 holds 16..19.
+    np.testing.assert_array_equal(train_images[index], _expected_image(index))
+  np.testing.assert_array_equal(train_labels, [_label(index) for index in range(20)])
+  np.testing.assert_array_equal(test_images[2], _expected_image(102))
+  np.testing.assert_array_equal(test_labels, [_label(index) for index in range(100, 104)])
+
+
+def test_cifar10_archive_round_trip(tmp_path):
+  archive_path, md5 = _make_archive(str(tmp_path))
+  _check_fake_cifar(*datasets.load_cifar10(os.path.dirname(archive_path), expected_md5=md5))
+
+
+def test_cifar10_extracted_folder_and_folder_itself(tmp_path):
+  folder = _make_folder(str(tmp_path))
+  _check_fake_cifar(*datasets.load_cifar10(str(tmp_path)))
+  _check_fake_cifar(*datasets.load_cifar10(folder))
+
+
+def test_malicious_pickle_is_live(tmp_path):
+  # Guards the two tests below: an ordinary unpickler does create the marker.
+  marker = tmp_path / "marker"
+  folder = _make_folder(str(tmp_path), malicious_marker=str(marker))
+  with open(os.path.join(folder, "data_batch_1"), "rb") as file:
+    pickle.load(file, encoding="bytes")
+  assert marker.exists()
+
+
+def test_cifar10_checksum_mismatch_never_unpickles(tmp_path):
+  marker = tmp_path / "marker"
+  archive_path, _ = _make_archive(str(tmp_path), malicious_marker=str(marker))
+  with pytest.raises(UserError, match="checksum does not match") as error:
+    datasets.load_cifar10(os.path.dirname(archive_path))
+  assert archive_path in str(error.value)
+  assert not marker.exists()
+
+
+def test_cifar10_restricted_unpickler_refuses_other_globals(tmp_path):
+  marker = tmp_path / "marker"
+  folder = _make_folder(str(tmp_path), malicious_marker=str(marker))
+  with pytest.raises(UserError, match="refused to unpickle global .*open") as error:
+    datasets.load_cifar10(str(tmp_path))
+  assert os.path.join(folder, "data_batch_1") in str(error.value)
+  assert not marker.exists()
+
+
+def test_cifar10_truncated_archive(tmp_path):
+  archive_path, _ = _make_archive(str(tmp_path))
+  with open(archive_path, "rb") as file:
+    content = file.read()
+  with open(archive_path, "wb") as file:
+    file.write(content[:len(content) // 2])
+  with pytest.raises(UserError, match="cifar-10-python.tar.gz"):
+    datasets.load_cifar10(os.path.dirname(archive_path), expected_md5=_md5(archive_path))
+
+
+def test_cifar10_missing_and_empty_dir(tmp_path):
+  with pytest.raises(UserError, match="does not exist"):
+    datasets.load_cifar10(str(tmp_path / "absent"))
+  with pytest.raises(UserError, match="holds neither .*omit --data_dir"):
+    datasets.load_cifar10(str(tmp_path))
+
+
+def test_cifar10_missing_test_batch(tmp_path):
+  folder = _make_folder(str(tmp_path), skip=("test_batch",))
+  with pytest.raises(UserError, match="test_batch is missing") as error:
+    datasets.load_cifar10(str(tmp_path))
+  assert os.path.join(folder, "test_batch") in str(error.value)
+
+
+def test_cifar10_bad_labels(tmp_path):
+  folder = _make_folder(str(tmp_path))
+  with open(os.path.join(folder, "data_batch_3"), "wb") as file:
+    _Python2StylePickler(file, protocol=2).dump(
+        {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]})
+  with pytest.raises(UserError, match="data_batch_3: labels outside 0..9"):
+    datasets.load_cifar10(folder)
+
+
+def test_digits_matches_scaled_sklearn_images_and_split():
+  train_images, train_labels, test_images, test_labels = datasets.load_digits(image_size=8)
+  digits = sklearn_datasets.load_digits()
+  train_indices, test_indices = model_selection.train_test_split(
+      np.arange(len(digits.target)), test_size=0.25, stratify=digits.target, random_state=0)
+  # Bilinear resizing to the native 8x8 is the identity, leaving only the 0..16 -> 0..255 scale.
+  expected = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)
+  np.testing.assert_array_equal(train_images[..., 1], expected[train_indices])
+  np.testing.assert_array_equal(test_images[..., 0], expected[test_indices])
+  np.testing.assert_array_equal(train_labels, digits.target[train_indices])
+  np.testing.assert_array_equal(test_labels, digits.target[test_indices])
+
+
+def test_digits_shapes_proportions_and_determinism():
+  train_images, train_labels, test_images, test_labels = datasets.load_digits()
+  assert train_images.shape == (1347, 16, 16, 3) and test_images.shape == (450, 16, 16, 3)
+  assert train_images.dtype == np.uint8 and train_labels.dtype == np.int64
+  assert train_images.max() == 255 and train_images.min() == 0
+  np.testing.assert_array_equal(train_images[..., 0], train_images[..., 2])
+  all_counts = np.bincount(sklearn_datasets.load_digits().target)
+  train_counts, test_counts = np.bincount(train_labels), np.bincount(test_labels)
+  np.testing.assert_array_equal(train_counts + test_counts, all_counts)
+  # Stratified: each class's test share is within one image of 25 %.
+  assert np.all(np.abs(test_counts - 0.25 * all_counts) <= 1)
+  again = datasets.load_digits()
+  np.testing.assert_array_equal(again[0], train_images)
+  np.testing.assert_array_equal(again[3], test_labels)
+
+
+def test_load_dataset_dispatch():
+  assert datasets.load_dataset("digits")[0].shape == (1347, 16, 16, 3)
+  with pytest.raises(UserError, match="cifar10, digits"):
+    datasets.load_dataset("imagenet")
+
+
+def test_select_labeled_indices():
+  labels = np.repeat(np.arange(10), 50)[np.random.default_rng(0).permutation(500)]
+  indices = datasets.select_labeled_indices(labels, per_class=7, seed=3)
+  assert indices.dtype == np.int64 and len(indices) == 70
+  assert len(np.unique(indices)) == 70 and np.all(np.diff(indices) > 0)
+  np.testing.assert_array_equal(np.bincount(labels[indices]), [7] * 10)
+  np.testing.assert_array_equal(indices, datasets.select_labeled_indices(labels, 7, seed=3))
+  assert not np.array_equal(indices, datasets.select_labeled_indices(labels, 7, seed=4))
+  with pytest.raises(UserError, match="class 0 has only 50"):
+    datasets.select_labeled_indices(labels, per_class=51, seed=0)
+
+
+def test_split_files_round_trip(tmp_path):
+  npy_path, txt_path = datasets.write_split_files(str(tmp_path / "run"), [9, 2, 5])
+  np.testing.assert_array_equal(np.load(npy_path), [2, 5, 9])
+  assert open(txt_path).read() == "2\n5\n9\n"
+  indices = datasets.read_split_file(txt_path, num_train=10, expected_count=3)
+  assert indices.dtype == np.int64
+  np.testing.assert_array_equal(indices, [2, 5, 9])
+
+
+def test_read_split_file_reference_format(tmp_path):
+  path = tmp_path / "spc.4000_split.152.txt"
+  path.write_text("  7\n\n3 \n1\n6\n")
+  labels = np.array([0, 0, 1, 1, 0, 0, 0, 1, 0, 0])
+  indices = datasets.read_split_file(str(path), 10, labels=labels)
+  np.testing.assert_array_equal(indices, [1, 3, 6, 7])
+
+
+@pytest.mark.parametrize("content, kwargs, message", [
+    ("1\n2\nx\n", {}, "line 3: 'x' is not an integer"),
+    ("1\n\n10\n", {}, "line 3: index 10 is outside"),
+    ("-1\n", {}, "line 1: index -1 is outside"),
+    ("4\n2\n4\n", {}, "line 3: index 4 repeats line 1"),
+    ("1\n2\n", {"expected_count": 3}, "holds 2 indices but 3 are expected"),
+    ("0\n1\n2\n", {"labels": np.array([0, 0, 1] + [1] * 7)}, r"unbalanced \(0: 2, 1: 1\)"),
+])
+def test_read_split_file_errors(tmp_path, content, kwargs, message):
+  path = tmp_path / "split.txt"
+  path.write_text(content)
+  with pytest.raises(UserError, match=message) as error:
+    datasets.read_split_file(str(path), num_train=10, **kwargs)
+  assert str(path) in str(error.value)
+
+
+def test_read_split_file_missing(tmp_path):
+  with pytest.raises(UserError, match="does not exist"):
+    datasets.read_split_file(str(tmp_path / "absent.txt"), num_train=10)

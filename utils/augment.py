@@ -1,0 +1,398 @@
+"""Batched, stateless image augmentation for PAWS on CIFAR-10 (SPEC section 4).
+
+Every op transforms a whole batch at once and draws its own random numbers per
+image. A per-image `tf.map_fn` over dozens of small ops cannot feed the trainer
+(>= 15 000 crops/s on 2 CPU cores); batched ops amortise the op overhead over
+the batch. Randomness is stateless: each function takes a `seed` (int32 or
+int64 tensor of shape [2]) and derives sub-seeds with `stateless_split`, so a
+stream is reproducible, resumable and independent of tf.data parallelism.
+
+Images are float32 in [0, 1] between ops (uint8 is accepted where noted).
+"""
+import math
+
+import tensorflow as tf
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+# ITU-R 601 luma weights, as PIL's convert("L") and torchvision use.
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _split(seed, count):
+  """Returns `count` independent seeds ([2] tensors) derived from `seed`."""
+  return tf.unstack(tf.random.experimental.stateless_split(seed, count))
+
+
+def _to_float(images):
+  """uint8 0..255 or float 0..1 -> float32 0..1."""
+  if images.dtype == tf.uint8:
+    return tf.cast(images, tf.float32) / 255.0
+  return tf.cast(images, tf.float32)
+
+
+def _per_image_coin(seed, num_images, prob):
+  """Boolean [num_images], True with probability `prob` for each image."""
+  return tf.random.stateless_uniform([num_images], seed) < prob
+
+
+def _select(mask, new_images, images):
+  """Per-image choice between two [N, H, W, C] batches."""
+  return tf.where(mask[:, None, None, None], new_images, images)
+
+
+def sample_crop_boxes(seed, num_images, height, width, scale, ratio,
+                      attempts=10):
+  """Samples RandomResizedCrop boxes, torchvision semantics (SPEC 4, 9.6).
+
+  All `attempts` tries are drawn at once and the first valid one is kept;
+  images without a valid try fall back to torchvision's centre crop.
+
+  Args:
+    seed: int32/int64 tensor of shape [2].
+    num_images: number of boxes to draw.
+    height, width: image size in pixels (int or scalar tensor).
+    scale: (min, max) fraction of the image AREA covered by the crop.
+    ratio: (min, max) aspect ratio width / height of the crop.
+    attempts: number of tries per image before the fallback.
+
+  Returns:
+    int32 tensor [num_images, 4] of (top, left, crop_height, crop_width).
+  """
+  area_seed, ratio_seed, top_seed, left_seed = _split(seed, 4)
+  height_float = tf.cast(height, tf.float32)
+  width_float = tf.cast(width, tf.float32)
+  shape = tf.stack([num_images, attempts])
+
+  area = height_float * width_float * tf.random.stateless_uniform(
+      shape, area_seed, scale[0], scale[1])
+  aspect = tf.exp(tf.random.stateless_uniform(
+      shape, ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
+  # tf.round rounds half to even, like Python's round() in torchvision.
+  crop_widths = tf.round(tf.sqrt(area * aspect))
+  crop_heights = tf.round(tf.sqrt(area / aspect))
+  valid = ((crop_widths > 0) & (crop_widths <= width_float) &
+           (crop_heights > 0) & (crop_heights <= height_float))
+  first_valid = tf.argmax(tf.cast(valid, tf.int32), axis=1, output_type=tf.int32)
+  any_valid = tf.reduce_any(valid, axis=1)
+  crop_height = tf.gather(crop_heights, first_valid, batch_dims=1)
+  crop_width = tf.gather(crop_widths, first_valid, batch_dims=1)
+
+  # Fallback: the whole image, with its aspect ratio clamped into `ratio`.
+  image_ratio = width_float / height_float
+  min_ratio, max_ratio = min(ratio), max(ratio)
+  fallback_height = tf.where(
+      image_ratio < min_ratio, tf.round(width_float / min_ratio), height_float)
+  fallback_width = tf.where(
+      image_ratio > max_ratio, tf.round(height_float * max_ratio), width_float)
+  crop_height = tf.where(any_valid, crop_height, fallback_height)
+  crop_width = tf.where(any_valid, crop_width, fallback_width)
+
+  # Uniform integer offsets in 0..H-h; floor(u * count) is uniform over count.
+  top = tf.floor(tf.random.stateless_uniform([num_images], top_seed) *
+                 (height_float - crop_height + 1))
+  left = tf.floor(tf.random.stateless_uniform([num_images], left_seed) *
+                  (width_float - crop_width + 1))
+  top = tf.where(any_valid, tf.minimum(top, height_float - crop_height),
+                 tf.floor((height_float - crop_height) / 2))
+  left = tf.where(any_valid, tf.minimum(left, width_float - crop_width),
+                  tf.floor((width_float - crop_width) / 2))
+  return tf.cast(tf.stack([top, left, crop_height, crop_width], axis=1),
+                 tf.int32)
+
+
+def _interpolation_matrix(start, length, size, extent):
+  """Bilinear resampling weights [N, size, extent] along one axis.
+
+  Output pixel k samples the input at start + (k + 0.5) * length / size - 0.5
+  (half-pixel centres), clamped to the crop as when the crop is cut out first
+  and then resized (PIL / torchvision).
+  """
+  start = start[:, None]
+  last = start + length[:, None] - 1.0
+  centres = tf.range(size, dtype=tf.float32)[None, :] + 0.5
+  # Multiply before dividing so that length == size gives exact integers.
+  position = start + centres * length[:, None] / float(size) - 0.5
+  position = tf.clip_by_value(position, start, last)
+  lower = tf.floor(position)
+  fraction = position - lower
+  upper = tf.minimum(lower + 1.0, last)
+  lower_weights = tf.one_hot(tf.cast(lower, tf.int32), extent) * (
+      1.0 - fraction)[..., None]
+  upper_weights = tf.one_hot(tf.cast(upper, tf.int32), extent) * (
+      fraction[..., None])
+  return lower_weights + upper_weights
+
+
+def _resize_boxes(images, boxes, size):
+  """Cuts boxes out of float images and resizes them bilinearly to size x size.
+
+  Separable resampling as two batched matrix products instead of
+  tf.image.crop_and_resize: crop_and_resize fills samples that fall outside
+  [0, H-1] with a constant (so a half-pixel upscale of a crop touching the
+  border gets a dark edge) and reads pixels beyond the crop; the matrices
+  clamp to the crop, and an unscaled box reproduces its pixels exactly.
+
+  Args:
+    images: float32 [N, H, W, C].
+    boxes: int32 [N, 4] of (top, left, crop_height, crop_width).
+    size: output side in pixels (Python int).
+
+  Returns:
+    float32 [N, size, size, C].
+  """
+  shape = tf.shape(images)
+  num_images, height, width = shape[0], shape[1], shape[2]
+  channels = images.shape[-1]
+  boxes = tf.cast(boxes, tf.float32)
+  rows = _interpolation_matrix(boxes[:, 0], boxes[:, 2], size, height)
+  columns = _interpolation_matrix(boxes[:, 1], boxes[:, 3], size, width)
+  # [N, size, H] @ [N, H, W*C] -> [N, size, W*C]: resample the rows.
+  resized = tf.linalg.matmul(
+      rows, tf.reshape(images, [num_images, height, width * channels]))
+  resized = tf.reshape(resized, [num_images, size, width, channels])
+  # [N, 1, size, W] @ [N, size, W, C] -> [N, size, size, C]: the columns.
+  return tf.linalg.matmul(columns[:, None], resized)
+
+
+def random_resized_crop(images, seed, size, scale, ratio=(3 / 4, 4 / 3)):
+  """RandomResizedCrop on a batch, one box per image (SPEC 4, 9.6).
+
+  Args:
+    images: [N, H, W, 3] uint8 or float in [0, 1].
+    seed: int32/int64 tensor of shape [2]; the boxes are
+      `sample_crop_boxes(seed, N, H, W, scale, ratio)`.
+    size: output side in pixels.
+    scale: (min, max) fraction of the image area.
+    ratio: (min, max) aspect ratio of the crop.
+
+  Returns:
+    float32 [N, size, size, 3] in [0, 1].
+  """
+  shape = tf.shape(images)
+  boxes = sample_crop_boxes(seed, shape[0], shape[1], shape[2], scale, ratio)
+  resized = _resize_boxes(tf.cast(images, tf.float32), boxes, size)
+  if images.dtype == tf.uint8:
+    # Scale after resampling so the unscaled case stays exactly x / 255.
+    resized = resized / 255.0
+  return resized
+
+
+def random_flip(images, seed, prob=0.5):
+  """Flips each image left-right with probability `prob` (SPEC 4).
+
+  Args:
+    images: [N, H, W, C] tensor.
+    seed: int32/int64 tensor of shape [2].
+    prob: flip probability per image.
+
+  Returns:
+    tensor like `images`.
+  """
+  flip = _per_image_coin(seed, tf.shape(images)[0], prob)
+  return _select(flip, tf.reverse(images, axis=[2]), images)
+
+
+def _grayscale(images):
+  """[N, H, W, 3] -> [N, H, W, 1] luma."""
+  return tf.tensordot(images, tf.constant(_GRAY_WEIGHTS), axes=[[3], [0]])[
+      ..., None]
+
+
+def _blend_pass(images, operation, factors, active):
+  """Applies one of brightness (0), contrast (1), saturation (2) per image.
+
+  All three are torchvision's clamp(f * image + (1 - f) * target): the target
+  is black, the mean gray level, or the pixel's gray level. Inactive images
+  get f = 1, which leaves them exactly unchanged.
+  """
+  factor = tf.gather(factors, operation, batch_dims=1)
+  factor = tf.where(active, factor, 1.0)[:, None, None, None]
+  gray = _grayscale(images)
+  is_contrast = tf.cast(operation == 1, tf.float32)[:, None, None, None]
+  is_saturation = tf.cast(operation == 2, tf.float32)[:, None, None, None]
+  target = (is_contrast * tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True) +
+            is_saturation * gray)
+  return tf.clip_by_value(factor * images + (1.0 - factor) * target, 0.0, 1.0)
+
+
+def _rotate_hue(images, shifts):
+  """Adds `shifts` [N] (fractions of a turn) to the HSV hue of each image."""
+  hsv = tf.image.rgb_to_hsv(images)
+  hue = hsv[..., :1] + shifts[:, None, None, None]
+  hue = hue - tf.floor(hue)
+  rgb = tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1))
+  return tf.clip_by_value(rgb, 0.0, 1.0)
+
+
+def color_jitter(images, seed, brightness, contrast, saturation, hue, prob):
+  """torchvision RandomApply(ColorJitter(...), p=prob) on a batch (SPEC 4).
+
+  Factors b, c, s ~ U[max(0, 1 - x), 1 + x], hue shift ~ U[-hue, hue] of a
+  turn, each drawn per image; the four ops run in a random order per image and
+  clip to [0, 1] after each.
+
+  Args:
+    images: float32 [N, H, W, 3] in [0, 1].
+    seed: int32/int64 tensor of shape [2].
+    brightness, contrast, saturation, hue: jitter strengths (0 disables).
+    prob: probability that an image is jittered at all.
+
+  Returns:
+    float32 [N, H, W, 3] in [0, 1]; images not selected are unchanged.
+  """
+  (apply_seed, factor_seed, hue_seed, order_seed,
+   position_seed) = _split(seed, 5)
+  num_images = tf.shape(images)[0]
+  strengths = tf.constant([brightness, contrast, saturation], tf.float32)
+  low = tf.maximum(0.0, 1.0 - strengths)
+  factors = low + (1.0 + strengths - low) * tf.random.stateless_uniform(
+      tf.stack([num_images, 3]), factor_seed)
+  # A uniform permutation of the four ops = a uniform order of the three
+  # blends times a uniform slot 0..3 for hue (3! * 4 = 24 outcomes). Then hue
+  # needs one HSV round trip instead of one per slot.
+  order = tf.argsort(tf.random.stateless_uniform(
+      tf.stack([num_images, 3]), order_seed), axis=1)
+  blends = brightness > 0 or contrast > 0 or saturation > 0
+  jittered = images
+  if hue > 0:
+    shifts = tf.random.stateless_uniform(
+        [num_images], hue_seed, -float(hue), float(hue))
+    hue_position = tf.random.stateless_uniform(
+        [num_images], position_seed, 0, 4, dtype=tf.int32)
+    for slot in range(3 if blends else 0):
+      jittered = _blend_pass(jittered, order[:, slot], factors,
+                             slot < hue_position)
+    jittered = _rotate_hue(jittered, shifts)
+    for slot in range(3 if blends else 0):
+      jittered = _blend_pass(jittered, order[:, slot], factors,
+                             slot >= hue_position)
+  elif blends:
+    always = tf.ones([num_images], tf.bool)
+    for slot in range(3):
+      jittered = _blend_pass(jittered, order[:, slot], factors, always)
+  return _select(_per_image_coin(apply_seed, num_images, prob), jittered,
+                 images)
+
+
+def solarize(images, seed, prob):
+  """PIL Solarize(threshold=128) per image with probability prob (SPEC 4, 9.3).
+
+  On 0..255 levels, pixels >= 128 become 255 - x. The threshold here is
+  127.5 / 255: the midpoint between levels 127 and 128, so quantised inputs
+  give exactly PIL's result however they were scaled to [0, 1].
+
+  Args:
+    images: float32 [N, H, W, C] in [0, 1].
+    seed: int32/int64 tensor of shape [2].
+    prob: probability per image.
+
+  Returns:
+    float32 [N, H, W, C] in [0, 1].
+  """
+  solarized = tf.where(images >= 127.5 / 255.0, 1.0 - images, images)
+  return _select(_per_image_coin(seed, tf.shape(images)[0], prob), solarized,
+                 images)
+
+
+def _equalize_all(images):
+  """PIL ImageOps.equalize on every image and channel of a float batch."""
+  shape = tf.shape(images)
+  num_images, channels = shape[0], shape[3]
+  levels = tf.cast(tf.round(images * 255.0), tf.int32)
+  # One 256-bin histogram per (image, channel): offset each row's levels by
+  # 256 * row and count them all with one bincount.
+  rows = num_images * channels
+  row_offsets = tf.reshape(tf.range(rows) * 256, [num_images, 1, 1, channels])
+  bins = levels + row_offsets
+  histogram = tf.reshape(
+      tf.math.bincount(tf.reshape(bins, [-1]), minlength=rows * 256,
+                       maxlength=rows * 256), [rows, 256])
+  bin_index = tf.range(256)[None, :]
+  last_nonzero = tf.reduce_max(tf.where(histogram > 0, bin_index, -1), axis=1)
+  last_count = tf.gather(histogram, last_nonzero, batch_dims=1)
+  step = (tf.reduce_sum(histogram, axis=1) - last_count) // 255
+  safe_step = tf.maximum(step, 1)[:, None]
+  lut = (tf.cumsum(histogram, axis=1) + safe_step // 2) // safe_step
+  lut = tf.concat([tf.zeros([rows, 1], tf.int32), lut[:, :-1]], axis=1)
+  lut = tf.clip_by_value(lut, 0, 255)
+  equalized = tf.cast(tf.gather(tf.reshape(lut, [-1]), bins), tf.float32) / 255.0
+  # PIL leaves a channel with step 0 (nearly constant) unchanged.
+  unchanged = tf.reshape(step == 0, [num_images, 1, 1, channels])
+  return tf.where(unchanged, images, equalized)
+
+
+def equalize(images, seed, prob):
+  """PIL ImageOps.equalize per image with probability prob (SPEC 4, 9.3).
+
+  Each channel is quantised to levels round(255 x) and histogram-equalized
+  as PIL does; the result is quantised (levels / 255).
+
+  Args:
+    images: float32 [N, H, W, 3] in [0, 1].
+    seed: int32/int64 tensor of shape [2].
+    prob: probability per image.
+
+  Returns:
+    float32 [N, H, W, 3] in [0, 1].
+  """
+  apply = _per_image_coin(seed, tf.shape(images)[0], prob)
+  # Only the selected images (prob is 0.2 in PAWS) go through the histogram.
+  indices = tf.where(apply)
+  equalized = _equalize_all(tf.gather_nd(images, indices))
+  return tf.tensor_scatter_nd_update(images, indices, equalized)
+
+
+def normalize(images, mean, std):
+  """(x - mean) / std per channel (SPEC 4).
+
+  Args:
+    images: uint8 0..255 (scaled by 1/255 first) or float in [0, 1].
+    mean, std: per-channel sequences.
+
+  Returns:
+    float32 tensor of the same shape.
+  """
+  return (_to_float(images) - tf.constant(mean, tf.float32)) / tf.constant(
+      std, tf.float32)
+
+
+def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
+                  color_jitter_prob=0.8, color_jitter_strength=0.5,
+                  solarize_prob=0.2, equalize_prob=0.2, mean=CIFAR10_MEAN,
+                  std=CIFAR10_STD):
+  """One PAWS view of every image in a batch (SPEC 4).
+
+  RandomResizedCrop -> horizontal flip -> ColorJitter(0.8 s, 0.8 s, 0.8 s,
+  0.2 s) with p = color_jitter_prob -> Solarize -> Equalize -> Normalize.
+  Ops whose probability or strength is 0 are left out of the graph.
+
+  Args:
+    images: [N, H, W, 3] uint8 or float in [0, 1].
+    seed: int32/int64 tensor of shape [2].
+    size: output side in pixels.
+    scale: (min, max) crop area fraction.
+    ratio: (min, max) crop aspect ratio.
+    flip: whether to flip half of the images.
+    color_jitter_prob, color_jitter_strength: ColorJitter probability and s.
+    solarize_prob, equalize_prob: per-image probabilities.
+    mean, std: normalisation constants.
+
+  Returns:
+    float32 [N, size, size, 3], normalised.
+  """
+  crop_seed, flip_seed, jitter_seed, solarize_seed, equalize_seed = _split(
+      seed, 5)
+  views = random_resized_crop(images, crop_seed, size, scale, ratio)
+  if flip:
+    views = random_flip(views, flip_seed)
+  if color_jitter_prob > 0 and color_jitter_strength > 0:
+    strength = 0.8 * color_jitter_strength
+    views = color_jitter(views, jitter_seed, strength, strength, strength,
+                         0.2 * color_jitter_strength, color_jitter_prob)
+  if solarize_prob > 0:
+    views = solarize(views, solarize_seed, solarize_prob)
+  if equalize_prob > 0:
+    views = equalize(views, equalize_seed, equalize_prob)
+  return normalize(views, mean, std)

@@ -1,0 +1,277 @@
+"""Raw datasets as uint8 arrays, and the labeled-subset index files (SPEC section 4).
+
+Every loader returns `(train_images, train_labels, test_images, test_labels)`:
+images uint8 [N, H, W, 3], labels int64 [N].
+"""
+import hashlib
+import os
+import pickle
+import tarfile
+import zlib
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+from sklearn import datasets as sklearn_datasets
+from sklearn import model_selection
+
+from utils.errors import UserError
+
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+# Read in this order so training indices match the official order the split files index into.
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{number}" for number in range(1, 6))
+CIFAR10_TEST_BATCH = "test_batch"
+DATASET_NAMES = ("cifar10", "digits")
+
+_numpy_core = getattr(np, "_core", None) or np.core
+# The only globals an official CIFAR pickle refers to (numpy 1 and numpy 2 module spellings).
+_ALLOWED_GLOBALS = {
+    (module, name): getattr(_numpy_core.multiarray, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+}
+_ALLOWED_GLOBALS[("numpy", "ndarray")] = np.ndarray
+_ALLOWED_GLOBALS[("numpy", "dtype")] = np.dtype
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Unpickler that only rebuilds numpy arrays, so a tampered batch cannot run code."""
+
+  def __init__(self, file, source_name):
+    super().__init__(file, encoding="bytes")  # The official pickles are Python 2 pickles.
+    self.source_name = source_name
+
+  def find_class(self, module, name):
+    if (module, name) not in _ALLOWED_GLOBALS:
+      raise UserError(
+          f"{self.source_name}: refused to unpickle global {module}.{name}, which a CIFAR-10 "
+          f"batch never contains; replace the file with the official one from {CIFAR10_URL}")
+    return _ALLOWED_GLOBALS[(module, name)]
+
+
+def _file_md5(path, chunk_size=1 << 20):
+  digest = hashlib.md5()
+  with open(path, "rb") as file:
+    for chunk in iter(lambda: file.read(chunk_size), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _parse_batch(file, source_name):
+  """Unpickles one CIFAR batch from an open file; returns (images HWC uint8, labels int64)."""
+  try:
+    batch = _RestrictedUnpickler(file, source_name).load()
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+          KeyError, OSError, zlib.error, tarfile.TarError) as error:
+    raise UserError(f"{source_name}: cannot read this CIFAR-10 batch ({error}); re-download "
+                    f"{CIFAR10_ARCHIVE} from {CIFAR10_URL}") from None
+  data = batch.get(b"data") if isinstance(batch, dict) else None
+  labels = batch.get(b"labels") if isinstance(batch, dict) else None
+  if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+      or data.shape[1] != 3 * 32 * 32 or labels is None or len(labels) != len(data)):
+    raise UserError(f"{source_name}: not a CIFAR-10 batch (expected b'data' uint8 [N, 3072] and "
+                    f"N b'labels'); re-download {CIFAR10_ARCHIVE} from {CIFAR10_URL}")
+  labels = np.asarray(labels, dtype=np.int64)
+  if labels.size and (labels.min() < 0 or labels.max() > 9):
+    raise UserError(f"{source_name}: labels outside 0..9; re-download {CIFAR10_ARCHIVE} "
+                    f"from {CIFAR10_URL}")
+  # Each row is 3 planes of 32x32 (CHW); models here take HWC.
+  return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+
+
+def _read_batches_from_archive(archive_path):
+  batches = {}
+  try:
+    with tarfile.open(archive_path, "r:gz") as archive:
+      for batch_name in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,):
+        member_name = f"{CIFAR10_FOLDER}/{batch_name}"
+        try:
+          member = archive.extractfile(member_name)
+        except KeyError:
+          member = None
+        if member is None:
+          raise UserError(f"{archive_path}: member {member_name} is missing; re-download "
+                          f"{CIFAR10_ARCHIVE} from {CIFAR10_URL}")
+        batches[batch_name] = _parse_batch(member, f"{archive_path}:{member_name}")
+  except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+    raise UserError(f"{archive_path}: truncated or unreadable archive ({error}); re-download "
+                    f"{CIFAR10_ARCHIVE} from {CIFAR10_URL}") from None
+  return batches
+
+
+def _read_batches_from_folder(folder):
+  batches = {}
+  for batch_name in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,):
+    path = os.path.join(folder, batch_name)
+    if not os.path.isfile(path):
+      raise UserError(f"{path} is missing; re-extract {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) "
+                      f"into {os.path.dirname(folder)}")
+    with open(path, "rb") as file:
+      batches[batch_name] = _parse_batch(file, path)
+  return batches
+
+
+def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5):
+  """Loads CIFAR-10 (SPEC section 4).
+
+  Args:
+    data_dir: None to use the Keras downloader; else a directory holding `cifar-10-python.tar.gz`
+      or the extracted `cifar-10-batches-py/` folder, or that folder itself.
+    expected_md5: MD5 the archive must have before it is opened.
+  Returns:
+    (train_images, train_labels, test_images, test_labels); images uint8 [N, 32, 32, 3] in the
+    official order, labels int64 [N].
+  """
+  if data_dir is None:
+    (train_images, train_labels), (test_images, test_labels) = (
+        tf_keras.datasets.cifar10.load_data())
+    return (train_images, train_labels.reshape(-1).astype(np.int64),
+            test_images, test_labels.reshape(-1).astype(np.int64))
+
+  how_to_get = (f"download {CIFAR10_ARCHIVE} from {CIFAR10_URL} into {data_dir}, or omit "
+                f"--data_dir to use the Keras downloader")
+  if not os.path.isdir(data_dir):
+    raise UserError(f"data directory {data_dir} does not exist; {how_to_get}")
+  archive_path = os.path.join(data_dir, CIFAR10_ARCHIVE)
+  extracted_folder = os.path.join(data_dir, CIFAR10_FOLDER)
+  if os.path.isfile(archive_path):
+    # Checked before opening: unpickling a tampered archive could run arbitrary code.
+    if _file_md5(archive_path) != expected_md5:
+      raise UserError(f"{archive_path}: checksum does not match the official archive; "
+                      f"re-download it from {CIFAR10_URL}")
+    batches = _read_batches_from_archive(archive_path)
+  elif os.path.isdir(extracted_folder):
+    batches = _read_batches_from_folder(extracted_folder)
+  elif (os.path.basename(os.path.normpath(data_dir)) == CIFAR10_FOLDER or any(
+      os.path.exists(os.path.join(data_dir, name))
+      for name in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,))):
+    batches = _read_batches_from_folder(data_dir)
+  else:
+    raise UserError(f"{data_dir} holds neither {CIFAR10_ARCHIVE} nor {CIFAR10_FOLDER}/; "
+                    f"{how_to_get}")
+
+  train_images = np.concatenate([batches[name][0] for name in CIFAR10_TRAIN_BATCHES])
+  train_labels = np.concatenate([batches[name][1] for name in CIFAR10_TRAIN_BATCHES])
+  test_images, test_labels = batches[CIFAR10_TEST_BATCH]
+  return train_images, train_labels, test_images, test_labels
+
+
+def load_digits(test_fraction=0.25, split_seed=0, image_size=16):
+  """Loads scikit-learn's bundled 8x8 digits as a tiny offline stand-in for CIFAR-10.
+
+  Args:
+    test_fraction: fraction of the 1797 images held out, stratified by class.
+    split_seed: seed of the fixed train/test split.
+    image_size: side the 8x8 images are bilinearly resized to.
+  Returns:
+    (train_images, train_labels, test_images, test_labels); images uint8
+    [N, image_size, image_size, 3], labels int64 [N].
+  """
+  digits = sklearn_datasets.load_digits()
+  images = digits.images.astype(np.float32) * (255.0 / 16.0)  # Pixel values are 0..16.
+  labels = digits.target.astype(np.int64)
+  resized = tf.image.resize(images[..., None], (image_size, image_size), method="bilinear")
+  images = np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+  images = np.repeat(images, 3, axis=-1)
+  train_images, test_images, train_labels, test_labels = model_selection.train_test_split(
+      images, labels, test_size=test_fraction, stratify=labels, random_state=split_seed)
+  return train_images, train_labels, test_images, test_labels
+
+
+def load_dataset(name, data_dir=None):
+  """Loads "cifar10" or "digits" (which ignores data_dir); returns the 4-tuple."""
+  if name == "cifar10":
+    return load_cifar10(data_dir)
+  if name == "digits":
+    return load_digits()
+  raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
+
+
+def select_labeled_indices(labels, per_class, seed):
+  """Draws the labeled subset: per_class training indices of every class (SPEC section 4).
+
+  Args:
+    labels: int training labels [N].
+    per_class: images to draw per class, without replacement.
+    seed: seed of `np.random.default_rng`.
+  Returns:
+    Sorted int64 indices into the training set.
+  """
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for label in np.unique(labels):
+    class_indices = np.flatnonzero(labels == label)
+    if len(class_indices) < per_class:
+      raise UserError(f"class {label} has only {len(class_indices)} training images but "
+                      f"{per_class} labeled per class were requested; lower the per-class count")
+    chosen.append(rng.choice(class_indices, size=per_class, replace=False))
+  return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def read_split_file(path, num_train, labels=None, expected_count=None):
+  """Reads a labeled-subset file, one training index per line (SPEC section 4).
+
+  The format of the reference's `spc.4000_split.<seed>.txt`.
+
+  Args:
+    path: the text file.
+    num_train: training-set size; every index must lie in [0, num_train).
+    labels: optional training labels; if given, every class must have the same count.
+    expected_count: optional number of indices the file must hold.
+  Returns:
+    Sorted int64 indices.
+  """
+  if not os.path.isfile(path):
+    raise UserError(f"split file {path} does not exist; check the path")
+  indices, seen_at = [], {}
+  with open(path) as file:
+    for line_number, line in enumerate(file, start=1):
+      text = line.strip()
+      if not text:
+        continue
+      try:
+        index = int(text)
+      except ValueError:
+        raise UserError(f"{path} line {line_number}: {text!r} is not an integer; the file must "
+                        f"hold one training index per line") from None
+      if not 0 <= index < num_train:
+        raise UserError(f"{path} line {line_number}: index {index} is outside [0, {num_train}); "
+                        f"use a split file made for this training set")
+      if index in seen_at:
+        raise UserError(f"{path} line {line_number}: index {index} repeats line "
+                        f"{seen_at[index]}; remove the duplicate")
+      seen_at[index] = line_number
+      indices.append(index)
+  if expected_count is not None and len(indices) != expected_count:
+    raise UserError(f"{path} holds {len(indices)} indices but {expected_count} are expected; "
+                    f"use a split file of the configured size")
+  indices = np.sort(np.asarray(indices, dtype=np.int64))
+  if labels is not None and len(indices):
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    counts = np.array([np.sum(labels[indices] == label) for label in classes])
+    if counts.min() != counts.max():
+      per_class = ", ".join(f"{label}: {count}" for label, count in zip(classes, counts))
+      raise UserError(f"{path}: classes are unbalanced ({per_class}); use a split file with "
+                      f"the same number of images per class")
+  return indices
+
+
+def write_split_files(directory, indices):
+  """Writes `labeled_indices.npy` and `labeled_indices.txt` (one index per line) into directory.
+
+  Returns:
+    (npy_path, txt_path).
+  """
+  os.makedirs(directory, exist_ok=True)
+  indices = np.sort(np.asarray(indices, dtype=np.int64))
+  npy_path = os.path.join(directory, "labeled_indices.npy")
+  txt_path = os.path.join(directory, "labeled_indices.txt")
+  np.save(npy_path, indices)
+  with open(txt_path, "w") as file:
+    file.writelines(f"{index}\n" for index in indices)
+  return npy_path, txt_path

@@ -1,0 +1,149 @@
+"""Pre-activation WideResNet trunk with PAWS projection and prediction heads (SPEC section 3)."""
+import tensorflow as tf
+import tf_keras
+
+# PyTorch's BatchNorm momentum m updates moving = (1 - m) * moving + m * batch;
+# Keras' momentum is the weight on the OLD value. The reference uses PyTorch
+# 0.1 everywhere (Keras 0.9) except the trunk's final BN, PyTorch 0.99
+# (Keras 0.01). SPEC section 9, defect 1: copying the number inverts it.
+BN_MOMENTUM = 0.9
+FINAL_BN_MOMENTUM = 0.01
+BN_EPSILON = 1e-5  # PyTorch's default
+
+
+def batch_norm(name, momentum=BN_MOMENTUM, synchronized=False):
+  """BatchNorm whose variables carry 'bn' in their name (LARS excludes them)."""
+  return tf_keras.layers.BatchNormalization(
+      momentum=momentum, epsilon=BN_EPSILON, synchronized=synchronized, name=name)
+
+
+def conv(filters, kernel_size, strides, name):
+  # He-normal fan-out matches the reference's kaiming_normal_(mode='fan_out').
+  return tf_keras.layers.Conv2D(
+      filters, kernel_size, strides=strides, padding="same", use_bias=True,
+      kernel_initializer=tf_keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
+      name=name)
+
+
+class PreActBlock(tf_keras.layers.Layer):
+  """out = conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut(x); stride on conv2."""
+
+  def __init__(self, in_width, width, stride, synchronized, **kwargs):
+    super().__init__(**kwargs)
+    self.bn1 = batch_norm("bn1", synchronized=synchronized)
+    self.conv1 = conv(width, 3, 1, "conv1")
+    self.bn2 = batch_norm("bn2", synchronized=synchronized)
+    self.conv2 = conv(width, 3, stride, "conv2")
+    self.shortcut = None
+    if stride != 1 or in_width != width:
+      self.shortcut = conv(width, 1, stride, "shortcut")
+
+  def call(self, x, training=None):
+    out = self.conv1(tf.nn.relu(self.bn1(x, training=training)))
+    out = self.conv2(tf.nn.relu(self.bn2(out, training=training)))
+    return out + (x if self.shortcut is None else self.shortcut(x))
+
+
+class WideResNet(tf_keras.layers.Layer):
+  """Pre-activation WRN-depth-width trunk: conv3x3 -> 3 stages -> BN -> ReLU -> GAP."""
+
+  def __init__(self, depth=28, width=2, synchronized=False, **kwargs):
+    super().__init__(**kwargs)
+    if (depth - 4) % 6:
+      raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+    blocks_per_stage = (depth - 4) // 6
+    widths = [16 * width, 32 * width, 64 * width]
+    self.stem = conv(16, 3, 1, "stem_conv")
+    self.blocks = []
+    in_width = 16
+    for stage, (stage_width, stride) in enumerate(zip(widths, (1, 2, 2))):
+      for index in range(blocks_per_stage):
+        self.blocks.append(PreActBlock(
+            in_width, stage_width, stride if index == 0 else 1, synchronized,
+            name=f"stage{stage + 1}_block{index + 1}"))
+        in_width = stage_width
+    self.final_bn = batch_norm("final_bn", FINAL_BN_MOMENTUM, synchronized)
+    self.output_dim = widths[-1]
+
+  def call(self, x, training=None):
+    x = self.stem(x)
+    for block in self.blocks:
+      x = block(x, training=training)
+    x = tf.nn.relu(self.final_bn(x, training=training))
+    return tf.reduce_mean(x, axis=[1, 2])
+
+
+def mlp_head(layer_dims, batch_norm_first, synchronized, name):
+  """Dense-BN-ReLU stack whose last Dense has no BN/ReLU; optional leading BN."""
+  layers = [batch_norm("bn_in", synchronized=synchronized)] if batch_norm_first else []
+  for index, dim in enumerate(layer_dims):
+    layers.append(tf_keras.layers.Dense(dim, name=f"dense{index + 1}"))
+    if index < len(layer_dims) - 1:
+      layers.append(batch_norm(f"bn{index + 1}", synchronized=synchronized))
+      layers.append(tf_keras.layers.ReLU(name=f"relu{index + 1}"))
+  return tf_keras.Sequential(layers, name=name)
+
+
+class Encoder(tf_keras.Model):
+  """Trunk + projection head (+ optional prediction head).
+
+  Calling it returns (h, z): h is the projection-head output, z the
+  prediction-head output (z = h without a prediction head; SPEC section 2).
+  """
+
+  def __init__(self, depth=28, width=2, projection_dim=128, hidden_dim=128,
+               prediction_head=False, prediction_hidden_dim=32,
+               synchronized_bn=False, **kwargs):
+    super().__init__(**kwargs)
+    self.trunk = WideResNet(depth, width, synchronized_bn, name="trunk")
+    self.projection = mlp_head(
+        [hidden_dim, hidden_dim, projection_dim], False, synchronized_bn, "projection")
+    self.prediction = None
+    if prediction_head:
+      self.prediction = mlp_head(
+          [prediction_hidden_dim, projection_dim], True, synchronized_bn, "prediction")
+
+  def call(self, images, training=None):
+    h = self.projection(self.trunk(images, training=training), training=training)
+    z = h if self.prediction is None else self.prediction(h, training=training)
+    return h, z
+
+
+def build_encoder(model_config, image_size, synchronized_bn=False):
+  """Builds an Encoder from the config's `model` section and creates its variables."""
+  encoder = Encoder(
+      depth=model_config.depth, width=model_config.width,
+      projection_dim=model_config.projection_dim, hidden_dim=model_config.hidden_dim,
+      prediction_head=model_config.prediction_head,
+      prediction_hidden_dim=model_config.prediction_hidden_dim,
+      synchronized_bn=synchronized_bn, name="encoder")
+  encoder(tf.zeros([2, image_size, image_size, 3]), training=False)
+  return encoder
+
+
+def embed_views(encoder, view_groups, training):
+  """Embeds groups of same-resolution view batches, one encoder call per group.
+
+  All batches in a group share BatchNorm batch statistics (SPEC section 3:
+  supports and large views together, small crops together).
+
+  Args:
+    encoder: an Encoder.
+    view_groups: list of lists of image batches; within a group all batches
+      have the same spatial size.
+    training: BatchNorm mode.
+  Returns:
+    (h, z): each the concatenation over groups, in the given order, of the
+    encoder outputs, as [sum of batch sizes, dim] tensors.
+  """
+  h_parts, z_parts = [], []
+  for group in view_groups:
+    h, z = encoder(tf.concat(group, axis=0), training=training)
+    h_parts.append(h)
+    z_parts.append(z)
+  return tf.concat(h_parts, axis=0), tf.concat(z_parts, axis=0)
+
+
+def count_parameters(layer):
+  """Number of trainable scalars in a layer."""
+  return int(sum(tf.size(v).numpy() for v in layer.trainable_variables))

@@ -32,16 +32,6 @@ def _to_float(images):
   return tf.cast(images, tf.float32)
 
 
-def _per_image_coin(seed, num_images, prob):
-  """Boolean [num_images], True with probability `prob` for each image."""
-  return tf.random.stateless_uniform([num_images], seed) < prob
-
-
-def _select(mask, new_images, images):
-  """Per-image choice between two [N, H, W, C] batches."""
-  return tf.where(mask[:, None, None, None], new_images, images)
-
-
 def sample_crop_boxes(seed, num_images, height, width, scale, ratio,
                       attempts=10):
   """Samples RandomResizedCrop boxes, torchvision semantics (SPEC 4, 9.6).
@@ -152,8 +142,18 @@ def _resize_boxes(images, boxes, size):
   resized = tf.linalg.matmul(
       rows, tf.reshape(images, [num_images, height, width * channels]))
   resized = tf.reshape(resized, [num_images, size, width, channels])
-  # [N, 1, size, W] @ [N, size, W, C] -> [N, size, size, C]: the columns.
-  return tf.linalg.matmul(columns[:, None], resized)
+  # Then the columns, batched over images.
+  return tf.einsum("nxw,nywc->nyxc", columns, resized)
+
+
+
+def _uint8_aware_resize(images, boxes, size):
+  """_resize_boxes for uint8 or [0, 1] float input; float32 [0, 1] output."""
+  resized = _resize_boxes(tf.cast(images, tf.float32), boxes, size)
+  if images.dtype == tf.uint8:
+    # Scale after resampling so that an unscaled box gives exactly x / 255.
+    resized = resized / 255.0
+  return resized
 
 
 def random_resized_crop(images, seed, size, scale, ratio=(3 / 4, 4 / 3)):
@@ -172,11 +172,21 @@ def random_resized_crop(images, seed, size, scale, ratio=(3 / 4, 4 / 3)):
   """
   shape = tf.shape(images)
   boxes = sample_crop_boxes(seed, shape[0], shape[1], shape[2], scale, ratio)
-  resized = _resize_boxes(tf.cast(images, tf.float32), boxes, size)
-  if images.dtype == tf.uint8:
-    # Scale after resampling so the unscaled case stays exactly x / 255.
-    resized = resized / 255.0
-  return resized
+  return _uint8_aware_resize(images, boxes, size)
+
+
+def _coins(seed, num_images, prob):
+  """Boolean [num_images], each True with probability `prob`."""
+  return tf.random.stateless_uniform([num_images], seed) < prob
+
+
+def _select(mask, new_images, images):
+  """Per-image choice between two [N, H, W, C] batches."""
+  return tf.where(mask[:, None, None, None], new_images, images)
+
+
+def _flip(images, mask):
+  return _select(mask, tf.reverse(images, axis=[2]), images)
 
 
 def random_flip(images, seed, prob=0.5):
@@ -190,30 +200,73 @@ def random_flip(images, seed, prob=0.5):
   Returns:
     tensor like `images`.
   """
-  flip = _per_image_coin(seed, tf.shape(images)[0], prob)
-  return _select(flip, tf.reverse(images, axis=[2]), images)
+  return _flip(images, _coins(seed, tf.shape(images)[0], prob))
+
+
+def _sample_jitter(seed, num_images, brightness, contrast, saturation, hue,
+                   prob):
+  """Per-image ColorJitter parameters, laid out as passes for _jitter.
+
+  A uniform permutation of the four ops equals a uniform order of the three
+  blends (brightness 0, contrast 1, saturation 2) times a uniform slot 0..3
+  for hue (3! * 4 = 24 outcomes). So the blends run as 3 passes before one
+  shared hue rotation and 3 after, each image active in exactly 3 of them:
+  one HSV round trip per batch instead of one per slot, with no per-image
+  branching.
+
+  Returns:
+    dict of apply [N] bool; factor, contrast, saturation [N, passes] float32
+    (factor 1 = inactive pass, exactly the identity); hue_shift [N] float32 if
+    hue > 0.
+  """
+  (apply_seed, factor_seed, hue_seed, order_seed,
+   position_seed) = _split(seed, 5)
+  strengths = tf.constant([brightness, contrast, saturation], tf.float32)
+  low = tf.maximum(0.0, 1.0 - strengths)
+  factors = low + (1.0 + strengths - low) * tf.random.stateless_uniform(
+      tf.stack([num_images, 3]), factor_seed)
+  order = tf.argsort(tf.random.stateless_uniform(
+      tf.stack([num_images, 3]), order_seed), axis=1)
+  num_blends = 3 if (brightness > 0 or contrast > 0 or saturation > 0) else 0
+  order = order[:, :num_blends]
+  # Slot s of image n runs blend order[n, s] with factor factors[n, order].
+  slot_factors = tf.gather(factors, order, batch_dims=1)
+  active = tf.ones_like(slot_factors, tf.bool)
+  parameters = {"apply": _coins(apply_seed, num_images, prob)}
+  if hue > 0:
+    parameters["hue_shift"] = tf.random.stateless_uniform(
+        [num_images], hue_seed, -float(hue), float(hue))
+    hue_slot = tf.random.stateless_uniform(
+        tf.stack([num_images, 1]), position_seed, 0, 4, dtype=tf.int32)
+    before_hue = tf.range(num_blends)[None, :] < hue_slot
+    order = tf.concat([order, order], axis=1)
+    slot_factors = tf.concat([slot_factors, slot_factors], axis=1)
+    active = tf.concat([before_hue, ~before_hue], axis=1)
+  parameters["factor"] = tf.where(active, slot_factors, 1.0)
+  parameters["contrast"] = tf.cast(order == 1, tf.float32)
+  parameters["saturation"] = tf.cast(order == 2, tf.float32)
+  return parameters
 
 
 def _grayscale(images):
   """[N, H, W, 3] -> [N, H, W, 1] luma."""
-  return tf.tensordot(images, tf.constant(_GRAY_WEIGHTS), axes=[[3], [0]])[
-      ..., None]
+  red, green, blue = tf.unstack(images, axis=-1)
+  return (_GRAY_WEIGHTS[0] * red + _GRAY_WEIGHTS[1] * green +
+          _GRAY_WEIGHTS[2] * blue)[..., None]
 
 
-def _blend_pass(images, operation, factors, active):
-  """Applies one of brightness (0), contrast (1), saturation (2) per image.
+def _blend(images, factor, contrast, saturation):
+  """Brightness, contrast or saturation per image, as torchvision's blend.
 
-  All three are torchvision's clamp(f * image + (1 - f) * target): the target
-  is black, the mean gray level, or the pixel's gray level. Inactive images
-  get f = 1, which leaves them exactly unchanged.
+  All three are clamp(f * image + (1 - f) * target) with target black, the
+  image's mean gray level or the pixel's gray level; `contrast` and
+  `saturation` ([N], 0 or 1) pick the target.
   """
-  factor = tf.gather(factors, operation, batch_dims=1)
-  factor = tf.where(active, factor, 1.0)[:, None, None, None]
   gray = _grayscale(images)
-  is_contrast = tf.cast(operation == 1, tf.float32)[:, None, None, None]
-  is_saturation = tf.cast(operation == 2, tf.float32)[:, None, None, None]
-  target = (is_contrast * tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True) +
-            is_saturation * gray)
+  mean_gray = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
+  factor = factor[:, None, None, None]
+  target = (contrast[:, None, None, None] * mean_gray +
+            saturation[:, None, None, None] * gray)
   return tf.clip_by_value(factor * images + (1.0 - factor) * target, 0.0, 1.0)
 
 
@@ -226,12 +279,32 @@ def _rotate_hue(images, shifts):
   return tf.clip_by_value(rgb, 0.0, 1.0)
 
 
-def color_jitter(images, seed, brightness, contrast, saturation, hue, prob):
-  """torchvision RandomApply(ColorJitter(...), p=prob) on a batch (SPEC 4).
+def _jitter(images, parameters):
+  """Applies _sample_jitter's parameters to float images in [0, 1]."""
+  def blend_pass(images, index):
+    return _blend(images, parameters["factor"][:, index],
+                  parameters["contrast"][:, index],
+                  parameters["saturation"][:, index])
 
-  Factors b, c, s ~ U[max(0, 1 - x), 1 + x], hue shift ~ U[-hue, hue] of a
-  turn, each drawn per image; the four ops run in a random order per image and
-  clip to [0, 1] after each.
+  rotate = "hue_shift" in parameters
+  num_passes = parameters["factor"].shape[1]
+  passes_before_hue = num_passes // 2 if rotate else num_passes
+  jittered = images
+  for index in range(passes_before_hue):
+    jittered = blend_pass(jittered, index)
+  if rotate:
+    jittered = _rotate_hue(jittered, parameters["hue_shift"])
+  for index in range(passes_before_hue, num_passes):
+    jittered = blend_pass(jittered, index)
+  return _select(parameters["apply"], jittered, images)
+
+
+def color_jitter(images, seed, brightness, contrast, saturation, hue, prob):
+  """torchvision RandomApply(ColorJitter(...), p=prob) on a batch (SPEC 4, 9.4).
+
+  Factors b, c, s ~ U[max(0, 1 - x), 1 + x] and a hue shift ~ U[-hue, hue]
+  (fraction of a turn) are drawn per image; the four ops run in a random
+  order per image and clip to [0, 1] after each.
 
   Args:
     images: float32 [N, H, W, 3] in [0, 1].
@@ -242,46 +315,22 @@ def color_jitter(images, seed, brightness, contrast, saturation, hue, prob):
   Returns:
     float32 [N, H, W, 3] in [0, 1]; images not selected are unchanged.
   """
-  (apply_seed, factor_seed, hue_seed, order_seed,
-   position_seed) = _split(seed, 5)
-  num_images = tf.shape(images)[0]
-  strengths = tf.constant([brightness, contrast, saturation], tf.float32)
-  low = tf.maximum(0.0, 1.0 - strengths)
-  factors = low + (1.0 + strengths - low) * tf.random.stateless_uniform(
-      tf.stack([num_images, 3]), factor_seed)
-  # A uniform permutation of the four ops = a uniform order of the three
-  # blends times a uniform slot 0..3 for hue (3! * 4 = 24 outcomes). Then hue
-  # needs one HSV round trip instead of one per slot.
-  order = tf.argsort(tf.random.stateless_uniform(
-      tf.stack([num_images, 3]), order_seed), axis=1)
-  blends = brightness > 0 or contrast > 0 or saturation > 0
-  jittered = images
-  if hue > 0:
-    shifts = tf.random.stateless_uniform(
-        [num_images], hue_seed, -float(hue), float(hue))
-    hue_position = tf.random.stateless_uniform(
-        [num_images], position_seed, 0, 4, dtype=tf.int32)
-    for slot in range(3 if blends else 0):
-      jittered = _blend_pass(jittered, order[:, slot], factors,
-                             slot < hue_position)
-    jittered = _rotate_hue(jittered, shifts)
-    for slot in range(3 if blends else 0):
-      jittered = _blend_pass(jittered, order[:, slot], factors,
-                             slot >= hue_position)
-  elif blends:
-    always = tf.ones([num_images], tf.bool)
-    for slot in range(3):
-      jittered = _blend_pass(jittered, order[:, slot], factors, always)
-  return _select(_per_image_coin(apply_seed, num_images, prob), jittered,
-                 images)
+  parameters = _sample_jitter(seed, tf.shape(images)[0], brightness, contrast,
+                              saturation, hue, prob)
+  return _jitter(images, parameters)
+
+
+def _solarize(images, mask):
+  # PIL inverts levels >= 128. 127.5 / 255 is the midpoint between levels 127
+  # and 128, so quantised inputs match PIL however they were scaled to [0, 1].
+  solarized = tf.where(images >= 127.5 / 255.0, 1.0 - images, images)
+  return _select(mask, solarized, images)
 
 
 def solarize(images, seed, prob):
   """PIL Solarize(threshold=128) per image with probability prob (SPEC 4, 9.3).
 
-  On 0..255 levels, pixels >= 128 become 255 - x. The threshold here is
-  127.5 / 255: the midpoint between levels 127 and 128, so quantised inputs
-  give exactly PIL's result however they were scaled to [0, 1].
+  Pixels at or above level 128 of 255 become 1 - x.
 
   Args:
     images: float32 [N, H, W, C] in [0, 1].
@@ -291,43 +340,45 @@ def solarize(images, seed, prob):
   Returns:
     float32 [N, H, W, C] in [0, 1].
   """
-  solarized = tf.where(images >= 127.5 / 255.0, 1.0 - images, images)
-  return _select(_per_image_coin(seed, tf.shape(images)[0], prob), solarized,
-                 images)
+  return _solarize(images, _coins(seed, tf.shape(images)[0], prob))
 
 
-def _equalize_all(images):
-  """PIL ImageOps.equalize on every image and channel of a float batch."""
+def _equalize(images, mask):
+  """PIL ImageOps.equalize on the images selected by `mask` [N]."""
   shape = tf.shape(images)
   num_images, channels = shape[0], shape[3]
   levels = tf.cast(tf.round(images * 255.0), tf.int32)
   # One 256-bin histogram per (image, channel): offset each row's levels by
-  # 256 * row and count them all with one bincount.
-  rows = num_images * channels
-  row_offsets = tf.reshape(tf.range(rows) * 256, [num_images, 1, 1, channels])
-  bins = levels + row_offsets
+  # 256 * row and count them all in one segment sum (XLA-compatible, unlike
+  # tf.math.bincount).
+  num_rows = num_images * channels
+  bins = levels + tf.reshape(tf.range(num_rows) * 256,
+                             [num_images, 1, 1, channels])
   histogram = tf.reshape(
-      tf.math.bincount(tf.reshape(bins, [-1]), minlength=rows * 256,
-                       maxlength=rows * 256), [rows, 256])
-  bin_index = tf.range(256)[None, :]
-  last_nonzero = tf.reduce_max(tf.where(histogram > 0, bin_index, -1), axis=1)
+      tf.math.unsorted_segment_sum(tf.ones_like(bins), bins, num_rows * 256),
+      [num_rows, 256])
+  last_nonzero = tf.reduce_max(
+      tf.where(histogram > 0, tf.range(256)[None, :], -1), axis=1)
   last_count = tf.gather(histogram, last_nonzero, batch_dims=1)
   step = (tf.reduce_sum(histogram, axis=1) - last_count) // 255
   safe_step = tf.maximum(step, 1)[:, None]
   lut = (tf.cumsum(histogram, axis=1) + safe_step // 2) // safe_step
-  lut = tf.concat([tf.zeros([rows, 1], tf.int32), lut[:, :-1]], axis=1)
-  lut = tf.clip_by_value(lut, 0, 255)
-  equalized = tf.cast(tf.gather(tf.reshape(lut, [-1]), bins), tf.float32) / 255.0
+  lut = tf.clip_by_value(
+      tf.concat([tf.zeros_like(lut[:, :1]), lut[:, :-1]], axis=1), 0, 255)
+  equalized = tf.cast(tf.gather(tf.reshape(lut, [-1]), bins),
+                      tf.float32) / 255.0
   # PIL leaves a channel with step 0 (nearly constant) unchanged.
-  unchanged = tf.reshape(step == 0, [num_images, 1, 1, channels])
-  return tf.where(unchanged, images, equalized)
+  keep = tf.reshape((step == 0), [num_images, 1, 1, channels])
+  keep = keep | ~mask[:, None, None, None]
+  return tf.where(keep, images, equalized)
 
 
 def equalize(images, seed, prob):
   """PIL ImageOps.equalize per image with probability prob (SPEC 4, 9.3).
 
-  Each channel is quantised to levels round(255 x) and histogram-equalized
-  as PIL does; the result is quantised (levels / 255).
+  Each channel is quantised to levels round(255 x) and equalized from its
+  256-bin histogram exactly as PIL does; equalized channels come out
+  quantised (level / 255).
 
   Args:
     images: float32 [N, H, W, 3] in [0, 1].
@@ -337,11 +388,7 @@ def equalize(images, seed, prob):
   Returns:
     float32 [N, H, W, 3] in [0, 1].
   """
-  apply = _per_image_coin(seed, tf.shape(images)[0], prob)
-  # Only the selected images (prob is 0.2 in PAWS) go through the histogram.
-  indices = tf.where(apply)
-  equalized = _equalize_all(tf.gather_nd(images, indices))
-  return tf.tensor_scatter_nd_update(images, indices, equalized)
+  return _equalize(images, _coins(seed, tf.shape(images)[0], prob))
 
 
 def normalize(images, mean, std):
@@ -358,15 +405,37 @@ def normalize(images, mean, std):
       std, tf.float32)
 
 
+# XLA fuses the ~100 elementwise ops of a view into a few loops; op by op,
+# TensorFlow's CPU kernels (slow broadcasting selects and binary ops) reach
+# only ~2 000 crops/s on 2 cores. The random parameters are drawn outside the
+# compiled function: inside it, XLA would fuse the per-image Philox draws into
+# every per-pixel loop and recompute them for each pixel.
+@tf.function(jit_compile=True)
+def _augment_pixels(images, boxes, flip, jitter, solarize_mask,
+                    equalize_mask, size, mean, std):
+  views = _uint8_aware_resize(images, boxes, size)
+  if flip is not None:
+    views = _flip(views, flip)
+  if jitter is not None:
+    views = _jitter(views, jitter)
+  if solarize_mask is not None:
+    views = _solarize(views, solarize_mask)
+  if equalize_mask is not None:
+    views = _equalize(views, equalize_mask)
+  return normalize(views, mean, std)
+
+
 def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
                   color_jitter_prob=0.8, color_jitter_strength=0.5,
                   solarize_prob=0.2, equalize_prob=0.2, mean=CIFAR10_MEAN,
                   std=CIFAR10_STD):
   """One PAWS view of every image in a batch (SPEC 4).
 
-  RandomResizedCrop -> horizontal flip -> ColorJitter(0.8 s, 0.8 s, 0.8 s,
-  0.2 s) with p = color_jitter_prob -> Solarize -> Equalize -> Normalize.
-  Ops whose probability or strength is 0 are left out of the graph.
+  RandomResizedCrop -> horizontal flip (p = 0.5) -> ColorJitter(0.8 s, 0.8 s,
+  0.8 s, 0.2 s) with p = color_jitter_prob -> Solarize -> Equalize ->
+  Normalize. Ops whose probability or strength is 0 are left out of the graph.
+  The pixel work runs as one XLA-compiled function (compiled once per input
+  shape and configuration).
 
   Args:
     images: [N, H, W, 3] uint8 or float in [0, 1].
@@ -374,25 +443,30 @@ def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
     size: output side in pixels.
     scale: (min, max) crop area fraction.
     ratio: (min, max) crop aspect ratio.
-    flip: whether to flip half of the images.
+    flip: whether to flip images with probability 0.5.
     color_jitter_prob, color_jitter_strength: ColorJitter probability and s.
     solarize_prob, equalize_prob: per-image probabilities.
-    mean, std: normalisation constants.
+    mean, std: per-channel normalisation constants.
 
   Returns:
     float32 [N, size, size, 3], normalised.
   """
   crop_seed, flip_seed, jitter_seed, solarize_seed, equalize_seed = _split(
       seed, 5)
-  views = random_resized_crop(images, crop_seed, size, scale, ratio)
-  if flip:
-    views = random_flip(views, flip_seed)
+  shape = tf.shape(images)
+  num_images = shape[0]
+  boxes = sample_crop_boxes(crop_seed, num_images, shape[1], shape[2], scale,
+                            ratio)
+  flip_mask = _coins(flip_seed, num_images, 0.5) if flip else None
+  jitter = None
   if color_jitter_prob > 0 and color_jitter_strength > 0:
     strength = 0.8 * color_jitter_strength
-    views = color_jitter(views, jitter_seed, strength, strength, strength,
-                         0.2 * color_jitter_strength, color_jitter_prob)
-  if solarize_prob > 0:
-    views = solarize(views, solarize_seed, solarize_prob)
-  if equalize_prob > 0:
-    views = equalize(views, equalize_seed, equalize_prob)
-  return normalize(views, mean, std)
+    jitter = _sample_jitter(jitter_seed, num_images, strength, strength,
+                            strength, 0.2 * color_jitter_strength,
+                            color_jitter_prob)
+  solarize_mask = (_coins(solarize_seed, num_images, solarize_prob)
+                   if solarize_prob > 0 else None)
+  equalize_mask = (_coins(equalize_seed, num_images, equalize_prob)
+                   if equalize_prob > 0 else None)
+  return _augment_pixels(images, boxes, flip_mask, jitter, solarize_mask,
+                         equalize_mask, int(size), tuple(mean), tuple(std))

@@ -1,6 +1,11 @@
 """Pre-activation WideResNet trunk with PAWS projection and prediction heads (SPEC section 3)."""
+import os
+
 import tensorflow as tf
 import tf_keras
+
+from utils import runtime
+from utils.errors import UserError
 
 # PyTorch's BatchNorm momentum m updates moving = (1 - m) * moving + m * batch;
 # Keras' momentum is the weight on the OLD value. The reference uses PyTorch
@@ -147,3 +152,31 @@ def embed_views(encoder, view_groups, training):
 def count_parameters(layer):
   """Number of trainable scalars in a layer."""
   return int(sum(tf.size(v).numpy() for v in layer.trainable_variables))
+
+
+def save_encoder(encoder, config, directory, step):
+  """Writes the encoder weights and the model config fine_tune.py / nn_eval.py need."""
+  os.makedirs(directory, exist_ok=True)
+  tf.train.Checkpoint(encoder=encoder).write(os.path.join(directory, "weights"))
+  runtime.write_json(os.path.join(directory, "encoder.json"), {
+      "model": runtime.config_to_dict(config)["model"], "image_size": config.data.image_size,
+      "config_name": config.name, "pretrain_step": step})
+  return directory
+
+
+def load_encoder(directory, config, what):
+  """Rebuilds the encoder saved by save_encoder; errors if missing or from another model config."""
+  meta = runtime.read_json(os.path.join(directory, "encoder.json"),
+                           f"no trained encoder there; run {what} first with this --workdir")
+  wanted = runtime.config_to_dict(config)["model"]
+  if meta["model"] != wanted:
+    changed = sorted(k for k in wanted if meta["model"].get(k) != wanted[k])
+    raise UserError(f"the encoder in {directory} was trained with another model config "
+                    f"(model.{', model.'.join(changed)} differ); use the same --config as for training")
+  encoder = build_encoder(config.model, config.data.image_size)
+  try:
+    tf.train.Checkpoint(encoder=encoder).read(os.path.join(directory, "weights")).assert_existing_objects_matched()
+  except (tf.errors.OpError, AssertionError) as error:
+    raise UserError(f"cannot read the encoder weights in {directory} ({str(error).splitlines()[0][:120]}); "
+                    "re-run the step that wrote them") from None
+  return encoder, meta

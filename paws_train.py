@@ -1,0 +1,222 @@
+r"""PAWS pre-training (SPEC sections 2 to 5).
+
+  python paws_train.py --config=config.py:digits --workdir=runs/digits
+  python paws_train.py --config=config.py:cifar10 --workdir=runs/c10 [--data_dir=DIR]
+  python paws_train.py --config=config.py:cifar10 --benchmark=20   # images/s on random data
+
+Re-running the same command resumes from the newest intact checkpoint in the workdir.
+"""
+import os
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+import tensorflow as tf
+
+from utils import datasets
+from utils import encoder as encoder_lib
+from utils import losses
+from utils import optim
+from utils import pipeline
+from utils import plots
+from utils import runtime
+from utils import training
+from utils.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "config.py:digits", "Preset and overrides.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and the trained encoder.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 offline: folder with cifar-10-python.tar.gz or cifar-10-batches-py/.")
+_SPLIT_FILE = flags.DEFINE_string("split_file", None, "Labeled subset as a reference split file (one training index per line).")
+_FORCE = flags.DEFINE_bool("force", False, "Reuse a workdir whose saved config differs.")
+_BENCHMARK = flags.DEFINE_integer("benchmark", 0, "If > 0: time this many steps on random data and exit.")
+
+# The config sections that define what a pre-training run computes.
+RUN_SECTIONS = ("data", "model", "pretrain")
+
+
+def choose_labeled(train_labels, config, workdir, split_file):
+  """The labeled subset: from a split file or drawn by the label seed; saved in the workdir."""
+  num_classes = len(np.unique(train_labels))
+  if split_file:
+    indices = datasets.read_split_file(split_file, len(train_labels), labels=train_labels,
+                                       expected_count=config.data.labeled_per_class * num_classes)
+  else:
+    indices = datasets.select_labeled_indices(train_labels, config.data.labeled_per_class,
+                                              config.data.label_seed)
+  npy_path, txt_path = datasets.write_split_files(workdir, indices)
+  print(f"labeled subset: {len(indices)} images, saved to {npy_path} and {txt_path}")
+  return indices
+
+
+def check_batch_shapes(config, num_train, num_classes, num_replicas):
+  p = config.pretrain
+  if p.batch_size > num_train:
+    raise UserError(f"pretrain.batch_size={p.batch_size} is larger than the {num_train} training images; lower it")
+  if p.classes_per_batch > num_classes:
+    raise UserError(f"pretrain.classes_per_batch={p.classes_per_batch} but the data has {num_classes} classes; lower it")
+  if p.images_per_class > config.data.labeled_per_class:
+    raise UserError(f"pretrain.images_per_class={p.images_per_class} exceeds data.labeled_per_class="
+                    f"{config.data.labeled_per_class}; lower it or label more images")
+  if p.batch_size % num_replicas or p.images_per_class % num_replicas:
+    raise UserError(f"pretrain.batch_size and pretrain.images_per_class must divide by the "
+                    f"{num_replicas} replicas")
+
+
+def build_train_steps(config, strategy, encoder, optimizer, jit_compile):
+  """The compiled PAWS update: forward by resolution, PAWS loss, LARS step."""
+  p = config.pretrain
+  num_replicas = strategy.num_replicas_in_sync
+  local_batch = p.batch_size // num_replicas
+  local_per_class = p.images_per_class // num_replicas
+  num_support = p.support_views * local_per_class * p.classes_per_batch
+  # Row i of the gathered support batch has class i mod K (every replica's block is a multiple of K).
+  support_labels = losses.make_labels_matrix(
+      p.classes_per_batch, p.support_views * p.images_per_class, 1, p.label_smoothing)
+  loss_scaling = config.run.precision == "mixed_float16"
+
+  def step_fn(views, supports):
+    replica = tf.distribute.get_replica_context()
+    index = replica.replica_id_in_sync_group
+    own = lambda x: x[index * local_batch:(index + 1) * local_batch]
+    views = [own(v) for v in views]
+    supports = supports[:, index * local_per_class:(index + 1) * local_per_class]
+    supports = tf.reshape(supports, [num_support] + supports.shape[-3:].as_list())
+    with tf.GradientTape() as tape:
+      h, z = encoder_lib.embed_views(
+          encoder, [[supports, views[0], views[1]], views[2:]], training=True)
+      h = tf.cast(h, tf.float32)
+      z = tf.cast(z, tf.float32)
+      h_support, z_support = h[:num_support], z[:num_support]
+      if num_replicas > 1:
+        h_support = replica.all_gather(h_support, axis=0)
+        z_support = replica.all_gather(z_support, axis=0)
+      large = h[num_support:num_support + 2 * local_batch]
+      targets = tf.concat([large[local_batch:], large[:local_batch]], axis=0)
+      ce, me_max = losses.paws_loss(
+          z[num_support:], z_support, support_labels, targets, h_support, support_labels,
+          tau=p.tau, T=p.sharpen_T, multicrop=p.multicrop, me_max=p.me_max)
+      loss = (ce + me_max) / num_replicas
+      scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
+    gradients = tape.gradient(scaled, encoder.trainable_variables)
+    if loss_scaling:
+      gradients = optimizer.get_unscaled_gradients(gradients)
+    optimizer.apply_gradients(zip(gradients, encoder.trainable_variables))
+    return {"loss": ce + me_max, "ce": ce, "me_max": me_max}
+
+  step_fn = tf.function(step_fn, jit_compile=jit_compile)
+
+  @tf.function
+  def train_steps(iterator, num_steps):
+    metrics = {k: tf.constant(0.0) for k in ("loss", "ce", "me_max")}
+    for _ in tf.range(num_steps):
+      views, supports = next(iterator)
+      per_replica = strategy.run(step_fn, args=(views, supports))
+      metrics = {k: strategy.reduce("MEAN", v, axis=None) for k, v in per_replica.items()}
+    return metrics
+
+  return train_steps
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+
+  # --- Devices and precision -------------------------------------------------
+  runtime.set_precision(config.run.precision)
+  strategy = runtime.make_strategy(config.run.distribution)
+  jit_compile = runtime.use_xla(config.run.jit_compile)
+
+  # --- Data --------------------------------------------------------------------
+  if _BENCHMARK.value:
+    return benchmark(config, strategy, jit_compile, _BENCHMARK.value)
+  workdir = runtime.prepare_workdir(_WORKDIR.value)
+  train_images, train_labels, _, _ = datasets.load_dataset(config.data.dataset, _DATA_DIR.value)
+  num_classes = len(np.unique(train_labels))
+  check_batch_shapes(config, len(train_images), num_classes, strategy.num_replicas_in_sync)
+  runtime.check_config(config, os.path.join(workdir, "config.json"), RUN_SECTIONS, _FORCE.value)
+  labeled = choose_labeled(train_labels, config, workdir, _SPLIT_FILE.value)
+  p = config.pretrain
+  steps_per_epoch = len(train_images) // p.batch_size
+  total_steps = p.epochs * steps_per_epoch
+
+  # --- Model and optimizer -------------------------------------------------------
+  schedule = optim.warmup_cosine_schedule(
+      p.start_lr, p.lr, p.final_lr, p.warmup_epochs * steps_per_epoch, total_steps)
+  with strategy.scope():
+    encoder = encoder_lib.build_encoder(config.model, config.data.image_size,
+                                        synchronized_bn=strategy.num_replicas_in_sync > 1)
+    optimizer = optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision)
+    optimizer._create_all_weights(encoder.trainable_variables)  # slots exist before restore
+    step = tf.Variable(0, dtype=tf.int64, name="step")
+
+  # --- Checkpoint: newest intact one in the workdir, else a fresh start ------------
+  checkpoint = tf.train.Checkpoint(encoder=encoder, optimizer=optimizer, step=step)
+  manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=config.run.keep_checkpoints)
+  restored = training.restore_newest_intact(checkpoint, manager)
+  start_step = int(step.numpy())
+  print(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
+
+  # --- Input stream from start_step ---------------------------------------------
+  view_options = dict(flip=config.data.flip, color_jitter_prob=config.data.color_jitter_prob,
+                      color_jitter_strength=config.data.color_jitter_strength,
+                      solarize_prob=config.data.solarize_prob, equalize_prob=config.data.equalize_prob,
+                      mean=config.data.mean, std=config.data.std)
+  dataset = pipeline.pretrain_dataset(
+      train_images, labeled, train_labels[labeled], batch_size=p.batch_size, multicrop=p.multicrop,
+      classes_per_batch=p.classes_per_batch, images_per_class=p.images_per_class,
+      support_views=p.support_views, view_options=view_options,
+      large_crop_size=config.data.large_crop_size, small_crop_size=config.data.small_crop_size,
+      large_crop_scale=config.data.large_crop_scale, small_crop_scale=config.data.small_crop_scale,
+      start_step=start_step, total_steps=total_steps, seed=config.seed)
+  iterator = iter(dataset)
+  train_steps = build_train_steps(config, strategy, encoder, optimizer, jit_compile)
+
+  # --- Loop ------------------------------------------------------------------
+  images_per_step = p.batch_size * (2 + p.multicrop) + p.support_views * p.images_per_class * p.classes_per_batch
+  started = time.time()
+  log_path = training.run_loop(
+      train_steps=train_steps, iterator=iterator, step=step, checkpoint=checkpoint, manager=manager,
+      workdir=workdir, log_name="pretrain", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      steps_per_loop=config.run.steps_per_loop, log_every=config.run.log_every,
+      checkpoint_every=config.run.checkpoint_every, learning_rate=schedule,
+      images_per_step=images_per_step)
+  print(f"pre-training done: {total_steps} steps, {time.time() - started:.1f} s this run")
+
+  # --- Results -----------------------------------------------------------------
+  directory = encoder_lib.save_encoder(encoder, config, os.path.join(workdir, "encoder"), total_steps)
+  plot_path = plots.loss_curves(training.epoch_means(log_path), os.path.join(workdir, "pretrain_loss.png"),
+                                ("ce", "me_max", "loss"), "PAWS pre-training")
+  print(f"encoder saved to {directory}; loss curves in {plot_path}")
+
+
+def benchmark(config, strategy, jit_compile, num_steps):
+  """Times the compiled step on random inputs of the config's shapes; prints images/s."""
+  p = config.pretrain
+  large, small = config.data.large_crop_size, config.data.small_crop_size
+  views = tuple(tf.random.normal([p.batch_size, large, large, 3]) for _ in range(2)) + tuple(
+      tf.random.normal([p.batch_size, small, small, 3]) for _ in range(p.multicrop))
+  supports = tf.random.normal([p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3])
+  dataset = tf.data.Dataset.from_tensors((views, supports)).repeat()
+  schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, 10, 1000)
+  with strategy.scope():
+    encoder = encoder_lib.build_encoder(config.model, config.data.image_size,
+                                        synchronized_bn=strategy.num_replicas_in_sync > 1)
+    optimizer = optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision)
+  train_steps = build_train_steps(config, strategy, encoder, optimizer, jit_compile)
+  iterator = iter(dataset)
+  train_steps(iterator, tf.constant(2))  # trace and warm up
+  start = time.perf_counter()
+  metrics = train_steps(iterator, tf.constant(num_steps))
+  float(metrics["loss"])
+  seconds = (time.perf_counter() - start) / num_steps
+  images = p.batch_size * (2 + p.multicrop) + p.support_views * p.images_per_class * p.classes_per_batch
+  print(f"benchmark: {config.run.precision}, xla={jit_compile}, {strategy.num_replicas_in_sync} replica(s): "
+        f"{1 / seconds:.2f} steps/s, {images / seconds:.0f} images/s ({images} crops per step)")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required([])
+  app.run(runtime.exit_on_user_error(main))

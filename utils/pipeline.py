@@ -1,0 +1,167 @@
+"""tf.data input pipelines: multi-crop unlabeled views and class-stratified supports (SPEC section 4).
+
+All sampling of indices happens in NumPy from seeds that depend only on the
+step, so a stream restarted at step s is exactly the stream that was cut at s;
+no iterator state needs checkpointing. Augmentations are stateless and seeded
+by (seed, step), so parallel `map` does not change the result either.
+"""
+import numpy as np
+import tensorflow as tf
+
+from utils import augment
+from utils.errors import UserError
+
+
+class SupportSampler:
+  """Class-stratified index batches for the support set (SPEC section 4).
+
+  Each batch holds `classes_per_batch` classes x `images_per_class` images,
+  laid out interleaved by class (position i has the i mod K-th class of this
+  batch), the class order re-drawn every batch. Every class is a stream of
+  passes over its labeled images, each pass a fresh permutation; when a batch
+  straddles two passes, images already taken from the old pass are moved out
+  of the head of the new one, so no image appears twice in a batch.
+  """
+
+  def __init__(self, labels, classes_per_batch, images_per_class, seed):
+    labels = np.asarray(labels)
+    self.classes = np.unique(labels)
+    if classes_per_batch > len(self.classes):
+      raise UserError(
+          f"classes_per_batch={classes_per_batch} but the labeled set has only "
+          f"{len(self.classes)} classes; lower classes_per_batch")
+    self.members = [np.flatnonzero(labels == c) for c in self.classes]
+    smallest = min(len(m) for m in self.members)
+    if images_per_class > smallest:
+      raise UserError(
+          f"images_per_class={images_per_class} support images per class but a class has only "
+          f"{smallest} labeled images; lower images_per_class or label more images per class")
+    self.classes_per_batch = classes_per_batch
+    self.images_per_class = images_per_class
+    self.rng = np.random.default_rng(seed)
+    self.queues = [self.rng.permutation(m) for m in self.members]
+
+  def _take(self, class_index):
+    queue = self.queues[class_index]
+    taken = queue[:self.images_per_class]
+    missing = self.images_per_class - len(taken)
+    if missing:
+      fresh = self.rng.permutation(self.members[class_index])
+      fresh = np.concatenate([fresh[~np.isin(fresh, taken)], fresh[np.isin(fresh, taken)]])
+      taken = np.concatenate([taken, fresh[:missing]])
+      queue = fresh[missing:]
+    else:
+      queue = queue[self.images_per_class:]
+    self.queues[class_index] = queue
+    return taken
+
+  def next_batch(self):
+    """Returns int64 [images_per_class * classes_per_batch] interleaved by class."""
+    chosen = self.rng.permutation(len(self.classes))[:self.classes_per_batch]
+    columns = [self._take(c) for c in chosen]
+    return np.stack(columns, axis=1).reshape(-1)
+
+
+def unlabeled_indices(num_images, batch_size, step, seed):
+  """Indices of the unlabeled batch at `step`: a fresh permutation per epoch, last partial batch dropped."""
+  steps_per_epoch = num_images // batch_size
+  epoch, position = divmod(step, steps_per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_images)
+  return order[position * batch_size:(position + 1) * batch_size]
+
+
+def _step_seed(seed, step, stream):
+  return tf.stack([tf.cast(seed, tf.int64) * 1000 + stream, tf.cast(step, tf.int64)])
+
+
+def pretrain_dataset(images, labeled_indices, labeled_labels, *, batch_size, multicrop,
+                     classes_per_batch, images_per_class, support_views, view_options,
+                     large_crop_size, small_crop_size, large_crop_scale, small_crop_scale,
+                     start_step, total_steps, seed):
+  """Per-step batches for PAWS pre-training.
+
+  Args:
+    images: uint8 [N, H, W, 3], the whole unlabeled training set.
+    labeled_indices, labeled_labels: the labeled subset (indices into images).
+    view_options: dict of augment.augment_batch keyword arguments shared by
+      all views (flip, colour distortion, mean, std).
+    start_step, total_steps: the stream covers steps [start_step, total_steps).
+  Returns:
+    tf.data.Dataset of (views, supports): views is a tuple of 2 + multicrop
+    float32 batches [batch_size, S, S, 3] (two large, then small crops);
+    supports is float32 [support_views, images_per_class, classes_per_batch,
+    S, S, 3] so replicas can slice their own images per class.
+  """
+  images = tf.constant(images)
+  labeled_images = tf.gather(images, labeled_indices)
+
+  def index_stream():
+    sampler = SupportSampler(labeled_labels, classes_per_batch, images_per_class, seed)
+    for _ in range(start_step):
+      sampler.next_batch()
+    for step in range(start_step, total_steps):
+      yield step, unlabeled_indices(len(images), batch_size, step, seed), sampler.next_batch()
+
+  def make_views(step, batch_indices, support_indices):
+    batch = tf.gather(images, batch_indices)
+    seeds = tf.random.experimental.stateless_split(_step_seed(seed, step, 1), 2 + multicrop + support_views)
+    views = []
+    for v in range(2 + multicrop):
+      large = v < 2
+      views.append(augment.augment_batch(
+          batch, seeds[v], large_crop_size if large else small_crop_size,
+          large_crop_scale if large else small_crop_scale, **view_options))
+    support = tf.gather(labeled_images, support_indices)
+    support_batches = [
+        augment.augment_batch(support, seeds[2 + multicrop + v], large_crop_size,
+                              large_crop_scale, **view_options)
+        for v in range(support_views)]
+    supports = tf.reshape(tf.stack(support_batches),
+                          [support_views, images_per_class, classes_per_batch,
+                           large_crop_size, large_crop_size, 3])
+    return tuple(views), supports
+
+  signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([batch_size], tf.int64),
+               tf.TensorSpec([classes_per_batch * images_per_class], tf.int64))
+  dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
+  dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def finetune_dataset(labeled_images, labeled_labels, *, classes_per_batch, images_per_class,
+                     views, mean, std, start_step, total_steps, seed):
+  """Class-stratified flip-only batches for fine-tuning (SPEC section 6).
+
+  Returns a dataset of float32 [views, images_per_class, classes_per_batch, H, W, 3].
+  """
+  labeled_images = tf.constant(labeled_images)
+  height, width = labeled_images.shape[1:3]
+
+  def index_stream():
+    sampler = SupportSampler(labeled_labels, classes_per_batch, images_per_class, seed)
+    for _ in range(start_step):
+      sampler.next_batch()
+    for step in range(start_step, total_steps):
+      yield step, sampler.next_batch()
+
+  def make_views(step, support_indices):
+    batch = tf.gather(labeled_images, support_indices)
+    seeds = tf.random.experimental.stateless_split(_step_seed(seed, step, 2), views)
+    flipped = [augment.normalize(augment.random_flip(batch, seeds[v]), mean, std)
+               for v in range(views)]
+    return tf.reshape(tf.stack(flipped),
+                      [views, images_per_class, classes_per_batch, height, width, 3])
+
+  signature = (tf.TensorSpec([], tf.int64),
+               tf.TensorSpec([classes_per_batch * images_per_class], tf.int64))
+  dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
+  dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(images, batch_size, mean, std):
+  """Un-augmented, normalised batches in order (SPEC section 7: no crop)."""
+  dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+  dataset = dataset.map(lambda x: augment.normalize(x, mean, std),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.prefetch(tf.data.AUTOTUNE)

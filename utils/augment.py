@@ -92,12 +92,20 @@ def sample_crop_boxes(seed, num_images, height, width, scale, ratio,
                  tf.int32)
 
 
-def _interpolation_matrix(start, length, size, extent):
-  """Bilinear resampling weights [N, size, extent] along one axis.
+def _sample_positions(start, length, size):
+  """Bilinear taps along one axis for a batch of crops.
 
   Output pixel k samples the input at start + (k + 0.5) * length / size - 0.5
-  (half-pixel centres), clamped to the crop as when the crop is cut out first
-  and then resized (PIL / torchvision).
+  (half-pixel centres), clamped to the crop, as when the crop is cut out
+  first and then resized (PIL / torchvision).
+
+  Args:
+    start, length: float32 [N] crop offset and extent in pixels.
+    size: output extent (Python int).
+
+  Returns:
+    lower, upper: int32 [N, size] input indices; fraction: float32 [N, size]
+    weight of `upper`.
   """
   start = start[:, None]
   last = start + length[:, None] - 1.0
@@ -106,50 +114,55 @@ def _interpolation_matrix(start, length, size, extent):
   position = start + centres * length[:, None] / float(size) - 0.5
   position = tf.clip_by_value(position, start, last)
   lower = tf.floor(position)
-  fraction = position - lower
   upper = tf.minimum(lower + 1.0, last)
-  lower_weights = tf.one_hot(tf.cast(lower, tf.int32), extent) * (
-      1.0 - fraction)[..., None]
-  upper_weights = tf.one_hot(tf.cast(upper, tf.int32), extent) * (
-      fraction[..., None])
-  return lower_weights + upper_weights
+  return (tf.cast(lower, tf.int32), tf.cast(upper, tf.int32),
+          position - lower)
+
+
+def _lerp(lower, upper, fraction):
+  # Exact when fraction is 0, so an unscaled box copies its pixels.
+  return lower + (upper - lower) * fraction
 
 
 def _resize_boxes(images, boxes, size):
-  """Cuts boxes out of float images and resizes them bilinearly to size x size.
+  """Cuts boxes out of images and resizes them bilinearly to size x size.
 
-  Separable resampling as two batched matrix products instead of
-  tf.image.crop_and_resize: crop_and_resize fills samples that fall outside
-  [0, H-1] with a constant (so a half-pixel upscale of a crop touching the
-  border gets a dark edge) and reads pixels beyond the crop; the matrices
-  clamp to the crop, and an unscaled box reproduces its pixels exactly.
+  Separable gathers instead of tf.image.crop_and_resize: crop_and_resize
+  fills samples that fall outside [0, H-1] with a constant (a half-pixel
+  upscale of a crop touching the border gets a dark edge) and reads pixels
+  beyond the crop. Here taps are clamped to the crop, and an unscaled box
+  reproduces its pixels exactly.
 
   Args:
-    images: float32 [N, H, W, C].
+    images: [N, H, W, C] uint8 or float.
     boxes: int32 [N, 4] of (top, left, crop_height, crop_width).
     size: output side in pixels (Python int).
 
   Returns:
-    float32 [N, size, size, C].
+    float32 [N, size, size, C] on the input's scale.
   """
-  shape = tf.shape(images)
-  num_images, height, width = shape[0], shape[1], shape[2]
-  channels = images.shape[-1]
   boxes = tf.cast(boxes, tf.float32)
-  rows = _interpolation_matrix(boxes[:, 0], boxes[:, 2], size, height)
-  columns = _interpolation_matrix(boxes[:, 1], boxes[:, 3], size, width)
-  # [N, size, H] @ [N, H, W*C] -> [N, size, W*C]: resample the rows.
-  resized = tf.linalg.matmul(
-      rows, tf.reshape(images, [num_images, height, width * channels]))
-  resized = tf.reshape(resized, [num_images, size, width, channels])
-  # Then the columns, batched over images.
-  return tf.einsum("nxw,nywc->nyxc", columns, resized)
+  top, bottom, row_fraction = _sample_positions(boxes[:, 0], boxes[:, 2], size)
+  left, right, column_fraction = _sample_positions(boxes[:, 1], boxes[:, 3],
+                                                   size)
 
+  def rows_at(indices):  # [N, size, W, C]; gathers uint8 before the cast.
+    return tf.cast(tf.gather(images, indices, axis=1, batch_dims=1),
+                   tf.float32)
+
+  rows = _lerp(rows_at(top), rows_at(bottom),
+               row_fraction[:, :, None, None])
+
+  def columns_at(indices):  # [N, size, size, C]
+    return tf.gather(rows, indices, axis=2, batch_dims=1)
+
+  return _lerp(columns_at(left), columns_at(right),
+               column_fraction[:, None, :, None])
 
 
 def _uint8_aware_resize(images, boxes, size):
   """_resize_boxes for uint8 or [0, 1] float input; float32 [0, 1] output."""
-  resized = _resize_boxes(tf.cast(images, tf.float32), boxes, size)
+  resized = _resize_boxes(images, boxes, size)
   if images.dtype == tf.uint8:
     # Scale after resampling so that an unscaled box gives exactly x / 255.
     resized = resized / 255.0
@@ -341,6 +354,20 @@ def solarize(images, seed, prob):
     float32 [N, H, W, C] in [0, 1].
   """
   return _solarize(images, _coins(seed, tf.shape(images)[0], prob))
+
+
+def _cumulative_sum(values):
+  """Inclusive prefix sum over the last axis (length a power of two).
+
+  XLA lowers tf.cumsum to a reduce-window that costs length^2 per row;
+  log2(length) shifted additions are exact for integers and much cheaper.
+  """
+  length = values.shape[-1]
+  shift = 1
+  while shift < length:
+    values += tf.pad(values[:, :-shift], [[0, 0], [shift, 0]])
+    shift *= 2
+  return values
 
 
 def _equalize(images, mask):

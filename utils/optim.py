@@ -4,8 +4,8 @@ from official.modeling.optimization import lars
 
 # Matched with re.search against variable names: every Dense/Conv bias is
 # '.../bias:0' and every BatchNorm layer of utils.encoder is named 'bn*' or
-# 'final_bn' (variables '.../bn1/gamma:0', '.../final_bn/beta:0', ...).
-LARS_EXCLUDE = [r"bias", r"bn\d*/", r"final_bn/"]
+# 'final_bn' (variables 'bn1/gamma:0', 'bn_in/beta:0', 'final_bn/gamma:0').
+LARS_EXCLUDE = [r"bias", r"(^|/)(bn\w*|final_bn)/(gamma|beta)"]
 
 
 def warmup_cosine_schedule(start_lr, peak_lr, final_lr, warmup_steps, total_steps):

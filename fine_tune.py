@@ -1,0 +1,153 @@
+r"""Fine-tuning with the SuNCEt loss on the labeled images only (SPEC section 6).
+
+  python fine_tune.py --config=config.py:digits --workdir=runs/digits
+
+Starts from the encoder paws_train.py saved in the workdir, trains the whole
+network with class-stratified flip-only batches, BatchNorm statistics frozen
+(scale/offset still trained), LARS over SGD momentum, cosine learning rate.
+Never looks at the test set. Re-running resumes from the newest checkpoint.
+
+  python fine_tune.py --config=config.py:digits --workdir=runs/sup --from_scratch
+trains the same network on the labeled images alone (the supervised-only
+baseline; BatchNorm then uses batch statistics, as a fresh network must).
+"""
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+import tensorflow as tf
+
+from utils import datasets
+from utils import encoder as encoder_lib
+from utils import losses
+from utils import optim
+from utils import pipeline
+from utils import plots
+from utils import runtime
+from utils import training
+from utils.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "config.py:digits", "Preset and overrides.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pre-training run; results go to WORKDIR/finetuned.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 offline folder, as for paws_train.py.")
+_FORCE = flags.DEFINE_bool("force", False, "Reuse a fine-tuning folder whose saved config differs.")
+_FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False,
+                                  "Supervised-only baseline: random init, labeled subset drawn by data.label_seed.")
+
+RUN_SECTIONS = ("data", "model", "finetune")
+
+
+def build_train_steps(config, strategy, encoder, optimizer, jit_compile, bn_training):
+  """The compiled SuNCEt update on one class-stratified batch."""
+  f = config.finetune
+  num_replicas = strategy.num_replicas_in_sync
+  local_per_class = f.images_per_class // num_replicas
+  labels = losses.make_labels_matrix(f.classes_per_batch, f.views * f.images_per_class, 1)
+
+  def step_fn(batch):
+    replica = tf.distribute.get_replica_context()
+    index = replica.replica_id_in_sync_group
+    batch = batch[:, index * local_per_class:(index + 1) * local_per_class]
+    batch = tf.reshape(batch, [-1] + batch.shape[-3:].as_list())
+    with tf.GradientTape() as tape:
+      # training=False keeps BatchNorm on its moving statistics; gamma/beta still get gradients.
+      _, z = encoder(batch, training=bn_training)
+      z = tf.cast(z, tf.float32)
+      if num_replicas > 1:
+        z = replica.all_gather(z, axis=0)
+      loss = losses.suncet_loss(z, labels, f.tau)
+    gradients = tape.gradient(loss / num_replicas, encoder.trainable_variables)
+    optimizer.apply_gradients(zip(gradients, encoder.trainable_variables))
+    return {"loss": loss}
+
+  step_fn = tf.function(step_fn, jit_compile=jit_compile)
+
+  @tf.function
+  def train_steps(iterator, num_steps):
+    metrics = {"loss": tf.constant(0.0)}
+    for _ in tf.range(num_steps):
+      per_replica = strategy.run(step_fn, args=(next(iterator),))
+      metrics = {k: strategy.reduce("MEAN", v, axis=None) for k, v in per_replica.items()}
+    return metrics
+
+  return train_steps
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  f = config.finetune
+  if not _WORKDIR.value:
+    raise UserError("--workdir is required: the workdir of a paws_train.py run")
+  runtime.set_precision(config.run.precision)
+  strategy = runtime.make_strategy(config.run.distribution)
+  jit_compile = runtime.use_xla(config.run.jit_compile)
+
+  # --- Data: the labeled subset only -------------------------------------------
+  workdir = _WORKDIR.value
+  train_images, train_labels, _, _ = datasets.load_dataset(config.data.dataset, _DATA_DIR.value)
+  if _FROM_SCRATCH.value:
+    runtime.prepare_workdir(workdir)
+    labeled = datasets.select_labeled_indices(train_labels, config.data.labeled_per_class,
+                                              config.data.label_seed)
+    datasets.write_split_files(workdir, labeled)
+  else:
+    index_path = os.path.join(workdir, "labeled_indices.txt")
+    if not os.path.exists(index_path):
+      raise UserError(f"{index_path} not found; run paws_train.py with this --workdir first")
+    labeled = datasets.read_split_file(index_path, len(train_labels))
+  if f.images_per_class % strategy.num_replicas_in_sync:
+    raise UserError(f"finetune.images_per_class must divide by the {strategy.num_replicas_in_sync} replicas")
+  output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
+  runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
+  per_class = np.bincount(train_labels[labeled]).min()
+  steps_per_epoch = max(per_class // f.images_per_class, 1)
+  total_steps = f.epochs * steps_per_epoch
+
+  # --- Model and optimizer -------------------------------------------------------
+  schedule = optim.warmup_cosine_schedule(0.0, f.lr, f.final_lr, 0, total_steps)
+  with strategy.scope():
+    if _FROM_SCRATCH.value:
+      encoder = encoder_lib.build_encoder(config.model, config.data.image_size,
+                                          synchronized_bn=strategy.num_replicas_in_sync > 1)
+    else:
+      encoder, _ = encoder_lib.load_encoder(os.path.join(workdir, "encoder"), config, "paws_train.py")
+    optimizer = optim.build_lars(schedule, f.momentum, f.weight_decay, f.lars_eta)
+    optimizer._create_all_weights(encoder.trainable_variables)  # slots exist before restore
+    step = tf.Variable(0, dtype=tf.int64, name="step")
+
+  # --- Checkpoint: newest intact one, else the pre-trained encoder ------------------
+  checkpoint = tf.train.Checkpoint(encoder=encoder, optimizer=optimizer, step=step)
+  manager = tf.train.CheckpointManager(checkpoint, os.path.join(output, "checkpoints"),
+                                       max_to_keep=config.run.keep_checkpoints)
+  restored = training.restore_newest_intact(checkpoint, manager)
+  start_step = int(step.numpy())
+  print(f"resuming from {restored} at step {start_step}" if restored else
+        "starting from " + ("a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder"))
+
+  dataset = pipeline.finetune_dataset(
+      train_images[labeled], train_labels[labeled], classes_per_batch=f.classes_per_batch,
+      images_per_class=f.images_per_class, views=f.views, mean=config.data.mean, std=config.data.std,
+      start_step=start_step, total_steps=total_steps, seed=config.seed)
+  train_steps = build_train_steps(config, strategy, encoder, optimizer, jit_compile,
+                                  bn_training=_FROM_SCRATCH.value)
+
+  # --- Loop ------------------------------------------------------------------
+  log_path = training.run_loop(
+      train_steps=train_steps, iterator=iter(dataset), step=step, checkpoint=checkpoint,
+      manager=manager, workdir=output, log_name="finetune", total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch, steps_per_loop=config.run.steps_per_loop,
+      log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
+      learning_rate=schedule, images_per_step=f.views * f.images_per_class * f.classes_per_batch)
+
+  # --- Results -----------------------------------------------------------------
+  encoder_lib.save_encoder(encoder, config, output, total_steps)
+  plots.loss_curves(training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"),
+                    ("loss",), "SuNCEt fine-tuning")
+  print(f"fine-tuning done: {total_steps} steps; encoder saved to {output}")
+
+
+if __name__ == "__main__":
+  app.run(runtime.exit_on_user_error(main))

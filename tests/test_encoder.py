@@ -1,0 +1,71 @@
+"""WideResNet trunk, heads and BatchNorm momentum (SPEC section 3)."""
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from utils import encoder as encoder_lib
+
+
+def config(depth=28, width=2, prediction_head=False):
+  return ml_collections.ConfigDict(dict(depth=depth, width=width, hidden_dim=128, projection_dim=128,
+                                        prediction_head=prediction_head, prediction_hidden_dim=32))
+
+
+def test_wrn_28_2_parameter_counts():
+  encoder = encoder_lib.build_encoder(config(), 32)
+  # conv3x3(3->16) + 12 pre-activation blocks (32, 64, 128) + final BN, all convs with bias
+  assert encoder_lib.count_parameters(encoder.trunk) == 1_468_352
+  # 3 Dense 128->128 (with bias) + 2 BN of 128: 3 * 16512 + 2 * 256
+  assert encoder_lib.count_parameters(encoder.projection) == 50_048
+  with_prediction = encoder_lib.build_encoder(config(prediction_head=True), 32)
+  # BN(128) + Dense 128->32 + BN(32) + Dense 32->128
+  assert encoder_lib.count_parameters(with_prediction.prediction) == 256 + 4128 + 64 + 4224
+
+
+def test_outputs_and_bn_momentum_translation():
+  encoder = encoder_lib.build_encoder(config(depth=10, width=1, prediction_head=True), 16)
+  h, z = encoder(tf.zeros([3, 16, 16, 3]), training=False)
+  assert h.shape == (3, 128) and z.shape == (3, 128)
+  momenta = {layer.name: layer.momentum for layer in encoder.submodules
+             if isinstance(layer, tf_keras.layers.BatchNormalization)}
+  assert momenta.pop("final_bn") == 0.01  # PyTorch 0.99
+  assert set(momenta.values()) == {0.9}  # PyTorch 0.1
+
+
+def test_final_bn_moving_mean_follows_the_batch_quickly():
+  encoder = encoder_lib.build_encoder(config(depth=10, width=1), 8)
+  final_bn = encoder.trunk.final_bn
+  before = final_bn.moving_mean.numpy().copy()
+  encoder(tf.random.normal([4, 8, 8, 3]) * 5, training=True)
+  # Keras momentum 0.01: 99 % of the new batch mean enters the moving mean
+  assert np.abs(final_bn.moving_mean.numpy() - before).max() > 0
+
+
+def test_embed_views_groups_share_batch_statistics():
+  encoder = encoder_lib.build_encoder(config(depth=10, width=1), 8)
+  a, b = tf.random.normal([4, 8, 8, 3]), tf.random.normal([4, 8, 8, 3], mean=3.0)
+  small = tf.random.normal([4, 5, 5, 3])
+  h, z = encoder_lib.embed_views(encoder, [[a, b], [small]], training=True)
+  assert h.shape == (12, 128)
+  together, _ = encoder(tf.concat([a, b], 0), training=True)
+  np.testing.assert_allclose(h[:8].numpy(), together.numpy(), atol=1e-5)
+  alone, _ = encoder(a, training=True)  # a different batch gives different BN statistics
+  assert np.abs(h[:4].numpy() - alone.numpy()).max() > 1e-3
+
+
+def test_save_and_load_round_trip(tmp_path):
+  import pytest
+  from utils.errors import UserError
+  full = ml_collections.ConfigDict({"name": "t", "model": config(depth=10, width=1), "data": {"image_size": 8}})
+  encoder = encoder_lib.build_encoder(full.model, 8)
+  encoder_lib.save_encoder(encoder, full, str(tmp_path / "enc"), 5)
+  loaded, meta = encoder_lib.load_encoder(str(tmp_path / "enc"), full, "paws_train.py")
+  x = tf.random.normal([2, 8, 8, 3])
+  np.testing.assert_allclose(loaded(x, training=False)[0].numpy(), encoder(x, training=False)[0].numpy(), atol=1e-6)
+  assert meta["pretrain_step"] == 5
+  with pytest.raises(UserError, match="no trained encoder"):
+    encoder_lib.load_encoder(str(tmp_path / "missing"), full, "paws_train.py")
+  other = ml_collections.ConfigDict({"name": "t", "model": config(depth=16, width=1), "data": {"image_size": 8}})
+  with pytest.raises(UserError, match="model.depth"):
+    encoder_lib.load_encoder(str(tmp_path / "enc"), other, "paws_train.py")

@@ -13,6 +13,8 @@ baseline; BatchNorm then uses batch statistics, as a fresh network must).
 """
 import os
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -58,7 +60,8 @@ def build_train_steps(config, strategy, encoder, optimizer, jit_compile, bn_trai
       if num_replicas > 1:
         z = replica.all_gather(z, axis=0)
       loss = losses.suncet_loss(z, labels, f.tau)
-    gradients = tape.gradient(loss / num_replicas, encoder.trainable_variables)
+      replica_share = loss / num_replicas  # inside the tape, or it has no gradient
+    gradients = tape.gradient(replica_share, encoder.trainable_variables)
     optimizer.apply_gradients(zip(gradients, encoder.trainable_variables))
     return {"loss": loss}
 

@@ -10,6 +10,8 @@ matrix and a PCA projection of the test embeddings into the workdir.
 """
 import os
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags

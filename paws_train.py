@@ -7,6 +7,8 @@ r"""PAWS pre-training (SPEC sections 2 to 5).
 Re-running the same command resumes from the newest intact checkpoint in the workdir.
 """
 import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
 import time
 
 from absl import app

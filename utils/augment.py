@@ -12,12 +12,28 @@ Images are float32 in [0, 1] between ops (uint8 is accepted where noted).
 import math
 
 import tensorflow as tf
+# optimization_barrier is not exported under tf.*; see _xla_fence.
+from tensorflow.compiler.tf2xla.python import xla
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 # ITU-R 601 luma weights, as PIL's convert("L") and torchvision use.
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _unfenced(images):
+  return images
+
+
+def _xla_fence(images):
+  """Makes XLA materialise `images` instead of fusing its computation into
+  every consumer. A colour pass feeds both a per-image mean and a per-pixel
+  loop; without the fence XLA recomputes the whole chain of earlier passes
+  inside each, which doubles the cost of the colour jitter. Only valid inside
+  an XLA-compiled function.
+  """
+  return xla.optimization_barrier(images)[0]
 
 
 def _split(seed, count):
@@ -124,8 +140,16 @@ def _lerp(lower, upper, fraction):
   return lower + (upper - lower) * fraction
 
 
-def _resize_boxes(images, boxes, size):
-  """Cuts boxes out of images and resizes them bilinearly to size x size.
+def _channels_first(images):
+  return tf.transpose(images, [0, 3, 1, 2])
+
+
+def _channels_last(images):
+  return tf.transpose(images, [0, 2, 3, 1])
+
+
+def _resize_boxes(images, boxes, size, flip=None):
+  """Cuts boxes out of images, resizes them bilinearly to size x size.
 
   Separable gathers instead of tf.image.crop_and_resize: crop_and_resize
   fills samples that fall outside [0, H-1] with a constant (a half-pixel
@@ -137,32 +161,42 @@ def _resize_boxes(images, boxes, size):
     images: [N, H, W, C] uint8 or float.
     boxes: int32 [N, 4] of (top, left, crop_height, crop_width).
     size: output side in pixels (Python int).
+    flip: optional bool [N]; these outputs are mirrored left-right (free:
+      the column taps are read in reverse order).
 
   Returns:
-    float32 [N, size, size, C] on the input's scale.
+    float32 [N, C, size, size] (channels first) on the input's scale.
   """
   boxes = tf.cast(boxes, tf.float32)
   top, bottom, row_fraction = _sample_positions(boxes[:, 0], boxes[:, 2], size)
   left, right, column_fraction = _sample_positions(boxes[:, 1], boxes[:, 3],
                                                    size)
+  if flip is not None:
+    def mirror(taps):
+      return tf.where(flip[:, None], tf.reverse(taps, axis=[1]), taps)
+    left, right, column_fraction = (mirror(left), mirror(right),
+                                    mirror(column_fraction))
+  # Channels first: the colour ops below then run on contiguous planes,
+  # which XLA vectorises far better than the minor dimension of size 3.
+  images = _channels_first(images)
 
-  def rows_at(indices):  # [N, size, W, C]; gathers uint8 before the cast.
-    return tf.cast(tf.gather(images, indices, axis=1, batch_dims=1),
+  def rows_at(indices):  # [N, C, size, W]; gathers uint8 before the cast.
+    return tf.cast(tf.gather(images, indices, axis=2, batch_dims=1),
                    tf.float32)
 
   rows = _lerp(rows_at(top), rows_at(bottom),
-               row_fraction[:, :, None, None])
+               row_fraction[:, None, :, None])
 
-  def columns_at(indices):  # [N, size, size, C]
-    return tf.gather(rows, indices, axis=2, batch_dims=1)
+  def columns_at(indices):  # [N, C, size, size]
+    return tf.gather(rows, indices, axis=3, batch_dims=1)
 
   return _lerp(columns_at(left), columns_at(right),
-               column_fraction[:, None, :, None])
+               column_fraction[:, None, None, :])
 
 
-def _uint8_aware_resize(images, boxes, size):
-  """_resize_boxes for uint8 or [0, 1] float input; float32 [0, 1] output."""
-  resized = _resize_boxes(images, boxes, size)
+def _crop_to_unit_range(images, boxes, size, flip=None):
+  """_resize_boxes with float32 [0, 1] output for uint8 or [0, 1] input."""
+  resized = _resize_boxes(images, boxes, size, flip)
   if images.dtype == tf.uint8:
     # Scale after resampling so that an unscaled box gives exactly x / 255.
     resized = resized / 255.0
@@ -185,7 +219,7 @@ def random_resized_crop(images, seed, size, scale, ratio=(3 / 4, 4 / 3)):
   """
   shape = tf.shape(images)
   boxes = sample_crop_boxes(seed, shape[0], shape[1], shape[2], scale, ratio)
-  return _uint8_aware_resize(images, boxes, size)
+  return _channels_last(_crop_to_unit_range(images, boxes, size))
 
 
 def _coins(seed, num_images, prob):
@@ -194,12 +228,8 @@ def _coins(seed, num_images, prob):
 
 
 def _select(mask, new_images, images):
-  """Per-image choice between two [N, H, W, C] batches."""
+  """Per-image choice between two rank-4 batches."""
   return tf.where(mask[:, None, None, None], new_images, images)
-
-
-def _flip(images, mask):
-  return _select(mask, tf.reverse(images, axis=[2]), images)
 
 
 def random_flip(images, seed, prob=0.5):
@@ -213,7 +243,8 @@ def random_flip(images, seed, prob=0.5):
   Returns:
     tensor like `images`.
   """
-  return _flip(images, _coins(seed, tf.shape(images)[0], prob))
+  flip = _coins(seed, tf.shape(images)[0], prob)
+  return _select(flip, tf.reverse(images, axis=[2]), images)
 
 
 def _sample_jitter(seed, num_images, brightness, contrast, saturation, hue,
@@ -224,13 +255,13 @@ def _sample_jitter(seed, num_images, brightness, contrast, saturation, hue,
   blends (brightness 0, contrast 1, saturation 2) times a uniform slot 0..3
   for hue (3! * 4 = 24 outcomes). So the blends run as 3 passes before one
   shared hue rotation and 3 after, each image active in exactly 3 of them:
-  one HSV round trip per batch instead of one per slot, with no per-image
+  one hue rotation per batch instead of one per slot, and no per-image
   branching.
 
   Returns:
     dict of apply [N] bool; factor, contrast, saturation [N, passes] float32
-    (factor 1 = inactive pass, exactly the identity); hue_shift [N] float32 if
-    hue > 0.
+    (factor 1 = inactive pass, exactly the identity); hue_shift [N] float32
+    (fraction of a turn) if hue > 0.
   """
   (apply_seed, factor_seed, hue_seed, order_seed,
    position_seed) = _split(seed, 5)
@@ -261,11 +292,9 @@ def _sample_jitter(seed, num_images, brightness, contrast, saturation, hue,
   return parameters
 
 
-def _grayscale(images):
-  """[N, H, W, 3] -> [N, H, W, 1] luma."""
-  red, green, blue = tf.unstack(images, axis=-1)
-  return (_GRAY_WEIGHTS[0] * red + _GRAY_WEIGHTS[1] * green +
-          _GRAY_WEIGHTS[2] * blue)[..., None]
+def _per_image(values):
+  """[N] -> [N, 1, 1, 1] for broadcasting against a batch."""
+  return values[:, None, None, None]
 
 
 def _blend(images, factor, contrast, saturation):
@@ -273,31 +302,49 @@ def _blend(images, factor, contrast, saturation):
 
   All three are clamp(f * image + (1 - f) * target) with target black, the
   image's mean gray level or the pixel's gray level; `contrast` and
-  `saturation` ([N], 0 or 1) pick the target.
+  `saturation` ([N], 0 or 1) pick the target. Images are channels first.
   """
-  gray = _grayscale(images)
-  mean_gray = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
-  factor = factor[:, None, None, None]
-  target = (contrast[:, None, None, None] * mean_gray +
-            saturation[:, None, None, None] * gray)
+  gray = (_GRAY_WEIGHTS[0] * images[:, 0:1] + _GRAY_WEIGHTS[1] *
+          images[:, 1:2] + _GRAY_WEIGHTS[2] * images[:, 2:3])
+  mean_gray = tf.reduce_mean(gray, axis=[2, 3], keepdims=True)
+  factor = _per_image(factor)
+  target = _per_image(contrast) * mean_gray + _per_image(saturation) * gray
   return tf.clip_by_value(factor * images + (1.0 - factor) * target, 0.0, 1.0)
 
 
 def _rotate_hue(images, shifts):
-  """Adds `shifts` [N] (fractions of a turn) to the HSV hue of each image."""
-  hsv = tf.image.rgb_to_hsv(images)
-  hue = hsv[..., :1] + shifts[:, None, None, None]
-  hue = hue - tf.floor(hue)
-  rgb = tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1))
-  return tf.clip_by_value(rgb, 0.0, 1.0)
+  """Adds `shifts` [N] (fractions of a turn) to the HSV hue of each image.
+
+  Same result as tf.image.rgb_to_hsv -> shift -> hsv_to_rgb, written out
+  directly: a rotation keeps each pixel's max (V) and chroma (max - min), so
+  only the hue needs computing. One fused loop instead of two conversions.
+  Images are channels first.
+  """
+  red, green, blue = images[:, 0], images[:, 1], images[:, 2]
+  value = tf.maximum(tf.maximum(red, green), blue)
+  chroma = value - tf.minimum(tf.minimum(red, green), blue)
+  safe_chroma = tf.where(chroma > 0, chroma, 1.0)
+  # Hue in sextants, [0, 6); ties resolved red, green, blue as in TF's op.
+  hue = tf.where(value == red, (green - blue) / safe_chroma,
+                 tf.where(value == green, (blue - red) / safe_chroma + 2.0,
+                          (red - green) / safe_chroma + 4.0))
+  hue += 6.0 * shifts[:, None, None]
+  hue -= 6.0 * tf.floor(hue / 6.0)
+  # Fraction of the chroma kept by each channel at this hue.
+  red_weight = tf.clip_by_value(tf.abs(hue - 3.0) - 1.0, 0.0, 1.0)
+  green_weight = tf.clip_by_value(2.0 - tf.abs(hue - 2.0), 0.0, 1.0)
+  blue_weight = tf.clip_by_value(2.0 - tf.abs(hue - 4.0), 0.0, 1.0)
+  return tf.stack([value - chroma * (1.0 - red_weight),
+                   value - chroma * (1.0 - green_weight),
+                   value - chroma * (1.0 - blue_weight)], axis=1)
 
 
-def _jitter(images, parameters):
-  """Applies _sample_jitter's parameters to float images in [0, 1]."""
+def _jitter(images, parameters, fence=_unfenced):
+  """Applies _sample_jitter's parameters to channels-first [0, 1] images."""
   def blend_pass(images, index):
-    return _blend(images, parameters["factor"][:, index],
-                  parameters["contrast"][:, index],
-                  parameters["saturation"][:, index])
+    return fence(_blend(images, parameters["factor"][:, index],
+                        parameters["contrast"][:, index],
+                        parameters["saturation"][:, index]))
 
   rotate = "hue_shift" in parameters
   num_passes = parameters["factor"].shape[1]
@@ -306,7 +353,7 @@ def _jitter(images, parameters):
   for index in range(passes_before_hue):
     jittered = blend_pass(jittered, index)
   if rotate:
-    jittered = _rotate_hue(jittered, parameters["hue_shift"])
+    jittered = fence(_rotate_hue(jittered, parameters["hue_shift"]))
   for index in range(passes_before_hue, num_passes):
     jittered = blend_pass(jittered, index)
   return _select(parameters["apply"], jittered, images)
@@ -330,7 +377,7 @@ def color_jitter(images, seed, brightness, contrast, saturation, hue, prob):
   """
   parameters = _sample_jitter(seed, tf.shape(images)[0], brightness, contrast,
                               saturation, hue, prob)
-  return _jitter(images, parameters)
+  return _channels_last(_jitter(_channels_first(images), parameters))
 
 
 def _solarize(images, mask):
@@ -356,34 +403,17 @@ def solarize(images, seed, prob):
   return _solarize(images, _coins(seed, tf.shape(images)[0], prob))
 
 
-def _cumulative_sum(values):
-  """Inclusive prefix sum over the last axis (length a power of two).
-
-  XLA lowers tf.cumsum to a reduce-window that costs length^2 per row;
-  log2(length) shifted additions are exact for integers and much cheaper.
-  """
-  length = values.shape[-1]
-  shift = 1
-  while shift < length:
-    values += tf.pad(values[:, :-shift], [[0, 0], [shift, 0]])
-    shift *= 2
-  return values
-
-
-def _equalize(images, mask):
-  """PIL ImageOps.equalize on the images selected by `mask` [N]."""
+def _equalize_all(images):
+  """PIL ImageOps.equalize on every channel of float [M, H, W, C] images."""
   shape = tf.shape(images)
-  num_images, channels = shape[0], shape[3]
+  num_rows = shape[0] * shape[3]
   levels = tf.cast(tf.round(images * 255.0), tf.int32)
-  # One 256-bin histogram per (image, channel): offset each row's levels by
-  # 256 * row and count them all in one segment sum (XLA-compatible, unlike
-  # tf.math.bincount).
-  num_rows = num_images * channels
-  bins = levels + tf.reshape(tf.range(num_rows) * 256,
-                             [num_images, 1, 1, channels])
+  # One 256-bin histogram per (image, channel) row: offset the levels by
+  # 256 * row and count them all with one bincount.
+  bins = levels + tf.reshape(tf.range(num_rows) * 256, [shape[0], 1, 1, -1])
   histogram = tf.reshape(
-      tf.math.unsorted_segment_sum(tf.ones_like(bins), bins, num_rows * 256),
-      [num_rows, 256])
+      tf.math.bincount(tf.reshape(bins, [-1]), minlength=num_rows * 256,
+                       maxlength=num_rows * 256), [num_rows, 256])
   last_nonzero = tf.reduce_max(
       tf.where(histogram > 0, tf.range(256)[None, :], -1), axis=1)
   last_count = tf.gather(histogram, last_nonzero, batch_dims=1)
@@ -395,9 +425,19 @@ def _equalize(images, mask):
   equalized = tf.cast(tf.gather(tf.reshape(lut, [-1]), bins),
                       tf.float32) / 255.0
   # PIL leaves a channel with step 0 (nearly constant) unchanged.
-  keep = tf.reshape((step == 0), [num_images, 1, 1, channels])
-  keep = keep | ~mask[:, None, None, None]
+  keep = tf.reshape(step == 0, [shape[0], 1, 1, -1])
   return tf.where(keep, images, equalized)
+
+
+def _equalize_selected(images, mask):
+  """Indices [M, 1] of the images selected by `mask` and those images equalized.
+
+  Only the selected images (p = 0.2 in PAWS) are gathered and equalized: the
+  per-pixel histogram and look-up are the most expensive part of a view.
+  Plain TensorFlow ops, since the number selected is data-dependent.
+  """
+  indices = tf.where(mask)
+  return indices, _equalize_all(tf.gather_nd(images, indices))
 
 
 def equalize(images, seed, prob):
@@ -415,7 +455,9 @@ def equalize(images, seed, prob):
   Returns:
     float32 [N, H, W, 3] in [0, 1].
   """
-  return _equalize(images, _coins(seed, tf.shape(images)[0], prob))
+  indices, equalized = _equalize_selected(
+      images, _coins(seed, tf.shape(images)[0], prob))
+  return tf.tensor_scatter_nd_update(images, indices, equalized)
 
 
 def normalize(images, mean, std):
@@ -438,18 +480,16 @@ def normalize(images, mean, std):
 # compiled function: inside it, XLA would fuse the per-image Philox draws into
 # every per-pixel loop and recompute them for each pixel.
 @tf.function(jit_compile=True)
-def _augment_pixels(images, boxes, flip, jitter, solarize_mask,
-                    equalize_mask, size, mean, std):
-  views = _uint8_aware_resize(images, boxes, size)
-  if flip is not None:
-    views = _flip(views, flip)
+def _augment_pixels(images, boxes, flip, jitter, solarize_mask, size, mean,
+                    std):
+  """Crop, flip, jitter and solarize; returns the [0, 1] and normalised views."""
+  views = _xla_fence(_crop_to_unit_range(images, boxes, size, flip))
   if jitter is not None:
-    views = _jitter(views, jitter)
+    views = _jitter(views, jitter, _xla_fence)
   if solarize_mask is not None:
     views = _solarize(views, solarize_mask)
-  if equalize_mask is not None:
-    views = _equalize(views, equalize_mask)
-  return normalize(views, mean, std)
+  views = _channels_last(views)
+  return views, normalize(views, mean, std)
 
 
 def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
@@ -493,7 +533,12 @@ def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
                             color_jitter_prob)
   solarize_mask = (_coins(solarize_seed, num_images, solarize_prob)
                    if solarize_prob > 0 else None)
-  equalize_mask = (_coins(equalize_seed, num_images, equalize_prob)
-                   if equalize_prob > 0 else None)
-  return _augment_pixels(images, boxes, flip_mask, jitter, solarize_mask,
-                         equalize_mask, int(size), tuple(mean), tuple(std))
+  views, normalized = _augment_pixels(images, boxes, flip_mask, jitter,
+                                      solarize_mask, int(size), tuple(mean),
+                                      tuple(std))
+  if equalize_prob > 0:
+    indices, equalized = _equalize_selected(
+        views, _coins(equalize_seed, num_images, equalize_prob))
+    normalized = tf.tensor_scatter_nd_update(
+        normalized, indices, normalize(equalized, mean, std))
+  return normalized

@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+from absl import logging
 import tensorflow as tf
 import tf_keras
 
@@ -15,6 +16,7 @@ def exit_on_user_error(main):
 
   @functools.wraps(main)
   def wrapped(argv):
+    logging.set_verbosity(logging.WARNING)
     try:
       return main(argv)
     except UserError as error:

@@ -1,0 +1,152 @@
+"""Runs paws_train.build_train_steps on one device and on two mirrored CPU replicas.
+
+Used by tests/test_distributed.py in a subprocess, because the two logical CPU
+devices must be configured before TensorFlow initialises.
+
+  python tests/distributed_train_check.py OUTPUT.npz
+
+Three runs start from the same weights and take the same global batch:
+  single          OneDeviceStrategy, synchronized_bn=False (what training uses
+                  on one device; tf_keras picks its fused kernel for the conv BNs)
+  single_unfused  the same with every BN forced onto the non-fused kernel, the
+                  one tf_keras' synchronized BN always uses
+  mirrored        MirroredStrategy over two logical CPUs, synchronized_bn=True
+After each step the script saves the reported metrics and every encoder
+variable, for the mirrored run once per replica. Keys:
+  step0/initial/{i}, names/{i}, conv_bn/{i} (variable of a BN on 4-D inputs),
+  step{n}/{run}/metric/{name}, step{n}/{run}{replica}/{trainable|moving}/{i}
+with replica "" for the single-device runs and 0, 1 for mirrored.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf
+import tf_keras
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import config as config_lib  # pylint: disable=g-import-not-at-top
+import paws_train
+from utils import encoder as encoder_lib
+from utils import optim
+from utils import runtime
+
+NUM_STEPS = 2
+METRICS = ("loss", "ce", "me_max")
+
+
+def tiny_config():
+  config = config_lib.get_config("digits")
+  with config.unlocked():
+    config.data.image_size = 8
+    config.data.large_crop_size = 8
+    config.data.small_crop_size = 5
+    config.model.depth = 10
+    config.model.width = 1
+    config.model.hidden_dim = 16
+    config.model.projection_dim = 16
+    config.pretrain.batch_size = 4
+    config.pretrain.multicrop = 2
+    config.pretrain.classes_per_batch = 3
+    config.pretrain.images_per_class = 2
+    config.pretrain.support_views = 2
+    config.run.precision = "float32"
+    config.run.jit_compile = "false"
+  return config
+
+
+def global_batch(config, seed=0):
+  """One global batch: (views tuple, supports [V, images_per_class, K, S, S, 3])."""
+  p, d = config.pretrain, config.data
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: tf.constant(rng.standard_normal(shape).astype(np.float32))
+  views = tuple(normal(p.batch_size, d.large_crop_size, d.large_crop_size, 3) for _ in range(2)) + tuple(
+      normal(p.batch_size, d.small_crop_size, d.small_crop_size, 3) for _ in range(p.multicrop))
+  supports = normal(p.support_views, p.images_per_class, p.classes_per_batch,
+                    d.large_crop_size, d.large_crop_size, 3)
+  return views, supports
+
+
+def run(config, strategy, initial_weights, batch, unfused=False):
+  """Builds encoder + LARS under `strategy`, loads the weights, takes NUM_STEPS steps.
+
+  Returns one dict per step: metric name -> float and, per encoder variable,
+  (kind, [value on each replica]).
+  """
+  p = config.pretrain
+  # Warm-up then cosine: the two steps use different learning rates.
+  schedule = optim.warmup_cosine_schedule(0.05, 0.2, 0.02, 1, 4)
+  with strategy.scope():
+    encoder = encoder_lib.build_encoder(config.model, config.data.image_size,
+                                        synchronized_bn=strategy.num_replicas_in_sync > 1)
+    encoder.set_weights(initial_weights)
+    optimizer = optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision)
+  bn_layers = [layer for layer in encoder.submodules
+               if isinstance(layer, tf_keras.layers.BatchNormalization)]
+  assert bn_layers and all(layer.synchronized == (strategy.num_replicas_in_sync > 1) for layer in bn_layers)
+  if unfused:
+    for layer in bn_layers:
+      layer.fused = False  # read at call time; the variables are the same either way
+  trainable = {id(v) for v in encoder.trainable_weights}
+  train_steps = paws_train.build_train_steps(config, strategy, encoder, optimizer, jit_compile=False)
+  # The step slices its own share of the global batch, so every strategy
+  # reads a plain (not distributed) iterator.
+  iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+  records = []
+  for _ in range(NUM_STEPS):
+    metrics = train_steps(iterator, tf.constant(1))
+    record = {key: float(metrics[key]) for key in METRICS}
+    record["variables"] = [
+        ("trainable" if id(v) in trainable else "moving", v.name,
+         [np.asarray(local.numpy()) for local in strategy.experimental_local_results(v)])
+        for v in encoder.weights]
+    records.append(record)
+  return records
+
+
+def main(output_path):
+  config = tiny_config()
+  runtime.set_precision(config.run.precision)
+  tf.random.set_seed(config.seed)
+  batch = global_batch(config)
+  # All runs start from these values (trainable weights and BN moving statistics).
+  template = encoder_lib.build_encoder(config.model, config.data.image_size)
+  initial_weights = template.get_weights()
+  conv_bn = set()
+  for layer in template.submodules:
+    if isinstance(layer, tf_keras.layers.BatchNormalization) and layer.input_spec.ndim == 4:
+      conv_bn.update(id(v) for v in layer.weights)
+
+  single = tf.distribute.OneDeviceStrategy("/cpu:0")
+  mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  assert mirrored.num_replicas_in_sync == 2
+  runs = {"single": run(config, single, initial_weights, batch),
+          "single_unfused": run(config, single, initial_weights, batch, unfused=True),
+          "mirrored": run(config, mirrored, initial_weights, batch)}
+
+  arrays = {}
+  for index, (variable, value) in enumerate(zip(template.weights, initial_weights)):
+    arrays[f"step0/initial/{index:03d}"] = value
+    arrays[f"names/{index:03d}"] = np.array(variable.name)
+    arrays[f"conv_bn/{index:03d}"] = np.array(id(variable) in conv_bn)
+  for name, records in runs.items():
+    for step, record in enumerate(records, start=1):
+      for key in METRICS:
+        arrays[f"step{step}/{name}/metric/{key}"] = np.float64(record[key])
+      for index, (kind, variable_name, values) in enumerate(record["variables"]):
+        assert variable_name == str(arrays[f"names/{index:03d}"]), (variable_name, index)
+        replicas = [""] if len(values) == 1 else [str(r) for r in range(len(values))]
+        for replica, value in zip(replicas, values):
+          arrays[f"step{step}/{name}{replica}/{kind}/{index:03d}"] = value
+  np.savez(output_path, **arrays)
+  print(f"wrote {len(arrays)} arrays to {output_path}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])

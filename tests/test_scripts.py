@@ -1,0 +1,75 @@
+"""The three entry scripts end to end on tiny digits settings, as subprocesses."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests import scriptrun
+from utils import training
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("digits"))
+  pretrain = scriptrun.run("paws_train.py", *scriptrun.TINY, f"--workdir={workdir}")
+  assert pretrain.returncode == 0, pretrain.stderr[-3000:]
+  finetune = scriptrun.run("fine_tune.py", *scriptrun.TINY, f"--workdir={workdir}")
+  assert finetune.returncode == 0, finetune.stderr[-3000:]
+  evaluation = scriptrun.run("nn_eval.py", *scriptrun.TINY, f"--workdir={workdir}")
+  assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+  return workdir, pretrain, finetune, evaluation
+
+
+def test_pretraining_outputs(pipeline_run):
+  workdir, pretrain, _, _ = pipeline_run
+  steps = [r["step"] for r in training.read_log(os.path.join(workdir, "pretrain_log.jsonl"), "step")]
+  assert steps == list(range(1, 21))  # 2 epochs x (1347 // 128) steps, logged every step
+  epochs = training.read_log(os.path.join(workdir, "pretrain_log.jsonl"), "epoch")
+  assert [r["epoch"] for r in epochs] == [1, 2]
+  assert all(np.isfinite(r["loss"]) and r["me_max"] <= 0 for r in epochs)
+  labeled = np.load(os.path.join(workdir, "labeled_indices.npy"))
+  assert len(labeled) == 40 and len(np.unique(labeled)) == 40
+  with open(os.path.join(workdir, "labeled_indices.txt")) as f:
+    assert [int(line) for line in f] == list(labeled)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["pretrain"]["epochs"] == 2
+  for name in ("pretrain_loss.png", "encoder/encoder.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  assert "labeled subset: 40 images" in pretrain.stdout
+
+
+def test_finetune_and_eval_outputs(pipeline_run):
+  workdir, _, finetune, evaluation = pipeline_run
+  steps = [r["step"] for r in training.read_log(os.path.join(workdir, "finetuned", "finetune_log.jsonl"), "step")]
+  assert steps == [1, 2, 3]  # 3 epochs of 4 labeled images per class // 4 per batch
+  with open(os.path.join(workdir, "eval.json")) as f:
+    result = json.load(f)
+  assert result["encoder"] == "finetuned"
+  assert result["num_support"] == 40 and result["num_test"] == 450
+  assert len(result["per_class"]) == 10
+  assert result["top1"] == pytest.approx(np.mean(result["per_class"]), abs=2.0)  # near-balanced test set
+  assert f"{result['top1']:.2f} %" in evaluation.stdout
+  for name in ("confusion_matrix.png", "pca_projection.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+
+
+def test_rerun_of_finished_pretraining_resumes_at_the_end(pipeline_run):
+  workdir = pipeline_run[0]
+  again = scriptrun.run("paws_train.py", *scriptrun.TINY, f"--workdir={workdir}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "at step 20" in again.stdout
+
+
+def test_changed_config_in_existing_workdir_is_refused(pipeline_run):
+  workdir = pipeline_run[0]
+  result = scriptrun.run("paws_train.py", *scriptrun.TINY, "--config.pretrain.tau=0.2", f"--workdir={workdir}")
+  assert result.returncode != 0
+  assert "pretrain.tau" in scriptrun.error_line(result)
+
+
+def test_eval_with_incompatible_model_config_is_refused(pipeline_run):
+  workdir = pipeline_run[0]
+  result = scriptrun.run("nn_eval.py", *scriptrun.TINY, "--config.model.depth=16", f"--workdir={workdir}")
+  assert result.returncode != 0
+  assert "model.depth" in scriptrun.error_line(result)

@@ -1,15 +1,15 @@
 """PNG figures of a run: loss curves, confusion matrix, 2-D PCA of embeddings."""
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+# Figure objects render to files without pyplot, so importing this module never
+# switches the backend of a notebook or needs a display on a server.
+from matplotlib.figure import Figure
 import numpy as np
 from sklearn.decomposition import PCA
 
 
 def loss_curves(epoch_metrics, path, keys, title):
   """One line per metric key against the epoch number."""
-  figure, axis = plt.subplots(figsize=(6, 4))
+  figure = Figure(figsize=(6, 4))
+  axis = figure.subplots()
   for key in keys:
     if key in epoch_metrics:
       axis.plot(epoch_metrics["epoch"], epoch_metrics[key], marker=".", label=key)
@@ -20,13 +20,13 @@ def loss_curves(epoch_metrics, path, keys, title):
   axis.legend()
   figure.tight_layout()
   figure.savefig(path, dpi=120)
-  plt.close(figure)
   return path
 
 
 def confusion_matrix(matrix, path, title):
   """Row-normalised confusion matrix with counts in the cells."""
-  figure, axis = plt.subplots(figsize=(5.5, 5))
+  figure = Figure(figsize=(5.5, 5))
+  axis = figure.subplots()
   rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
   axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
   for (row, column), count in np.ndenumerate(matrix):
@@ -39,14 +39,14 @@ def confusion_matrix(matrix, path, title):
   axis.set_title(title)
   figure.tight_layout()
   figure.savefig(path, dpi=120)
-  plt.close(figure)
   return path
 
 
 def pca_projection(embeddings, labels, path, title):
   """Scatter of the first two principal components, coloured by class."""
   points = PCA(n_components=2).fit_transform(embeddings)
-  figure, axis = plt.subplots(figsize=(6, 5))
+  figure = Figure(figsize=(6, 5))
+  axis = figure.subplots()
   scatter = axis.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=6, alpha=0.8)
   axis.legend(*scatter.legend_elements(), title="class", fontsize=7, loc="best")
   axis.set_xlabel("PC 1")
@@ -54,5 +54,4 @@ def pca_projection(embeddings, labels, path, title):
   axis.set_title(title)
   figure.tight_layout()
   figure.savefig(path, dpi=120)
-  plt.close(figure)
   return path

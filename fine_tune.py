@@ -105,7 +105,7 @@ def main(argv):
     raise UserError(f"finetune.images_per_class must divide by the {strategy.num_replicas_in_sync} replicas")
   output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
   runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
-  per_class = np.bincount(train_labels[labeled]).min()
+  per_class = int(np.bincount(train_labels[labeled]).min())
   steps_per_epoch = max(per_class // f.images_per_class, 1)
   total_steps = f.epochs * steps_per_epoch
 

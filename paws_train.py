@@ -207,6 +207,7 @@ def benchmark(config, strategy, jit_compile, num_steps):
     encoder = encoder_lib.build_encoder(config.model, config.data.image_size,
                                         synchronized_bn=strategy.num_replicas_in_sync > 1)
     optimizer = optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision)
+    optimizer._create_all_weights(encoder.trainable_variables)  # else the step is traced twice
   train_steps = build_train_steps(config, strategy, encoder, optimizer, jit_compile)
   iterator = iter(dataset)
   train_steps(iterator, tf.constant(2))  # trace and warm up
@@ -220,5 +221,4 @@ def benchmark(config, strategy, jit_compile, num_steps):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required([])
   app.run(runtime.exit_on_user_error(main))

@@ -65,17 +65,7 @@ def build_train_steps(config, strategy, encoder, optimizer, jit_compile, bn_trai
     optimizer.apply_gradients(zip(gradients, encoder.trainable_variables))
     return {"loss": loss}
 
-  step_fn = tf.function(step_fn, jit_compile=jit_compile)
-
-  @tf.function
-  def train_steps(iterator, num_steps):
-    metrics = {"loss": tf.constant(0.0)}
-    for _ in tf.range(num_steps):
-      per_replica = strategy.run(step_fn, args=(next(iterator),))
-      metrics = {k: strategy.reduce("MEAN", v, axis=None) for k, v in per_replica.items()}
-    return metrics
-
-  return train_steps
+  return training.compile_steps(strategy, step_fn, ("loss",), jit_compile)
 
 
 def main(argv):

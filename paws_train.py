@@ -107,18 +107,7 @@ def build_train_steps(config, strategy, encoder, optimizer, jit_compile):
     optimizer.apply_gradients(zip(gradients, encoder.trainable_variables))
     return {"loss": ce + me_max, "ce": ce, "me_max": me_max}
 
-  step_fn = tf.function(step_fn, jit_compile=jit_compile)
-
-  @tf.function
-  def train_steps(iterator, num_steps):
-    metrics = {k: tf.constant(0.0) for k in ("loss", "ce", "me_max")}
-    for _ in tf.range(num_steps):
-      views, supports = next(iterator)
-      per_replica = strategy.run(step_fn, args=(views, supports))
-      metrics = {k: strategy.reduce("MEAN", v, axis=None) for k, v in per_replica.items()}
-    return metrics
-
-  return train_steps
+  return training.compile_steps(strategy, step_fn, ("loss", "ce", "me_max"), jit_compile)
 
 
 def main(argv):

@@ -112,10 +112,8 @@ def main(argv):
     step = tf.Variable(0, dtype=tf.int64, name="step")
 
   # --- Checkpoint: newest intact one, else the pre-trained encoder ------------------
-  checkpoint = tf.train.Checkpoint(encoder=encoder, optimizer=optimizer, step=step)
-  manager = tf.train.CheckpointManager(checkpoint, os.path.join(output, "checkpoints"),
-                                       max_to_keep=config.run.keep_checkpoints)
-  restored = training.restore_newest_intact(checkpoint, manager)
+  checkpoint, manager, restored = training.checkpoint_and_restore(
+      encoder, optimizer, step, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(step.numpy())
   print(f"resuming from {restored} at step {start_step}" if restored else
         "starting from " + ("a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder"))

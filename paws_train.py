@@ -143,10 +143,8 @@ def main(argv):
     step = tf.Variable(0, dtype=tf.int64, name="step")
 
   # --- Checkpoint: newest intact one in the workdir, else a fresh start ------------
-  checkpoint = tf.train.Checkpoint(encoder=encoder, optimizer=optimizer, step=step)
-  manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, "checkpoints"),
-                                       max_to_keep=config.run.keep_checkpoints)
-  restored = training.restore_newest_intact(checkpoint, manager)
+  checkpoint, manager, restored = training.checkpoint_and_restore(
+      encoder, optimizer, step, os.path.join(workdir, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(step.numpy())
   print(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
 

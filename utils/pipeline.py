@@ -70,6 +70,15 @@ def unlabeled_indices(num_images, batch_size, step, seed):
   return order[position * batch_size:(position + 1) * batch_size]
 
 
+def support_batches(labels, classes_per_batch, images_per_class, seed, start_step, total_steps):
+  """Yields (step, support indices) for steps [start_step, total_steps), replaying the sampler up to start_step."""
+  sampler = SupportSampler(labels, classes_per_batch, images_per_class, seed)
+  for _ in range(start_step):
+    sampler.next_batch()
+  for step in range(start_step, total_steps):
+    yield step, sampler.next_batch()
+
+
 def _step_seed(seed, step, stream):
   return tf.stack([tf.cast(seed, tf.int64) * 1000 + stream, tf.cast(step, tf.int64)])
 
@@ -96,11 +105,9 @@ def pretrain_dataset(images, labeled_indices, labeled_labels, *, batch_size, mul
   labeled_images = tf.gather(images, labeled_indices)
 
   def index_stream():
-    sampler = SupportSampler(labeled_labels, classes_per_batch, images_per_class, seed)
-    for _ in range(start_step):
-      sampler.next_batch()
-    for step in range(start_step, total_steps):
-      yield step, unlabeled_indices(len(images), batch_size, step, seed), sampler.next_batch()
+    for step, support in support_batches(labeled_labels, classes_per_batch, images_per_class,
+                                         seed, start_step, total_steps):
+      yield step, unlabeled_indices(len(images), batch_size, step, seed), support
 
   def make_views(step, batch_indices, support_indices):
     batch = tf.gather(images, batch_indices)
@@ -138,11 +145,8 @@ def finetune_dataset(labeled_images, labeled_labels, *, classes_per_batch, image
   height, width = labeled_images.shape[1:3]
 
   def index_stream():
-    sampler = SupportSampler(labeled_labels, classes_per_batch, images_per_class, seed)
-    for _ in range(start_step):
-      sampler.next_batch()
-    for step in range(start_step, total_steps):
-      yield step, sampler.next_batch()
+    return support_batches(labeled_labels, classes_per_batch, images_per_class, seed,
+                           start_step, total_steps)
 
   def make_views(step, support_indices):
     batch = tf.gather(labeled_images, support_indices)

@@ -30,6 +30,16 @@ def restore_newest_intact(checkpoint, manager, log=print):
   return None
 
 
+def checkpoint_and_restore(encoder, optimizer, step, directory, keep, log=print):
+  """A CheckpointManager over (encoder, optimizer, step), restored from its newest intact checkpoint.
+
+  Returns (checkpoint, manager, restored path or None).
+  """
+  checkpoint = tf.train.Checkpoint(encoder=encoder, optimizer=optimizer, step=step)
+  manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+  return checkpoint, manager, restore_newest_intact(checkpoint, manager, log)
+
+
 class MetricsLog:
   """Appends one JSON object per line (flushed, so a crash loses nothing) and mirrors scalars to TensorBoard."""
 

@@ -74,9 +74,7 @@ def main(argv):
   f = config.finetune
   if not _WORKDIR.value:
     raise UserError("--workdir is required: the workdir of a paws_train.py run")
-  runtime.set_precision(config.run.precision)
-  strategy = runtime.make_strategy(config.run.distribution)
-  jit_compile = runtime.use_xla(config.run.jit_compile)
+  strategy, jit_compile = runtime.setup_training(config)
 
   # --- Data: the labeled subset only -------------------------------------------
   workdir = _WORKDIR.value
@@ -93,8 +91,6 @@ def main(argv):
     labeled = datasets.read_split_file(index_path, len(train_labels))
   if f.images_per_class % strategy.num_replicas_in_sync:
     raise UserError(f"finetune.images_per_class must divide by the {strategy.num_replicas_in_sync} replicas")
-  output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
-  runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
   per_class = int(np.bincount(train_labels[labeled]).min())
   steps_per_epoch = max(per_class // f.images_per_class, 1)
   total_steps = f.epochs * steps_per_epoch
@@ -110,6 +106,9 @@ def main(argv):
     optimizer = optim.build_lars(schedule, f.momentum, f.weight_decay, f.lars_eta)
     optimizer._create_all_weights(encoder.trainable_variables)  # slots exist before restore
     step = tf.Variable(0, dtype=tf.int64, name="step")
+  # Written only now that the encoder and the config are known to fit.
+  output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
+  runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
 
   # --- Checkpoint: newest intact one, else the pre-trained encoder ------------------
   checkpoint, manager, restored = training.checkpoint_and_restore(
@@ -120,7 +119,7 @@ def main(argv):
 
   dataset = pipeline.finetune_dataset(
       train_images[labeled], train_labels[labeled], classes_per_batch=f.classes_per_batch,
-      images_per_class=f.images_per_class, views=f.views, mean=config.data.mean, std=config.data.std,
+      images_per_class=f.images_per_class, views=f.views, flip=config.data.flip, mean=config.data.mean, std=config.data.std,
       start_step=start_step, total_steps=total_steps, seed=config.seed)
   train_steps = build_train_steps(config, strategy, encoder, optimizer, jit_compile,
                                   bn_training=_FROM_SCRATCH.value)

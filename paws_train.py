@@ -38,18 +38,24 @@ _BENCHMARK = flags.DEFINE_integer("benchmark", 0, "If > 0: time this many steps 
 RUN_SECTIONS = ("data", "model", "pretrain")
 
 
-def choose_labeled(train_labels, config, workdir, split_file):
-  """The labeled subset: from a split file or drawn by the label seed; saved in the workdir."""
+def choose_labeled(train_labels, config, split_file):
+  """The labeled subset: read from a split file, or drawn by the label seed."""
   num_classes = len(np.unique(train_labels))
   if split_file:
-    indices = datasets.read_split_file(split_file, len(train_labels), labels=train_labels,
-                                       expected_count=config.data.labeled_per_class * num_classes)
-  else:
-    indices = datasets.select_labeled_indices(train_labels, config.data.labeled_per_class,
-                                              config.data.label_seed)
+    return datasets.read_split_file(split_file, len(train_labels), labels=train_labels,
+                                    expected_count=config.data.labeled_per_class * num_classes)
+  return datasets.select_labeled_indices(train_labels, config.data.labeled_per_class,
+                                         config.data.label_seed)
+
+
+def save_labeled(workdir, indices, force):
+  """Saves the labeled indices; refuses to resume a run in this workdir with another subset."""
+  saved_path = os.path.join(workdir, "labeled_indices.npy")
+  if os.path.exists(saved_path) and not force and not np.array_equal(np.load(saved_path), indices):
+    raise UserError(f"{saved_path} holds another labeled subset (other --split_file or label seed); "
+                    "use a new --workdir, the same subset, or pass --force to overwrite")
   npy_path, txt_path = datasets.write_split_files(workdir, indices)
   print(f"labeled subset: {len(indices)} images, saved to {npy_path} and {txt_path}")
-  return indices
 
 
 def check_batch_shapes(config, num_train, num_classes, num_replicas):
@@ -115,9 +121,7 @@ def main(argv):
   config = _CONFIG.value
 
   # --- Devices and precision -------------------------------------------------
-  runtime.set_precision(config.run.precision)
-  strategy = runtime.make_strategy(config.run.distribution)
-  jit_compile = runtime.use_xla(config.run.jit_compile)
+  strategy, jit_compile = runtime.setup_training(config)
 
   # --- Data --------------------------------------------------------------------
   if _BENCHMARK.value:
@@ -126,8 +130,10 @@ def main(argv):
   train_images, train_labels, _, _ = datasets.load_dataset(config.data.dataset, _DATA_DIR.value)
   num_classes = len(np.unique(train_labels))
   check_batch_shapes(config, len(train_images), num_classes, strategy.num_replicas_in_sync)
+  labeled = choose_labeled(train_labels, config, _SPLIT_FILE.value)
+  # Everything is validated before the first file is written.
   runtime.check_config(config, os.path.join(workdir, "config.json"), RUN_SECTIONS, _FORCE.value)
-  labeled = choose_labeled(train_labels, config, workdir, _SPLIT_FILE.value)
+  save_labeled(workdir, labeled, _FORCE.value)
   p = config.pretrain
   steps_per_epoch = len(train_images) // p.batch_size
   total_steps = p.epochs * steps_per_epoch

@@ -36,3 +36,70 @@ def error_line(result):
   assert len(lines) == 1, result.stderr[-2000:]
   assert "Traceback" not in result.stderr, result.stderr[-2000:]
   return lines[0]
+
+
+# The phrase each user error carries; the README's troubleshooting table must list every one.
+ERRORS = {
+    "no_workdir": "--workdir is required",
+    "unwritable_workdir": "is not writable",
+    "changed_config": "was written with other settings",
+    "changed_labeled_subset": "holds another labeled subset",
+    "data_dir_missing": "data directory",
+    "data_dir_empty": "holds neither",
+    "archive_checksum": "checksum does not match the official archive",
+    "batch_unreadable": "cannot read this CIFAR-10 batch",
+    "batch_missing": "is missing; re-extract",
+    "pickle_global": "refused to unpickle global",
+    "split_missing": "split file",
+    "split_not_integer": "is not an integer",
+    "split_out_of_range": "is outside",
+    "split_duplicate": "repeats line",
+    "split_count": "are expected",
+    "split_unbalanced": "classes are unbalanced",
+    "batch_too_large": "is larger than the",
+    "too_many_classes": "classes; lower it",
+    "too_few_labels": "exceeds data.labeled_per_class",
+    "replicas": "must divide by the",
+    "non_finite": "loss became non-finite at step",
+    "no_pretraining": "run paws_train.py with this --workdir first",
+    "no_encoder": "no trained encoder there",
+    "model_config": "was trained with another model config",
+    "run_setting": "must be one of",
+}
+
+
+def snapshot(directory):
+  """{relative path: bytes} of every file under directory."""
+  files = {}
+  for folder, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, directory)] = f.read()
+  return files
+
+
+def fails_cleanly(script, *args, error, workdir):
+  """Runs the script; checks exit 2, the catalogued phrase, and an untouched workdir. Returns the line."""
+  before = snapshot(workdir)
+  result = run(script, *args, f"--workdir={workdir}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  line = error_line(result)
+  assert ERRORS[error] in line
+  assert snapshot(workdir) == before
+  return line
+
+
+def config_with(*overrides):
+  """The digits preset with `--config.a.b=value` overrides applied, as the scripts would see it."""
+  import config as presets  # the repository's config.py
+  config = presets.get_config("digits")
+  for override in overrides:
+    if override.startswith("--config."):
+      path, value = override[len("--config."):].split("=", 1)
+      *sections, field = path.split(".")
+      target = config
+      for section in sections:
+        target = getattr(target, section)
+      setattr(target, field, type(getattr(target, field))(value))
+  return config

@@ -1,104 +1,19 @@
 """Tests for utils/datasets.py: CIFAR-10 reading and its safety checks, digits, split files."""
-import builtins
-import hashlib
 import os
 import pickle
-import struct
-import tarfile
 
 import numpy as np
 import pytest
 from sklearn import datasets as sklearn_datasets
 from sklearn import model_selection
 
+from tests import fake_cifar
 from utils import datasets
 from utils.errors import UserError
 
-IMAGES_PER_BATCH = 4
-BATCH_NAMES = [f"data_batch_{number}" for number in range(1, 6)] + ["test_batch"]
-
-
-class _Python2StylePickler(pickle._Pickler):
-  """Writes bytes as Python 2 `str` opcodes, as the official CIFAR pickles do.
-
-  Python 3's protocol 2 would route bytes through `_codecs.encode`, a global the real files never
-  use (and the loader rightly refuses).
-  """
-  dispatch = dict(pickle._Pickler.dispatch)
-
-  def _save_bytes_as_str(self, obj):
-    if len(obj) < 256:
-      self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-    else:
-      self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-    self.memoize(obj)
-
-  dispatch[bytes] = _save_bytes_as_str
-
-
-class _WritesMarker:
-  """Unpickling this calls open(marker, "w"): proof that a pickle was (wrongly) loaded."""
-
-  def __init__(self, marker_path):
-    self.marker_path = marker_path
-
-  def __reduce__(self):
-    return (builtins.open, (self.marker_path, "w"))
-
-
-def _row(global_index):
-  # Distinct per image, plane and position, so any transposition or reordering shows.
-  positions = np.arange(3072)
-  return ((positions % 1024 + 85 * (positions // 1024) + 7 * global_index) % 256).astype(np.uint8)
-
-
-def _label(global_index):
-  return (3 * global_index + 1) % 10
-
-
-def _write_batch(path, first_index, payload=None):
-  indices = range(first_index, first_index + IMAGES_PER_BATCH)
-  batch = {b"batch_label": b"fake", b"labels": [_label(index) for index in indices],
-           b"data": np.stack([_row(index) for index in indices])}
-  if payload is not None:
-    batch[b"payload"] = payload
-  with open(path, "wb") as file:
-    _Python2StylePickler(file, protocol=2).dump(batch)
-
-
-def _make_folder(root, malicious_marker=None, skip=()):
-  """Writes a fake cifar-10-batches-py/ under root; train images get global indices 0..19."""
-  folder = os.path.join(root, datasets.CIFAR10_FOLDER)
-  os.makedirs(folder)
-  for batch_number, name in enumerate(BATCH_NAMES):
-    if name in skip:
-      continue
-    payload = _WritesMarker(malicious_marker) if malicious_marker and batch_number == 0 else None
-    first_index = 100 if name == "test_batch" else IMAGES_PER_BATCH * batch_number
-    _write_batch(os.path.join(folder, name), first_index, payload)
-  with open(os.path.join(folder, "batches.meta"), "wb") as file:
-    pickle.dump({b"label_names": [b"class"] * 10}, file, protocol=2)
-  return folder
-
-
-def _make_archive(root, **folder_options):
-  """Writes root/cifar-10-python.tar.gz from a fake folder built elsewhere; returns (path, md5)."""
-  folder = _make_folder(os.path.join(root, "build"), **folder_options)
-  archive_dir = os.path.join(root, "data")
-  os.makedirs(archive_dir)
-  archive_path = os.path.join(archive_dir, datasets.CIFAR10_ARCHIVE)
-  with tarfile.open(archive_path, "w:gz") as archive:
-    archive.add(folder, arcname=datasets.CIFAR10_FOLDER)
-  return archive_path, _md5(archive_path)
-
-
-def _md5(path):
-  with open(path, "rb") as file:
-    return hashlib.md5(file.read()).hexdigest()
-
 
 def _expected_image(global_index):
-  planes = _row(global_index).reshape(3, 32, 32)
+  planes = fake_cifar.row(global_index).reshape(3, 32, 32)
   return np.stack([planes[0], planes[1], planes[2]], axis=-1)
 
 
@@ -112,18 +27,18 @@ def _check_fake_cifar(train_images, train_labels, test_images, test_labels):
   assert train_images[0, 2, 3, 2] == (2 * 32 + 3 + 2 * 85) % 256
   for index in range(20):  # Batch order: data_batch_1 holds 0..3, data_batch_5 holds 16..19.
     np.testing.assert_array_equal(train_images[index], _expected_image(index))
-  np.testing.assert_array_equal(train_labels, [_label(index) for index in range(20)])
+  np.testing.assert_array_equal(train_labels, [fake_cifar.label(index) for index in range(20)])
   np.testing.assert_array_equal(test_images[2], _expected_image(102))
-  np.testing.assert_array_equal(test_labels, [_label(index) for index in range(100, 104)])
+  np.testing.assert_array_equal(test_labels, [fake_cifar.label(index) for index in range(100, 104)])
 
 
 def test_cifar10_archive_round_trip(tmp_path):
-  archive_path, md5 = _make_archive(str(tmp_path))
+  archive_path, md5 = fake_cifar.make_archive(str(tmp_path))
   _check_fake_cifar(*datasets.load_cifar10(os.path.dirname(archive_path), expected_md5=md5))
 
 
 def test_cifar10_extracted_folder_and_folder_itself(tmp_path):
-  folder = _make_folder(str(tmp_path))
+  folder = fake_cifar.make_folder(str(tmp_path))
   _check_fake_cifar(*datasets.load_cifar10(str(tmp_path)))
   _check_fake_cifar(*datasets.load_cifar10(folder))
 
@@ -131,7 +46,7 @@ def test_cifar10_extracted_folder_and_folder_itself(tmp_path):
 def test_malicious_pickle_is_live(tmp_path):
   # Guards the two tests below: an ordinary unpickler does create the marker.
   marker = tmp_path / "marker"
-  folder = _make_folder(str(tmp_path), malicious_marker=str(marker))
+  folder = fake_cifar.make_folder(str(tmp_path), malicious_marker=str(marker))
   with open(os.path.join(folder, "data_batch_1"), "rb") as file:
     pickle.load(file, encoding="bytes")
   assert marker.exists()
@@ -139,7 +54,7 @@ def test_malicious_pickle_is_live(tmp_path):
 
 def test_cifar10_checksum_mismatch_never_unpickles(tmp_path):
   marker = tmp_path / "marker"
-  archive_path, _ = _make_archive(str(tmp_path), malicious_marker=str(marker))
+  archive_path, _ = fake_cifar.make_archive(str(tmp_path), malicious_marker=str(marker))
   with pytest.raises(UserError, match="checksum does not match") as error:
     datasets.load_cifar10(os.path.dirname(archive_path))
   assert archive_path in str(error.value)
@@ -148,7 +63,7 @@ def test_cifar10_checksum_mismatch_never_unpickles(tmp_path):
 
 def test_cifar10_restricted_unpickler_refuses_other_globals(tmp_path):
   marker = tmp_path / "marker"
-  folder = _make_folder(str(tmp_path), malicious_marker=str(marker))
+  folder = fake_cifar.make_folder(str(tmp_path), malicious_marker=str(marker))
   with pytest.raises(UserError, match="refused to unpickle global .*open") as error:
     datasets.load_cifar10(str(tmp_path))
   assert os.path.join(folder, "data_batch_1") in str(error.value)
@@ -156,13 +71,13 @@ def test_cifar10_restricted_unpickler_refuses_other_globals(tmp_path):
 
 
 def test_cifar10_truncated_archive(tmp_path):
-  archive_path, _ = _make_archive(str(tmp_path))
+  archive_path, _ = fake_cifar.make_archive(str(tmp_path))
   with open(archive_path, "rb") as file:
     content = file.read()
   with open(archive_path, "wb") as file:
     file.write(content[:len(content) // 2])
   with pytest.raises(UserError, match="cifar-10-python.tar.gz"):
-    datasets.load_cifar10(os.path.dirname(archive_path), expected_md5=_md5(archive_path))
+    datasets.load_cifar10(os.path.dirname(archive_path), expected_md5=fake_cifar.md5(archive_path))
 
 
 def test_cifar10_missing_and_empty_dir(tmp_path):
@@ -173,16 +88,16 @@ def test_cifar10_missing_and_empty_dir(tmp_path):
 
 
 def test_cifar10_missing_test_batch(tmp_path):
-  folder = _make_folder(str(tmp_path), skip=("test_batch",))
+  folder = fake_cifar.make_folder(str(tmp_path), skip=("test_batch",))
   with pytest.raises(UserError, match="test_batch is missing") as error:
     datasets.load_cifar10(str(tmp_path))
   assert os.path.join(folder, "test_batch") in str(error.value)
 
 
 def test_cifar10_bad_labels(tmp_path):
-  folder = _make_folder(str(tmp_path))
+  folder = fake_cifar.make_folder(str(tmp_path))
   with open(os.path.join(folder, "data_batch_3"), "wb") as file:
-    _Python2StylePickler(file, protocol=2).dump(
+    fake_cifar.Python2StylePickler(file, protocol=2).dump(
         {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]})
   with pytest.raises(UserError, match="data_batch_3: labels outside 0..9"):
     datasets.load_cifar10(folder)

@@ -102,17 +102,32 @@ def test_pretrain_dataset_shapes_and_exact_resume():
   assert not np.array_equal(full[0][0][0].numpy(), full[0][0][1].numpy())
 
 
-def test_finetune_dataset_is_flip_only():
+def _finetune_batch(flip):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=[8, 6, 6, 3], dtype=np.uint8)
   labels = np.repeat(np.arange(2), 4)
   batch = next(iter(pipeline.finetune_dataset(
-      images, labels, classes_per_batch=2, images_per_class=4, views=2, mean=(0.0,) * 3,
+      images, labels, classes_per_batch=2, images_per_class=4, views=2, flip=flip, mean=(0.0,) * 3,
       std=(1.0,) * 3, start_step=0, total_steps=1, seed=0))).numpy()
   assert batch.shape == (2, 4, 2, 6, 6, 3)
-  originals = images.astype(np.float32) / 255
-  for view in batch.reshape(2, 8, 6, 6, 3):
+  return images.astype(np.float32) / 255, batch.reshape(2, 8, 6, 6, 3)
+
+
+def test_finetune_dataset_is_flip_only():
+  originals, views = _finetune_batch(flip=True)
+  flipped = 0
+  for view in views:
     for image in view:
-      matches = [np.allclose(image, o, atol=1e-6) or np.allclose(image, o[:, ::-1], atol=1e-6)
-                 for o in originals]
-      assert any(matches)
+      plain = [np.allclose(image, o, atol=1e-6) for o in originals]
+      mirrored = [np.allclose(image, o[:, ::-1], atol=1e-6) for o in originals]
+      assert any(plain) or any(mirrored)
+      flipped += not any(plain)
+  assert 0 < flipped < 16  # a fair coin per image over 16 images
+
+
+def test_finetune_dataset_without_flip_gives_the_images_themselves():
+  originals, views = _finetune_batch(flip=False)
+  for view in views:
+    # 4 per class interleaved by class: every labeled image exactly once per view
+    matched = sorted(int(np.flatnonzero([np.allclose(image, o) for o in originals])[0]) for image in view)
+    assert matched == list(range(8))

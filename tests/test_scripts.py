@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tests import scriptrun
+from utils import datasets
 from utils import training
 
 
@@ -62,14 +63,23 @@ def test_rerun_of_finished_pretraining_resumes_at_the_end(pipeline_run):
 
 
 def test_changed_config_in_existing_workdir_is_refused(pipeline_run):
-  workdir = pipeline_run[0]
-  result = scriptrun.run("paws_train.py", *scriptrun.TINY, "--config.pretrain.tau=0.2", f"--workdir={workdir}")
-  assert result.returncode != 0
-  assert "pretrain.tau" in scriptrun.error_line(result)
+  line = scriptrun.fails_cleanly("paws_train.py", *scriptrun.TINY, "--config.pretrain.tau=0.2",
+                                 error="changed_config", workdir=pipeline_run[0])
+  assert "pretrain.tau" in line
 
 
-def test_eval_with_incompatible_model_config_is_refused(pipeline_run):
+def test_other_labeled_subset_in_existing_workdir_is_refused(pipeline_run, tmp_path):
   workdir = pipeline_run[0]
-  result = scriptrun.run("nn_eval.py", *scriptrun.TINY, "--config.model.depth=16", f"--workdir={workdir}")
-  assert result.returncode != 0
-  assert "model.depth" in scriptrun.error_line(result)
+  other = datasets.select_labeled_indices(datasets.load_digits()[1], 4, seed=7)
+  assert not np.array_equal(other, np.load(os.path.join(workdir, "labeled_indices.npy")))
+  split = tmp_path / "other_split.txt"
+  split.write_text("".join(f"{i}\n" for i in other))
+  scriptrun.fails_cleanly("paws_train.py", *scriptrun.TINY, f"--split_file={split}",
+                          error="changed_labeled_subset", workdir=workdir)
+
+
+@pytest.mark.parametrize("script", ["nn_eval.py", "fine_tune.py"])
+def test_incompatible_model_config_is_refused(pipeline_run, script):
+  line = scriptrun.fails_cleanly(script, *scriptrun.TINY, "--config.model.depth=16", error="model_config",
+                                 workdir=pipeline_run[0])
+  assert "model.depth" in line

@@ -140,8 +140,8 @@ def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5):
   if os.path.isfile(archive_path):
     # Checked before opening: unpickling a tampered archive could run arbitrary code.
     if _file_md5(archive_path) != expected_md5:
-      raise UserError(f"{archive_path}: checksum does not match the official archive; "
-                      f"re-download it from {CIFAR10_URL}")
+      raise UserError(f"{archive_path}: checksum does not match the official archive (truncated, "
+                      f"corrupted or another file; it was not opened); re-download it from {CIFAR10_URL}")
     batches = _read_batches_from_archive(archive_path)
   elif os.path.isdir(extracted_folder):
     batches = _read_batches_from_folder(extracted_folder)

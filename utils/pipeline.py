@@ -136,8 +136,11 @@ def pretrain_dataset(images, labeled_indices, labeled_labels, *, batch_size, mul
 
 
 def finetune_dataset(labeled_images, labeled_labels, *, classes_per_batch, images_per_class,
-                     views, mean, std, start_step, total_steps, seed):
+                     views, flip, mean, std, start_step, total_steps, seed):
   """Class-stratified flip-only batches for fine-tuning (SPEC section 6).
+
+  With flip=False (data that is not mirror-symmetric, e.g. digits) the views
+  are the un-augmented images.
 
   Returns a dataset of float32 [views, images_per_class, classes_per_batch, H, W, 3].
   """
@@ -151,7 +154,7 @@ def finetune_dataset(labeled_images, labeled_labels, *, classes_per_batch, image
   def make_views(step, support_indices):
     batch = tf.gather(labeled_images, support_indices)
     seeds = tf.random.experimental.stateless_split(_step_seed(seed, step, 2), views)
-    flipped = [augment.normalize(augment.random_flip(batch, seeds[v]), mean, std)
+    flipped = [augment.normalize(augment.random_flip(batch, seeds[v]) if flip else batch, mean, std)
                for v in range(views)]
     return tf.reshape(tf.stack(flipped),
                       [views, images_per_class, classes_per_batch, height, width, 3])

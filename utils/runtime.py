@@ -96,7 +96,7 @@ def use_xla(setting):
     return setting
   if setting in ("true", "false"):
     return setting == "true"
-  raise UserError(f"run.jit_compile must be auto, true or false, got {setting!r}")
+  raise UserError(f"run.jit_compile must be one of auto, true, false, got {setting!r}")
 
 
 def make_strategy(setting):
@@ -116,10 +116,21 @@ def make_strategy(setting):
     return tf.distribute.MirroredStrategy([d.name for d in devices])
   if setting == "multi_worker":
     return tf.distribute.MultiWorkerMirroredStrategy()
-  raise UserError(f"run.distribution must be auto, one_device, mirrored or multi_worker, got {setting!r}")
+  raise UserError(f"run.distribution must be one of auto, one_device, mirrored, multi_worker, got {setting!r}")
 
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def setup_training(config):
+  """Precision policy, seeded initialisation, device strategy and XLA choice for a training script.
+
+  Returns (strategy, jit_compile).
+  """
+  set_precision(config.run.precision)
+  # Python, NumPy and TensorFlow seeds: the initial weights follow config.seed.
+  tf_keras.utils.set_random_seed(config.seed)
+  return make_strategy(config.run.distribution), use_xla(config.run.jit_compile)
 
 
 def set_precision(precision):

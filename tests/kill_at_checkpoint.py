@@ -1,0 +1,51 @@
+"""Runs an entry script and SIGKILLs it at a chosen moment of its Nth checkpoint save.
+
+  python tests/kill_at_checkpoint.py MOMENT N SCRIPT [ARGS...]
+
+MOMENT 'after': right after the Nth CheckpointManager.save returned.
+MOMENT 'during': inside it, once the variables are written to the checkpoint's
+temporary folder but before they are merged into its final files and recorded,
+which is what a preemption in the middle of a checkpoint write leaves.
+"""
+import os
+import runpy
+import signal
+import sys
+
+import tensorflow as tf
+from tensorflow.python.ops import gen_io_ops
+
+
+def main():
+  moment, target, script = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+  if moment not in ("after", "during"):
+    raise SystemExit(f"MOMENT must be 'after' or 'during', got {moment!r}")
+  saves = {"count": 0, "inside_target": False}
+  kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+  original_save = tf.train.CheckpointManager.save
+  original_merge = gen_io_ops.merge_v2_checkpoints
+
+  def save(self, *args, **kwargs):
+    saves["count"] += 1
+    saves["inside_target"] = saves["count"] == target
+    path = original_save(self, *args, **kwargs)
+    if saves["inside_target"] and moment == "after":
+      print(f"killed after writing {path}", flush=True)
+      kill()
+    return path
+
+  def merge(*args, **kwargs):
+    if saves["inside_target"] and moment == "during":
+      print("killed during a checkpoint write", flush=True)
+      kill()
+    return original_merge(*args, **kwargs)
+
+  tf.train.CheckpointManager.save = save
+  gen_io_ops.merge_v2_checkpoints = merge
+  sys.argv = [script] + sys.argv[4:]
+  sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+  runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+  main()

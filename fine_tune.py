@@ -9,7 +9,8 @@ Never looks at the test set. Re-running resumes from the newest checkpoint.
 
   python fine_tune.py --config=config.py:digits --workdir=runs/sup --from_scratch
 trains the same network on the labeled images alone (the supervised-only
-baseline; BatchNorm then uses batch statistics, as a fresh network must).
+baseline; BatchNorm then uses batch statistics, as a fresh network must, and its
+moving statistics are re-estimated on the clean labeled images at the end).
 """
 import os
 
@@ -21,6 +22,7 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
+from utils import augment
 from utils import datasets
 from utils import encoder as encoder_lib
 from utils import losses
@@ -133,6 +135,11 @@ def main(argv):
       learning_rate=schedule, images_per_step=f.views * f.images_per_class * f.classes_per_batch)
 
   # --- Results -----------------------------------------------------------------
+  if _FROM_SCRATCH.value:
+    # Trained with batch statistics: its moving averages must be re-estimated before
+    # inference-mode evaluation (on the clean labeled images; the test set is never used).
+    encoder_lib.reestimate_batch_norm(
+        encoder, augment.normalize(train_images[labeled], config.data.mean, config.data.std))
   encoder_lib.save_encoder(encoder, config, output, total_steps)
   plots.loss_curves(training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"),
                     ("loss",), "SuNCEt fine-tuning")

@@ -149,6 +149,25 @@ def embed_views(encoder, view_groups, training):
   return tf.concat(h_parts, axis=0), tf.concat(z_parts, axis=0)
 
 
+def reestimate_batch_norm(encoder, images):
+  """Sets every BatchNorm's moving statistics to those of `images` (one batch).
+
+  A network trained from scratch on a few images ends with moving averages that
+  lag its weights. One training-mode forward pass at momentum 0 (no gradient
+  step) replaces them by the statistics of clean images; the momenta are then
+  restored.
+  """
+  layers = [layer for layer in encoder.submodules if isinstance(layer, tf_keras.layers.BatchNormalization)]
+  momenta = [layer.momentum for layer in layers]
+  try:
+    for layer in layers:
+      layer.momentum = 0.0
+    encoder(images, training=True)
+  finally:
+    for layer, momentum in zip(layers, momenta):
+      layer.momentum = momentum
+
+
 def count_parameters(layer):
   """Number of trainable scalars in a layer."""
   return int(sum(tf.size(v).numpy() for v in layer.trainable_variables))

@@ -170,14 +170,13 @@ def main(argv):
   train_steps = build_train_steps(config, strategy, encoder, optimizer, jit_compile)
 
   # --- Loop ------------------------------------------------------------------
-  images_per_step = p.batch_size * (2 + p.multicrop) + p.support_views * p.images_per_class * p.classes_per_batch
   started = time.time()
   log_path = training.run_loop(
       train_steps=train_steps, iterator=iterator, step=step, checkpoint=checkpoint, manager=manager,
       workdir=workdir, log_name="pretrain", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
       steps_per_loop=config.run.steps_per_loop, log_every=config.run.log_every,
       checkpoint_every=config.run.checkpoint_every, learning_rate=schedule,
-      images_per_step=images_per_step)
+      images_per_step=images_per_step(p))
   print(f"pre-training done: {total_steps} steps, {time.time() - started:.1f} s this run")
 
   # --- Results -----------------------------------------------------------------
@@ -187,8 +186,13 @@ def main(argv):
   print(f"encoder saved to {directory}; loss curves in {plot_path}")
 
 
-def benchmark(config, strategy, jit_compile, num_steps):
-  """Times the compiled step on random inputs of the config's shapes; prints images/s."""
+def images_per_step(p):
+  """Crops embedded per step: unlabeled views plus support views."""
+  return p.batch_size * (2 + p.multicrop) + p.support_views * p.images_per_class * p.classes_per_batch
+
+
+def time_train_steps(config, strategy, jit_compile, num_steps):
+  """Seconds per compiled step on random inputs of the config's shapes (after a warm-up)."""
   p = config.pretrain
   large, small = config.data.large_crop_size, config.data.small_crop_size
   views = tuple(tf.random.normal([p.batch_size, large, large, 3]) for _ in range(2)) + tuple(
@@ -203,12 +207,16 @@ def benchmark(config, strategy, jit_compile, num_steps):
     optimizer._create_all_weights(encoder.trainable_variables)  # else the step is traced twice
   train_steps = build_train_steps(config, strategy, encoder, optimizer, jit_compile)
   iterator = iter(dataset)
-  train_steps(iterator, tf.constant(2))  # trace and warm up
+  float(train_steps(iterator, tf.constant(2))["loss"])  # trace and warm up
   start = time.perf_counter()
-  metrics = train_steps(iterator, tf.constant(num_steps))
-  float(metrics["loss"])
-  seconds = (time.perf_counter() - start) / num_steps
-  images = p.batch_size * (2 + p.multicrop) + p.support_views * p.images_per_class * p.classes_per_batch
+  float(train_steps(iterator, tf.constant(num_steps))["loss"])
+  return (time.perf_counter() - start) / num_steps
+
+
+def benchmark(config, strategy, jit_compile, num_steps):
+  """Prints steps/s and images/s of the compiled step on random data."""
+  seconds = time_train_steps(config, strategy, jit_compile, num_steps)
+  images = images_per_step(config.pretrain)
   print(f"benchmark: {config.run.precision}, xla={jit_compile}, {strategy.num_replicas_in_sync} replica(s): "
         f"{1 / seconds:.2f} steps/s, {images / seconds:.0f} images/s ({images} crops per step)")
 

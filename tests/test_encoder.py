@@ -91,3 +91,16 @@ def test_reestimate_batch_norm_converges_to_the_statistics_of_the_images():
   encoder_lib.reestimate_batch_norm(encoder, varied)
   np.testing.assert_allclose(encoder.trunk(varied, training=False).numpy(),
                              encoder.trunk(varied, training=True).numpy(), rtol=1e-2, atol=1e-3)
+
+
+def test_mixed_bfloat16_keeps_the_heads_in_float32():
+  tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    encoder = encoder_lib.build_encoder(config(depth=10, width=1, prediction_head=True), 8)
+    images = tf.random.normal([4, 8, 8, 3])
+    assert encoder.trunk(images).dtype == tf.bfloat16  # the expensive part runs in 16 bits
+    h, z = encoder(images, training=True)
+    assert h.dtype == tf.float32 and z.dtype == tf.float32
+    assert all(v.dtype == tf.float32 for v in encoder.weights)  # variables stay float32
+  finally:
+    tf_keras.mixed_precision.set_global_policy("float32")

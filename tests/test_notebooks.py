@@ -13,13 +13,11 @@ import os
 import re
 import sys
 
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+import nbclient
+import nbformat
 import pytest
-
-nbclient = pytest.importorskip("nbclient")
-nbformat = pytest.importorskip("nbformat")
-pytest.importorskip("ipykernel")
-from jupyter_client.kernelspec import KernelSpecManager  # pylint: disable=g-import-not-at-top
-from jupyter_client.manager import AsyncKernelManager  # pylint: disable=g-import-not-at-top
 
 COLABS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colabs")
 NOTEBOOKS = ("data_prep.ipynb", "visualization_paws_projections.ipynb")

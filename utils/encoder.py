@@ -16,10 +16,10 @@ FINAL_BN_MOMENTUM = 0.01
 BN_EPSILON = 1e-5  # PyTorch's default
 
 
-def batch_norm(name, momentum=BN_MOMENTUM, synchronized=False):
+def batch_norm(name, momentum=BN_MOMENTUM, synchronized=False, dtype=None):
   """BatchNorm whose variables carry 'bn' in their name (LARS excludes them)."""
   return tf_keras.layers.BatchNormalization(
-      momentum=momentum, epsilon=BN_EPSILON, synchronized=synchronized, name=name)
+      momentum=momentum, epsilon=BN_EPSILON, synchronized=synchronized, name=name, dtype=dtype)
 
 
 def conv(filters, kernel_size, strides, name):
@@ -79,13 +79,18 @@ class WideResNet(tf_keras.layers.Layer):
 
 
 def mlp_head(layer_dims, batch_norm_first, synchronized, name):
-  """Dense-BN-ReLU stack whose last Dense has no BN/ReLU; optional leading BN."""
-  layers = [batch_norm("bn_in", synchronized=synchronized)] if batch_norm_first else []
+  """Dense-BN-ReLU stack whose last Dense has no BN/ReLU; optional leading BN.
+
+  Always float32, also under a mixed-precision policy: the embeddings feed
+  softmaxes at temperature 0.1 and a sharpening with T = 0.25, which magnify
+  the rounding of 16-bit outputs; the heads cost little next to the trunk.
+  """
+  layers = [batch_norm("bn_in", synchronized=synchronized, dtype="float32")] if batch_norm_first else []
   for index, dim in enumerate(layer_dims):
-    layers.append(tf_keras.layers.Dense(dim, name=f"dense{index + 1}"))
+    layers.append(tf_keras.layers.Dense(dim, name=f"dense{index + 1}", dtype="float32"))
     if index < len(layer_dims) - 1:
-      layers.append(batch_norm(f"bn{index + 1}", synchronized=synchronized))
-      layers.append(tf_keras.layers.ReLU(name=f"relu{index + 1}"))
+      layers.append(batch_norm(f"bn{index + 1}", synchronized=synchronized, dtype="float32"))
+      layers.append(tf_keras.layers.ReLU(name=f"relu{index + 1}", dtype="float32"))
   return tf_keras.Sequential(layers, name=name)
 
 

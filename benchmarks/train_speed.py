@@ -1,0 +1,176 @@
+"""Speed of PAWS pre-training on this machine; writes misc/speed.md.
+
+Measures, at the paper's CIFAR-10 shapes reduced to 32 unlabeled images and
+10 classes x 8 support images x 2 views per step (WRN-28-2; 2 x 32 px and
+6 x 18 px views: 416 crops per step):
+  * the PAWS train step (forward, PAWS loss, LARS update) compiled with
+    tf.function, with XLA, and run eagerly, in float32 and mixed_bfloat16;
+  * a plain tf.function forward+backward of the encoder on the same crops (no
+    loss, no optimizer): the floor the train step should stay close to;
+  * the input pipeline (utils/pipeline.pretrain_dataset, full colour
+    distortion) at the paper's full batch: 256 images x 8 views + 1280 supports.
+Each measurement runs in a fresh process: the precision policy is process-wide.
+
+  python benchmarks/train_speed.py [--steps 10] [--output misc/speed.md]
+"""
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MEASUREMENTS = [  # (what, precision)
+    ("compiled", "float32"), ("compiled", "mixed_bfloat16"),
+    ("xla", "float32"), ("xla", "mixed_bfloat16"),
+    ("eager", "float32"), ("eager", "mixed_bfloat16"),
+    ("forward_backward", "float32"), ("forward_backward", "mixed_bfloat16"),
+    ("pipeline", "float32"),
+]
+DESCRIPTIONS = {
+    "compiled": "PAWS train step, tf.function",
+    "xla": "PAWS train step, tf.function + XLA",
+    "eager": "PAWS train step, eager",
+    "forward_backward": "encoder forward+backward only, tf.function",
+    "pipeline": "input pipeline (full paper batch)",
+}
+
+
+def reduced_config(precision):
+  import config as presets  # the repository's config.py
+  config = presets.get_config("cifar10")
+  config.pretrain.batch_size = 32
+  config.pretrain.images_per_class = 8
+  config.run.precision = precision
+  return config
+
+
+def time_forward_backward(config, num_steps):
+  """Seconds per tf.function forward+backward of the encoder on the train step's crop groups."""
+  import tensorflow as tf
+  from utils import encoder as encoder_lib
+  p = config.pretrain
+  large, small = config.data.large_crop_size, config.data.small_crop_size
+  num_support = p.support_views * p.images_per_class * p.classes_per_batch
+  large_batch = tf.random.normal([num_support + 2 * p.batch_size, large, large, 3])
+  small_batch = tf.random.normal([p.multicrop * p.batch_size, small, small, 3])
+  encoder = encoder_lib.build_encoder(config.model, config.data.image_size)
+
+  @tf.function
+  def step():
+    with tf.GradientTape() as tape:
+      h, _ = encoder_lib.embed_views(encoder, [[large_batch], [small_batch]], training=True)
+      total = tf.reduce_sum(tf.cast(h, tf.float32))
+    return tape.gradient(total, encoder.trainable_variables)
+
+  step()
+  start = time.perf_counter()
+  for _ in range(num_steps):
+    gradients = step()
+  float(gradients[0][0, 0, 0, 0])
+  return (time.perf_counter() - start) / num_steps
+
+
+def time_pipeline(num_steps):
+  """Seconds per element of the pre-training input pipeline at the paper's full batch."""
+  import numpy as np
+  import config as presets
+  from utils import pipeline
+  c = presets.get_config("cifar10")
+  p, d = c.pretrain, c.data
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=[4096, 32, 32, 3], dtype=np.uint8)
+  labels = np.arange(4096) % 10
+  labeled = np.arange(4000)  # 400 per class
+  view_options = dict(flip=d.flip, color_jitter_prob=d.color_jitter_prob,
+                      color_jitter_strength=d.color_jitter_strength, solarize_prob=d.solarize_prob,
+                      equalize_prob=d.equalize_prob, mean=d.mean, std=d.std)
+  dataset = pipeline.pretrain_dataset(
+      images, labeled, labels[labeled], batch_size=p.batch_size, multicrop=p.multicrop,
+      classes_per_batch=p.classes_per_batch, images_per_class=p.images_per_class,
+      support_views=p.support_views, view_options=view_options, large_crop_size=d.large_crop_size,
+      small_crop_size=d.small_crop_size, large_crop_scale=d.large_crop_scale,
+      small_crop_scale=d.small_crop_scale, start_step=0, total_steps=num_steps + 3, seed=0)
+  iterator = iter(dataset)
+  for _ in range(3):
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(num_steps):
+    next(iterator)
+  return (time.perf_counter() - start) / num_steps
+
+
+def measure(what, precision, num_steps):
+  """Returns (seconds per step, crops per step) for one measurement."""
+  import tensorflow as tf
+  from utils import runtime
+  import paws_train
+  if what == "pipeline":
+    import config as presets
+    return time_pipeline(num_steps), paws_train.images_per_step(presets.get_config("cifar10").pretrain)
+  config = reduced_config(precision)
+  runtime.set_precision(precision)
+  crops = paws_train.images_per_step(config.pretrain)
+  if what == "forward_backward":
+    return time_forward_backward(config, num_steps), crops
+  if what == "eager":
+    tf.config.run_functions_eagerly(True)
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+  return paws_train.time_train_steps(config, strategy, what == "xla", num_steps), crops
+
+
+def machine():
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, no GPU"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--output", default=os.path.join(ROOT, "misc", "speed.md"))
+  parser.add_argument("--one", nargs=2, metavar=("WHAT", "PRECISION"), help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.one:  # child process: one measurement, printed for the parent
+    seconds, crops = measure(*args.one, args.steps)
+    print(f"RESULT {seconds} {crops}")
+    return
+  rows = {}
+  for what, precision in MEASUREMENTS:
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", what, precision,
+                             "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+    seconds, crops = result.stdout.split("RESULT ")[1].split()
+    rows[what, precision] = (float(seconds), int(crops))
+    print(f"{DESCRIPTIONS[what]}, {precision}: {1 / float(seconds):.2f} steps/s, "
+          f"{int(crops) / float(seconds):.0f} crops/s", flush=True)
+  lines = ["| measurement | precision | steps/s | crops/s | ms/step |", "|---|---|---|---|---|"]
+  for (what, precision), (seconds, crops) in rows.items():
+    shown_precision = "-" if what == "pipeline" else precision
+    lines.append(f"| {DESCRIPTIONS[what]} | {shown_precision} | {1 / seconds:.2f} | {crops / seconds:.0f} | "
+                 f"{1000 * seconds:.0f} |")
+  compiled = {p: rows["compiled", p][0] for p in ("float32", "mixed_bfloat16")}
+  floor = rows["forward_backward", "float32"][0]
+  notes = [f"- mixed_bfloat16 over float32, compiled step: {compiled['float32'] / compiled['mixed_bfloat16']:.2f}x",
+           f"- compiled float32 step / plain forward+backward: {compiled['float32'] / floor:.2f}",
+           f"- compiled over eager, float32: {rows['eager', 'float32'][0] / compiled['float32']:.2f}x"]
+  text = (f"# Pre-training speed\n\nMachine: {machine()}. Written by `python benchmarks/train_speed.py "
+          f"--steps {args.steps}` on {time.strftime('%Y-%m-%d')}, machine otherwise idle.\n\n"
+          "Train-step rows: WRN-28-2, 32 unlabeled images x (2 x 32 px + 6 x 18 px views) + "
+          "10 classes x 8 supports x 2 views = 416 crops per step. Pipeline row: the paper's full batch "
+          "(256 x 8 views + 1280 supports = 3328 crops per step) with full colour distortion.\n\n"
+          + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n")
+  with open(args.output, "w") as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()

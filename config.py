@@ -86,7 +86,9 @@ def base_config():
 
   # How the step runs; none of these change the maths.
   c.run = ml_collections.ConfigDict()
-  c.run.precision = "float32"  # or mixed_float16 / mixed_bfloat16
+  # auto: mixed_float16 on GPU (as the reference's fp16 autocast), mixed_bfloat16 on CPUs with bf16
+  # instructions, else float32; or name one of the three.
+  c.run.precision = "auto"
   c.run.jit_compile = "auto"  # auto = on with a GPU, off on CPU (XLA is ~2x slower on CPU here)
   c.run.distribution = "auto"  # auto / one_device / mirrored / multi_worker
   c.run.steps_per_loop = 1

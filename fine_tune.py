@@ -25,11 +25,11 @@ import tensorflow as tf
 from utils import augment
 from utils import datasets
 from utils import encoder as encoder_lib
-from utils import losses
 from utils import optim
 from utils import pipeline
 from utils import plots
 from utils import runtime
+from utils import steps
 from utils import training
 from utils.errors import UserError
 
@@ -41,33 +41,6 @@ _FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False,
                                   "Supervised-only baseline: random init, labeled subset drawn by data.label_seed.")
 
 RUN_SECTIONS = ("data", "model", "finetune")
-
-
-def build_train_steps(config, strategy, encoder, optimizer, jit_compile, bn_training):
-  """The compiled SuNCEt update on one class-stratified batch."""
-  f = config.finetune
-  num_replicas = strategy.num_replicas_in_sync
-  local_per_class = f.images_per_class // num_replicas
-  labels = losses.make_labels_matrix(f.classes_per_batch, f.views * f.images_per_class, 1)
-
-  def step_fn(batch):
-    replica = tf.distribute.get_replica_context()
-    index = replica.replica_id_in_sync_group
-    batch = batch[:, index * local_per_class:(index + 1) * local_per_class]
-    batch = tf.reshape(batch, [-1] + batch.shape[-3:].as_list())
-    with tf.GradientTape() as tape:
-      # training=False keeps BatchNorm on its moving statistics; gamma/beta still get gradients.
-      _, z = encoder(batch, training=bn_training)
-      z = tf.cast(z, tf.float32)
-      if num_replicas > 1:
-        z = replica.all_gather(z, axis=0)
-      loss = losses.suncet_loss(z, labels, f.tau)
-      replica_share = loss / num_replicas  # inside the tape, or it has no gradient
-    gradients = tape.gradient(replica_share, encoder.trainable_variables)
-    optimizer.apply_gradients(zip(gradients, encoder.trainable_variables))
-    return {"loss": loss}
-
-  return training.compile_steps(strategy, step_fn, ("loss",), jit_compile)
 
 
 def main(argv):
@@ -105,7 +78,7 @@ def main(argv):
                                           synchronized_bn=strategy.num_replicas_in_sync > 1)
     else:
       encoder, _ = encoder_lib.load_encoder(os.path.join(workdir, "encoder"), config, "paws_train.py")
-    optimizer = optim.build_lars(schedule, f.momentum, f.weight_decay, f.lars_eta)
+    optimizer = optim.build_lars(schedule, f.momentum, f.weight_decay, f.lars_eta, config.run.precision)
     optimizer._create_all_weights(encoder.trainable_variables)  # slots exist before restore
     step = tf.Variable(0, dtype=tf.int64, name="step")
   # Written only now that the encoder and the config are known to fit.
@@ -121,9 +94,9 @@ def main(argv):
 
   dataset = pipeline.finetune_dataset(
       train_images[labeled], train_labels[labeled], classes_per_batch=f.classes_per_batch,
-      images_per_class=f.images_per_class, views=f.views, flip=config.data.flip, mean=config.data.mean, std=config.data.std,
-      start_step=start_step, total_steps=total_steps, seed=config.seed)
-  train_steps = build_train_steps(config, strategy, encoder, optimizer, jit_compile,
+      images_per_class=f.images_per_class, views=f.views, flip=config.data.flip, mean=config.data.mean,
+      std=config.data.std, start_step=start_step, total_steps=total_steps, seed=config.seed)
+  train_steps = steps.suncet_steps(config, strategy, encoder, optimizer, jit_compile,
                                   bn_training=_FROM_SCRATCH.value)
 
   # --- Loop ------------------------------------------------------------------

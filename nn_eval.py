@@ -70,7 +70,7 @@ def main(argv):
   if not workdir or not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist; run paws_train.py with this --workdir first")
   runtime.prepare_workdir(workdir)
-  runtime.set_precision(config.run.precision)
+  runtime.set_precision(config)
 
   # --- Encoder: fine-tuned if present (or asked), else pre-trained ---------------
   choice = _ENCODER.value

@@ -19,11 +19,11 @@ import tensorflow as tf
 
 from utils import datasets
 from utils import encoder as encoder_lib
-from utils import losses
 from utils import optim
 from utils import pipeline
 from utils import plots
 from utils import runtime
+from utils import steps
 from utils import training
 from utils.errors import UserError
 
@@ -70,50 +70,6 @@ def check_batch_shapes(config, num_train, num_classes, num_replicas):
   if p.batch_size % num_replicas or p.images_per_class % num_replicas:
     raise UserError(f"pretrain.batch_size and pretrain.images_per_class must divide by the "
                     f"{num_replicas} replicas")
-
-
-def build_train_steps(config, strategy, encoder, optimizer, jit_compile):
-  """The compiled PAWS update: forward by resolution, PAWS loss, LARS step."""
-  p = config.pretrain
-  num_replicas = strategy.num_replicas_in_sync
-  local_batch = p.batch_size // num_replicas
-  local_per_class = p.images_per_class // num_replicas
-  num_support = p.support_views * local_per_class * p.classes_per_batch
-  # Row i of the gathered support batch has class i mod K (every replica's block is a multiple of K).
-  support_labels = losses.make_labels_matrix(
-      p.classes_per_batch, p.support_views * p.images_per_class, 1, p.label_smoothing)
-  loss_scaling = config.run.precision == "mixed_float16"
-
-  def step_fn(views, supports):
-    replica = tf.distribute.get_replica_context()
-    index = replica.replica_id_in_sync_group
-    own = lambda x: x[index * local_batch:(index + 1) * local_batch]
-    views = [own(v) for v in views]
-    supports = supports[:, index * local_per_class:(index + 1) * local_per_class]
-    supports = tf.reshape(supports, [num_support] + supports.shape[-3:].as_list())
-    with tf.GradientTape() as tape:
-      h, z = encoder_lib.embed_views(
-          encoder, [[supports, views[0], views[1]], views[2:]], training=True)
-      h = tf.cast(h, tf.float32)
-      z = tf.cast(z, tf.float32)
-      h_support, z_support = h[:num_support], z[:num_support]
-      if num_replicas > 1:
-        h_support = replica.all_gather(h_support, axis=0)
-        z_support = replica.all_gather(z_support, axis=0)
-      large = h[num_support:num_support + 2 * local_batch]
-      targets = tf.concat([large[local_batch:], large[:local_batch]], axis=0)
-      ce, me_max = losses.paws_loss(
-          z[num_support:], z_support, support_labels, targets, h_support, support_labels,
-          tau=p.tau, T=p.sharpen_T, multicrop=p.multicrop, me_max=p.me_max)
-      loss = (ce + me_max) / num_replicas
-      scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
-    gradients = tape.gradient(scaled, encoder.trainable_variables)
-    if loss_scaling:
-      gradients = optimizer.get_unscaled_gradients(gradients)
-    optimizer.apply_gradients(zip(gradients, encoder.trainable_variables))
-    return {"loss": ce + me_max, "ce": ce, "me_max": me_max}
-
-  return training.compile_steps(strategy, step_fn, ("loss", "ce", "me_max"), jit_compile)
 
 
 def main(argv):
@@ -167,7 +123,7 @@ def main(argv):
       large_crop_scale=config.data.large_crop_scale, small_crop_scale=config.data.small_crop_scale,
       start_step=start_step, total_steps=total_steps, seed=config.seed)
   iterator = iter(dataset)
-  train_steps = build_train_steps(config, strategy, encoder, optimizer, jit_compile)
+  train_steps = steps.paws_steps(config, strategy, encoder, optimizer, jit_compile)
 
   # --- Loop ------------------------------------------------------------------
   started = time.time()
@@ -205,7 +161,7 @@ def time_train_steps(config, strategy, jit_compile, num_steps):
                                         synchronized_bn=strategy.num_replicas_in_sync > 1)
     optimizer = optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision)
     optimizer._create_all_weights(encoder.trainable_variables)  # else the step is traced twice
-  train_steps = build_train_steps(config, strategy, encoder, optimizer, jit_compile)
+  train_steps = steps.paws_steps(config, strategy, encoder, optimizer, jit_compile)
   iterator = iter(dataset)
   float(train_steps(iterator, tf.constant(2))["loss"])  # trace and warm up
   start = time.perf_counter()

@@ -113,7 +113,7 @@ def measure(what, precision, num_steps):
     import config as presets
     return time_pipeline(num_steps), paws_train.images_per_step(presets.get_config("cifar10").pretrain)
   config = reduced_config(precision)
-  runtime.set_precision(precision)
+  runtime.set_precision(config)
   crops = paws_train.images_per_step(config.pretrain)
   if what == "forward_backward":
     return time_forward_backward(config, num_steps), crops

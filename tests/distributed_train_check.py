@@ -1,4 +1,4 @@
-"""Runs paws_train.build_train_steps on one device and on two mirrored CPU replicas.
+"""Runs utils.steps.paws_steps on one device and on two mirrored CPU replicas.
 
 Used by tests/test_distributed.py in a subprocess, because the two logical CPU
 devices must be configured before TensorFlow initialises.
@@ -33,7 +33,7 @@ _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import config as config_lib  # pylint: disable=g-import-not-at-top
-import paws_train
+from utils import steps
 from utils import encoder as encoder_lib
 from utils import optim
 from utils import runtime
@@ -129,7 +129,7 @@ def run(config, strategy, initial_weights, batch, unfused=False):
     for layer in bn_layers:
       layer.fused = False  # read at call time; the variables are the same either way
   trainable = {id(v) for v in encoder.trainable_weights}
-  train_steps = paws_train.build_train_steps(config, strategy, encoder, optimizer, jit_compile=False)
+  train_steps = steps.paws_steps(config, strategy, encoder, optimizer, jit_compile=False)
   # The step slices its own share of the global batch, so every strategy
   # reads a plain (not distributed) iterator.
   iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
@@ -147,7 +147,7 @@ def run(config, strategy, initial_weights, batch, unfused=False):
 
 def main(output_path):
   config = tiny_config()
-  runtime.set_precision(config.run.precision)
+  runtime.set_precision(config)
   tf_keras.utils.set_random_seed(config.seed)  # Python, NumPy and TF: reproducible initial weights
   batch = global_batch(config, DATA_SEED)
   # All runs start from these values (trainable weights and BN moving statistics).

@@ -119,22 +119,49 @@ def make_strategy(setting):
   raise UserError(f"run.distribution must be one of auto, one_device, mirrored, multi_worker, got {setting!r}")
 
 
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+
+
+def cpu_has_bf16():
+  """True if this CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16; read from /proc/cpuinfo)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return False
+  return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(setting):
+  """'auto': mixed_float16 on GPU (the reference trains with fp16 autocast), mixed_bfloat16 on a CPU
+  with bf16 instructions (measured here: faster, same accuracy), float32 elsewhere."""
+  if setting not in PRECISIONS:
+    raise UserError(f"run.precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
+  if setting != "auto":
+    return setting
+  if has_gpu():
+    return "mixed_float16"
+  return "mixed_bfloat16" if cpu_has_bf16() else "float32"
 
 
 def setup_training(config):
   """Precision policy, seeded initialisation, device strategy and XLA choice for a training script.
 
+  Resolves config.run.precision in place (so the saved config says what ran).
   Returns (strategy, jit_compile).
   """
-  set_precision(config.run.precision)
+  set_precision(config)
   # Python, NumPy and TensorFlow seeds: the initial weights follow config.seed.
   tf_keras.utils.set_random_seed(config.seed)
   return make_strategy(config.run.distribution), use_xla(config.run.jit_compile)
 
 
-def set_precision(precision):
-  """Sets the global tf_keras dtype policy; losses are always computed in float32."""
-  if precision not in PRECISIONS:
-    raise UserError(f"run.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-  tf_keras.mixed_precision.set_global_policy(precision)
+def set_precision(config):
+  """Resolves config.run.precision ('auto') in place and sets the global tf_keras dtype policy.
+
+  Losses are always computed in float32, and the projection/prediction heads
+  stay float32 (utils/encoder.py).
+  """
+  config.run.precision = resolve_precision(config.run.precision)
+  tf_keras.mixed_precision.set_global_policy(config.run.precision)
+  print(f"precision: {config.run.precision}")

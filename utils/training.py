@@ -67,26 +67,6 @@ def read_log(path, kind):
     return [r for r in map(json.loads, f) if r.get("kind") == kind]
 
 
-def compile_steps(strategy, step_fn, metric_names, jit_compile):
-  """Wraps a per-replica step into one compiled call running `num_steps` updates.
-
-  step_fn(*batch) returns a dict of scalar metrics; the call returns their
-  replica mean for the last step. Several steps per call cut host overhead.
-  """
-  step_fn = tf.function(step_fn, jit_compile=jit_compile)
-
-  @tf.function
-  def train_steps(iterator, num_steps):
-    metrics = {k: tf.constant(0.0) for k in metric_names}
-    for _ in tf.range(num_steps):
-      batch = next(iterator)
-      per_replica = strategy.run(step_fn, args=batch if isinstance(batch, tuple) else (batch,))
-      metrics = {k: strategy.reduce("MEAN", per_replica[k], axis=None) for k in metric_names}
-    return metrics
-
-  return train_steps
-
-
 def run_loop(*, train_steps, iterator, step, checkpoint, manager, workdir, log_name,
              total_steps, steps_per_epoch, steps_per_loop, log_every, checkpoint_every,
              learning_rate, images_per_step, verbose=True):

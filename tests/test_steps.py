@@ -1,0 +1,120 @@
+"""The compiled train steps under each precision policy, and loss-scaled minimisation."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+import config as presets
+from utils import encoder as encoder_lib
+from utils import optim
+from utils import runtime
+from utils import steps
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@pytest.fixture
+def tiny(request):
+  """A tiny digits-shaped config under the requested precision policy (reset afterwards)."""
+  c = presets.get_config("digits")
+  c.model.hidden_dim = c.model.projection_dim = 16
+  c.data.image_size, c.data.large_crop_size, c.data.small_crop_size = 8, 8, 6
+  c.pretrain.batch_size, c.pretrain.multicrop = 4, 2
+  c.pretrain.classes_per_batch, c.pretrain.images_per_class = 3, 2
+  c.finetune.classes_per_batch, c.finetune.images_per_class = 3, 2
+  c.run.precision = request.param
+  runtime.set_precision(c)
+  yield c
+  tf_keras.mixed_precision.set_global_policy("float32")
+
+
+def pretrain_batch(c, seed=0):
+  p, rng = c.pretrain, np.random.default_rng(seed)
+  large, small = c.data.large_crop_size, c.data.small_crop_size
+  views = tuple(rng.normal(size=[p.batch_size, large, large, 3]).astype(np.float32) for _ in range(2)) + tuple(
+      rng.normal(size=[p.batch_size, small, small, 3]).astype(np.float32) for _ in range(p.multicrop))
+  supports = rng.normal(size=[p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3])
+  return views, supports.astype(np.float32)
+
+
+def run_paws_steps(c, initial_weights, num_steps=2):
+  tf_keras.utils.set_random_seed(0)
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+  p = c.pretrain
+  with strategy.scope():
+    encoder = encoder_lib.build_encoder(c.model, c.data.image_size)
+    encoder.set_weights(initial_weights)
+    optimizer = optim.build_lars(optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, 1, 10),
+                                 p.momentum, p.weight_decay, p.lars_eta, c.run.precision)
+  train_steps = steps.paws_steps(c, strategy, encoder, optimizer, jit_compile=False)
+  iterator = iter(tf.data.Dataset.from_tensors(pretrain_batch(c)).repeat())
+  first = {k: float(v) for k, v in train_steps(iterator, tf.constant(1)).items()}
+  train_steps(iterator, tf.constant(num_steps - 1))
+  return first, encoder, optimizer
+
+
+@pytest.fixture(scope="module")
+def float32_reference():
+  c = presets.get_config("digits")
+  c.model.hidden_dim = c.model.projection_dim = 16
+  tf_keras.utils.set_random_seed(0)
+  return encoder_lib.build_encoder(c.model, 8).get_weights()
+
+
+@pytest.mark.parametrize("tiny", PRECISIONS, indirect=True)
+def test_paws_step_under_each_precision(tiny, float32_reference):
+  first, encoder, optimizer = run_paws_steps(tiny, float32_reference)
+  assert all(np.isfinite(v) for v in first.values())
+  assert first["loss"] == pytest.approx(first["ce"] + first["me_max"], abs=1e-5)
+  moved = [np.abs(a - b).max() for a, b in zip(encoder.get_weights(), float32_reference)]
+  assert max(moved) > 0 and all(np.isfinite(m) for m in moved)
+  assert all(w.dtype == np.float32 for w in encoder.get_weights())
+  scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+  assert scaled == (tiny.run.precision == "mixed_float16")
+  if tiny.run.precision != "float32":  # same maths as float32 up to 16-bit rounding
+    tf_keras.mixed_precision.set_global_policy("float32")
+    c32 = tiny.copy_and_resolve_references()
+    c32.run.precision = "float32"
+    reference, _, _ = run_paws_steps(c32, float32_reference, num_steps=1)
+    assert first["ce"] == pytest.approx(reference["ce"], rel=0.05, abs=0.02)
+    assert first["me_max"] == pytest.approx(reference["me_max"], rel=0.05, abs=0.02)
+
+
+@pytest.mark.parametrize("tiny", ["mixed_float16"], indirect=True)
+def test_suncet_step_with_loss_scaling_keeps_bn_statistics_frozen(tiny):
+  f = tiny.finetune
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+  with strategy.scope():
+    encoder = encoder_lib.build_encoder(tiny.model, tiny.data.image_size)
+    optimizer = optim.build_lars(0.1, f.momentum, f.weight_decay, f.lars_eta, tiny.run.precision)
+  moving = [v.numpy() for v in encoder.non_trainable_variables]
+  trainable = [v.numpy() for v in encoder.trainable_variables]
+  train_steps = steps.suncet_steps(tiny, strategy, encoder, optimizer, jit_compile=False, bn_training=False)
+  batch = tf.random.normal([f.views, f.images_per_class, f.classes_per_batch, 8, 8, 3], seed=4)
+  loss = float(train_steps(iter(tf.data.Dataset.from_tensors(batch).repeat()), tf.constant(2))["loss"])
+  assert np.isfinite(loss) and loss > 0
+  for before, after in zip(moving, encoder.non_trainable_variables):
+    np.testing.assert_array_equal(before, after.numpy())
+  assert any(np.abs(b - a.numpy()).max() > 0 for b, a in zip(trainable, encoder.trainable_variables))
+
+
+def quadratic_update(optimizer, factor=1.0):
+  w = tf.Variable([1.0, -2.0])
+  with tf.GradientTape() as tape:
+    loss = factor * tf.reduce_sum(w ** 2)
+  steps.minimize(optimizer, tape, loss, [w])
+  return w.numpy()
+
+
+def test_minimize_with_loss_scaling_equals_the_plain_update():
+  plain = quadratic_update(tf_keras.optimizers.SGD(0.1))
+  np.testing.assert_allclose(plain, [1.0 - 0.1 * 2.0, -2.0 + 0.1 * 4.0], rtol=1e-6)  # w - lr * 2w
+  scaled = tf_keras.mixed_precision.LossScaleOptimizer(tf_keras.optimizers.SGD(0.1), initial_scale=2.0 ** 10)
+  np.testing.assert_allclose(quadratic_update(scaled), plain, rtol=1e-6)
+
+
+def test_minimize_skips_an_overflowing_step_and_lowers_the_scale():
+  optimizer = tf_keras.mixed_precision.LossScaleOptimizer(tf_keras.optimizers.SGD(0.1), initial_scale=2.0 ** 15)
+  # 2 * 1e36 * 2**15 overflows float32: the step is skipped and the scale halved
+  np.testing.assert_array_equal(quadratic_update(optimizer, factor=1e36), [1.0, -2.0])
+  assert float(optimizer.loss_scale) == 2.0 ** 14

@@ -1,0 +1,113 @@
+"""The compiled train steps: PAWS pre-training (SPEC sections 2 to 5) and SuNCEt fine-tuning (section 6).
+
+Each builder returns train_steps(iterator, num_steps): one compiled call running
+num_steps updates under a tf.distribute strategy and returning the replica mean
+of the last step's metrics. Global batches arrive whole; every replica slices
+its own part by replica id, so the input pipeline is the same for any number
+of replicas.
+"""
+import tensorflow as tf
+import tf_keras
+
+from utils import encoder as encoder_lib
+from utils import losses
+
+
+def compile_steps(strategy, step_fn, metric_names, jit_compile):
+  """Wraps a per-replica step into one compiled call running `num_steps` updates.
+
+  step_fn(*batch) returns a dict of scalar metrics; the call returns their
+  replica mean for the last step. Several steps per call cut host overhead.
+  """
+  step_fn = tf.function(step_fn, jit_compile=jit_compile)
+
+  @tf.function
+  def train_steps(iterator, num_steps):
+    metrics = {k: tf.constant(0.0) for k in metric_names}
+    for _ in tf.range(num_steps):
+      batch = next(iterator)
+      per_replica = strategy.run(step_fn, args=batch if isinstance(batch, tuple) else (batch,))
+      metrics = {k: strategy.reduce("MEAN", per_replica[k], axis=None) for k in metric_names}
+    return metrics
+
+  return train_steps
+
+
+def minimize(optimizer, tape, loss, variables):
+  """One optimizer update on `loss`, recorded by `tape`.
+
+  Under a Keras LossScaleOptimizer (mixed_float16) the backward pass starts from
+  the loss scale instead of 1, i.e. it differentiates the scaled loss, and the
+  gradients are unscaled (and checked for overflow) before the update.
+  """
+  if isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer):
+    scale = tf.cast(optimizer.loss_scale, loss.dtype)
+    gradients = optimizer.get_unscaled_gradients(tape.gradient(loss, variables, output_gradients=scale))
+  else:
+    gradients = tape.gradient(loss, variables)
+  optimizer.apply_gradients(zip(gradients, variables))
+
+
+def paws_steps(config, strategy, encoder, optimizer, jit_compile):
+  """The compiled PAWS update: forward by resolution, PAWS loss, LARS step."""
+  p = config.pretrain
+  num_replicas = strategy.num_replicas_in_sync
+  local_batch = p.batch_size // num_replicas
+  local_per_class = p.images_per_class // num_replicas
+  num_support = p.support_views * local_per_class * p.classes_per_batch
+  # Row i of the gathered support batch has class i mod K (every replica's block is a multiple of K).
+  support_labels = losses.make_labels_matrix(
+      p.classes_per_batch, p.support_views * p.images_per_class, 1, p.label_smoothing)
+
+  def step_fn(views, supports):
+    replica = tf.distribute.get_replica_context()
+    index = replica.replica_id_in_sync_group
+    own = lambda x: x[index * local_batch:(index + 1) * local_batch]
+    views = [own(v) for v in views]
+    supports = supports[:, index * local_per_class:(index + 1) * local_per_class]
+    supports = tf.reshape(supports, [num_support] + supports.shape[-3:].as_list())
+    with tf.GradientTape() as tape:
+      h, z = encoder_lib.embed_views(
+          encoder, [[supports, views[0], views[1]], views[2:]], training=True)
+      h = tf.cast(h, tf.float32)
+      z = tf.cast(z, tf.float32)
+      h_support, z_support = h[:num_support], z[:num_support]
+      if num_replicas > 1:
+        h_support = replica.all_gather(h_support, axis=0)
+        z_support = replica.all_gather(z_support, axis=0)
+      large = h[num_support:num_support + 2 * local_batch]
+      targets = tf.concat([large[local_batch:], large[:local_batch]], axis=0)
+      ce, me_max = losses.paws_loss(
+          z[num_support:], z_support, support_labels, targets, h_support, support_labels,
+          tau=p.tau, T=p.sharpen_T, multicrop=p.multicrop, me_max=p.me_max)
+      replica_share = (ce + me_max) / num_replicas  # summed over replicas by apply_gradients
+    minimize(optimizer, tape, replica_share, encoder.trainable_variables)
+    return {"loss": ce + me_max, "ce": ce, "me_max": me_max}
+
+  return compile_steps(strategy, step_fn, ("loss", "ce", "me_max"), jit_compile)
+
+
+def suncet_steps(config, strategy, encoder, optimizer, jit_compile, bn_training):
+  """The compiled SuNCEt update on one class-stratified batch."""
+  f = config.finetune
+  num_replicas = strategy.num_replicas_in_sync
+  local_per_class = f.images_per_class // num_replicas
+  labels = losses.make_labels_matrix(f.classes_per_batch, f.views * f.images_per_class, 1)
+
+  def step_fn(batch):
+    replica = tf.distribute.get_replica_context()
+    index = replica.replica_id_in_sync_group
+    batch = batch[:, index * local_per_class:(index + 1) * local_per_class]
+    batch = tf.reshape(batch, [-1] + batch.shape[-3:].as_list())
+    with tf.GradientTape() as tape:
+      # training=False keeps BatchNorm on its moving statistics; gamma/beta still get gradients.
+      _, z = encoder(batch, training=bn_training)
+      z = tf.cast(z, tf.float32)
+      if num_replicas > 1:
+        z = replica.all_gather(z, axis=0)
+      loss = losses.suncet_loss(z, labels, f.tau)
+      replica_share = loss / num_replicas  # inside the tape, or it has no gradient
+    minimize(optimizer, tape, replica_share, encoder.trainable_variables)
+    return {"loss": loss}
+
+  return compile_steps(strategy, step_fn, ("loss",), jit_compile)

@@ -37,7 +37,7 @@ MISC = os.path.join(ROOT, "misc")
 MISC_FILES = ("config.json", "labeled_indices.npy", "labeled_indices.txt", "pretrain_log.jsonl",
               "pretrain_loss.png", "eval.json", "confusion_matrix.png", "pca_projection.png",
               "finetuned/finetune_log.jsonl", "finetuned/finetune_loss.png")
-PROGRESS = re.compile(r"\d+/\d+ \[[=>.]*\]")
+PROGRESS = re.compile(r"(\d+)/(\d+) \[[=>.]*\]")
 
 
 def run(*args, log=None):
@@ -47,7 +47,10 @@ def run(*args, log=None):
     log.write(f"$ python {' '.join(args)}\n")
     for line in result.stdout.splitlines():
       bars = list(PROGRESS.finditer(line))
-      log.write((line[bars[-1].start():] if bars else line) + "\n")
+      if not bars:
+        log.write(line + "\n")
+      elif bars[-1].group(1) == bars[-1].group(2):  # keep each progress bar's final state only
+        log.write(line[bars[-1].start():] + "\n")
   return result.stdout
 
 

@@ -80,6 +80,14 @@ def test_paws_step_under_each_precision(tiny, float32_reference):
     assert first["me_max"] == pytest.approx(reference["me_max"], rel=0.05, abs=0.02)
 
 
+@pytest.mark.parametrize("tiny", ["float32"], indirect=True)
+def test_paws_step_without_small_crops(tiny, float32_reference):
+  tiny.pretrain.multicrop = 0  # two large views only: the loss has no small-crop terms
+  first, encoder, _ = run_paws_steps(tiny, float32_reference)
+  assert np.isfinite(first["loss"]) and first["ce"] > 0
+  assert max(np.abs(a - b).max() for a, b in zip(encoder.get_weights(), float32_reference)) > 0
+
+
 @pytest.mark.parametrize("tiny", ["mixed_float16"], indirect=True)
 def test_suncet_step_with_loss_scaling_keeps_bn_statistics_frozen(tiny):
   f = tiny.finetune

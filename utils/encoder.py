@@ -147,7 +147,7 @@ def embed_views(encoder, view_groups, training):
     encoder outputs, as [sum of batch sizes, dim] tensors.
   """
   h_parts, z_parts = [], []
-  for group in view_groups:
+  for group in filter(None, view_groups):  # an empty group (e.g. no small crops) is skipped
     h, z = encoder(tf.concat(group, axis=0), training=training)
     h_parts.append(h)
     z_parts.append(z)

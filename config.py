@@ -4,7 +4,7 @@ Select one with `--config=config.py:NAME` and override any field, e.g.
 `--config=config.py:digits --config.pretrain.epochs=5`. The returned ConfigDict
 is locked: an unknown field or a value of the wrong type is an error.
 
-  cifar10  The paper's CIFAR-10 recipe (SPEC sections 4 to 7), WRN-28-2,
+  cifar10  The paper's CIFAR-10 recipe (METHOD.md sections 4 to 7), WRN-28-2,
            4000 labels. Expected: 96.0 % top-1 after 600 epochs + fine-tuning
            (the paper's number, not measured here).
              python paws_train.py --config=config.py:cifar10 --workdir=runs/c10
@@ -27,7 +27,7 @@ def base_config():
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "cifar10"
   c.data.image_size = 32
-  c.data.labeled_per_class = 400  # 4000 labels (SPEC section 4)
+  c.data.labeled_per_class = 400  # 4000 labels (METHOD.md section 4)
   c.data.label_seed = 152
   c.data.mean = (0.4914, 0.4822, 0.4465)
   c.data.std = (0.2023, 0.1994, 0.2010)

@@ -1,4 +1,4 @@
-r"""Fine-tuning with the SuNCEt loss on the labeled images only (SPEC section 6).
+r"""Fine-tuning with the SuNCEt loss on the labeled images only (METHOD.md section 6).
 
   python fine_tune.py --config=config.py:digits --workdir=runs/digits
 

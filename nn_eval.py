@@ -1,4 +1,4 @@
-r"""Soft-nearest-neighbour evaluation (SPEC section 7).
+r"""Soft-nearest-neighbour evaluation (METHOD.md section 7).
 
   python nn_eval.py --config=config.py:digits --workdir=runs/digits
 

@@ -1,4 +1,4 @@
-r"""PAWS pre-training (SPEC sections 2 to 5).
+r"""PAWS pre-training (METHOD.md sections 2 to 5).
 
   python paws_train.py --config=config.py:digits --workdir=runs/digits
   python paws_train.py --config=config.py:cifar10 --workdir=runs/c10 [--data_dir=DIR]

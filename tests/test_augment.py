@@ -1,4 +1,4 @@
-"""Tests for utils/augment.py: SPEC section 4 semantics and reference ops."""
+"""Tests for utils/augment.py: METHOD.md section 4 semantics and reference ops."""
 import itertools
 import math
 
@@ -50,7 +50,7 @@ def numpy_resized_crop(image, box, size):
           rows[:, upper] * fraction[None, :, None])
 
 
-# ---- crop boxes (SPEC 4: scale is a fraction of the AREA; SPEC 9.6) ----
+# ---- crop boxes (METHOD.md section 4: scale is a fraction of the AREA; METHOD.md section 9.6) ----
 
 def test_crop_boxes_follow_area_scale_and_ratio():
   height = width = 32
@@ -191,7 +191,7 @@ def test_color_jitter_rate_leaves_others_untouched():
   assert_rate(changed, 0.8)
 
 
-# ---- colour jitter semantics (SPEC 4, 9.4) ----
+# ---- colour jitter semantics (METHOD.md section 4, 9.4) ----
 
 def test_brightness_factor_range():
   # Values below 1/1.4 never clip, so out / in is the brightness factor.
@@ -266,7 +266,7 @@ def test_jitter_order_is_a_uniform_random_permutation_per_image():
     assert abs(count - expected) < 4 * math.sqrt(expected)
 
 
-# ---- solarize / equalize against Model Garden's per-image ops (SPEC 9.3) ----
+# ---- solarize / equalize against Model Garden's per-image ops (METHOD.md section 9.3) ----
 
 def special_uint8_images():
   images = random_uint8((12, 20, 20, 3), seed=4)

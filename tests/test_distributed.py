@@ -1,4 +1,4 @@
-"""Two mirrored replicas train exactly like one device on the global batch (SPEC section 2).
+"""Two mirrored replicas train exactly like one device on the global batch (METHOD.md section 2).
 
 paws_train.build_train_steps slices each replica's share of the global batch,
 all-gathers the support embeddings, all-reduces p-bar inside the PAWS loss,

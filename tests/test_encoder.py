@@ -1,4 +1,4 @@
-"""WideResNet trunk, heads and BatchNorm momentum (SPEC section 3)."""
+"""WideResNet trunk, heads and BatchNorm momentum (METHOD.md section 3)."""
 import ml_collections
 import numpy as np
 import tensorflow as tf

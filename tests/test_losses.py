@@ -1,4 +1,4 @@
-"""Tests for utils/losses.py against NumPy versions of the SPEC section 2 formulas."""
+"""Tests for utils/losses.py against NumPy versions of the METHOD.md section 2 formulas."""
 import json
 import os
 import subprocess
@@ -15,7 +15,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_FLOOR = 1e-20  # same guard as the module, so log(0) cannot differ
 
 
-# ---- NumPy references, written from SPEC section 2 (float64) ----
+# ---- NumPy references, written from METHOD.md section 2 (float64) ----
 
 def numpy_sharpen(p, T):
   powered = p ** (1.0 / T)
@@ -204,7 +204,7 @@ def test_paws_loss_small_crop_targets_are_mean_of_large_targets():
   probabilities = numpy_snn(anchor_views, anchor_supports, labels, 0.1)
   targets = numpy_sharpen(numpy_snn(target_views, target_supports, labels,
                                     0.1), 0.25)
-  # Averaged before the zeroing of tiny entries, as SPEC section 2 orders it.
+  # Averaged before the zeroing of tiny entries, as METHOD.md section 2 orders it.
   small_targets = 0.5 * (targets[:batch_size] + targets[batch_size:])
   targets = np.where(targets < 1e-4, 0.0, targets)
   small_targets = np.where(small_targets < 1e-4, 0.0, small_targets)

@@ -1,4 +1,4 @@
-"""Schedule values and LARS exclusions (SPEC section 5)."""
+"""Schedule values and LARS exclusions (METHOD.md section 5)."""
 import math
 
 import ml_collections

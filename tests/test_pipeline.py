@@ -1,4 +1,4 @@
-"""Support sampler and input pipelines (SPEC section 4)."""
+"""Support sampler and input pipelines (METHOD.md section 4)."""
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -1,4 +1,4 @@
-"""Batched, stateless image augmentation for PAWS on CIFAR-10 (SPEC section 4).
+"""Batched, stateless image augmentation for PAWS on CIFAR-10 (METHOD.md section 4).
 
 Every op transforms a whole batch at once, with its own random draws for each
 image. Per-image ops (tf.map_fn, or Model Garden's `official.vision.ops.augment`
@@ -60,7 +60,7 @@ def _to_float(images):
 
 def sample_crop_boxes(seed, num_images, height, width, scale, ratio,
                       attempts=10):
-  """Samples RandomResizedCrop boxes, torchvision semantics (SPEC 4, 9.6).
+  """Samples RandomResizedCrop boxes, torchvision semantics (METHOD.md section 4, 9.6).
 
   All `attempts` tries are drawn at once and the first valid one is kept;
   images without a valid try fall back to torchvision's centre crop.
@@ -211,7 +211,7 @@ def _crop_to_unit_range(images, boxes, size, flip=None):
 
 
 def random_resized_crop(images, seed, size, scale, ratio=(3 / 4, 4 / 3)):
-  """RandomResizedCrop on a batch, one box per image (SPEC 4, 9.6).
+  """RandomResizedCrop on a batch, one box per image (METHOD.md section 4, 9.6).
 
   Args:
     images: [N, H, W, 3] uint8 or float in [0, 1].
@@ -240,7 +240,7 @@ def _select(mask, new_images, images):
 
 
 def random_flip(images, seed, prob=0.5):
-  """Flips each image left-right with probability `prob` (SPEC 4).
+  """Flips each image left-right with probability `prob` (METHOD.md section 4).
 
   Args:
     images: [N, H, W, C] tensor.
@@ -367,7 +367,7 @@ def _jitter(images, parameters, fence=_unfenced):
 
 
 def color_jitter(images, seed, brightness, contrast, saturation, hue, prob):
-  """torchvision RandomApply(ColorJitter(...), p=prob) on a batch (SPEC 4, 9.4).
+  """torchvision RandomApply(ColorJitter(...), p=prob) on a batch (METHOD.md section 4, 9.4).
 
   Factors b, c, s ~ U[max(0, 1 - x), 1 + x] and a hue shift ~ U[-hue, hue]
   (fraction of a turn) are drawn per image; the four ops run in a random
@@ -395,7 +395,7 @@ def _solarize(images, mask):
 
 
 def solarize(images, seed, prob):
-  """PIL Solarize(threshold=128) per image with probability prob (SPEC 4, 9.3).
+  """PIL Solarize(threshold=128) per image with probability prob (METHOD.md section 4, 9.3).
 
   Pixels at or above level 128 of 255 become 1 - x.
 
@@ -448,7 +448,7 @@ def _equalize_selected(images, mask):
 
 
 def equalize(images, seed, prob):
-  """PIL ImageOps.equalize per image with probability prob (SPEC 4, 9.3).
+  """PIL ImageOps.equalize per image with probability prob (METHOD.md section 4, 9.3).
 
   Each channel is quantised to levels round(255 x) and equalized from its
   256-bin histogram exactly as PIL does; equalized channels come out
@@ -468,7 +468,7 @@ def equalize(images, seed, prob):
 
 
 def normalize(images, mean, std):
-  """(x - mean) / std per channel (SPEC 4).
+  """(x - mean) / std per channel (METHOD.md section 4).
 
   Args:
     images: uint8 0..255 (scaled by 1/255 first) or float in [0, 1].
@@ -503,7 +503,7 @@ def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
                   color_jitter_prob=0.8, color_jitter_strength=0.5,
                   solarize_prob=0.2, equalize_prob=0.2, mean=CIFAR10_MEAN,
                   std=CIFAR10_STD):
-  """One PAWS view of every image in a batch (SPEC 4).
+  """One PAWS view of every image in a batch (METHOD.md section 4).
 
   RandomResizedCrop -> horizontal flip (p = 0.5) -> ColorJitter(0.8 s, 0.8 s,
   0.8 s, 0.2 s) with p = color_jitter_prob -> Solarize -> Equalize ->

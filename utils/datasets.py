@@ -1,4 +1,4 @@
-"""Raw datasets as uint8 arrays, and the labeled-subset index files (SPEC section 4).
+"""Raw datasets as uint8 arrays, and the labeled-subset index files (METHOD.md section 4).
 
 Every loader returns `(train_images, train_labels, test_images, test_labels)`:
 images uint8 [N, H, W, 3], labels int64 [N].
@@ -115,7 +115,7 @@ def _read_batches_from_folder(folder):
 
 
 def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5):
-  """Loads CIFAR-10 (SPEC section 4).
+  """Loads CIFAR-10 (METHOD.md section 4).
 
   Args:
     data_dir: None to use the Keras downloader; else a directory holding `cifar-10-python.tar.gz`
@@ -191,7 +191,7 @@ def load_dataset(name, data_dir=None):
 
 
 def select_labeled_indices(labels, per_class, seed):
-  """Draws the labeled subset: per_class training indices of every class (SPEC section 4).
+  """Draws the labeled subset: per_class training indices of every class (METHOD.md section 4).
 
   Args:
     labels: int training labels [N].
@@ -213,7 +213,7 @@ def select_labeled_indices(labels, per_class, seed):
 
 
 def read_split_file(path, num_train, labels=None, expected_count=None):
-  """Reads a labeled-subset file, one training index per line (SPEC section 4).
+  """Reads a labeled-subset file, one training index per line (METHOD.md section 4).
 
   The format of the reference's `spc.4000_split.<seed>.txt`.
 

@@ -1,4 +1,4 @@
-"""Pre-activation WideResNet trunk with PAWS projection and prediction heads (SPEC section 3)."""
+"""Pre-activation WideResNet trunk with PAWS projection and prediction heads (METHOD.md section 3)."""
 import os
 
 import tensorflow as tf
@@ -10,7 +10,7 @@ from utils.errors import UserError
 # PyTorch's BatchNorm momentum m updates moving = (1 - m) * moving + m * batch;
 # Keras' momentum is the weight on the OLD value. The reference uses PyTorch
 # 0.1 everywhere (Keras 0.9) except the trunk's final BN, PyTorch 0.99
-# (Keras 0.01). SPEC section 9, defect 1: copying the number inverts it.
+# (Keras 0.01). METHOD.md section 9, defect 1: copying the number inverts it.
 BN_MOMENTUM = 0.9
 FINAL_BN_MOMENTUM = 0.01
 BN_EPSILON = 1e-5  # PyTorch's default
@@ -98,7 +98,7 @@ class Encoder(tf_keras.Model):
   """Trunk + projection head (+ optional prediction head).
 
   Calling it returns (h, z): h is the projection-head output, z the
-  prediction-head output (z = h without a prediction head; SPEC section 2).
+  prediction-head output (z = h without a prediction head; METHOD.md section 2).
   """
 
   def __init__(self, depth=28, width=2, projection_dim=128, hidden_dim=128,
@@ -134,7 +134,7 @@ def build_encoder(model_config, image_size, synchronized_bn=False):
 def embed_views(encoder, view_groups, training):
   """Embeds groups of same-resolution view batches, one encoder call per group.
 
-  All batches in a group share BatchNorm batch statistics (SPEC section 3:
+  All batches in a group share BatchNorm batch statistics (METHOD.md section 3:
   supports and large views together, small crops together).
 
   Args:

@@ -1,4 +1,4 @@
-"""PAWS and SuNCEt losses (SPEC section 2).
+"""PAWS and SuNCEt losses (METHOD.md section 2).
 
 Every function casts its inputs to float32 first, so embeddings coming out of a
 mixed-precision model (float16 / bfloat16) are handled, and returns float32.
@@ -12,7 +12,7 @@ import tensorflow as tf
 # sits far below any probability the losses meet at tau = 0.1 (about 1e-12).
 LOG_FLOOR = 1e-20
 
-# SPEC section 2: target entries below this are set to 0.
+# METHOD.md section 2: target entries below this are set to 0.
 TARGET_ZERO_THRESHOLD = 1e-4
 
 
@@ -21,7 +21,7 @@ def _safe_log(x):
 
 
 def sharpen(p, T):
-  """Sharpens distributions along the last axis (SPEC section 2).
+  """Sharpens distributions along the last axis (METHOD.md section 2).
 
   sharpen(p)_k = p_k^(1/T) / sum_j p_j^(1/T).
 
@@ -37,7 +37,7 @@ def sharpen(p, T):
 
 
 def snn(query, supports, support_labels, tau):
-  """Soft nearest-neighbour class probabilities (SPEC section 2).
+  """Soft nearest-neighbour class probabilities (METHOD.md section 2).
 
   snn(q, S, Y) = softmax(q . S^T / tau) . Y with q and S L2-normalised and the
   softmax taken over individual support rows (not class means).
@@ -61,7 +61,7 @@ def snn(query, supports, support_labels, tau):
 
 def make_labels_matrix(num_classes, images_per_class, num_views=1,
                        smoothing=0.0):
-  """Label rows of a class-interleaved support batch (SPEC section 2).
+  """Label rows of a class-interleaved support batch (METHOD.md section 2).
 
   Row i has class i mod num_classes; the block of num_classes *
   images_per_class rows repeats once per support view. Smoothing eps gives the
@@ -97,7 +97,7 @@ def _mean_across_replicas(value):
 def paws_loss(anchor_views, anchor_supports, anchor_support_labels,
               target_views, target_supports, target_support_labels,
               tau=0.1, T=0.25, multicrop=6, me_max=True):
-  """PAWS cross-entropy and me-max terms (SPEC section 2).
+  """PAWS cross-entropy and me-max terms (METHOD.md section 2).
 
   p = snn(anchor_views, anchor_supports, Y_a, tau) with gradient;
   t = sharpen(snn(target_views, target_supports, Y_t, tau), T) without
@@ -159,7 +159,7 @@ def paws_loss(anchor_views, anchor_supports, anchor_support_labels,
 
 
 def suncet_loss(z, labels, tau=0.1):
-  """SuNCEt loss: SNN over the other labelled embeddings (SPEC section 2).
+  """SuNCEt loss: SNN over the other labelled embeddings (METHOD.md section 2).
 
   Each row i is classified by softmax_{j != i}(z_i . z_j / tau) . Y with z
   L2-normalised; loss = mean_i sum_k -Y_ik log probs_ik.

@@ -1,4 +1,4 @@
-"""Learning-rate schedule and LARS optimizer (SPEC sections 5 and 6)."""
+"""Learning-rate schedule and LARS optimizer (METHOD.md sections 5 and 6)."""
 import tf_keras
 from official.modeling.optimization import lars
 

@@ -1,4 +1,4 @@
-"""tf.data input pipelines: multi-crop unlabeled views and class-stratified supports (SPEC section 4).
+"""tf.data input pipelines: multi-crop unlabeled views and class-stratified supports (METHOD.md section 4).
 
 All sampling of indices happens in NumPy from seeds that depend only on the
 step, so a stream restarted at step s is exactly the stream that was cut at s;
@@ -13,7 +13,7 @@ from utils.errors import UserError
 
 
 class SupportSampler:
-  """Class-stratified index batches for the support set (SPEC section 4).
+  """Class-stratified index batches for the support set (METHOD.md section 4).
 
   Each batch holds `classes_per_batch` classes x `images_per_class` images,
   laid out interleaved by class (position i has the i mod K-th class of this
@@ -137,7 +137,7 @@ def pretrain_dataset(images, labeled_indices, labeled_labels, *, batch_size, mul
 
 def finetune_dataset(labeled_images, labeled_labels, *, classes_per_batch, images_per_class,
                      views, flip, mean, std, start_step, total_steps, seed):
-  """Class-stratified flip-only batches for fine-tuning (SPEC section 6).
+  """Class-stratified flip-only batches for fine-tuning (METHOD.md section 6).
 
   With flip=False (data that is not mirror-symmetric, e.g. digits) the views
   are the un-augmented images.
@@ -167,7 +167,7 @@ def finetune_dataset(labeled_images, labeled_labels, *, classes_per_batch, image
 
 
 def eval_dataset(images, batch_size, mean, std):
-  """Un-augmented, normalised batches in order (SPEC section 7: no crop)."""
+  """Un-augmented, normalised batches in order (METHOD.md section 7: no crop)."""
   dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
   dataset = dataset.map(lambda x: augment.normalize(x, mean, std),
                         num_parallel_calls=tf.data.AUTOTUNE)

@@ -1,4 +1,4 @@
-"""The compiled train steps: PAWS pre-training (SPEC sections 2 to 5) and SuNCEt fine-tuning (section 6).
+"""The compiled train steps: PAWS pre-training (METHOD.md sections 2 to 5) and SuNCEt fine-tuning (section 6).
 
 Each builder returns train_steps(iterator, num_steps): one compiled call running
 num_steps updates under a tf.distribute strategy and returning the replica mean

@@ -23,11 +23,11 @@ def run(script, *args, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def start(script, *args, log_path):
+def start(script, *args, log_path, extra_env=None):
   """Starts a script in the background, output to log_path; returns the Popen."""
   log = open(log_path, "w")
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=environment(),
-                          stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+                          env=dict(environment(), **(extra_env or {})), stdout=log, stderr=subprocess.STDOUT)
 
 
 def error_line(result):

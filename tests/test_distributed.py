@@ -1,6 +1,6 @@
 """Two mirrored replicas train exactly like one device on the global batch (METHOD.md section 2).
 
-paws_train.build_train_steps slices each replica's share of the global batch,
+utils.steps.paws_steps slices each replica's share of the global batch,
 all-gathers the support embeddings, all-reduces p-bar inside the PAWS loss,
 divides the loss by the number of replicas and uses synchronized BatchNorm. The
 update must then equal the single-device update on the whole batch.
@@ -45,12 +45,18 @@ exactly, which shows that this estimator is the only difference. The smallest n
 here is 32 (final_bn on the small crops: 8 rows x 2 x 2), a 3 % effect; with
 the CIFAR-10 shapes n >= 38 400 (1536 small crops x 5 x 5), under 3e-5.
 """
+import json
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
+
+from tests import scriptrun
+from utils import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "distributed_train_check.py")
@@ -173,3 +179,41 @@ def test_bn_moving_statistics_against_the_single_device_reference(runs, step):
       ratio = mirrored[index] / expected
       low = (MIN_VALUES_PER_CHANNEL - 1) / MIN_VALUES_PER_CHANNEL
       assert ratio.min() >= low - 1e-5 and ratio.max() <= 1 + 1e-5, (message, ratio.min(), ratio.max())
+
+
+def free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("localhost", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+@pytest.mark.slow
+def test_two_worker_processes_train_in_lockstep(tmp_path):
+  """MultiWorkerMirroredStrategy from TF_CONFIG: two local processes, one replica each, each with its own
+  workdir. They must log the same losses and save the same encoder, and the first loss (before any update)
+  must be the single-process loss of the same global batch. Later steps are not compared: float noise at
+  ReLU kinks (see above) grows over several updates."""
+  args = scriptrun.TINY + ["--config.pretrain.epochs=1", "--config.run.precision=float32"]
+  cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
+  workers = [scriptrun.start("paws_train.py", *args, f"--workdir={tmp_path}/worker{index}",
+                             log_path=str(tmp_path / f"worker{index}.log"),
+                             extra_env={"TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                 "task": {"type": "worker", "index": index}})})
+             for index in range(2)]
+  single = scriptrun.run("paws_train.py", *args, f"--workdir={tmp_path}/single")
+  assert single.returncode == 0, single.stderr[-3000:]
+  for index, worker in enumerate(workers):
+    assert worker.wait(timeout=600) == 0, (tmp_path / f"worker{index}.log").read_text()[-3000:]
+  logs = [[(r["step"], r["loss"], r["ce"], r["me_max"]) for r in training.read_log(
+      str(tmp_path / run / "pretrain_log.jsonl"), "step")] for run in ("worker0", "worker1", "single")]
+  assert logs[0] == logs[1] and [r[0] for r in logs[0]] == list(range(1, 11))
+  np.testing.assert_allclose(logs[0][0][1:], logs[2][0][1:], rtol=1e-4)
+  readers = [tf.train.load_checkpoint(str(tmp_path / run / "encoder" / "weights")) for run in ("worker0", "worker1")]
+  keys = sorted(readers[0].get_variable_to_shape_map())
+  assert keys == sorted(readers[1].get_variable_to_shape_map())
+  for key in keys:
+    np.testing.assert_array_equal(readers[0].get_tensor(key), readers[1].get_tensor(key))

@@ -50,7 +50,7 @@ def numpy_resized_crop(image, box, size):
           rows[:, upper] * fraction[None, :, None])
 
 
-# ---- crop boxes (METHOD.md section 4: scale is a fraction of the AREA; METHOD.md section 9.6) ----
+# ---- crop boxes (METHOD.md section 4: scale is a fraction of the AREA; METHOD.md section 9, pitfall 6) ----
 
 def test_crop_boxes_follow_area_scale_and_ratio():
   height = width = 32
@@ -266,7 +266,7 @@ def test_jitter_order_is_a_uniform_random_permutation_per_image():
     assert abs(count - expected) < 4 * math.sqrt(expected)
 
 
-# ---- solarize / equalize against Model Garden's per-image ops (METHOD.md section 9.3) ----
+# ---- solarize / equalize against Model Garden's per-image ops (METHOD.md section 9, pitfall 3) ----
 
 def special_uint8_images():
   images = random_uint8((12, 20, 20, 3), seed=4)

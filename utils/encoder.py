@@ -10,7 +10,7 @@ from utils.errors import UserError
 # PyTorch's BatchNorm momentum m updates moving = (1 - m) * moving + m * batch;
 # Keras' momentum is the weight on the OLD value. The reference uses PyTorch
 # 0.1 everywhere (Keras 0.9) except the trunk's final BN, PyTorch 0.99
-# (Keras 0.01). METHOD.md section 9, defect 1: copying the number inverts it.
+# (Keras 0.01). METHOD.md section 9, pitfall 1: copying the number inverts it.
 BN_MOMENTUM = 0.9
 FINAL_BN_MOMENTUM = 0.01
 BN_EPSILON = 1e-5  # PyTorch's default

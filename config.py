@@ -118,7 +118,6 @@ def digits_config():
   c.pretrain.epochs = 30
   c.pretrain.warmup_epochs = 2
   c.pretrain.batch_size = 128
-  c.pretrain.multicrop = 4
   c.pretrain.images_per_class = 4
   # Fine-tuning keeps the paper's 30 epochs and learning rates; with 4 labels per
   # class an epoch is one step over the whole labeled set.

@@ -111,14 +111,10 @@ def main(argv):
   print(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
 
   # --- Input stream from start_step ---------------------------------------------
-  view_options = dict(flip=config.data.flip, color_jitter_prob=config.data.color_jitter_prob,
-                      color_jitter_strength=config.data.color_jitter_strength,
-                      solarize_prob=config.data.solarize_prob, equalize_prob=config.data.equalize_prob,
-                      mean=config.data.mean, std=config.data.std)
   dataset = pipeline.pretrain_dataset(
       train_images, labeled, train_labels[labeled], batch_size=p.batch_size, multicrop=p.multicrop,
       classes_per_batch=p.classes_per_batch, images_per_class=p.images_per_class,
-      support_views=p.support_views, view_options=view_options,
+      support_views=p.support_views, view_options=pipeline.view_options(config.data),
       large_crop_size=config.data.large_crop_size, small_crop_size=config.data.small_crop_size,
       large_crop_scale=config.data.large_crop_scale, small_crop_scale=config.data.small_crop_scale,
       start_step=start_step, total_steps=total_steps, seed=config.seed)

@@ -86,13 +86,10 @@ def time_pipeline(num_steps):
   images = rng.integers(0, 256, size=[4096, 32, 32, 3], dtype=np.uint8)
   labels = np.arange(4096) % 10
   labeled = np.arange(4000)  # 400 per class
-  view_options = dict(flip=d.flip, color_jitter_prob=d.color_jitter_prob,
-                      color_jitter_strength=d.color_jitter_strength, solarize_prob=d.solarize_prob,
-                      equalize_prob=d.equalize_prob, mean=d.mean, std=d.std)
   dataset = pipeline.pretrain_dataset(
       images, labeled, labels[labeled], batch_size=p.batch_size, multicrop=p.multicrop,
       classes_per_batch=p.classes_per_batch, images_per_class=p.images_per_class,
-      support_views=p.support_views, view_options=view_options, large_crop_size=d.large_crop_size,
+      support_views=p.support_views, view_options=pipeline.view_options(d), large_crop_size=d.large_crop_size,
       small_crop_size=d.small_crop_size, large_crop_scale=d.large_crop_scale,
       small_crop_scale=d.small_crop_scale, start_step=0, total_steps=num_steps + 3, seed=0)
   iterator = iter(dataset)

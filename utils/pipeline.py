@@ -83,6 +83,13 @@ def _step_seed(seed, step, stream):
   return tf.stack([tf.cast(seed, tf.int64) * 1000 + stream, tf.cast(step, tf.int64)])
 
 
+def view_options(data_config):
+  """augment.augment_batch keyword arguments shared by all pre-training views, from the config's `data`."""
+  d = data_config
+  return dict(flip=d.flip, color_jitter_prob=d.color_jitter_prob, color_jitter_strength=d.color_jitter_strength,
+              solarize_prob=d.solarize_prob, equalize_prob=d.equalize_prob, mean=d.mean, std=d.std)
+
+
 def pretrain_dataset(images, labeled_indices, labeled_labels, *, batch_size, multicrop,
                      classes_per_batch, images_per_class, support_views, view_options,
                      large_crop_size, small_crop_size, large_crop_scale, small_crop_scale,

@@ -20,7 +20,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
-import tensorflow as tf
 
 from utils import augment
 from utils import datasets
@@ -70,50 +69,38 @@ def main(argv):
   steps_per_epoch = max(per_class // f.images_per_class, 1)
   total_steps = f.epochs * steps_per_epoch
 
-  # --- Model and optimizer -------------------------------------------------------
+  # --- Model, optimizer, checkpoint: newest intact checkpoint, else the pre-trained encoder --------
   schedule = optim.warmup_cosine_schedule(0.0, f.lr, f.final_lr, 0, total_steps)
-  with strategy.scope():
-    if _FROM_SCRATCH.value:
-      encoder = encoder_lib.build_encoder(config.model, config.data.image_size,
-                                          synchronized_bn=strategy.num_replicas_in_sync > 1)
-    else:
-      encoder, _ = encoder_lib.load_encoder(os.path.join(workdir, "encoder"), config, "paws_train.py")
-    optimizer = optim.build_lars(schedule, f.momentum, f.weight_decay, f.lars_eta, config.run.precision)
-    optimizer._create_all_weights(encoder.trainable_variables)  # slots exist before restore
-    step = tf.Variable(0, dtype=tf.int64, name="step")
+  if _FROM_SCRATCH.value:
+    make_encoder = lambda: encoder_lib.build_encoder(config.model, config.data.image_size,
+                                                     synchronized_bn=strategy.num_replicas_in_sync > 1)
+  else:
+    make_encoder = lambda: encoder_lib.load_encoder(os.path.join(workdir, "encoder"), config, "paws_train.py")[0]
+  state = training.create_train_state(strategy, make_encoder, schedule, f, config.run.precision)
   # Written only now that the encoder and the config are known to fit.
   output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
   runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
-
-  # --- Checkpoint: newest intact one, else the pre-trained encoder ------------------
-  checkpoint, manager, restored = training.checkpoint_and_restore(
-      encoder, optimizer, step, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
-  start_step = int(step.numpy())
+  restored = training.restore(state, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
+  start_step = int(state.step.numpy())
   print(f"resuming from {restored} at step {start_step}" if restored else
         "starting from " + ("a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder"))
 
-  dataset = pipeline.finetune_dataset(
-      train_images[labeled], train_labels[labeled], classes_per_batch=f.classes_per_batch,
-      images_per_class=f.images_per_class, views=f.views, flip=config.data.flip, mean=config.data.mean,
-      std=config.data.std, start_step=start_step, total_steps=total_steps, seed=config.seed)
-  train_steps = steps.suncet_steps(config, strategy, encoder, optimizer, jit_compile,
-                                  bn_training=_FROM_SCRATCH.value)
-
   # --- Loop ------------------------------------------------------------------
-  log_path = training.run_loop(
-      train_steps=train_steps, iterator=iter(dataset), step=step, checkpoint=checkpoint,
-      manager=manager, workdir=output, log_name="finetune", total_steps=total_steps,
-      steps_per_epoch=steps_per_epoch, steps_per_loop=config.run.steps_per_loop,
-      log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
-      learning_rate=schedule, images_per_step=f.views * f.images_per_class * f.classes_per_batch)
+  dataset = pipeline.finetune_dataset(train_images[labeled], train_labels[labeled], f, config.data,
+                                      start_step=start_step, total_steps=total_steps, seed=config.seed)
+  train_steps = steps.suncet_steps(config, strategy, state.encoder, state.optimizer, jit_compile,
+                                   bn_training=_FROM_SCRATCH.value)
+  loop = training.Loop("finetune", total_steps, steps_per_epoch, f.views * f.images_per_class * f.classes_per_batch,
+                       schedule)
+  log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, output)
 
   # --- Results -----------------------------------------------------------------
   if _FROM_SCRATCH.value:
     # Trained with batch statistics: its moving averages must be re-estimated before
     # inference-mode evaluation (on the clean labeled images; the test set is never used).
     encoder_lib.reestimate_batch_norm(
-        encoder, augment.normalize(train_images[labeled], config.data.mean, config.data.std))
-  encoder_lib.save_encoder(encoder, config, output, total_steps)
+        state.encoder, augment.normalize(train_images[labeled], config.data.mean, config.data.std))
+  encoder_lib.save_encoder(state.encoder, config, output, total_steps)
   plots.loss_curves(training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"),
                     ("loss",), "SuNCEt fine-tuning")
   print(f"fine-tuning done: {total_steps} steps; encoder saved to {output}")

@@ -15,8 +15,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
-import tensorflow as tf
 
+from utils import benchmark
 from utils import datasets
 from utils import encoder as encoder_lib
 from utils import optim
@@ -78,10 +78,11 @@ def main(argv):
 
   # --- Devices and precision -------------------------------------------------
   strategy, jit_compile = runtime.setup_training(config)
+  if _BENCHMARK.value:  # timing on random data only: no workdir, no dataset
+    print(benchmark.report(config, strategy, jit_compile, _BENCHMARK.value))
+    return
 
   # --- Data --------------------------------------------------------------------
-  if _BENCHMARK.value:
-    return benchmark(config, strategy, jit_compile, _BENCHMARK.value)
   workdir = runtime.prepare_workdir(_WORKDIR.value)
   train_images, train_labels, _, _ = datasets.load_dataset(config.data.dataset, _DATA_DIR.value)
   num_classes = len(np.unique(train_labels))
@@ -94,83 +95,31 @@ def main(argv):
   steps_per_epoch = len(train_images) // p.batch_size
   total_steps = p.epochs * steps_per_epoch
 
-  # --- Model and optimizer -------------------------------------------------------
+  # --- Model, optimizer, checkpoint ------------------------------------------------
   schedule = optim.warmup_cosine_schedule(
       p.start_lr, p.lr, p.final_lr, p.warmup_epochs * steps_per_epoch, total_steps)
-  with strategy.scope():
-    encoder = encoder_lib.build_encoder(config.model, config.data.image_size,
-                                        synchronized_bn=strategy.num_replicas_in_sync > 1)
-    optimizer = optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision)
-    optimizer._create_all_weights(encoder.trainable_variables)  # slots exist before restore
-    step = tf.Variable(0, dtype=tf.int64, name="step")
-
-  # --- Checkpoint: newest intact one in the workdir, else a fresh start ------------
-  checkpoint, manager, restored = training.checkpoint_and_restore(
-      encoder, optimizer, step, os.path.join(workdir, "checkpoints"), config.run.keep_checkpoints)
-  start_step = int(step.numpy())
+  state = training.create_train_state(
+      strategy, lambda: encoder_lib.build_encoder(config.model, config.data.image_size,
+                                                  synchronized_bn=strategy.num_replicas_in_sync > 1),
+      schedule, p, config.run.precision)
+  restored = training.restore(state, os.path.join(workdir, "checkpoints"), config.run.keep_checkpoints)
+  start_step = int(state.step.numpy())
   print(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
 
-  # --- Input stream from start_step ---------------------------------------------
-  dataset = pipeline.pretrain_dataset(
-      train_images, labeled, train_labels[labeled], batch_size=p.batch_size, multicrop=p.multicrop,
-      classes_per_batch=p.classes_per_batch, images_per_class=p.images_per_class,
-      support_views=p.support_views, view_options=pipeline.view_options(config.data),
-      large_crop_size=config.data.large_crop_size, small_crop_size=config.data.small_crop_size,
-      large_crop_scale=config.data.large_crop_scale, small_crop_scale=config.data.small_crop_scale,
-      start_step=start_step, total_steps=total_steps, seed=config.seed)
-  iterator = iter(dataset)
-  train_steps = steps.paws_steps(config, strategy, encoder, optimizer, jit_compile)
-
-  # --- Loop ------------------------------------------------------------------
+  # --- Loop: the input stream from start_step ------------------------------------
+  dataset = pipeline.pretrain_dataset(train_images, labeled, train_labels[labeled], config.data, p,
+                                      start_step=start_step, total_steps=total_steps, seed=config.seed)
+  train_steps = steps.paws_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
+  loop = training.Loop("pretrain", total_steps, steps_per_epoch, benchmark.crops_per_step(p), schedule)
   started = time.time()
-  log_path = training.run_loop(
-      train_steps=train_steps, iterator=iterator, step=step, checkpoint=checkpoint, manager=manager,
-      workdir=workdir, log_name="pretrain", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-      steps_per_loop=config.run.steps_per_loop, log_every=config.run.log_every,
-      checkpoint_every=config.run.checkpoint_every, learning_rate=schedule,
-      images_per_step=images_per_step(p))
+  log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, workdir)
   print(f"pre-training done: {total_steps} steps, {time.time() - started:.1f} s this run")
 
   # --- Results -----------------------------------------------------------------
-  directory = encoder_lib.save_encoder(encoder, config, os.path.join(workdir, "encoder"), total_steps)
+  directory = encoder_lib.save_encoder(state.encoder, config, os.path.join(workdir, "encoder"), total_steps)
   plot_path = plots.loss_curves(training.epoch_means(log_path), os.path.join(workdir, "pretrain_loss.png"),
                                 ("ce", "me_max", "loss"), "PAWS pre-training")
   print(f"encoder saved to {directory}; loss curves in {plot_path}")
-
-
-def images_per_step(p):
-  """Crops embedded per step: unlabeled views plus support views."""
-  return p.batch_size * (2 + p.multicrop) + p.support_views * p.images_per_class * p.classes_per_batch
-
-
-def time_train_steps(config, strategy, jit_compile, num_steps):
-  """Seconds per compiled step on random inputs of the config's shapes (after a warm-up)."""
-  p = config.pretrain
-  large, small = config.data.large_crop_size, config.data.small_crop_size
-  views = tuple(tf.random.normal([p.batch_size, large, large, 3]) for _ in range(2)) + tuple(
-      tf.random.normal([p.batch_size, small, small, 3]) for _ in range(p.multicrop))
-  supports = tf.random.normal([p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3])
-  dataset = tf.data.Dataset.from_tensors((views, supports)).repeat()
-  schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, 10, 1000)
-  with strategy.scope():
-    encoder = encoder_lib.build_encoder(config.model, config.data.image_size,
-                                        synchronized_bn=strategy.num_replicas_in_sync > 1)
-    optimizer = optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision)
-    optimizer._create_all_weights(encoder.trainable_variables)  # else the step is traced twice
-  train_steps = steps.paws_steps(config, strategy, encoder, optimizer, jit_compile)
-  iterator = iter(dataset)
-  float(train_steps(iterator, tf.constant(2))["loss"])  # trace and warm up
-  start = time.perf_counter()
-  float(train_steps(iterator, tf.constant(num_steps))["loss"])
-  return (time.perf_counter() - start) / num_steps
-
-
-def benchmark(config, strategy, jit_compile, num_steps):
-  """Prints steps/s and images/s of the compiled step on random data."""
-  seconds = time_train_steps(config, strategy, jit_compile, num_steps)
-  images = images_per_step(config.pretrain)
-  print(f"benchmark: {config.run.precision}, xla={jit_compile}, {strategy.num_replicas_in_sync} replica(s): "
-        f"{1 / seconds:.2f} steps/s, {images / seconds:.0f} images/s ({images} crops per step)")
 
 
 if __name__ == "__main__":

@@ -86,12 +86,8 @@ def time_pipeline(num_steps):
   images = rng.integers(0, 256, size=[4096, 32, 32, 3], dtype=np.uint8)
   labels = np.arange(4096) % 10
   labeled = np.arange(4000)  # 400 per class
-  dataset = pipeline.pretrain_dataset(
-      images, labeled, labels[labeled], batch_size=p.batch_size, multicrop=p.multicrop,
-      classes_per_batch=p.classes_per_batch, images_per_class=p.images_per_class,
-      support_views=p.support_views, view_options=pipeline.view_options(d), large_crop_size=d.large_crop_size,
-      small_crop_size=d.small_crop_size, large_crop_scale=d.large_crop_scale,
-      small_crop_scale=d.small_crop_scale, start_step=0, total_steps=num_steps + 3, seed=0)
+  dataset = pipeline.pretrain_dataset(images, labeled, labels[labeled], d, p, start_step=0,
+                                      total_steps=num_steps + 3, seed=0)
   iterator = iter(dataset)
   for _ in range(3):
     next(iterator)
@@ -105,19 +101,19 @@ def measure(what, precision, num_steps):
   """Returns (seconds per step, crops per step) for one measurement."""
   import tensorflow as tf
   from utils import runtime
-  import paws_train
+  from utils import benchmark
   if what == "pipeline":
     import config as presets
-    return time_pipeline(num_steps), paws_train.images_per_step(presets.get_config("cifar10").pretrain)
+    return time_pipeline(num_steps), benchmark.crops_per_step(presets.get_config("cifar10").pretrain)
   config = reduced_config(precision)
   runtime.set_precision(config)
-  crops = paws_train.images_per_step(config.pretrain)
+  crops = benchmark.crops_per_step(config.pretrain)
   if what == "forward_backward":
     return time_forward_backward(config, num_steps), crops
   if what == "eager":
     tf.config.run_functions_eagerly(True)
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-  return paws_train.time_train_steps(config, strategy, what == "xla", num_steps), crops
+  return benchmark.time_train_steps(config, strategy, what == "xla", num_steps), crops
 
 
 def machine():

@@ -37,6 +37,7 @@ from utils import steps
 from utils import encoder as encoder_lib
 from utils import optim
 from utils import runtime
+from utils import training
 
 NUM_STEPS = 2
 METRICS = ("loss", "ce", "me_max")
@@ -115,13 +116,15 @@ def run(config, strategy, initial_weights, batch, unfused=False):
   p = config.pretrain
   # Warm-up then cosine: the two steps use different learning rates.
   schedule = optim.warmup_cosine_schedule(0.05, 0.2, 0.02, 1, 4)
-  with strategy.scope():
+
+  def make_encoder():
     encoder = encoder_lib.build_encoder(config.model, config.data.image_size,
                                         synchronized_bn=strategy.num_replicas_in_sync > 1)
     encoder.set_weights(initial_weights)
-    optimizer = optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision)
-    # As paws_train.main does: slots exist up front, so the step is traced once.
-    optimizer._create_all_weights(encoder.trainable_variables)  # pylint: disable=protected-access
+    return encoder
+
+  state = training.create_train_state(strategy, make_encoder, schedule, p, config.run.precision)
+  encoder, optimizer = state.encoder, state.optimizer
   bn_layers = [layer for layer in encoder.submodules
                if isinstance(layer, tf_keras.layers.BatchNormalization)]
   assert bn_layers and all(layer.synchronized == (strategy.num_replicas_in_sync > 1) for layer in bn_layers)

@@ -123,9 +123,9 @@ def test_visualization_notebook_trains_evaluates_and_plots(executed):
   assert "pretrained encoder" in text
   assert (workdir / "pca_projection.png").exists()
   assert len(image_outputs(notebook)) == 1
-  # The notebook's number is nn_eval.py's on the same workdir (float32: the notebook's kernel
-  # keeps the default policy).
-  evaluation = scriptrun.run("nn_eval.py", "--config=config.py:digits", "--config.run.precision=float32",
+  # The notebook's number is nn_eval.py's on the same workdir, even when the script is told to use a
+  # mixed policy: evaluation always embeds in float32.
+  evaluation = scriptrun.run("nn_eval.py", "--config=config.py:digits", "--config.run.precision=mixed_bfloat16",
                              f"--workdir={workdir}", "--encoder=pretrained")
   assert evaluation.returncode == 0, evaluation.stderr[-2000:]
   with open(workdir / "eval.json") as f:

@@ -1,4 +1,5 @@
 """Support sampler and input pipelines (METHOD.md section 4)."""
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -76,12 +77,14 @@ def small_pretrain_dataset(start_step, total_steps=4):
   images = rng.integers(0, 256, size=[20, 8, 8, 3], dtype=np.uint8)
   labels = np.repeat(np.arange(4), 5)
   labeled = np.arange(20)[::2]  # 10 images; class counts 3,2,3,2
-  options = dict(flip=True, color_jitter_prob=0.8, color_jitter_strength=0.5,
-                 solarize_prob=0.2, equalize_prob=0.2, mean=(0.5,) * 3, std=(0.25,) * 3)
+  data = ml_collections.ConfigDict(dict(
+      flip=True, color_jitter_prob=0.8, color_jitter_strength=0.5, solarize_prob=0.2, equalize_prob=0.2,
+      mean=(0.5,) * 3, std=(0.25,) * 3, large_crop_size=8, small_crop_size=5, large_crop_scale=(0.75, 1.0),
+      small_crop_scale=(0.3, 0.75)))
+  pretrain = ml_collections.ConfigDict(dict(
+      batch_size=4, multicrop=2, classes_per_batch=4, images_per_class=2, support_views=2))
   return pipeline.pretrain_dataset(
-      images, labeled, labels[labeled], batch_size=4, multicrop=2, classes_per_batch=4,
-      images_per_class=2, support_views=2, view_options=options, large_crop_size=8,
-      small_crop_size=5, large_crop_scale=(0.75, 1.0), small_crop_scale=(0.3, 0.75),
+      images, labeled, labels[labeled], data, pretrain,
       start_step=start_step, total_steps=total_steps, seed=7)
 
 
@@ -106,9 +109,10 @@ def _finetune_batch(flip):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=[8, 6, 6, 3], dtype=np.uint8)
   labels = np.repeat(np.arange(2), 4)
+  finetune = ml_collections.ConfigDict(dict(classes_per_batch=2, images_per_class=4, views=2))
+  data = ml_collections.ConfigDict(dict(flip=flip, mean=(0.0,) * 3, std=(1.0,) * 3))
   batch = next(iter(pipeline.finetune_dataset(
-      images, labels, classes_per_batch=2, images_per_class=4, views=2, flip=flip, mean=(0.0,) * 3,
-      std=(1.0,) * 3, start_step=0, total_steps=1, seed=0))).numpy()
+      images, labels, finetune, data, start_step=0, total_steps=1, seed=0))).numpy()
   assert batch.shape == (2, 4, 2, 6, 6, 3)
   return images.astype(np.float32) / 255, batch.reshape(2, 8, 6, 6, 3)
 

@@ -110,7 +110,7 @@ def quadratic_update(optimizer, factor=1.0):
   w = tf.Variable([1.0, -2.0])
   with tf.GradientTape() as tape:
     loss = factor * tf.reduce_sum(w ** 2)
-  steps.minimize(optimizer, tape, loss, [w])
+  optimizer.minimize(loss, [w], tape=tape)
   return w.numpy()
 
 

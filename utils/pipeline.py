@@ -83,91 +83,89 @@ def _step_seed(seed, step, stream):
   return tf.stack([tf.cast(seed, tf.int64) * 1000 + stream, tf.cast(step, tf.int64)])
 
 
-def view_options(data_config):
-  """augment.augment_batch keyword arguments shared by all pre-training views, from the config's `data`."""
-  d = data_config
-  return dict(flip=d.flip, color_jitter_prob=d.color_jitter_prob, color_jitter_strength=d.color_jitter_strength,
-              solarize_prob=d.solarize_prob, equalize_prob=d.equalize_prob, mean=d.mean, std=d.std)
+def _augment_views(batch, seeds, size, scale, data):
+  """One augmented view of `batch` per seed, with the config's `data` augmentation settings."""
+  return [augment.augment_batch(
+      batch, view_seed, size, scale, flip=data.flip, color_jitter_prob=data.color_jitter_prob,
+      color_jitter_strength=data.color_jitter_strength, solarize_prob=data.solarize_prob,
+      equalize_prob=data.equalize_prob, mean=data.mean, std=data.std) for view_seed in seeds]
 
 
-def pretrain_dataset(images, labeled_indices, labeled_labels, *, batch_size, multicrop,
-                     classes_per_batch, images_per_class, support_views, view_options,
-                     large_crop_size, small_crop_size, large_crop_scale, small_crop_scale,
-                     start_step, total_steps, seed):
-  """Per-step batches for PAWS pre-training.
+def pretrain_dataset(images, labeled_indices, labeled_labels, data, pretrain, *, start_step, total_steps, seed):
+  """Per-step batches for PAWS pre-training (METHOD.md section 4).
 
   Args:
     images: uint8 [N, H, W, 3], the whole unlabeled training set.
     labeled_indices, labeled_labels: the labeled subset (indices into images).
-    view_options: dict of augment.augment_batch keyword arguments shared by
-      all views (flip, colour distortion, mean, std).
+    data: the config's `data` section (crop sizes and scales, augmentation, mean/std).
+    pretrain: the config's `pretrain` section (batch_size, multicrop, classes_per_batch,
+      images_per_class, support_views).
     start_step, total_steps: the stream covers steps [start_step, total_steps).
+    seed: augmentation and sampling seed.
   Returns:
     tf.data.Dataset of (views, supports): views is a tuple of 2 + multicrop
     float32 batches [batch_size, S, S, 3] (two large, then small crops);
     supports is float32 [support_views, images_per_class, classes_per_batch,
     S, S, 3] so replicas can slice their own images per class.
   """
+  p = pretrain
   images = tf.constant(images)
   labeled_images = tf.gather(images, labeled_indices)
+  large = data.large_crop_size
 
   def index_stream():
-    for step, support in support_batches(labeled_labels, classes_per_batch, images_per_class,
+    for step, support in support_batches(labeled_labels, p.classes_per_batch, p.images_per_class,
                                          seed, start_step, total_steps):
-      yield step, unlabeled_indices(len(images), batch_size, step, seed), support
+      yield step, unlabeled_indices(len(images), p.batch_size, step, seed), support
 
   def make_views(step, batch_indices, support_indices):
     batch = tf.gather(images, batch_indices)
-    seeds = tf.random.experimental.stateless_split(_step_seed(seed, step, 1), 2 + multicrop + support_views)
-    views = []
-    for v in range(2 + multicrop):
-      large = v < 2
-      views.append(augment.augment_batch(
-          batch, seeds[v], large_crop_size if large else small_crop_size,
-          large_crop_scale if large else small_crop_scale, **view_options))
+    seeds = tf.unstack(tf.random.experimental.stateless_split(
+        _step_seed(seed, step, 1), 2 + p.multicrop + p.support_views))
+    views = (_augment_views(batch, seeds[:2], large, data.large_crop_scale, data)
+             + _augment_views(batch, seeds[2:2 + p.multicrop], data.small_crop_size, data.small_crop_scale, data))
     support = tf.gather(labeled_images, support_indices)
-    support_batches = [
-        augment.augment_batch(support, seeds[2 + multicrop + v], large_crop_size,
-                              large_crop_scale, **view_options)
-        for v in range(support_views)]
-    supports = tf.reshape(tf.stack(support_batches),
-                          [support_views, images_per_class, classes_per_batch,
-                           large_crop_size, large_crop_size, 3])
+    supports = _augment_views(support, seeds[2 + p.multicrop:], large, data.large_crop_scale, data)
+    supports = tf.reshape(tf.stack(supports),
+                          [p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3])
     return tuple(views), supports
 
-  signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([batch_size], tf.int64),
-               tf.TensorSpec([classes_per_batch * images_per_class], tf.int64))
+  signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([p.batch_size], tf.int64),
+               tf.TensorSpec([p.classes_per_batch * p.images_per_class], tf.int64))
   dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
   dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def finetune_dataset(labeled_images, labeled_labels, *, classes_per_batch, images_per_class,
-                     views, flip, mean, std, start_step, total_steps, seed):
+def finetune_dataset(labeled_images, labeled_labels, finetune, data, *, start_step, total_steps, seed):
   """Class-stratified flip-only batches for fine-tuning (METHOD.md section 6).
 
-  With flip=False (data that is not mirror-symmetric, e.g. digits) the views
-  are the un-augmented images.
-
-  Returns a dataset of float32 [views, images_per_class, classes_per_batch, H, W, 3].
+  Args:
+    labeled_images, labeled_labels: the labeled subset.
+    finetune: the config's `finetune` section (classes_per_batch, images_per_class, views).
+    data: the config's `data` section (flip, mean, std). With flip off (data that is not
+      mirror-symmetric, e.g. digits) the views are the un-augmented images.
+  Returns:
+    A dataset of float32 [views, images_per_class, classes_per_batch, H, W, 3].
   """
+  f = finetune
   labeled_images = tf.constant(labeled_images)
   height, width = labeled_images.shape[1:3]
 
   def index_stream():
-    return support_batches(labeled_labels, classes_per_batch, images_per_class, seed,
+    return support_batches(labeled_labels, f.classes_per_batch, f.images_per_class, seed,
                            start_step, total_steps)
 
   def make_views(step, support_indices):
     batch = tf.gather(labeled_images, support_indices)
-    seeds = tf.random.experimental.stateless_split(_step_seed(seed, step, 2), views)
-    flipped = [augment.normalize(augment.random_flip(batch, seeds[v]) if flip else batch, mean, std)
-               for v in range(views)]
+    seeds = tf.random.experimental.stateless_split(_step_seed(seed, step, 2), f.views)
+    flipped = [augment.normalize(augment.random_flip(batch, seeds[v]) if data.flip else batch, data.mean, data.std)
+               for v in range(f.views)]
     return tf.reshape(tf.stack(flipped),
-                      [views, images_per_class, classes_per_batch, height, width, 3])
+                      [f.views, f.images_per_class, f.classes_per_batch, height, width, 3])
 
   signature = (tf.TensorSpec([], tf.int64),
-               tf.TensorSpec([classes_per_batch * images_per_class], tf.int64))
+               tf.TensorSpec([f.classes_per_batch * f.images_per_class], tf.int64))
   dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
   dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return dataset.prefetch(tf.data.AUTOTUNE)

@@ -7,7 +7,6 @@ its own part by replica id, so the input pipeline is the same for any number
 of replicas.
 """
 import tensorflow as tf
-import tf_keras
 
 from utils import encoder as encoder_lib
 from utils import losses
@@ -31,21 +30,6 @@ def compile_steps(strategy, step_fn, metric_names, jit_compile):
     return metrics
 
   return train_steps
-
-
-def minimize(optimizer, tape, loss, variables):
-  """One optimizer update on `loss`, recorded by `tape`.
-
-  Under a Keras LossScaleOptimizer (mixed_float16) the backward pass starts from
-  the loss scale instead of 1, i.e. it differentiates the scaled loss, and the
-  gradients are unscaled (and checked for overflow) before the update.
-  """
-  if isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer):
-    scale = tf.cast(optimizer.loss_scale, loss.dtype)
-    gradients = optimizer.get_unscaled_gradients(tape.gradient(loss, variables, output_gradients=scale))
-  else:
-    gradients = tape.gradient(loss, variables)
-  optimizer.apply_gradients(zip(gradients, variables))
 
 
 def paws_steps(config, strategy, encoder, optimizer, jit_compile):
@@ -81,7 +65,9 @@ def paws_steps(config, strategy, encoder, optimizer, jit_compile):
           z[num_support:], z_support, support_labels, targets, h_support, support_labels,
           tau=p.tau, T=p.sharpen_T, multicrop=p.multicrop, me_max=p.me_max)
       replica_share = (ce + me_max) / num_replicas  # summed over replicas by apply_gradients
-    minimize(optimizer, tape, replica_share, encoder.trainable_variables)
+    # Under a LossScaleOptimizer (mixed_float16) minimize scales the loss on the tape, unscales the
+    # gradients and skips the update (halving the scale) when they overflow.
+    optimizer.minimize(replica_share, encoder.trainable_variables, tape=tape)
     return {"loss": ce + me_max, "ce": ce, "me_max": me_max}
 
   return compile_steps(strategy, step_fn, ("loss", "ce", "me_max"), jit_compile)
@@ -107,7 +93,7 @@ def suncet_steps(config, strategy, encoder, optimizer, jit_compile, bn_training)
         z = replica.all_gather(z, axis=0)
       loss = losses.suncet_loss(z, labels, f.tau)
       replica_share = loss / num_replicas  # inside the tape, or it has no gradient
-    minimize(optimizer, tape, replica_share, encoder.trainable_variables)
+    optimizer.minimize(replica_share, encoder.trainable_variables, tape=tape)
     return {"loss": loss}
 
   return compile_steps(strategy, step_fn, ("loss",), jit_compile)

@@ -1,43 +1,112 @@
-"""The step loop shared by pre-training and fine-tuning: checkpoints, logs, progress, NaN stop."""
+"""What pre-training and fine-tuning share around the step: the train state, checkpoints, the step loop.
+
+The loop writes a JSON-lines log and TensorBoard scalars, shows a progress bar, checkpoints every
+`run.checkpoint_every` steps and at every epoch end, stops on a non-finite loss, and on SIGTERM
+(a cloud VM's preemption notice) or SIGINT (Ctrl-C) saves a checkpoint at the current step before
+it exits, so re-running the same command resumes there.
+"""
+import dataclasses
+import errno
 import json
 import math
 import os
+import signal
+import threading
 import time
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from utils import optim
 from utils.errors import UserError
 
 
-def restore_newest_intact(checkpoint, manager, log=print):
-  """Restores the newest checkpoint that reads back completely.
+class Interrupted(UserError):
+  """The run was stopped by a signal after saving a checkpoint; exit with 128 + signal number."""
 
-  Restore order: the newest checkpoint in the workdir; if it is truncated or
-  corrupted, the one before it (with a warning naming the file), and so on;
-  with none usable, a fresh start. Returns the restored path or None.
+  def __init__(self, message, signal_number):
+    super().__init__(message)
+    self.exit_code = 128 + signal_number
+
+
+@dataclasses.dataclass
+class TrainState:
+  """Everything a checkpoint holds: the encoder, the optimizer (with its slots) and the step counter."""
+  encoder: tf_keras.Model
+  optimizer: tf_keras.optimizers.legacy.Optimizer
+  step: tf.Variable
+  checkpoint: tf.train.Checkpoint = None
+  manager: tf.train.CheckpointManager = None
+
+
+def create_train_state(strategy, make_encoder, learning_rate, optimizer_config, precision):
+  """Builds encoder, LARS optimizer and step counter under `strategy`.
+
+  Args:
+    strategy: the tf.distribute strategy the step runs under.
+    make_encoder: callable returning the (built) encoder.
+    learning_rate: a schedule (step -> rate) or a float.
+    optimizer_config: a config section with momentum, weight_decay and lars_eta.
+    precision: the resolved run.precision (mixed_float16 adds loss scaling).
+  Returns:
+    TrainState without checkpoint (see `restore`).
   """
-  for path in reversed(manager.checkpoints):
+  with strategy.scope():
+    encoder = make_encoder()
+    o = optimizer_config
+    optimizer = optim.build_lars(learning_rate, o.momentum, o.weight_decay, o.lars_eta, precision)
+    # The optimizer's slot variables must exist before a checkpoint restore (else their values are
+    # deferred and the first step creates fresh ones) and before the step is traced (else the first call
+    # creates them and the function is traced twice). tf_keras' legacy optimizers (Model Garden's LARS is
+    # one) create them lazily and have no public method for it; this is the only private call in the project.
+    optimizer._create_all_weights(encoder.trainable_variables)  # pylint: disable=protected-access
+    step = tf.Variable(0, dtype=tf.int64, name="step")
+  return TrainState(encoder, optimizer, step)
+
+
+def restore(state, directory, keep, log=print):
+  """Attaches a CheckpointManager on `directory` to the state and restores its newest intact checkpoint.
+
+  Restore order: the newest checkpoint in `directory`; if it is truncated or corrupted, the one before
+  it (with a warning naming the file), and so on; with none usable, the state as built (fresh start or
+  the pre-trained encoder). Returns the restored path or None.
+  """
+  state.checkpoint = tf.train.Checkpoint(encoder=state.encoder, optimizer=state.optimizer, step=state.step)
+  state.manager = tf.train.CheckpointManager(state.checkpoint, directory, max_to_keep=keep)
+  for path in reversed(state.manager.checkpoints):
     try:
-      checkpoint.restore(path).assert_existing_objects_matched()
+      state.checkpoint.restore(path).assert_existing_objects_matched()
       return path
     except (tf.errors.OpError, AssertionError, ValueError, IndexError, OSError) as error:
       reason = str(error).strip().splitlines()[0][:200]
       log(f"warning: checkpoint {path} is unreadable ({reason}); trying the previous one")
-  if manager.checkpoints:
+  if state.manager.checkpoints:
     log("warning: no readable checkpoint left; starting from scratch")
   return None
 
 
-def checkpoint_and_restore(encoder, optimizer, step, directory, keep, log=print):
-  """A CheckpointManager over (encoder, optimizer, step), restored from its newest intact checkpoint.
+def save(state):
+  """Writes a checkpoint numbered by the current step; a full disk or failed write is a one-line error."""
+  try:
+    return state.manager.save(checkpoint_number=int(state.step.numpy()))
+  except (OSError, tf.errors.OpError) as error:
+    reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error).strip().splitlines()[0][:200]
+    previous = state.manager.latest_checkpoint or "none yet"
+    space = " (free some disk space)" if getattr(error, "errno", None) == errno.ENOSPC else ""
+    raise UserError(f"cannot write a checkpoint to {state.manager.directory}: {reason}{space}; the previous "
+                    f"checkpoint ({previous}) is intact: re-run the same command to resume from it") from None
 
-  Returns (checkpoint, manager, restored path or None).
-  """
-  checkpoint = tf.train.Checkpoint(encoder=encoder, optimizer=optimizer, step=step)
-  manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
-  return checkpoint, manager, restore_newest_intact(checkpoint, manager, log)
+
+@dataclasses.dataclass
+class Loop:
+  """The shape of one training run, for the step loop."""
+  name: str  # 'pretrain' or 'finetune': names the log file and the TensorBoard folder
+  total_steps: int
+  steps_per_epoch: int
+  images_per_step: int  # for the img/s column
+  learning_rate: Callable[[int], float]  # step -> rate, for the log
 
 
 class MetricsLog:
@@ -67,59 +136,96 @@ def read_log(path, kind):
     return [r for r in map(json.loads, f) if r.get("kind") == kind]
 
 
-def run_loop(*, train_steps, iterator, step, checkpoint, manager, workdir, log_name,
-             total_steps, steps_per_epoch, steps_per_loop, log_every, checkpoint_every,
-             learning_rate, images_per_step, verbose=True):
-  """Runs compiled steps until `step` reaches total_steps.
+class _StopSignals:
+  """Records SIGTERM / SIGINT instead of dying, so the loop can save and exit between steps.
+
+  A second signal of either kind falls back to the default behaviour (a second Ctrl-C kills at once).
+  Outside the main thread (e.g. a notebook worker) signals cannot be caught and nothing is installed.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None
+    self.previous = {}
+
+  def _handle(self, number, frame):
+    del frame
+    self.received = number
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=True):
+  """Runs compiled steps until state.step reaches loop.total_steps.
 
   Args:
-    train_steps: tf.function(iterator, num_steps) running num_steps updates
-      and returning a dict of float32 scalar metrics (including 'loss') of the
-      last one.
-    step: tf.Variable counting completed steps (saved in the checkpoint).
-    learning_rate: callable step -> learning rate, for logging.
-    images_per_step: images embedded per step, for throughput.
+    train_steps: tf.function(iterator, num_steps) running num_steps updates and returning a dict of
+      float32 scalar metrics (including 'loss') of the last one.
+    iterator: the input iterator, positioned at state.step.
+    state: TrainState with a checkpoint manager (see `restore`).
+    loop: Loop.
+    run_config: the config's `run` section (steps_per_loop, log_every, checkpoint_every).
+    workdir: where the log and TensorBoard files go.
+  Returns:
+    The path of the metrics log.
   Raises:
-    UserError when the loss stops being finite; the last good checkpoint on
-    disk is left as it was.
+    UserError when the loss stops being finite (the last good checkpoint on disk is left as it was);
+    Interrupted after saving a checkpoint when SIGTERM or SIGINT arrived.
   """
-  log = MetricsLog(workdir, log_name)
-  current = int(step.numpy())
+  log = MetricsLog(workdir, loop.name)
+  current = int(state.step.numpy())
+  num_epochs = math.ceil(loop.total_steps / loop.steps_per_epoch)
   try:
-    while current < total_steps:
-      epoch = current // steps_per_epoch
-      epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-      progress = tf_keras.utils.Progbar(
-          epoch_end - epoch * steps_per_epoch, stateful_metrics=["lr", "img/s"],
-          verbose=1 if verbose else 0, unit_name="step")
-      print(f"epoch {epoch + 1}/{math.ceil(total_steps / steps_per_epoch)}")
-      epoch_sums, epoch_count = {}, 0
-      while current < epoch_end:
-        num_steps = min(steps_per_loop, epoch_end - current)
-        start = time.perf_counter()
-        metrics = {k: float(v) for k, v in train_steps(iterator, tf.constant(num_steps)).items()}
-        elapsed = time.perf_counter() - start
-        if not all(math.isfinite(v) for v in metrics.values()):
-          raise UserError(
-              f"loss became non-finite at step {current + num_steps} ({metrics}); stopped without "
-              f"saving, the last good checkpoint in {manager.directory} is intact; lower the learning "
-              "rate or check the inputs")
-        step.assign_add(num_steps)
-        current += num_steps
-        metrics["lr"] = float(learning_rate(current - 1))
-        for key, value in metrics.items():
-          epoch_sums[key] = epoch_sums.get(key, 0.0) + value
-        epoch_count += 1
-        shown = dict(metrics)
-        shown["img/s"] = images_per_step * num_steps / elapsed
-        progress.update(current - epoch * steps_per_epoch, list(shown.items()))
-        if current % log_every < num_steps or current == epoch_end:
-          log.write({"kind": "step", "step": current, "epoch": epoch + 1, **shown}, current)
-        if current % checkpoint_every < num_steps and current != epoch_end:
-          manager.save(checkpoint_number=current)
-      manager.save(checkpoint_number=current)
-      log.write({"kind": "epoch", "step": current, "epoch": epoch + 1,
-                 **{k: v / epoch_count for k, v in epoch_sums.items()}}, current)
+    with _StopSignals() as signals:
+      while current < loop.total_steps:
+        epoch = current // loop.steps_per_epoch
+        epoch_start = epoch * loop.steps_per_epoch
+        epoch_end = min(epoch_start + loop.steps_per_epoch, loop.total_steps)
+        progress = tf_keras.utils.Progbar(epoch_end - epoch_start, stateful_metrics=["lr", "img/s"],
+                                          verbose=1 if verbose else 0, unit_name="step")
+        print(f"epoch {epoch + 1}/{num_epochs}")
+        epoch_sums, epoch_count = {}, 0
+        while current < epoch_end:
+          num_steps = min(run_config.steps_per_loop, epoch_end - current)
+          start = time.perf_counter()
+          metrics = {k: float(v) for k, v in train_steps(iterator, tf.constant(num_steps)).items()}
+          elapsed = time.perf_counter() - start
+          if not all(math.isfinite(v) for v in metrics.values()):
+            raise UserError(
+                f"loss became non-finite at step {current + num_steps} ({metrics}); stopped without "
+                f"saving, the last good checkpoint in {state.manager.directory} is intact; lower the learning "
+                "rate or check the inputs")
+          state.step.assign_add(num_steps)
+          current += num_steps
+          metrics["lr"] = float(loop.learning_rate(current - 1))
+          for key, value in metrics.items():
+            epoch_sums[key] = epoch_sums.get(key, 0.0) + value
+          epoch_count += 1
+          shown = dict(metrics, **{"img/s": loop.images_per_step * num_steps / elapsed})
+          progress.update(current - epoch_start, list(shown.items()))
+          if current % run_config.log_every < num_steps or current == epoch_end:
+            log.write({"kind": "step", "step": current, "epoch": epoch + 1, **shown}, current)
+          if signals.received is not None:
+            path = save(state)
+            name = signal.Signals(signals.received).name
+            raise Interrupted(f"{name} received: stopped at step {current} of {loop.total_steps} after saving "
+                              f"{path}; re-run the same command to resume from step {current}",
+                              signals.received)
+          if current % run_config.checkpoint_every < num_steps and current != epoch_end:
+            save(state)
+        save(state)
+        log.write({"kind": "epoch", "step": current, "epoch": epoch + 1,
+                   **{k: v / epoch_count for k, v in epoch_sums.items()}}, current)
   finally:
     log.close()
   return log.path

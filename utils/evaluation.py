@@ -1,0 +1,80 @@
+"""Soft-nearest-neighbour evaluation of a trained encoder (METHOD.md section 7), for nn_eval.py and the notebook."""
+import os
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from utils import encoder as encoder_lib
+from utils import losses
+from utils import pipeline
+
+ENCODER_CHOICES = ("auto", "pretrained", "finetuned")
+
+
+def encoder_directory(workdir, choice="auto"):
+  """Which encoder of a workdir to evaluate: (choice, folder, the script that writes that folder).
+
+  'auto' is the fine-tuned encoder when the workdir has one, else the pre-trained one.
+  """
+  if choice == "auto":
+    choice = "finetuned" if os.path.exists(os.path.join(workdir, "finetuned", "encoder.json")) else "pretrained"
+  if choice == "finetuned":
+    return choice, os.path.join(workdir, "finetuned"), "fine_tune.py"
+  return choice, os.path.join(workdir, "encoder"), "paws_train.py"
+
+
+def load_float32_encoder(directory, config, written_by):
+  """The saved encoder, built in float32 whatever precision it was trained in.
+
+  The reference evaluates in fp32: a soft-NN at tau = 0.1 magnifies the rounding of 16-bit embeddings.
+  The weights are float32 variables under every policy, so they load unchanged. The global policy is
+  set back to what it was.
+  """
+  policy = tf_keras.mixed_precision.global_policy()
+  tf_keras.mixed_precision.set_global_policy("float32")
+  try:
+    encoder, _ = encoder_lib.load_encoder(directory, config, written_by)
+  finally:
+    tf_keras.mixed_precision.set_global_policy(policy)
+  return encoder
+
+
+def embed(encoder, images, batch_size, mean, std):
+  """Projection-head embeddings of images in batches (memory flat in len(images))."""
+  parts = [encoder(batch, training=False)[0] for batch in pipeline.eval_dataset(images, batch_size, mean, std)]
+  return tf.cast(tf.concat(parts, axis=0), tf.float32)
+
+
+def soft_nn_predict(support, support_labels, queries, num_classes, tau, batch_size):
+  """SNN class probabilities of the queries, in batches of queries (one-hot support labels)."""
+  one_hot = tf.one_hot(support_labels, num_classes)
+  return tf.concat([losses.snn(queries[i:i + batch_size], support, one_hot, tau)
+                    for i in range(0, len(queries), batch_size)], axis=0).numpy()
+
+
+def evaluate(encoder, data, eval_config, support_images, support_labels, test_images, test_labels):
+  """Soft-NN top-1 of the test images with the labeled images as supports.
+
+  Args:
+    encoder: a trained Encoder.
+    data: the config's `data` section (mean, std).
+    eval_config: the config's `eval` section (tau, batch_size).
+    support_images, support_labels: the labeled training images (un-augmented) and their labels.
+    test_images, test_labels: the queries.
+  Returns:
+    (metrics dict with top1, per_class, num_support, num_test; test embeddings [N, D]; confusion matrix).
+  """
+  num_classes = int(max(support_labels.max(), test_labels.max())) + 1
+  batch_size = eval_config.batch_size
+  support = embed(encoder, support_images, batch_size, data.mean, data.std)
+  queries = embed(encoder, test_images, batch_size, data.mean, data.std)
+  predictions = soft_nn_predict(support, support_labels, queries, num_classes, eval_config.tau,
+                                batch_size).argmax(axis=1)
+  confusion = np.zeros([num_classes, num_classes], dtype=np.int64)
+  np.add.at(confusion, (test_labels, predictions), 1)
+  per_class = 100.0 * np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+  metrics = {"top1": 100.0 * float(np.mean(predictions == test_labels)),
+             "per_class": [round(float(x), 3) for x in per_class],
+             "num_support": int(len(support_labels)), "num_test": int(len(test_labels))}
+  return metrics, queries.numpy(), confusion

@@ -12,7 +12,7 @@ from utils.errors import UserError
 
 
 def exit_on_user_error(main):
-  """Turns a UserError into one line on stderr and exit status 2 (no traceback)."""
+  """Turns a UserError into one line on stderr and exit status 2 (no traceback); see training.Interrupted."""
 
   @functools.wraps(main)
   def wrapped(argv):
@@ -21,7 +21,8 @@ def exit_on_user_error(main):
       return main(argv)
     except UserError as error:
       print(f"error: {error}", file=sys.stderr)
-      sys.exit(2)
+      # 2 for a bad input; 128 + N for a run stopped by signal N after saving (training.Interrupted).
+      sys.exit(getattr(error, "exit_code", 2))
 
   return wrapped
 

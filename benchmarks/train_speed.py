@@ -15,7 +15,6 @@ Each measurement runs in a fresh process: the precision policy is process-wide.
 """
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -116,16 +115,6 @@ def measure(what, precision, num_steps):
   return benchmark.time_train_steps(config, strategy, what == "xla", num_steps), crops
 
 
-def machine():
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, no GPU"
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10)
@@ -154,7 +143,8 @@ def main():
   notes = [f"- mixed_bfloat16 over float32, compiled step: {compiled['float32'] / compiled['mixed_bfloat16']:.2f}x",
            f"- compiled float32 step / plain forward+backward: {compiled['float32'] / floor:.2f}",
            f"- compiled over eager, float32: {rows['eager', 'float32'][0] / compiled['float32']:.2f}x"]
-  text = (f"# Pre-training speed\n\nMachine: {machine()}. Written by `python benchmarks/train_speed.py "
+  from utils.benchmark import machine_description
+  text = (f"# Pre-training speed\n\nMachine: {machine_description()}. Written by `python benchmarks/train_speed.py "
           f"--steps {args.steps}` on {time.strftime('%Y-%m-%d')}, machine otherwise idle.\n\n"
           "Train-step rows: WRN-28-2, 32 unlabeled images x (2 x 32 px + 6 x 18 px views) + "
           "10 classes x 8 supports x 2 views = 416 crops per step. Pipeline row: the paper's full batch "

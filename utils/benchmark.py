@@ -1,4 +1,9 @@
-"""Timing of the compiled PAWS train step on random inputs of a config's shapes (`paws_train.py --benchmark`)."""
+"""Timing of the compiled PAWS train step on random inputs of a config's shapes (`paws_train.py --benchmark`).
+
+Also the one-line machine description every benchmark writes next to its numbers.
+"""
+import os
+import platform
 import time
 
 import tensorflow as tf
@@ -42,3 +47,16 @@ def report(config, strategy, jit_compile, num_steps):
   crops = crops_per_step(config.pretrain)
   return (f"benchmark: {config.run.precision}, xla={jit_compile}, {strategy.num_replicas_in_sync} replica(s): "
           f"{1 / seconds:.2f} steps/s, {crops / seconds:.0f} crops/s ({crops} crops per step)")
+
+
+def machine_description():
+  """CPU model, core count, Python version and GPUs, for the header of a benchmark table."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  gpus = [device.name for device in tf.config.list_physical_devices("GPU")]
+  return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, " + (
+      f"GPUs: {', '.join(gpus)}" if gpus else "no GPU")

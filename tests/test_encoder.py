@@ -1,6 +1,7 @@
-"""WideResNet trunk, heads and BatchNorm momentum (METHOD.md section 3)."""
+"""WideResNet trunk, heads, padding, initialisation and BatchNorm momentum (METHOD.md section 3)."""
 import ml_collections
 import numpy as np
+import pytest
 import tensorflow as tf
 import tf_keras
 
@@ -21,6 +22,86 @@ def test_wrn_28_2_parameter_counts():
   with_prediction = encoder_lib.build_encoder(config(prediction_head=True), 32)
   # BN(128) + Dense 128->32 + BN(32) + Dense 32->128
   assert encoder_lib.count_parameters(with_prediction.prediction) == 256 + 4128 + 64 + 4224
+
+
+def numpy_conv(images, kernel, bias, stride, pad):
+  """Cross-correlation as PyTorch's Conv2d(padding=pad, stride=stride): zero padding on every side."""
+  padded = np.pad(images, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+  kernel_height, kernel_width = kernel.shape[:2]
+  out_height = (padded.shape[1] - kernel_height) // stride + 1
+  out_width = (padded.shape[2] - kernel_width) // stride + 1
+  out = np.zeros([images.shape[0], out_height, out_width, kernel.shape[-1]])
+  for i in range(out_height):
+    for j in range(out_width):
+      patch = padded[:, i * stride:i * stride + kernel_height, j * stride:j * stride + kernel_width, :]
+      out[:, i, j, :] = np.einsum("nhwc,hwcf->nf", patch, kernel)
+  return out + bias
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_convolutions_pad_symmetrically_like_pytorch(size):
+  encoder = encoder_lib.build_encoder(config(depth=10, width=1), 8)
+  block = encoder.trunk.blocks[1]  # stage 2: 16 -> 32 channels, stride 2 on conv2 and on the shortcut
+  rng = np.random.default_rng(0)
+  for layer, in_channels, stride, pad in [(block.conv1, 16, 1, 1), (block.conv2, 32, 2, 1),
+                                          (block.shortcut, 16, 2, 0), (encoder.trunk.stem, 3, 1, 1)]:
+    images = rng.normal(size=[2, size, size, in_channels]).astype(np.float32)
+    kernel, bias = (v.numpy() for v in (layer.kernel, layer.bias))
+    assert kernel.shape[:2] == ((1, 1) if pad == 0 else (3, 3)) and layer.strides == (stride, stride)
+    expected = numpy_conv(images.astype(np.float64), kernel, bias, stride, pad)
+    np.testing.assert_allclose(layer(images).numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(tf.function(layer)(images).numpy(), expected, rtol=1e-4, atol=1e-4)  # traced
+  # The 1x1 stride-2 shortcut samples the even positions (0, 2, ...).
+  images = rng.normal(size=[2, size, size, 16]).astype(np.float32)
+  kernel, bias = block.shortcut.kernel.numpy()[0, 0], block.shortcut.bias.numpy()
+  np.testing.assert_allclose(block.shortcut(images).numpy(), images[:, ::2, ::2] @ kernel + bias, rtol=1e-4, atol=1e-4)
+  if size % 2 == 0:  # TensorFlow's "same" pads bottom/right only here: the oracle tells them apart
+    images = rng.normal(size=[2, size, size, 32]).astype(np.float32)
+    same = tf.nn.conv2d(images, block.conv2.kernel, 2, "SAME").numpy() + block.conv2.bias.numpy()
+    assert np.abs(same - block.conv2(images).numpy()).max() > 1e-2
+
+
+def weighted_layers(encoder):
+  return [layer for layer in encoder.submodules if isinstance(layer, (encoder_lib.Conv2D, encoder_lib.Dense))]
+
+
+def test_initialisation_is_pytorch_default_fan_in_uniform():
+  tf_keras.utils.set_random_seed(0)
+  encoder = encoder_lib.build_encoder(config(depth=10, width=2, prediction_head=True), 8)
+  kinds, normalised_biases = set(), []
+  for layer in weighted_layers(encoder):
+    kernel, bias = layer.kernel.numpy().ravel(), layer.bias.numpy()
+    fan_in = int(np.prod(layer.kernel.shape[:-1]))  # in_channels x kh x kw (Dense: in_features)
+    bound = 1 / np.sqrt(fan_in)
+    kinds.add(tuple(layer.kernel.shape[:-2]) if isinstance(layer, encoder_lib.Conv2D) else "dense")
+    n = kernel.size
+    # U(-b, b): std b/sqrt(3); the sample std's relative standard error is sqrt(0.8 / n) / 2
+    assert np.abs(kernel).max() <= bound * (1 + 1e-6), layer.name
+    assert np.abs(kernel).max() >= bound * (1 - 20 / n), layer.name  # fills the whole range
+    assert abs(kernel.std() / (bound / np.sqrt(3)) - 1) < 5 * 0.45 / np.sqrt(n), (layer.name, kernel.std())
+    assert abs(kernel.mean()) < 5 * bound / np.sqrt(3 * n), layer.name
+    assert np.abs(bias).max() <= bound * (1 + 1e-6), layer.name
+    normalised_biases.append(bias / bound)
+  assert kinds == {(3, 3), (1, 1), "dense"}
+  biases = np.concatenate(normalised_biases)  # one bias has few entries: pool them, each scaled by its bound
+  assert abs(biases.std() * np.sqrt(3) - 1) < 5 * 0.45 / np.sqrt(biases.size), biases.std()
+  assert abs(biases.mean()) < 5 / np.sqrt(3 * biases.size)
+  for layer in encoder.submodules:
+    if isinstance(layer, tf_keras.layers.BatchNormalization):
+      np.testing.assert_array_equal(layer.gamma.numpy(), 1.0)
+      np.testing.assert_array_equal(layer.beta.numpy(), 0.0)
+
+
+def test_initialisation_follows_the_global_seed():
+  def initial_weights(seed):
+    tf_keras.utils.set_random_seed(seed)
+    return encoder_lib.build_encoder(config(depth=10, width=1), 8).get_weights()
+
+  first, again, other = initial_weights(3), initial_weights(3), initial_weights(4)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+  kernels_and_biases = [(a, b) for a, b in zip(first, other) if a.std() > 0]  # BN statistics are constant
+  assert kernels_and_biases and all(not np.array_equal(a, b) for a, b in kernels_and_biases)
 
 
 def test_outputs_and_bn_momentum_translation():

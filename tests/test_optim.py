@@ -1,32 +1,42 @@
-"""Schedule values and LARS exclusions (METHOD.md section 5)."""
+"""Learning-rate schedule and LARS updates against NumPy oracles (METHOD.md sections 5 and 6)."""
 import math
 
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
+import tf_keras
 
 from utils import encoder as encoder_lib
 from utils import optim
 
 
-def test_warmup_cosine_schedule_values():
-  warmup, total = 1950, 117000  # 10 and 600 epochs of 195 steps
-  schedule = optim.warmup_cosine_schedule(0.8, 3.2, 0.032, warmup, total)
-  assert float(schedule(0)) == pytest.approx(0.8)
-  assert float(schedule(warmup // 2)) == pytest.approx(2.0, rel=1e-4)
-  assert float(schedule(warmup)) == pytest.approx(3.2)
-  assert float(schedule(total - 1)) == pytest.approx(0.032, rel=1e-4)
-  middle = warmup + (total - 1 - warmup) // 2
-  expected = 0.032 + 0.5 * (3.2 - 0.032) * (1 + math.cos(math.pi * 0.5))
-  assert float(schedule(middle)) == pytest.approx(expected, rel=1e-3)
-  values = [float(schedule(s)) for s in range(warmup, total, 997)]
-  assert all(a >= b for a, b in zip(values, values[1:]))
+def reference_lr(update, start_lr, peak_lr, final_lr, warmup_steps, total_steps):
+  """The reference's WarmupCosineSchedule lambda at LambdaLR step `update` (the 0-based update index)."""
+  if update < warmup_steps:
+    return start_lr + update / max(1, warmup_steps) * (peak_lr - start_lr)
+  progress = (update - warmup_steps) / max(1, total_steps - warmup_steps)
+  return max(final_lr, final_lr + (peak_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def test_no_warmup_schedule_starts_at_peak():
-  schedule = optim.warmup_cosine_schedule(0.0, 0.1, 0.01, 0, 180)
-  assert float(schedule(0)) == pytest.approx(0.1)
-  assert float(schedule(179)) == pytest.approx(0.01, rel=1e-4)
+@pytest.mark.parametrize("start_lr,peak_lr,final_lr,warmup_steps,total_steps", [
+    (0.8, 3.2, 0.032, 1950, 117000),  # pre-training: 10 warm-up epochs of 600, 195 steps each
+    (0.0, 0.1, 0.01, 0, 180),  # fine-tuning: 30 epochs of 6 steps, no warm-up
+])
+def test_schedule_matches_the_reference_at_every_update(start_lr, peak_lr, final_lr, warmup_steps, total_steps):
+  schedule = optim.warmup_cosine_schedule(start_lr, peak_lr, final_lr, warmup_steps, total_steps)
+  updates = np.arange(total_steps)
+  ours = schedule(tf.constant(updates, tf.int64)).numpy()
+  expected = np.array([reference_lr(k, start_lr, peak_lr, final_lr, warmup_steps, total_steps) for k in updates])
+  np.testing.assert_allclose(ours[:warmup_steps], expected[:warmup_steps], rtol=1e-6)  # warm-up
+  np.testing.assert_allclose(ours[warmup_steps:], expected[warmup_steps:], rtol=1e-6)  # cosine
+  assert ours[0] == pytest.approx(start_lr if warmup_steps else peak_lr)
+  assert ours[warmup_steps] == pytest.approx(peak_lr)
+  # The cosine spans total - warmup updates: the last update is still above final_lr (fine-tuning:
+  # 0.0100069; pre-training: 0.032 + 6e-10, below float32 resolution).
+  last_progress = (total_steps - 1 - warmup_steps) / (total_steps - warmup_steps)
+  assert ours[-1] == pytest.approx(final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * last_progress)))
+  assert float(schedule(total_steps + 50)) == pytest.approx(final_lr)  # held after the end
 
 
 def tiny_encoder(prediction_head):
@@ -35,27 +45,62 @@ def tiny_encoder(prediction_head):
   return encoder_lib.build_encoder(model, 8)
 
 
+def is_bias_or_batch_norm(variable):
+  layer_name, variable_name = variable.name.split("/")[-2:]
+  return variable_name == "bias:0" or variable_name in ("gamma:0", "beta:0") and layer_name.startswith(
+      ("bn", "final_bn"))
+
+
 @pytest.mark.parametrize("prediction_head", [False, True])
-def test_lars_excludes_exactly_biases_and_batchnorm(prediction_head):
+def test_one_lars_step_on_the_encoder(prediction_head):
+  """Biases and BN parameters take -lr * g; every other variable the Model Garden LARS step."""
+  learning_rate, weight_decay, eta = 0.5, 0.1, 0.001
   encoder = tiny_encoder(prediction_head)
-  optimizer = optim.build_lars(0.1, 0.9, 1e-6, 0.001)
-  names = [v.name for v in encoder.trainable_variables]
-  for name in names:
-    is_bias_or_bn = name.endswith("bias:0") or name.endswith("gamma:0") or name.endswith("beta:0")
-    assert optimizer._use_weight_decay(name) is (not is_bias_or_bn), name
-    assert optimizer._do_layer_adaptation(name) is (not is_bias_or_bn), name
-  assert sum(n.endswith("kernel:0") for n in names) > 0
-  assert sum(n.endswith("gamma:0") for n in names) > 0
+  variables = encoder.trainable_variables
+  before = [v.numpy().astype(np.float64) for v in variables]
+  rng = np.random.default_rng(0)
+  gradients = [rng.normal(size=v.shape).astype(np.float32) for v in variables]
+  optimizer = optim.build_lars(learning_rate, 0.9, weight_decay, eta)
+  optimizer.apply_gradients(zip([tf.constant(g) for g in gradients], variables))  # momentum slots start at 0
+  kinds = {True: 0, False: 0}
+  for variable, weights, gradient in zip(variables, before, gradients):
+    excluded = is_bias_or_batch_norm(variable)
+    kinds[excluded] += 1
+    if excluded:  # raw learning rate, no weight decay, no trust ratio
+      expected = weights - learning_rate * gradient
+    else:  # coupled L2, then the trust ratio eta * ||w|| / ||g + wd w||
+      decayed = gradient + weight_decay * weights
+      expected = weights - learning_rate * eta * np.linalg.norm(weights) / np.linalg.norm(decayed) * decayed
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-7, err_msg=variable.name)
+  assert kinds[True] > 0 and kinds[False] > 0
+  # The encoder's own names: a conv kernel adapts, its bias and a BN gamma do not.
+  names = [v.name for v in variables]
+  assert any(n.endswith("conv2/kernel:0") for n in names) and any(n.endswith("final_bn/gamma:0") for n in names)
 
 
-def test_lars_update_matches_hand_computation():
-  import tensorflow as tf
-  kernel = tf.Variable([[3.0, 4.0]], name="dense/kernel")
-  bias = tf.Variable([1.0, -1.0], name="dense/bias")
-  optimizer = optim.build_lars(0.5, 0.9, 0.1, 0.001)
-  grad_kernel, grad_bias = tf.constant([[0.6, 0.8]]), tf.constant([0.2, 0.0])
-  optimizer.apply_gradients([(grad_kernel, kernel), (grad_bias, bias)])
-  g = np.array([[0.6, 0.8]]) + 0.1 * np.array([[3.0, 4.0]])  # coupled L2 decay
-  trust = 0.001 * 5.0 / np.linalg.norm(g)
-  np.testing.assert_allclose(kernel.numpy(), [[3.0, 4.0]] - 0.5 * trust * g, rtol=1e-6)
-  np.testing.assert_allclose(bias.numpy(), [1.0 - 0.5 * 0.2, -1.0], rtol=1e-6)  # raw lr, no decay
+def test_lars_follows_the_schedule_and_momentum():
+  """Update k uses schedule(k); the second update carries 0.9 of the first (SGD momentum, lr inside)."""
+  dense = encoder_lib.Dense(3, name="dense1")
+  batch_norm = encoder_lib.batch_norm("bn1")
+  model = tf_keras.Sequential([dense, batch_norm])
+  model(tf.zeros([2, 4]))
+  kernel, bias, gamma = dense.kernel, dense.bias, batch_norm.gamma
+  schedule = optim.warmup_cosine_schedule(0.1, 0.5, 0.01, 4, 10)  # updates 0, 1 at 0.1, 0.2
+  optimizer = optim.build_lars(schedule, 0.9, 1e-3, 0.01)
+  rng = np.random.default_rng(1)
+  steps = [[rng.normal(size=v.shape).astype(np.float32) for v in (kernel, bias, gamma)] for _ in range(2)]
+  values = [[v.numpy().astype(np.float64) for v in (kernel, bias, gamma)]]
+  for gradients in steps:
+    optimizer.apply_gradients(zip([tf.constant(g) for g in gradients], [kernel, bias, gamma]))
+    values.append([v.numpy().astype(np.float64) for v in (kernel, bias, gamma)])
+  for index in (1, 2):  # bias and BN gamma: plain SGD momentum at the raw scheduled rate
+    first = 0.1 * steps[0][index]
+    np.testing.assert_allclose(values[1][index], values[0][index] - first, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(values[2][index], values[1][index] - (0.9 * first + 0.2 * steps[1][index]),
+                               rtol=1e-6, atol=1e-7)
+  velocity = np.zeros_like(values[0][0])
+  for step, learning_rate in enumerate((0.1, 0.2)):
+    weights = values[step][0]
+    decayed = steps[step][0] + 1e-3 * weights
+    velocity = 0.9 * velocity + learning_rate * 0.01 * np.linalg.norm(weights) / np.linalg.norm(decayed) * decayed
+    np.testing.assert_allclose(values[step + 1][0], weights - velocity, rtol=1e-6, atol=1e-7)

@@ -1,6 +1,7 @@
 """Pre-activation WideResNet trunk with PAWS projection and prediction heads (METHOD.md section 3)."""
 import os
 
+import numpy as np
 import tensorflow as tf
 import tf_keras
 
@@ -22,12 +23,73 @@ def batch_norm(name, momentum=BN_MOMENTUM, synchronized=False, dtype=None):
       momentum=momentum, epsilon=BN_EPSILON, synchronized=synchronized, name=name, dtype=dtype)
 
 
+def fan_in_uniform_bound(fan_in):
+  """PyTorch's default Conv/Linear init bound 1/sqrt(fan_in), for weights and biases alike."""
+  return 1.0 / np.sqrt(fan_in)
+
+
+def fan_in_uniform_kernel():
+  """Weights ~ U(+-1/sqrt(fan_in)), fan_in = in_channels x kh x kw (METHOD.md section 3).
+
+  The reference's WRN and heads have no init code, so PyTorch's default
+  kaiming_uniform_(a=sqrt(5)) applies: bound sqrt(3) * sqrt(2 / (1 + 5)) /
+  sqrt(fan_in) = 1/sqrt(fan_in), which is VarianceScaling's uniform limit
+  sqrt(3 * scale / fan_in) at scale 1/3. (The kaiming-normal fan-out init in
+  the reference belongs to its ImageNet ResNet, not to the WRN.)
+  """
+  return tf_keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
+
+
+def set_fan_in_uniform_bias(layer, input_shape):
+  """Gives `layer` PyTorch's default bias init U(+-1/sqrt(fan_in)); call from build().
+
+  A Keras initializer only sees the bias shape [units], which does not carry
+  fan_in, so the bound is fixed here, where the input depth is first known.
+  Unseeded like the kernel's, it takes its seed, when first called, from the
+  generator tf_keras.utils.set_random_seed seeds, so it stays deterministic.
+  """
+  fan_in = int(input_shape[-1]) * int(np.prod(getattr(layer, "kernel_size", ())))
+  bound = fan_in_uniform_bound(fan_in)
+  layer.bias_initializer = tf_keras.initializers.RandomUniform(-bound, bound)
+
+
+class Conv2D(tf_keras.layers.Conv2D):
+  """Conv with PyTorch's symmetric zero padding (kernel_size - 1) / 2 and PyTorch's default init.
+
+  `padding="same"` at stride 2 on an even input pads only bottom/right, which
+  shifts the sampling grid by one pixel against the reference's `padding=1`;
+  padding explicitly on every side, then a `valid` conv, samples the same
+  positions (3x3: pad 1; the 1x1 shortcut: pad 0, i.e. even positions).
+  """
+
+  def __init__(self, filters, kernel_size, strides, **kwargs):
+    super().__init__(filters, kernel_size, strides=strides, padding="valid", use_bias=True,
+                     kernel_initializer=fan_in_uniform_kernel(), **kwargs)
+    self.pad = (kernel_size - 1) // 2
+
+  def build(self, input_shape):
+    set_fan_in_uniform_bias(self, input_shape)
+    super().build(input_shape)
+
+  def call(self, inputs):
+    if self.pad:
+      inputs = tf.pad(inputs, [[0, 0], [self.pad, self.pad], [self.pad, self.pad], [0, 0]])
+    return super().call(inputs)
+
+
+class Dense(tf_keras.layers.Dense):
+  """Dense with PyTorch's default nn.Linear init (weights and bias U(+-1/sqrt(in_features)))."""
+
+  def __init__(self, units, **kwargs):
+    super().__init__(units, kernel_initializer=fan_in_uniform_kernel(), **kwargs)
+
+  def build(self, input_shape):
+    set_fan_in_uniform_bias(self, input_shape)
+    super().build(input_shape)
+
+
 def conv(filters, kernel_size, strides, name):
-  # He-normal fan-out matches the reference's kaiming_normal_(mode='fan_out').
-  return tf_keras.layers.Conv2D(
-      filters, kernel_size, strides=strides, padding="same", use_bias=True,
-      kernel_initializer=tf_keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
-      name=name)
+  return Conv2D(filters, kernel_size, strides, name=name)
 
 
 class PreActBlock(tf_keras.layers.Layer):
@@ -87,7 +149,7 @@ def mlp_head(layer_dims, batch_norm_first, synchronized, name):
   """
   layers = [batch_norm("bn_in", synchronized=synchronized, dtype="float32")] if batch_norm_first else []
   for index, dim in enumerate(layer_dims):
-    layers.append(tf_keras.layers.Dense(dim, name=f"dense{index + 1}", dtype="float32"))
+    layers.append(Dense(dim, name=f"dense{index + 1}", dtype="float32"))
     if index < len(layer_dims) - 1:
       layers.append(batch_norm(f"bn{index + 1}", synchronized=synchronized, dtype="float32"))
       layers.append(tf_keras.layers.ReLU(name=f"relu{index + 1}", dtype="float32"))

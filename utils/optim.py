@@ -1,4 +1,7 @@
 """Learning-rate schedule and LARS optimizer (METHOD.md sections 5 and 6)."""
+import math
+
+import tensorflow as tf
 import tf_keras
 from official.modeling.optimization import lars
 
@@ -8,19 +11,45 @@ from official.modeling.optimization import lars
 LARS_EXCLUDE = [r"bias", r"(^|/)(bn\w*|final_bn)/(gamma|beta)"]
 
 
-def warmup_cosine_schedule(start_lr, peak_lr, final_lr, warmup_steps, total_steps):
-  """Linear warm-up start_lr -> peak_lr over warmup_steps, then cosine to final_lr.
+class WarmupCosineSchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
+  """The reference's per-update learning rate (METHOD.md section 5), computed in float64.
 
-  The last step (total_steps - 1) gets exactly final_lr. tf_keras' CosineDecay
-  already has the linear warm-up, so no custom schedule class is needed.
+  Update k (0-based; the legacy Keras optimizers call the schedule with their
+  update count before incrementing it, as the reference's LambdaLR steps after
+  each update) gets
+    start_lr + k / warmup_steps * (peak_lr - start_lr)            if k < warmup_steps,
+    final_lr + (peak_lr - final_lr) / 2 * (1 + cos(pi * (k - warmup_steps) / (total_steps - warmup_steps)))
+  otherwise. The cosine runs over total_steps - warmup_steps updates, so the
+  last update (total_steps - 1) is still slightly above final_lr, as in the
+  reference. tf_keras' CosineDecay has the same warm-up (step 0 = start_lr)
+  and, with decay_steps = total_steps - warmup_steps, the same formula, but it
+  computes in float32: cos near pi loses up to 2e-6 of the rate late in the
+  decay. float64 here, rounded to float32 at the end, gives the reference's
+  values to float32 rounding.
   """
-  decay_steps = max(total_steps - 1 - warmup_steps, 1)
-  return tf_keras.optimizers.schedules.CosineDecay(
-      initial_learning_rate=start_lr if warmup_steps else peak_lr,
-      decay_steps=decay_steps,
-      alpha=final_lr / peak_lr,
-      warmup_target=peak_lr if warmup_steps else None,
-      warmup_steps=warmup_steps)
+
+  def __init__(self, start_lr, peak_lr, final_lr, warmup_steps, total_steps):
+    super().__init__()
+    self.start_lr, self.peak_lr, self.final_lr = float(start_lr), float(peak_lr), float(final_lr)
+    self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float64)
+    warmup = tf.constant(float(self.warmup_steps), tf.float64)
+    warmup_lr = self.start_lr + step / max(self.warmup_steps, 1) * (self.peak_lr - self.start_lr)
+    # Past total_steps the cosine would climb back up; hold final_lr there instead (never reached in training).
+    progress = tf.minimum((step - warmup) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+    cosine_lr = self.final_lr + 0.5 * (self.peak_lr - self.final_lr) * (1 + tf.cos(math.pi * progress))
+    return tf.cast(tf.where(step < warmup, warmup_lr, cosine_lr), tf.float32)
+
+  def get_config(self):
+    return dict(start_lr=self.start_lr, peak_lr=self.peak_lr, final_lr=self.final_lr,
+                warmup_steps=self.warmup_steps, total_steps=self.total_steps)
+
+
+def warmup_cosine_schedule(start_lr, peak_lr, final_lr, warmup_steps, total_steps):
+  """Linear warm-up start_lr -> peak_lr over warmup_steps, then cosine towards final_lr (WarmupCosineSchedule)."""
+  return WarmupCosineSchedule(start_lr, peak_lr, final_lr, warmup_steps, total_steps)
 
 
 def build_lars(learning_rate, momentum, weight_decay, eta, precision="float32"):

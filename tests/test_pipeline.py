@@ -29,32 +29,70 @@ def test_sampler_batches_are_stratified_interleaved_and_unique(per_class, images
   assert len(set(orders)) > 1  # class order re-drawn across batches
 
 
-def test_sampler_sees_every_labeled_image_within_one_pass_and_reshuffles():
-  labels = make_labels(6)
-  sampler = pipeline.SupportSampler(labels, 5, 3, seed=3)
-  first_pass = np.concatenate([sampler.next_batch() for _ in range(2)])
-  second_pass = np.concatenate([sampler.next_batch() for _ in range(2)])
-  assert sorted(first_pass) == list(range(30))
-  assert sorted(second_pass) == list(range(30))
-  per_class_order = lambda seen: [list(seen[labels[seen] == c]) for c in range(5)]
-  assert per_class_order(first_pass) != per_class_order(second_pass)
+def test_sampler_batches_are_independent_draws():
+  """Each batch takes images_per_class of a fresh per-class shuffle, whatever earlier batches took."""
+  per_class, images_per_class, num_classes, num_batches = 10, 3, 10, 2000
+  labels = make_labels(per_class, num_classes)
+  batches = list(pipeline.support_batches(labels, num_classes, images_per_class, seed=5, start_step=0,
+                                          total_steps=num_batches))
+  present = np.zeros([num_batches, len(labels)], bool)
+  for step, batch in batches:
+    present[step, batch] = True
+  # An image's count over the batches is Binomial(num_batches, p). Every batch has exactly
+  # images_per_class per class, so the mean is exact; the spread tests independence (a sampler
+  # walking through per-class passes gives counts within 1 of the mean, variance ~0).
+  p = images_per_class / per_class
+  counts = present.sum(axis=0)
+  assert counts.mean() == num_batches * p
+  variance = num_batches * p * (1 - p)
+  observed = np.mean((counts - num_batches * p) ** 2)
+  assert abs(observed / variance - 1) < 4 * np.sqrt(2 / len(labels)), observed  # chi-square-like spread
+  # Two consecutive batches share, per class, a Hypergeometric(per_class, images_per_class,
+  # images_per_class) number of images if independent (a pass-based sampler: almost none).
+  # Disjoint pairs (0, 1), (2, 3), ... are independent of each other.
+  shared = (present[0::2] & present[1::2]).sum(axis=1)
+  mean = num_classes * images_per_class * p
+  shared_variance = num_classes * images_per_class * p * (1 - p) * (per_class - images_per_class) / (per_class - 1)
+  assert abs(shared.mean() - mean) < 4 * np.sqrt(shared_variance / len(shared)), shared.mean()
+  assert abs(shared.var() / shared_variance - 1) < 0.25, shared.var()
+  # Class order: each class at position 0 about equally often.
+  first = np.bincount(labels[[batch[0] for _, batch in batches]], minlength=num_classes)
+  expected = num_batches / num_classes
+  assert np.all(np.abs(first - expected) < 5 * np.sqrt(expected)), first
 
 
-def test_sampler_with_remainder_covers_each_pass_exactly_once():
+@pytest.mark.parametrize("start_step", [1, 7, 30])
+def test_support_batches_resume_exactly_without_replay(start_step):
   labels = make_labels(7)
-  sampler = pipeline.SupportSampler(labels, 5, 3, seed=0)
-  stream = np.concatenate([sampler.next_batch() for _ in range(7)])  # 3 full passes of 7
-  for c in range(5):
-    seen = stream[labels[stream] == c]
-    for start in range(0, 21, 7):
-      assert sorted(seen[start:start + 7]) == list(np.flatnonzero(labels == c))
+  full = list(pipeline.support_batches(labels, 5, 3, seed=2, start_step=0, total_steps=40))
+  resumed = list(pipeline.support_batches(labels, 5, 3, seed=2, start_step=start_step, total_steps=40))
+  assert [step for step, _ in resumed] == list(range(start_step, 40))
+  for (step_a, batch_a), (step_b, batch_b) in zip(full[start_step:], resumed):
+    assert step_a == step_b
+    assert batch_a.dtype == np.int64
+    np.testing.assert_array_equal(batch_a, batch_b)
+  sampler = pipeline.SupportSampler(labels, 5, 3, seed=2)
+  for step in range(5):
+    np.testing.assert_array_equal(sampler.next_batch(), full[step][1])
+  # No replay: a step far away costs the same as the first one.
+  [(far_step, far_batch)] = pipeline.support_batches(labels, 5, 3, seed=2, start_step=10**12, total_steps=10**12 + 1)
+  assert far_step == 10**12 and len(np.unique(far_batch)) == 15
+  other_seed = list(pipeline.support_batches(labels, 5, 3, seed=3, start_step=0, total_steps=40))
+  assert not all(np.array_equal(a, b) for (_, a), (_, b) in zip(full, other_seed))
 
 
 def test_sampler_subset_of_classes_per_batch():
   labels = make_labels(4, num_classes=6)
-  batch = pipeline.SupportSampler(labels, 3, 2, seed=0).next_batch()
-  classes = labels[batch].reshape(2, 3)
-  assert len(set(classes[0])) == 3 and (classes == classes[0]).all()
+  sampler = pipeline.SupportSampler(labels, 3, 2, seed=0)
+  included = np.zeros(6)
+  for step in range(600):
+    batch = sampler.batch(step)
+    assert len(np.unique(batch)) == 6
+    classes = labels[batch].reshape(2, 3)
+    assert len(set(classes[0])) == 3 and (classes == classes[0]).all()
+    included[classes[0]] += 1
+  # the first 3 of a fresh class permutation: each class in a batch with probability 1/2
+  assert np.all(np.abs(included - 300) < 5 * np.sqrt(600 * 0.25)), included
 
 
 def test_sampler_errors_on_too_few_images_or_classes():

@@ -16,12 +16,20 @@ class SupportSampler:
   """Class-stratified index batches for the support set (METHOD.md section 4).
 
   Each batch holds `classes_per_batch` classes x `images_per_class` images,
-  laid out interleaved by class (position i has the i mod K-th class of this
-  batch), the class order re-drawn every batch. Every class is a stream of
-  passes over its labeled images, each pass a fresh permutation; when a batch
-  straddles two passes, images already taken from the old pass are moved out
-  of the head of the new one, so no image appears twice in a batch.
+  laid out interleaved by class (position i has the (i mod K)-th chosen
+  class). As the reference does with all classes in every batch (CIFAR-10),
+  every batch is drawn afresh: its classes are the first `classes_per_batch`
+  of a new permutation of the classes, and each of them gives the first
+  `images_per_class` images of a new permutation of its labeled images. So no
+  image appears twice within a batch, and batches are independent of each
+  other (an image is in each batch with probability images_per_class / class
+  size, whatever came before). Batch `step` is a function of (seed, step)
+  only: a stream resumed at any step needs no replay.
   """
+
+  # A trailing non-zero word keeps these generators apart from unlabeled_indices'
+  # default_rng([seed, epoch]): numpy's SeedSequence ignores trailing zero words.
+  STREAM = 1
 
   def __init__(self, labels, classes_per_batch, images_per_class, seed):
     labels = np.asarray(labels)
@@ -38,28 +46,20 @@ class SupportSampler:
           f"{smallest} labeled images; lower images_per_class or label more images per class")
     self.classes_per_batch = classes_per_batch
     self.images_per_class = images_per_class
-    self.rng = np.random.default_rng(seed)
-    self.queues = [self.rng.permutation(m) for m in self.members]
+    self.seed = seed
+    self.step = 0
 
-  def _take(self, class_index):
-    queue = self.queues[class_index]
-    taken = queue[:self.images_per_class]
-    missing = self.images_per_class - len(taken)
-    if missing:
-      fresh = self.rng.permutation(self.members[class_index])
-      fresh = np.concatenate([fresh[~np.isin(fresh, taken)], fresh[np.isin(fresh, taken)]])
-      taken = np.concatenate([taken, fresh[:missing]])
-      queue = fresh[missing:]
-    else:
-      queue = queue[self.images_per_class:]
-    self.queues[class_index] = queue
-    return taken
+  def batch(self, step):
+    """Returns the int64 [images_per_class * classes_per_batch] indices of batch `step`, interleaved by class."""
+    rng = np.random.default_rng([self.seed, step, self.STREAM])
+    chosen = rng.permutation(len(self.classes))[:self.classes_per_batch]
+    columns = [rng.permutation(self.members[c])[:self.images_per_class] for c in chosen]
+    return np.stack(columns, axis=1).reshape(-1).astype(np.int64)
 
   def next_batch(self):
-    """Returns int64 [images_per_class * classes_per_batch] interleaved by class."""
-    chosen = self.rng.permutation(len(self.classes))[:self.classes_per_batch]
-    columns = [self._take(c) for c in chosen]
-    return np.stack(columns, axis=1).reshape(-1)
+    """The batch of the next step (0, 1, ... since construction)."""
+    self.step += 1
+    return self.batch(self.step - 1)
 
 
 def unlabeled_indices(num_images, batch_size, step, seed):
@@ -71,12 +71,10 @@ def unlabeled_indices(num_images, batch_size, step, seed):
 
 
 def support_batches(labels, classes_per_batch, images_per_class, seed, start_step, total_steps):
-  """Yields (step, support indices) for steps [start_step, total_steps), replaying the sampler up to start_step."""
+  """Yields (step, support indices) for steps [start_step, total_steps); each batch depends on (seed, step) only."""
   sampler = SupportSampler(labels, classes_per_batch, images_per_class, seed)
-  for _ in range(start_step):
-    sampler.next_batch()
   for step in range(start_step, total_steps):
-    yield step, sampler.next_batch()
+    yield step, sampler.batch(step)
 
 
 def _step_seed(seed, step, stream):

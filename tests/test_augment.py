@@ -1,4 +1,4 @@
-"""Tests for utils/augment.py: METHOD.md section 4 semantics and reference ops."""
+"""Tests for utils/augment.py: METHOD.md section 4 semantics against PIL / Model Garden oracles."""
 import itertools
 import math
 
@@ -6,20 +6,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from official.vision.ops import augment as model_garden
+from PIL import Image, ImageOps
 
 from utils import augment
 
 SEED = tf.constant([3, 7], tf.int32)
 RATIO = (3 / 4, 4 / 3)
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+# Only the named op changes pixels: full-image box at the input size (an exact copy), no flip.
+ONLY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, color_jitter_prob=0.0,
+            solarize_prob=0.0, equalize_prob=0.0, mean=MEAN, std=STD)
 
 
 def random_uint8(shape, seed=0, low=0, high=256):
-  return np.random.default_rng(seed).integers(low, high, size=shape,
-                                              dtype=np.uint8)
-
-
-def seed_for(index):
-  return tf.constant([11, index], tf.int32)
+  return np.random.default_rng(seed).integers(low, high, size=shape, dtype=np.uint8)
 
 
 def assert_rate(mask, prob):
@@ -29,25 +30,36 @@ def assert_rate(mask, prob):
   assert abs(mask.mean() - prob) < 3 * sigma, (mask.mean(), prob)
 
 
-# ---- NumPy reference: crop the box, then bilinear with half-pixel centres ----
-
-def numpy_taps(start, length, size):
-  position = start + (np.arange(size) + 0.5) * length / size - 0.5
-  position = np.clip(position, start, start + length - 1)
-  lower = np.floor(position).astype(int)
-  upper = np.minimum(lower + 1, start + length - 1)
-  return lower, upper, position - lower
+def unnormalize(views):
+  return np.asarray(views) * np.array(STD) + np.array(MEAN)
 
 
-def numpy_resized_crop(image, box, size):
+def color_jitter(images, seed, brightness, contrast, saturation, hue, prob):
+  """ColorJitter with p = prob through the batched helpers augment_batch uses."""
+  parameters = augment._sample_jitter(seed, tf.shape(images)[0], brightness, contrast, saturation, hue, prob)
+  return augment._jitter(images, parameters)
+
+
+# ---- PIL oracle: the reference cuts the crop, then resizes it with PIL's bilinear filter ----
+
+def pil_resized_crop(image, box, size):
   top, left, height, width = (int(value) for value in box)
-  lower, upper, fraction = numpy_taps(top, height, size)
-  image = image.astype(np.float64)
-  rows = (image[lower] * (1 - fraction)[:, None, None] +
-          image[upper] * fraction[:, None, None])
-  lower, upper, fraction = numpy_taps(left, width, size)
-  return (rows[:, lower] * (1 - fraction)[None, :, None] +
-          rows[:, upper] * fraction[None, :, None])
+  crop = Image.fromarray(image).crop((left, top, left + width, top + height))
+  return np.asarray(crop.resize((size, size), Image.BILINEAR)).astype(np.float64)
+
+
+def assert_within_one_level(ours, image, box, size):
+  """ours: float [size, size, 3] in [0, 1]. PIL rounds to uint8 after each of its two passes, we do not: the
+  difference is at most 1 grey level (plus float32 rounding)."""
+  difference = np.abs(np.asarray(ours, np.float64) * 255 - pil_resized_crop(image, box, size))
+  assert difference.max() <= 1 + 1e-3, (box, size, difference.max())
+
+
+def random_boxes(rng, count, height, width, min_side=1):
+  sides = rng.integers(min_side, [height + 1, width + 1], size=(count, 2))
+  tops = rng.integers(0, height - sides[:, 0] + 1)
+  lefts = rng.integers(0, width - sides[:, 1] + 1)
+  return np.stack([tops, lefts, sides[:, 0], sides[:, 1]], axis=1).astype(np.int32)
 
 
 # ---- crop boxes (METHOD.md section 4: scale is a fraction of the AREA; METHOD.md section 9, pitfall 6) ----
@@ -55,8 +67,7 @@ def numpy_resized_crop(image, box, size):
 def test_crop_boxes_follow_area_scale_and_ratio():
   height = width = 32
   scale = (0.3, 0.75)
-  boxes = augment.sample_crop_boxes(SEED, 4000, height, width, scale,
-                                    RATIO).numpy()
+  boxes = augment.sample_crop_boxes(SEED, 4000, height, width, scale, RATIO).numpy()
   top, left, crop_height, crop_width = boxes.T
   assert boxes.dtype == np.int32 and boxes.shape == (4000, 4)
   assert (top >= 0).all() and (left >= 0).all()
@@ -90,65 +101,83 @@ def test_crop_boxes_fall_back_to_centre_crop(height, width, expected):
   np.testing.assert_array_equal(boxes.numpy(), np.tile(expected, (5, 1)))
 
 
+# ---- resize: PIL's antialiased bilinear on the cut-out crop (METHOD.md section 4) ----
+
 @pytest.mark.parametrize("side", [32, 18])
-def test_full_box_at_same_size_is_exact_copy(side):
-  image = random_uint8((1, side, side, 3))
-  as_float = image.astype(np.float32) * np.float32(1 / 255)
-
-  def crop(images):
-    return augment.random_resized_crop(images, SEED, side, (1.0, 1.0),
-                                       (1.0, 1.0))
-
-  assert crop(image).dtype == tf.float32
-  np.testing.assert_array_equal(crop(image).numpy(), as_float)
-  np.testing.assert_array_equal(crop(as_float).numpy(), as_float)
-  np.testing.assert_array_equal(tf.function(crop)(as_float).numpy(), as_float)
-  # The XLA-compiled pixel path of augment_batch, before normalisation.
-  box = tf.constant([[0, 0, side, side]], tf.int32)
-  views, _ = augment._augment_pixels(image, box, None, None, None, side,
-                                     augment.CIFAR10_MEAN, augment.CIFAR10_STD)
-  np.testing.assert_array_equal(views.numpy(), as_float)
-
-
-def test_half_size_resize_averages_two_by_two_blocks():
-  # Half-pixel centres: output pixel k of a 2x downscale samples input
-  # position 2k + 0.5, the mean of pixels 2k and 2k + 1 along each axis.
-  image = np.random.default_rng(1).random((1, 16, 16, 3)).astype(np.float32)
-  box = tf.constant([[2, 4, 8, 8]], tf.int32)
-  resized = augment._crop_to_unit_range(tf.constant(image), box, 4).numpy()
-  crop = image[0, 2:10, 4:12]
-  blocks = crop.reshape(4, 2, 4, 2, 3).mean(axis=(1, 3))
-  np.testing.assert_allclose(resized[0], blocks, atol=1e-6)
+def test_box_at_output_size_is_exact_copy(side):
+  images = random_uint8((3, 32, 32, 3))
+  as_float = images.astype(np.float32) * np.float32(1 / 255)
+  boxes = tf.constant([[0, 0, side, side], [32 - side, 32 - side, side, side], [5 % (33 - side), 0, side, side]],
+                      tf.int32)
+  expected = np.stack([as_float[n, top:top + side, left:left + side]
+                       for n, (top, left, _, _) in enumerate(boxes.numpy())])
+  np.testing.assert_array_equal(augment._crop_to_unit_range(images, boxes, side).numpy(), expected)
+  np.testing.assert_array_equal(augment._crop_to_unit_range(as_float, boxes, side).numpy(), expected)
+  # The XLA-compiled pixel path of augment_batch, before normalisation; a flip mirrors the copy.
+  flip = tf.constant([False, True, False])
+  views, _ = augment._augment_pixels(images, boxes, flip, None, None, side, MEAN, STD)
+  expected[1] = expected[1, :, ::-1]
+  np.testing.assert_array_equal(views.numpy(), expected)
 
 
 @pytest.mark.parametrize("size, scale", [(18, (0.3, 0.75)), (32, (0.75, 1.0))])
-def test_random_resized_crop_matches_numpy_bilinear(size, scale):
+def test_paper_crops_match_pil_bilinear(size, scale):
   images = random_uint8((64, 32, 32, 3), seed=2)
   boxes = augment.sample_crop_boxes(SEED, 64, 32, 32, scale, RATIO).numpy()
-  crops = augment.random_resized_crop(images, SEED, size, scale).numpy()
+  crops = augment._crop_to_unit_range(images, boxes, size).numpy()
+  compiled, _ = augment._augment_pixels(images, boxes, None, None, None, size, MEAN, STD)
   assert crops.shape == (64, size, size, 3)
+  for image, box, crop, view in zip(images, boxes, crops, compiled.numpy()):
+    assert_within_one_level(crop, image, box, size)
+    assert_within_one_level(view, image, box, size)
+
+
+@pytest.mark.parametrize("size", [18, 32, 7])
+def test_random_boxes_shrunk_and_enlarged_match_pil_bilinear(size):
+  rng = np.random.default_rng(size)
+  images = random_uint8((96, 32, 32, 3), seed=size)
+  boxes = random_boxes(rng, 96, 32, 32)
+  boxes[0] = (3, 17, 10, 12)  # enlarged along both axes
+  boxes[1] = (0, 0, 32, 1)  # one pixel wide
+  crops, _ = augment._augment_pixels(images, boxes, None, None, None, size, MEAN, STD)
+  for image, box, crop in zip(images, boxes, crops.numpy()):
+    assert_within_one_level(crop, image, box, size)
+
+
+def test_enlarging_matches_pil_on_non_square_images():
+  rng = np.random.default_rng(5)
+  images = random_uint8((32, 20, 28, 3), seed=5)
+  boxes = random_boxes(rng, 32, 20, 28, min_side=2)
+  boxes[0] = (4, 9, 10, 12)
+  crops = augment._crop_to_unit_range(images, boxes, 32).numpy()
   for image, box, crop in zip(images, boxes, crops):
-    np.testing.assert_allclose(crop, numpy_resized_crop(image, box, size) / 255,
-                               atol=1e-5)
+    assert_within_one_level(crop, image, box, 32)
 
 
-def test_augment_batch_crop_and_flip_match_reference():
+def test_shrinking_is_antialiased():
+  # A 1-pixel checkerboard halved: every input pixel contributes, so the output is flat mid-grey (a 2-tap
+  # bilinear without antialiasing would sample single pixels and keep the pattern).
+  board = (np.indices((32, 32)).sum(axis=0) % 2 * 255).astype(np.uint8)
+  image = np.repeat(board[None, :, :, None], 3, axis=3)
+  crop = augment._crop_to_unit_range(image, tf.constant([[0, 0, 32, 32]]), 16).numpy()[0]
+  assert np.abs(crop[1:-1, 1:-1] * 255 - 127.5).max() < 1e-3
+  assert_within_one_level(crop, image[0], (0, 0, 32, 32), 16)
+
+
+def test_augment_batch_crop_and_flip_match_pil():
   images = random_uint8((256, 32, 32, 3), seed=3)
-  views = augment.augment_batch(images, SEED, 18, (0.3, 0.75),
-                                color_jitter_prob=0, solarize_prob=0,
-                                equalize_prob=0).numpy()
+  views = augment.augment_batch(images, SEED, 18, (0.3, 0.75), color_jitter_prob=0, solarize_prob=0,
+                                equalize_prob=0, mean=MEAN, std=STD)
   # augment_batch draws its boxes from the first of five sub-seeds.
   crop_seed = tf.random.experimental.stateless_split(SEED, 5)[0]
-  boxes = augment.sample_crop_boxes(crop_seed, 256, 32, 32, (0.3, 0.75),
-                                    RATIO).numpy()
-  mean, std = np.array(augment.CIFAR10_MEAN), np.array(augment.CIFAR10_STD)
+  boxes = augment.sample_crop_boxes(crop_seed, 256, 32, 32, (0.3, 0.75), RATIO).numpy()
   flipped = []
-  for image, box, view in zip(images, boxes, views):
-    reference = (numpy_resized_crop(image, box, 18) / 255 - mean) / std
-    if np.allclose(view, reference, atol=1e-4):
+  for image, box, view in zip(images, boxes, unnormalize(views) * 255):
+    reference = pil_resized_crop(image, box, 18)
+    if np.abs(view - reference).max() <= 1 + 1e-3:
       flipped.append(False)
     else:
-      np.testing.assert_allclose(view, reference[:, ::-1], atol=1e-4)
+      assert np.abs(view - reference[:, ::-1]).max() <= 1 + 1e-3
       flipped.append(True)
   assert_rate(flipped, 0.5)
 
@@ -156,39 +185,78 @@ def test_augment_batch_crop_and_flip_match_reference():
 # ---- flip, solarize, equalize, jitter: rates (4000 images, 3 sigma) ----
 
 def test_random_flip_rate_and_values():
-  images = np.broadcast_to(np.arange(4, dtype=np.float32)[None, None, :, None],
-                           (4000, 2, 4, 3))
+  images = np.broadcast_to(np.arange(4, dtype=np.float32)[None, None, :, None], (4000, 2, 4, 3))
   flipped = augment.random_flip(tf.constant(images), SEED).numpy()
   is_flipped = flipped[:, 0, 0, 0] == 3
-  np.testing.assert_array_equal(flipped[is_flipped],
-                                images[is_flipped, :, ::-1])
+  np.testing.assert_array_equal(flipped[is_flipped], images[is_flipped, :, ::-1])
   np.testing.assert_array_equal(flipped[~is_flipped], images[~is_flipped])
   assert_rate(is_flipped, 0.5)
 
 
-def test_solarize_rate():
-  images = tf.fill([4000, 2, 2, 3], 0.8)
-  solarized = augment.solarize(images, SEED, 0.2).numpy()
-  changed = solarized[:, 0, 0, 0] != np.float32(0.8)
-  np.testing.assert_allclose(solarized[changed], 0.2, atol=1e-6)
-  assert_rate(changed, 0.2)
+def test_augment_batch_solarize_rate():
+  # Level 255 is inverted unless the threshold is above 255 (probability 1/256).
+  white = np.full((4000, 2, 2, 3), 255, np.uint8)
+  views = unnormalize(augment.augment_batch(white, SEED, 2, **{**ONLY, "solarize_prob": 0.2}))
+  changed = np.abs(views - 1).max(axis=(1, 2, 3)) > 1e-4
+  np.testing.assert_allclose(views[changed], 0, atol=1e-5)
+  np.testing.assert_allclose(views[~changed], 1, atol=1e-5)
+  assert_rate(changed, 0.2 * 255 / 256)
+  thresholds = augment._sample_solarize(SEED, 20000, 0.2).numpy()
+  selected = thresholds < 1.5  # at most (256 - 0.5) / 255: level 256 inverts nothing
+  assert set(np.unique(thresholds[~selected])) == {2.0}  # not selected: above every pixel
+  assert_rate(selected, 0.2)
 
 
-def test_equalize_rate():
+def test_augment_batch_equalize_rate():
   # Low-contrast images (levels 0..63) are always stretched by equalize.
-  images = tf.constant(random_uint8((4000, 24, 24, 3), high=64),
-                       tf.float32) / 255.0
-  equalized = augment.equalize(images, SEED, 0.2).numpy()
-  changed = (equalized != images.numpy()).any(axis=(1, 2, 3))
+  images = random_uint8((4000, 24, 24, 3), high=64)
+  views = unnormalize(augment.augment_batch(images, SEED, 24, **{**ONLY, "equalize_prob": 0.2}))
+  changed = np.abs(views - images / 255).max(axis=(1, 2, 3)) > 1e-4
   assert_rate(changed, 0.2)
 
 
-def test_color_jitter_rate_leaves_others_untouched():
-  images = tf.constant(random_uint8((4000, 4, 4, 3)), tf.float32) / 255.0
-  jittered = augment.color_jitter(images, SEED, 0.4, 0.4, 0.4, 0.1,
-                                  0.8).numpy()
-  changed = (jittered != images.numpy()).any(axis=(1, 2, 3))
+def test_augment_batch_color_jitter_rate():
+  images = random_uint8((4000, 4, 4, 3))
+  views = unnormalize(augment.augment_batch(images, SEED, 4, **{**ONLY, "color_jitter_prob": 0.8}))
+  changed = np.abs(views - images / 255).max(axis=(1, 2, 3)) > 1e-4
   assert_rate(changed, 0.8)
+
+
+# ---- solarize: a new threshold t ~ U[0, 256) per image, PIL semantics (METHOD.md section 4; section 9, pitfall 3) ----
+
+def solarize_levels(thresholds):
+  """The first inverted level of each image: threshold = (level - 0.5) / 255."""
+  return np.round(np.asarray(thresholds, np.float64) * 255 + 0.5).astype(int)
+
+
+def test_solarize_matches_pil_at_drawn_thresholds():
+  images = special_uint8_images()
+  thresholds = augment._sample_solarize(SEED, len(images), 1.0)
+  ours = augment._solarize(tf.constant(images, tf.float32) * (1 / 255), thresholds).numpy()
+  levels = solarize_levels(thresholds)
+  assert len(set(levels)) > 6  # a new threshold for each image
+  for image, level, result in zip(images, levels, ours):
+    expected = np.asarray(ImageOps.solarize(Image.fromarray(image), level))
+    np.testing.assert_array_equal(np.round(result * 255), expected)
+    # Any real threshold t in (level - 1, level] inverts the same levels: i >= t iff i >= ceil(t).
+    expected = np.asarray(ImageOps.solarize(Image.fromarray(image), level - 0.37))
+    np.testing.assert_array_equal(np.round(result * 255), expected)
+
+
+def test_solarize_threshold_is_uniform_on_0_256():
+  # Every image holds all 256 levels. With t ~ U[0, 256), level v is inverted iff t <= v: rate v / 256.
+  levels = np.arange(256)
+  images = np.broadcast_to(levels[:, None].astype(np.float32) / 255, (4000, 1, 256, 3))
+  thresholds = augment._sample_solarize(SEED, 4000, 1.0)
+  inverted = (augment._solarize(tf.constant(images), thresholds).numpy() != images)[:, 0, :, 0]
+  # Inverted levels are exactly those at or above the image's threshold.
+  first = inverted.argmax(axis=1)
+  np.testing.assert_array_equal(inverted, levels[None, :] >= np.where(inverted.any(axis=1), first, 256)[:, None])
+  rate = inverted.mean(axis=0)
+  assert rate[0] == 0 and rate[255] > 0.98
+  # Kolmogorov-Smirnov: the empirical CDF of the threshold against U[0, 256) (critical value 1.95 at 0.1 %).
+  assert math.sqrt(4000) * np.abs(rate - levels / 256).max() < 1.95
+  assert abs(solarize_levels(thresholds).mean() - 128.5) < 3 * 73.9 / math.sqrt(4000)
 
 
 # ---- colour jitter semantics (METHOD.md section 4, 9.4) ----
@@ -196,12 +264,10 @@ def test_color_jitter_rate_leaves_others_untouched():
 def test_brightness_factor_range():
   # Values below 1/1.4 never clip, so out / in is the brightness factor.
   images = tf.random.stateless_uniform([4000, 4, 4, 3], SEED, 0.05, 0.7)
-  jittered = augment.color_jitter(images, SEED, 0.4, 0, 0, 0, 1.0).numpy()
+  jittered = color_jitter(images, SEED, 0.4, 0, 0, 0, 1.0).numpy()
   ratio = jittered / images.numpy()
   factor = ratio[:, 0, 0, 0]
-  np.testing.assert_allclose(
-      ratio, np.broadcast_to(factor[:, None, None, None], ratio.shape),
-      rtol=1e-5)
+  np.testing.assert_allclose(ratio, np.broadcast_to(factor[:, None, None, None], ratio.shape), rtol=1e-5)
   assert factor.min() >= 0.6 - 1e-6 and factor.max() <= 1.4 + 1e-6
   assert factor.min() < 0.61 and factor.max() > 1.39
   assert abs(factor.mean() - 1.0) < 0.02  # uniform on [0.6, 1.4]
@@ -212,32 +278,28 @@ def test_contrast_and_saturation_keep_their_anchor():
   weights = np.array([0.299, 0.587, 0.114], np.float32)
   gray = images.numpy() @ weights
   # Contrast blends with the mean gray level: that mean is preserved.
-  contrasted = augment.color_jitter(images, SEED, 0, 0.4, 0, 0, 1.0).numpy()
-  np.testing.assert_allclose((contrasted @ weights).mean(axis=(1, 2)),
-                             gray.mean(axis=(1, 2)), atol=1e-5)
+  contrasted = color_jitter(images, SEED, 0, 0.4, 0, 0, 1.0).numpy()
+  np.testing.assert_allclose((contrasted @ weights).mean(axis=(1, 2)), gray.mean(axis=(1, 2)), atol=1e-5)
   assert not np.allclose(contrasted, images.numpy(), atol=1e-3)
   # Saturation blends with each pixel's gray level: gray is preserved.
-  saturated = augment.color_jitter(images, SEED, 0, 0, 0.4, 0, 1.0).numpy()
+  saturated = color_jitter(images, SEED, 0, 0, 0.4, 0, 1.0).numpy()
   np.testing.assert_allclose(saturated @ weights, gray, atol=1e-5)
   assert not np.allclose(saturated, images.numpy(), atol=1e-3)
 
 
 def test_hue_keeps_gray_images_and_matches_tf_adjust_hue():
-  gray = tf.tile(tf.random.stateless_uniform([200, 5, 5, 1], SEED),
-                 [1, 1, 1, 3])
-  np.testing.assert_array_equal(
-      augment.color_jitter(gray, SEED, 0, 0, 0, 0.1, 1.0).numpy(), gray.numpy())
+  gray = tf.tile(tf.random.stateless_uniform([200, 5, 5, 1], SEED), [1, 1, 1, 3])
+  np.testing.assert_array_equal(color_jitter(gray, SEED, 0, 0, 0, 0.1, 1.0).numpy(), gray.numpy())
   images = tf.random.stateless_uniform([8, 5, 5, 3], SEED)
   shifts = tf.constant([-0.5, -0.1, -0.03, 0.0, 0.02, 0.1, 0.37, 0.5])
   rotated = augment._rotate_hue(images, shifts).numpy()
   for image, shift, result in zip(images, shifts, rotated):
-    np.testing.assert_allclose(result, tf.image.adjust_hue(image, shift),
-                               atol=2e-6)
+    np.testing.assert_allclose(result, tf.image.adjust_hue(image, shift), atol=2e-6)
 
 
 def test_hue_shift_range():
   images = tf.random.stateless_uniform([2000, 3, 3, 3], SEED)
-  jittered = augment.color_jitter(images, SEED, 0, 0, 0, 0.1, 1.0)
+  jittered = color_jitter(images, SEED, 0, 0, 0, 0.1, 1.0)
   before = tf.image.rgb_to_hsv(images).numpy()[..., 0]
   after = tf.image.rgb_to_hsv(jittered).numpy()[..., 0]
   shift = (after - before + 0.5) % 1.0 - 0.5  # circular difference
@@ -249,8 +311,7 @@ def test_hue_shift_range():
 def test_jitter_order_is_a_uniform_random_permutation_per_image():
   parameters = augment._sample_jitter(SEED, 24000, 0.4, 0.4, 0.4, 0.1, 1.0)
   factor = parameters["factor"].numpy()
-  operation = (parameters["contrast"].numpy() +
-               2 * parameters["saturation"].numpy()).astype(int)
+  operation = (parameters["contrast"].numpy() + 2 * parameters["saturation"].numpy()).astype(int)
   orders = []
   for passes_factor, passes_operation in zip(factor, operation):
     active = passes_factor != 1.0  # factor 1 marks an inactive pass
@@ -258,15 +319,14 @@ def test_jitter_order_is_a_uniform_random_permutation_per_image():
     order.append(3)  # hue sits between the two halves
     order += [op for op, on in zip(passes_operation[3:], active[3:]) if on]
     orders.append(tuple(order))
-  counts = {order: orders.count(order)
-            for order in itertools.permutations(range(4))}
+  counts = {order: orders.count(order) for order in itertools.permutations(range(4))}
   assert sum(counts.values()) == 24000  # every image runs each op once
   expected = 24000 / 24
   for count in counts.values():
     assert abs(count - expected) < 4 * math.sqrt(expected)
 
 
-# ---- solarize / equalize against Model Garden's per-image ops (METHOD.md section 9, pitfall 3) ----
+# ---- equalize against Model Garden's per-image op (METHOD.md section 9, pitfall 3) ----
 
 def special_uint8_images():
   images = random_uint8((12, 20, 20, 3), seed=4)
@@ -278,51 +338,52 @@ def special_uint8_images():
   return images
 
 
-def test_solarize_matches_model_garden():
-  images = special_uint8_images()
-  ours = augment.solarize(tf.constant(images, tf.float32) / 255.0, SEED, 1.0)
-  ours = np.round(ours.numpy() * 255).astype(np.uint8)
-  for image, result in zip(images, ours):
-    np.testing.assert_array_equal(result, model_garden.solarize(image).numpy())
-
-
 def test_equalize_matches_model_garden():
   images = special_uint8_images()
-  ours = augment.equalize(tf.constant(images, tf.float32) / 255.0, SEED, 1.0)
-  ours = np.round(ours.numpy() * 255).astype(np.uint8)
-  for image, result in zip(images, ours):
+  mask = tf.constant([True] * 6 + [False, True] * 3)
+  indices, equalized = augment._equalize_selected(tf.constant(images, tf.float32) / 255.0, mask)
+  np.testing.assert_array_equal(indices.numpy()[:, 0], np.flatnonzero(mask))
+  ours = np.round(equalized.numpy() * 255).astype(np.uint8)
+  for image, result in zip(images[mask.numpy()], ours):
     np.testing.assert_array_equal(result, model_garden.equalize(image).numpy())
   np.testing.assert_array_equal(ours[2, ..., 0], 77)
 
 
 # ---- augment_batch: shapes, range, determinism, tf.function and tf.data ----
 
-@pytest.mark.parametrize("size, scale, as_float",
-                         [(32, (0.75, 1.0), True), (18, (0.3, 0.75), False)])
+@pytest.mark.parametrize("size, scale, as_float", [(32, (0.75, 1.0), True), (18, (0.3, 0.75), False)])
 def test_augment_batch_shape_dtype_and_range(size, scale, as_float):
   images = random_uint8((16, 32, 32, 3), seed=6)
   if as_float:
     images = images.astype(np.float32) * np.float32(1 / 255)
-  views = augment.augment_batch(images, SEED, size, scale).numpy()
+  views = augment.augment_batch(images, SEED, size, scale, mean=MEAN, std=STD).numpy()
   assert views.shape == (16, size, size, 3) and views.dtype == np.float32
-  mean, std = np.array(augment.CIFAR10_MEAN), np.array(augment.CIFAR10_STD)
+  mean, std = np.array(MEAN), np.array(STD)
   assert (views >= (0 - mean) / std - 1e-5).all()
   assert (views <= (1 - mean) / std + 1e-5).all()
   # Every image gets its own draws: identical inputs, different views.
   same = np.repeat(images[:1], 16, axis=0)
-  views = augment.augment_batch(same, SEED, size, scale).numpy()
+  views = augment.augment_batch(same, SEED, size, scale, mean=MEAN, std=STD).numpy()
   assert len({view.tobytes() for view in views}) == 16
+
+
+def test_augment_batch_requires_mean_and_std():
+  images = random_uint8((2, 8, 8, 3))
+  with pytest.raises(TypeError, match="mean"):
+    augment.augment_batch(images, SEED, 8, (0.5, 1.0))
+  with pytest.raises(TypeError, match="std"):
+    augment.augment_batch(images, SEED, 8, (0.5, 1.0), mean=MEAN)
+  # The constants are applied as given.
+  views = augment.augment_batch(images, SEED, 8, **{**ONLY, "mean": (0.5,) * 3, "std": (0.25,) * 3}).numpy()
+  np.testing.assert_allclose(views, (images / 255 - 0.5) / 0.25, atol=1e-5)
 
 
 def test_normalize_uint8_and_float_agree():
   images = random_uint8((2, 4, 4, 3), seed=7)
-  from_uint8 = augment.normalize(images, augment.CIFAR10_MEAN,
-                                 augment.CIFAR10_STD).numpy()
-  from_float = augment.normalize(tf.constant(images, tf.float32) / 255.0,
-                                 augment.CIFAR10_MEAN,
-                                 augment.CIFAR10_STD).numpy()
+  from_uint8 = augment.normalize(images, MEAN, STD).numpy()
+  from_float = augment.normalize(tf.constant(images, tf.float32) / 255.0, MEAN, STD).numpy()
   np.testing.assert_allclose(from_uint8, from_float, atol=1e-6)
-  expected = ((images / 255.0 - augment.CIFAR10_MEAN) / augment.CIFAR10_STD)
+  expected = (images / 255.0 - MEAN) / STD
   np.testing.assert_allclose(from_uint8, expected, atol=1e-5)
 
 
@@ -330,7 +391,7 @@ def test_augment_batch_is_deterministic_everywhere():
   images = tf.constant(random_uint8((16, 32, 32, 3), seed=8))
 
   def view(seed):
-    return augment.augment_batch(images, seed, 18, (0.3, 0.75))
+    return augment.augment_batch(images, seed, 18, (0.3, 0.75), mean=MEAN, std=STD)
 
   eager = view(SEED).numpy()
   np.testing.assert_array_equal(view(SEED).numpy(), eager)
@@ -343,19 +404,30 @@ def test_augment_batch_is_deterministic_everywhere():
   np.testing.assert_array_equal(from_data[0], view(SEED + 1).numpy())
 
 
-def test_public_ops_run_in_dataset_map():
-  images = tf.constant(random_uint8((8, 32, 32, 3), seed=9))
+def test_fusion_fence_fallback_gives_the_same_pixels(monkeypatch):
+  # The optimization barrier only guides XLA's fusion: without it (identity fallback when the internal module
+  # cannot be imported) the pixels stay the same up to float32 rounding (fused loops may round differently).
+  images = tf.constant(random_uint8((32, 32, 32, 3), seed=10))
+  seeds = tf.unstack(tf.random.experimental.stateless_split(SEED, 4))
+  boxes = augment.sample_crop_boxes(seeds[0], 32, 32, 32, (0.3, 0.75), RATIO)
+  flip = augment._coins(seeds[1], 32, 0.5)
+  jitter = augment._sample_jitter(seeds[2], 32, 0.4, 0.4, 0.4, 0.1, 0.8)
+  thresholds = augment._sample_solarize(seeds[3], 32, 0.5)
+  arguments = (images, boxes, flip, jitter, thresholds, 18, MEAN, STD)
+  fenced = augment._augment_pixels(*arguments)
+  monkeypatch.setattr(augment, "_optimization_barrier", None)
+  unfenced = tf.function(augment._augment_pixels.python_function, jit_compile=True, autograph=False)(*arguments)
+  for with_fence, without_fence in zip(fenced, unfenced):
+    np.testing.assert_allclose(without_fence.numpy(), with_fence.numpy(), atol=1e-5)
+
+
+def test_flip_and_normalize_run_in_dataset_map():
+  images = tf.constant(random_uint8((8, 6, 6, 3), seed=9))
 
   def pipeline(seed):
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
-    views = augment.random_resized_crop(images, seeds[0], 18, (0.3, 0.75))
-    views = augment.random_flip(views, seeds[1])
-    views = augment.color_jitter(views, seeds[2], 0.4, 0.4, 0.4, 0.1, 0.8)
-    views = augment.solarize(views, seeds[3], 0.2)
-    views = augment.equalize(views, seeds[4], 0.2)
-    return augment.normalize(views, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+    return augment.normalize(augment.random_flip(images, seed), MEAN, STD)
 
   eager = pipeline(SEED).numpy()
   dataset = tf.data.Dataset.from_tensors(SEED).map(pipeline)
   np.testing.assert_array_equal(next(dataset.as_numpy_iterator()), eager)
-  assert eager.shape == (8, 18, 18, 3)
+  assert eager.shape == (8, 6, 6, 3)

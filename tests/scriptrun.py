@@ -65,6 +65,16 @@ ERRORS = {
     "no_encoder": "no trained encoder there",
     "model_config": "was trained with another model config",
     "run_setting": "must be one of",
+    "out_of_range": "is out of range: must be",
+    "not_allowed": "is not allowed: must be",
+    "unknown_field": "has no field",
+    "bad_flag_value": "invalid value --",
+    "unknown_preset": "unknown preset",
+    "unknown_flag": "unknown command line flag",
+    "flag_order": "before a value for --config",
+    "config_file": "cannot load the config file",
+    "workdir_in_use": "is in use by",
+    "download": "could not download CIFAR-10",
 }
 
 

@@ -1,11 +1,18 @@
 """Bad input through the command line: exit status 2, one 'error:' line, nothing in the workdir touched."""
+import glob
+import json
 import os
 import re
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
 from tests import fake_cifar
 from tests import scriptrun
+from utils.errors import UserError
 
 ROOT_README = os.path.join(scriptrun.ROOT, "README.md")
 CIFAR = ["--config=config.py:cifar10"]
@@ -148,6 +155,110 @@ def test_eval_on_a_missing_workdir(tmp_path):
 def test_bad_run_settings(override, workdir):
   line = scriptrun.fails_cleanly("paws_train.py", override, error="run_setting", workdir=workdir)
   assert override.split("=")[0].removeprefix("--config.") in line
+
+
+# --- CIFAR-10 download without network ------------------------------------------------------------
+
+# Runs a script with utils.datasets.CIFAR10_DOWNLOAD_URL replaced by argv[1].
+WITH_DOWNLOAD_URL = ("import runpy, sys\n"
+                     "from utils import datasets\n"
+                     "datasets.CIFAR10_DOWNLOAD_URL = sys.argv.pop(1)\n"
+                     "sys.argv.pop(0)\n"
+                     "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def test_download_failure_is_one_line_with_the_offline_remedy(tmp_path, workdir):
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{probe.getsockname()[1]}/cifar-10-python.tar.gz"  # closed once the probe is
+  before = scriptrun.snapshot(workdir)
+  result = subprocess.run(
+      [sys.executable, "-c", WITH_DOWNLOAD_URL, url, "paws_train.py", *CIFAR, f"--workdir={workdir}"],
+      cwd=scriptrun.ROOT, env=dict(scriptrun.environment(), KERAS_HOME=str(tmp_path / "keras")),
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 2, result.stderr[-2000:]
+  line = scriptrun.error_line(result)
+  assert line.startswith(f"error: {scriptrun.ERRORS['download']} from {url} (connection refused)")
+  assert "pass --data_dir=DIR" in line and "cifar-10-python.tar.gz" in line
+  assert scriptrun.snapshot(workdir) == before
+  assert os.listdir(tmp_path / "keras" / "datasets") == []  # nothing half-downloaded left to trust later
+
+
+# --- One run per workdir ---------------------------------------------------------------------------
+
+# Holds the lock of the workdir argv[1] (lock file argv[2]) as a run would, without TensorFlow.
+LOCK_HOLDER = ("import fcntl, json, os, sys, time\n"
+               "handle = open(os.path.join(sys.argv[1], sys.argv[2]), 'a+')\n"
+               "fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+               "handle.truncate(0)\n"
+               "json.dump({'pid': os.getpid(), 'host': 'elsewhere', 'command': 'paws_train.py --workdir=W'}, handle)\n"
+               "handle.flush()\n"
+               "print('locked', flush=True)\n"
+               "time.sleep(120)\n")
+
+
+def test_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
+  from utils import runtime  # imports TensorFlow; the rest of this module runs it in subprocesses only
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(workdir), runtime.LOCK_FILE],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(UserError) as error:
+      runtime.lock_workdir(str(workdir))
+    assert str(error.value).startswith(
+        f"workdir {workdir} is in use by process {holder.pid} on elsewhere (paws_train.py --workdir=W); ")
+  finally:
+    holder.kill()
+    holder.wait()
+  lock_path = workdir / runtime.LOCK_FILE
+  assert json.loads(lock_path.read_text())["pid"] == holder.pid  # the killed holder's file stays...
+  handle = runtime.lock_workdir(str(workdir))  # ...but its lock died with it
+  mine = json.loads(lock_path.read_text())
+  assert mine["pid"] == os.getpid() and mine["host"] == socket.gethostname()
+  # Taken once per process; folders inside the workdir (fine_tune.py's finetuned/) are covered by it.
+  assert runtime.lock_workdir(str(workdir)) is handle
+  (workdir / "finetuned").mkdir()
+  assert runtime.lock_workdir(str(workdir / "finetuned")) is handle
+  assert not (workdir / "finetuned" / runtime.LOCK_FILE).exists()
+  other = subprocess.run([sys.executable, "-c", LOCK_HOLDER, str(workdir), runtime.LOCK_FILE],
+                         capture_output=True, text=True, timeout=60)
+  assert other.returncode != 0 and "BlockingIOError" in other.stderr
+
+
+def wait_for(condition, process, log_path, timeout=300):
+  deadline = time.time() + timeout
+  while not condition():
+    assert process.poll() is None, open(log_path).read()[-3000:]
+    assert time.time() < deadline, open(log_path).read()[-3000:]
+    time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_does_not_block(tmp_path):
+  workdir = str(tmp_path / "run")
+  args = scriptrun.TINY + ["--config.pretrain.epochs=200", "--config.run.checkpoint_every=2", f"--workdir={workdir}"]
+  first_log, third_log = str(tmp_path / "first.log"), str(tmp_path / "third.log")
+  first = scriptrun.start("paws_train.py", *args, log_path=first_log)
+  try:
+    wait_for(lambda: glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index")), first, first_log)
+    second = scriptrun.run("paws_train.py", *args)
+    assert second.returncode == 2, second.stderr[-2000:]
+    line = scriptrun.error_line(second)
+    assert f"{scriptrun.ERRORS['workdir_in_use']} process {first.pid} on {socket.gethostname()} (paws_train.py " in line
+    assert first.poll() is None  # the first run goes on undisturbed
+  finally:
+    first.kill()  # SIGKILL: no exit handler runs, the lock file stays behind
+    first.wait()
+  with open(os.path.join(workdir, ".lock")) as f:
+    assert json.load(f)["pid"] == first.pid
+  third = scriptrun.start("paws_train.py", *args, log_path=third_log)
+  try:
+    wait_for(lambda: "resuming from" in open(third_log).read(), third, third_log)
+  finally:
+    third.kill()
+    third.wait()
 
 
 # --- The README's catalogue ------------------------------------------------------------

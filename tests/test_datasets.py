@@ -1,6 +1,16 @@
-"""Tests for utils/datasets.py: CIFAR-10 reading and its safety checks, digits, split files."""
+"""Tests for utils/datasets.py: CIFAR-10 reading and its safety checks, the downloader, digits, split files.
+
+The downloader is only ever pointed at 127.0.0.1: a closed port and small HTTP servers started here.
+"""
+import contextlib
+import hashlib
+import http.server
 import os
 import pickle
+import socket
+import threading
+import time
+import urllib.error
 
 import numpy as np
 import pytest
@@ -101,6 +111,155 @@ def test_cifar10_bad_labels(tmp_path):
         {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]})
   with pytest.raises(UserError, match="data_batch_3: labels outside 0..9"):
     datasets.load_cifar10(folder)
+
+
+# --- Downloading (load_cifar10 without --data_dir) -------------------------------------------------
+
+
+@contextlib.contextmanager
+def local_server(respond, lifetime=30):
+  """An HTTP server on 127.0.0.1 (a free port) answering every GET with respond(handler).
+
+  Yields the archive's URL on it. Stopped on exit, and in any case after `lifetime` seconds.
+  """
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # pylint: disable=invalid-name
+      respond(self)
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+  server.handle_error = lambda request, address: None  # a client that gave up is expected here
+  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+  thread.start()
+  stopper = threading.Timer(lifetime, server.shutdown)
+  stopper.daemon = True
+  stopper.start()
+  try:
+    yield f"http://127.0.0.1:{server.server_port}/{datasets.CIFAR10_ARCHIVE}"
+  finally:
+    stopper.cancel()
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def serving(content, claimed_length=None, delay=0.0):
+  """A respond() sending `content` with a Content-Length (claimed_length if given), after `delay` seconds."""
+
+  def respond(handler):
+    time.sleep(delay)
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/gzip")
+    handler.send_header("Content-Length", str(claimed_length or len(content)))
+    handler.end_headers()
+    handler.wfile.write(content)
+    handler.wfile.flush()  # then the handler returns and the connection closes (HTTP/1.0)
+
+  return respond
+
+
+def not_found(handler):
+  handler.send_error(404, "Not Found")
+
+
+def closed_port_url():
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  return f"http://127.0.0.1:{port}/{datasets.CIFAR10_ARCHIVE}"  # nothing listens there any more
+
+
+@pytest.fixture
+def fake_archive(tmp_path):
+  """(bytes, md5) of a fake CIFAR-10 archive in the official format."""
+  path, md5 = fake_cifar.make_archive(str(tmp_path / "source"))
+  with open(path, "rb") as file:
+    return file.read(), md5
+
+
+def test_download_then_offline_from_the_cache(tmp_path, fake_archive):
+  content, md5 = fake_archive
+  cache = str(tmp_path / "cache")
+  with local_server(serving(content)) as url:
+    _check_fake_cifar(*datasets.load_cifar10(None, expected_md5=md5, url=url, cache_dir=cache))
+  assert os.listdir(cache) == [datasets.CIFAR10_ARCHIVE]  # no temporary file left
+  assert fake_cifar.md5(os.path.join(cache, datasets.CIFAR10_ARCHIVE)) == md5
+  # The verified archive in the cache is used without the network.
+  _check_fake_cifar(*datasets.load_cifar10(None, expected_md5=md5, url=closed_port_url(), cache_dir=cache))
+
+
+def test_corrupt_cached_archive_is_downloaded_again(tmp_path, fake_archive):
+  content, md5 = fake_archive
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  (cache / datasets.CIFAR10_ARCHIVE).write_bytes(content[:len(content) // 2])  # as a cut download leaves it
+  (cache / (datasets.CIFAR10_ARCHIVE + ".x1.part")).write_bytes(b"left by a killed download")
+  with local_server(serving(content)) as url:
+    path = datasets.download_cifar10(url, str(cache), expected_md5=md5)
+  assert path == str(cache / datasets.CIFAR10_ARCHIVE) and fake_cifar.md5(path) == md5
+
+
+def test_keras_named_archive_in_the_cache_is_reused(tmp_path, fake_archive):
+  content, md5 = fake_archive
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  (cache / datasets.KERAS_CIFAR10_ARCHIVE).write_bytes(content)
+  assert datasets.download_cifar10(closed_port_url(), str(cache), expected_md5=md5) == str(
+      cache / datasets.KERAS_CIFAR10_ARCHIVE)
+
+
+def test_default_cache_follows_keras(monkeypatch, tmp_path):
+  monkeypatch.delenv("KERAS_HOME", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert datasets.default_cache_dir() == os.path.join(str(tmp_path), ".keras", "datasets")
+  monkeypatch.setenv("KERAS_HOME", str(tmp_path / "k"))
+  assert datasets.default_cache_dir() == os.path.join(str(tmp_path / "k"), "datasets")
+
+
+def resolution_fails(*args, **kwargs):
+  raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("closed_port", "(connection refused)"),
+    ("http_404", "(HTTP 404 Not Found)"),
+    ("interrupted", "(transfer interrupted after 1000 of 5000 bytes)"),
+    ("wrong_content", "checksum"),
+    ("no_dns", "cannot resolve the host name: Name or service not known; no network or no DNS?"),
+    ("stalled", "(timed out)"),
+])
+def test_download_failures_are_one_line_errors_that_leave_nothing(case, reason, tmp_path, fake_archive,
+                                                                  monkeypatch):
+  content, md5 = fake_archive
+  cache = tmp_path / "cache"
+  respond = {"http_404": not_found, "interrupted": serving(content[:1000], claimed_length=5000),
+             "wrong_content": serving(content[::-1]), "stalled": serving(content, delay=3.0)}.get(case)
+  if case == "no_dns":
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", resolution_fails)
+  with contextlib.ExitStack() as stack:
+    url = stack.enter_context(local_server(respond)) if respond else closed_port_url()
+    started = time.monotonic()
+    with pytest.raises(UserError) as error:
+      datasets.download_cifar10(url, str(cache), expected_md5=md5, timeout=0.5)
+    assert time.monotonic() - started < 2.5  # the stalled server is given up on after the timeout
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith(f"could not download CIFAR-10 from {url} ")
+  assert reason in message
+  assert f"put it in a folder DIR and pass --data_dir=DIR (or put it in {cache})" in message
+  assert os.listdir(cache) == []  # a partial or wrong file is never kept, so never trusted later
+  if case == "wrong_content":
+    assert hashlib.md5(content[::-1]).hexdigest() in message
+
+
+def test_unwritable_cache_is_a_download_error(tmp_path, fake_archive):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  with pytest.raises(UserError, match=r"could not download CIFAR-10 .*cannot write to .*--data_dir=DIR"):
+    datasets.download_cifar10(closed_port_url(), str(blocker / "cache"), expected_md5=fake_archive[1])
 
 
 def test_digits_matches_scaled_sklearn_images_and_split():

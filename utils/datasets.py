@@ -4,14 +4,18 @@ Every loader returns `(train_images, train_labels, test_images, test_labels)`:
 images uint8 [N, H, W, 3], labels int64 [N].
 """
 import hashlib
+import http.client
 import os
 import pickle
+import socket
 import tarfile
+import tempfile
+import urllib.error
+import urllib.request
 import zlib
 
 import numpy as np
 import tensorflow as tf
-import tf_keras
 from sklearn import datasets as sklearn_datasets
 from sklearn import model_selection
 
@@ -21,6 +25,11 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+# Where load_cifar10(None) downloads the archive from (read at call time: tests point it at a local server).
+CIFAR10_DOWNLOAD_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+# The same bytes under the name tf_keras' downloader gives them: reused if found in the cache.
+KERAS_CIFAR10_ARCHIVE = "cifar-10-batches-py.tar.gz"
+DOWNLOAD_TIMEOUT_SECONDS = 60  # per blocking socket operation, not for the whole transfer
 # Read in this order so training indices match the official order the split files index into.
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{number}" for number in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
@@ -114,25 +123,134 @@ def _read_batches_from_folder(folder):
   return batches
 
 
-def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5):
+def default_cache_dir():
+  """~/.keras/datasets, where Keras keeps its downloads ($KERAS_HOME/datasets if that is set)."""
+  return os.path.join(os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras"), "datasets")
+
+
+def download_cifar10(url=None, cache_dir=None, expected_md5=CIFAR10_MD5, timeout=DOWNLOAD_TIMEOUT_SECONDS):
+  """Returns the path of the official CIFAR-10 archive in the cache, downloading it if it is not there.
+
+  An archive in the cache counts only if its MD5 matches: a partial or corrupt one is deleted and
+  downloaded again. The download goes to a temporary file in the cache that is renamed into place only
+  once complete and hash-checked, so an interrupted or damaged transfer never looks like an archive.
+
+  Args:
+    url: where to download from; None = CIFAR10_DOWNLOAD_URL.
+    cache_dir: folder of the archive; None = default_cache_dir().
+    expected_md5: MD5 the archive must have.
+    timeout: seconds any one network operation may block.
+  Returns:
+    Path of the verified archive.
+  Raises:
+    UserError: the download failed (no network, name resolution, HTTP error, interrupted transfer,
+      checksum mismatch, unwritable cache); the message says how to run offline with --data_dir.
+  """
+  url = url or CIFAR10_DOWNLOAD_URL
+  cache_dir = cache_dir or default_cache_dir()
+  archive_path = os.path.join(cache_dir, CIFAR10_ARCHIVE)
+  for name in (CIFAR10_ARCHIVE, KERAS_CIFAR10_ARCHIVE):
+    path = os.path.join(cache_dir, name)
+    if os.path.isfile(path):
+      if _file_md5(path) == expected_md5:
+        return path
+      if name == CIFAR10_ARCHIVE:
+        print(f"{path} is incomplete or corrupted (checksum mismatch); deleting it and downloading again")
+        _remove_quietly(path)
+
+  def failure(reason):
+    return UserError(
+        f"could not download CIFAR-10 from {url} ({reason}); to run offline, get {CIFAR10_ARCHIVE} "
+        f"(from {CIFAR10_URL}) on a machine with network, put it in a folder DIR and pass --data_dir=DIR "
+        f"(or put it in {cache_dir})")
+
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    descriptor, partial_path = tempfile.mkstemp(prefix=CIFAR10_ARCHIVE + ".", suffix=".part", dir=cache_dir)
+  except OSError as error:
+    raise failure(f"cannot write to {cache_dir}: {error.strerror}") from None
+  print(f"downloading CIFAR-10 from {url} to {archive_path}")
+  try:
+    with os.fdopen(descriptor, "wb") as file:
+      received, expected = _fetch(url, file, timeout)
+    if expected is not None and received != expected:
+      raise failure(f"transfer interrupted after {received} of {expected} bytes")
+    md5 = _file_md5(partial_path)
+    if md5 != expected_md5:
+      raise failure(f"the downloaded file's checksum {md5} is not the official archive's {expected_md5}; "
+                    "it was deleted")
+    os.replace(partial_path, archive_path)
+  except urllib.error.HTTPError as error:
+    raise failure(f"HTTP {error.code} {error.reason}") from None
+  except urllib.error.URLError as error:
+    raise failure(_network_reason(error.reason)) from None
+  except (OSError, http.client.HTTPException) as error:
+    raise failure(_network_reason(error)) from None
+  finally:
+    _remove_quietly(partial_path)
+  return archive_path
+
+
+def _fetch(url, file, timeout, chunk_size=1 << 20):
+  """Copies the response body of `url` into `file`; returns (bytes received, Content-Length or None)."""
+  with urllib.request.urlopen(url, timeout=timeout) as response:
+    length = response.headers.get("Content-Length")
+    received = 0
+    # read(n) returns b"" when the peer closes early, without an error: the byte count tells.
+    for chunk in iter(lambda: response.read(chunk_size), b""):
+      file.write(chunk)
+      received += len(chunk)
+  return received, int(length) if length and length.isdigit() else None
+
+
+def _network_reason(error):
+  """Words a socket-level failure for the message."""
+  if isinstance(error, socket.gaierror):
+    return f"cannot resolve the host name: {error.strerror or error}; no network or no DNS?"
+  if isinstance(error, ConnectionRefusedError):
+    return "connection refused"
+  if isinstance(error, (socket.timeout, TimeoutError)):
+    return "timed out"
+  if isinstance(error, http.client.IncompleteRead):
+    return f"transfer interrupted after {len(error.partial)} bytes"
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return str(error) or type(error).__name__
+
+
+def _remove_quietly(path):
+  try:
+    os.remove(path)
+  except OSError:
+    pass
+
+
+def _assemble(batches):
+  """(train_images, train_labels, test_images, test_labels) from the six parsed batches, in official order."""
+  train_images = np.concatenate([batches[name][0] for name in CIFAR10_TRAIN_BATCHES])
+  train_labels = np.concatenate([batches[name][1] for name in CIFAR10_TRAIN_BATCHES])
+  test_images, test_labels = batches[CIFAR10_TEST_BATCH]
+  return train_images, train_labels, test_images, test_labels
+
+
+def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5, url=None, cache_dir=None):
   """Loads CIFAR-10 (METHOD.md section 4).
 
   Args:
-    data_dir: None to use the Keras downloader; else a directory holding `cifar-10-python.tar.gz`
-      or the extracted `cifar-10-batches-py/` folder, or that folder itself.
+    data_dir: None to download the official archive (download_cifar10, into cache_dir); else a
+      directory holding `cifar-10-python.tar.gz` or the extracted `cifar-10-batches-py/` folder, or
+      that folder itself.
     expected_md5: MD5 the archive must have before it is opened.
+    url, cache_dir: of the download when data_dir is None (see download_cifar10).
   Returns:
     (train_images, train_labels, test_images, test_labels); images uint8 [N, 32, 32, 3] in the
     official order, labels int64 [N].
   """
   if data_dir is None:
-    (train_images, train_labels), (test_images, test_labels) = (
-        tf_keras.datasets.cifar10.load_data())
-    return (train_images, train_labels.reshape(-1).astype(np.int64),
-            test_images, test_labels.reshape(-1).astype(np.int64))
+    return _assemble(_read_batches_from_archive(download_cifar10(url, cache_dir, expected_md5)))
 
   how_to_get = (f"download {CIFAR10_ARCHIVE} from {CIFAR10_URL} into {data_dir}, or omit "
-                f"--data_dir to use the Keras downloader")
+                f"--data_dir to download it")
   if not os.path.isdir(data_dir):
     raise UserError(f"data directory {data_dir} does not exist; {how_to_get}")
   archive_path = os.path.join(data_dir, CIFAR10_ARCHIVE)
@@ -153,10 +271,7 @@ def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5):
     raise UserError(f"{data_dir} holds neither {CIFAR10_ARCHIVE} nor {CIFAR10_FOLDER}/; "
                     f"{how_to_get}")
 
-  train_images = np.concatenate([batches[name][0] for name in CIFAR10_TRAIN_BATCHES])
-  train_labels = np.concatenate([batches[name][1] for name in CIFAR10_TRAIN_BATCHES])
-  test_images, test_labels = batches[CIFAR10_TEST_BATCH]
-  return train_images, train_labels, test_images, test_labels
+  return _assemble(batches)
 
 
 def load_digits(test_fraction=0.25, split_seed=0, image_size=16):

@@ -1,13 +1,21 @@
 """What the three entry scripts share around the model: errors, workdir, config, devices, precision."""
+import atexit
+import fcntl
 import functools
 import json
 import os
+import re
+import socket
 import sys
 
+from absl import app
+from absl import flags
 from absl import logging
+from ml_collections import config_flags
 import tensorflow as tf
 import tf_keras
 
+from utils import validation
 from utils.errors import UserError
 
 
@@ -28,7 +36,7 @@ def exit_on_user_error(main):
 
 
 def prepare_workdir(workdir):
-  """Creates the workdir and checks it is writable before any work starts."""
+  """Creates the workdir, checks it is writable and locks it (lock_workdir) before any work starts."""
   if not workdir:
     raise UserError("--workdir is required: the folder where checkpoints, logs and results go")
   try:
@@ -40,6 +48,7 @@ def prepare_workdir(workdir):
   except OSError as error:
     raise UserError(f"workdir {workdir} is not writable ({error.strerror}); "
                     "choose another --workdir or fix its permissions") from None
+  lock_workdir(workdir)
   return workdir
 
 
@@ -170,3 +179,131 @@ def set_precision(config):
   config.run.precision = resolve_precision(config.run.precision)
   tf_keras.mixed_precision.set_global_policy(config.run.precision)
   print(f"precision: {config.run.precision}")
+
+
+# --- Entry point, config flag and workdir lock ----------------------------------------------------
+
+
+def define_config_flag(default="config.py:digits", flag_values=flags.FLAGS, argv=None):
+  """Defines --config: a preset of config.py plus --config.FIELD=VALUE overrides. Returns the flag holder.
+
+  Without --config on the command line, ml_collections parses the default and its overrides while the
+  flag is defined, i.e. when the script is imported, where a bad override is a traceback nothing can
+  catch. Naming the default on the command line (in argv, right after the program name) makes absl parse
+  it with the other flags, in run_script's parser. Command lines with a --flagfile are left as they are.
+
+  Args:
+    default: "FILE:PRESET" used when the command line names none.
+    flag_values, argv: absl's registry and the command line (sys.argv, edited in place); for tests.
+  """
+  command_line = sys.argv if argv is None else argv
+  if not any(re.match(r"^--?(config|flagfile)(=|$)", arg) for arg in command_line[1:]):
+    command_line.insert(1, f"--config={default}")
+  return config_flags.DEFINE_config_file("config", default, "Preset and overrides.", flag_values=flag_values,
+                                         lock_config=True, sys_argv=None if argv is None else argv)
+
+
+def run_script(main, workdir_flag="workdir"):
+  """Runs an entry script's main(argv) under absl, as `app.run(exit_on_user_error(main))` did, and more.
+
+  A bad command line (unknown preset, unknown config field, wrong type, unknown flag) is one `error:` line
+  and exit 2 (validation.parse_flags); then, before main, the config is checked field by field
+  (validation.validate_config) and the --workdir, if it exists, is locked for this process (lock_workdir;
+  prepare_workdir locks one it creates). --help still prints the usage.
+  """
+
+  @functools.wraps(main)
+  def checked_main(argv):
+    validation.validate_config(flags.FLAGS["config"].value)
+    workdir = flags.FLAGS[workdir_flag].value if workdir_flag in flags.FLAGS else None
+    if workdir and os.path.isdir(workdir):
+      lock_workdir(workdir)
+    return main(argv)
+
+  app.run(exit_on_user_error(checked_main), flags_parser=_parse_flags_or_exit)
+
+
+def _parse_flags_or_exit(argv):
+  try:
+    return validation.parse_flags(argv)
+  except UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+LOCK_FILE = ".lock"
+_LOCKS = {}  # real path of each workdir this process holds -> its open lock file (closing it would release)
+
+
+def lock_workdir(workdir):
+  """Locks `workdir` for the rest of this process, or raises UserError naming the process that holds it.
+
+  An exclusive fcntl.flock on WORKDIR/.lock: the kernel releases it when the holder exits, also when it
+  is killed, so a lock left by a killed run never blocks the next one. The file holds the holder's pid,
+  host and command for the message; a normal exit removes it. A folder inside a workdir this process
+  already holds is covered by that lock (fine_tune.py writes WORKDIR/finetuned).
+
+  Returns:
+    The open lock file; the lock lasts as long as it stays open (this module keeps a reference).
+  """
+  path = os.path.realpath(workdir)
+  for locked, handle in _LOCKS.items():
+    if path == locked or path.startswith(locked + os.sep):
+      return handle
+  lock_path = os.path.join(path, LOCK_FILE)
+  while True:
+    try:
+      handle = open(lock_path, "a+")
+    except OSError as error:
+      raise UserError(f"workdir {workdir} is not writable ({error.strerror}); "
+                      "choose another --workdir or fix its permissions") from None
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = _describe_holder(handle.read())
+      handle.close()
+      raise UserError(f"workdir {workdir} is in use by {holder}; wait for it to end or stop it, "
+                      "or use another --workdir") from None
+    except OSError as error:  # a file system without flock (some network mounts): run unlocked
+      print(f"warning: cannot lock workdir {workdir} ({error.strerror}); make sure no other run uses it",
+            file=sys.stderr)
+      handle.close()
+      return None
+    # A holder that just exited may have removed the file after we opened it: hold the file at the path.
+    if _same_file(handle, lock_path):
+      break
+    handle.close()
+  handle.seek(0)
+  handle.truncate()
+  json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]}, handle)
+  handle.flush()
+  _LOCKS[path] = handle
+  atexit.register(_release_lock, lock_path, handle)
+  return handle
+
+
+def _same_file(handle, path):
+  try:
+    return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+  except FileNotFoundError:
+    return False
+
+
+def _describe_holder(text):
+  try:
+    holder = json.loads(text)
+    return f"process {holder['pid']} on {holder['host']} ({holder['command']})"
+  except (ValueError, KeyError, TypeError):  # the holder has not written its details yet
+    return "another process"
+
+
+def _release_lock(lock_path, handle):
+  """Removes the lock file while still holding it (a process that opened it meanwhile retries), then unlocks."""
+  try:
+    if _same_file(handle, lock_path):
+      os.remove(lock_path)
+  except OSError:
+    pass  # left behind, it only holds a stale pid: the next run takes the lock all the same
+  handle.close()

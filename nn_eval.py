@@ -13,9 +13,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from utils import datasets
 from utils import evaluation
@@ -23,7 +21,7 @@ from utils import plots
 from utils import runtime
 from utils.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "config.py:digits", "Preset and overrides.", lock_config=True)
+_CONFIG = runtime.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pre-training (and fine-tuning) run.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 offline folder, as for paws_train.py.")
 _ENCODER = flags.DEFINE_enum("encoder", "auto", list(evaluation.ENCODER_CHOICES),

@@ -11,9 +11,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
 import time
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
 from utils import benchmark
@@ -27,7 +25,7 @@ from utils import steps
 from utils import training
 from utils.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "config.py:digits", "Preset and overrides.", lock_config=True)
+_CONFIG = runtime.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and the trained encoder.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 offline: folder with cifar-10-python.tar.gz or cifar-10-batches-py/.")
 _SPLIT_FILE = flags.DEFINE_string("split_file", None, "Labeled subset as a reference split file (one training index per line).")

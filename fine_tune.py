@@ -12,6 +12,7 @@ trains the same network on the labeled images alone (the supervised-only
 baseline; BatchNorm then uses batch statistics, as a fresh network must, and its
 moving statistics are re-estimated on the clean labeled images at the end).
 """
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
@@ -19,23 +20,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 from absl import flags
 import numpy as np
 
-from utils import augment
-from utils import datasets
+from utils import augment, datasets, optim, pipeline, plots, runtime, steps, training
 from utils import encoder as encoder_lib
-from utils import optim
-from utils import pipeline
-from utils import plots
-from utils import runtime
-from utils import steps
-from utils import training
 from utils.errors import UserError
 
 _CONFIG = runtime.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pre-training run; results go to WORKDIR/finetuned.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 offline folder, as for paws_train.py.")
 _FORCE = flags.DEFINE_bool("force", False, "Reuse a fine-tuning folder whose saved config differs.")
-_FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False,
-                                  "Supervised-only baseline: random init, labeled subset drawn by data.label_seed.")
+_FROM_SCRATCH = flags.DEFINE_bool(
+  "from_scratch", False, "Supervised-only baseline: random init, labeled subset drawn by data.label_seed."
+)
 
 RUN_SECTIONS = ("data", "model", "finetune")
 
@@ -53,8 +48,7 @@ def main(argv):
   train_images, train_labels, _, _ = datasets.load_dataset(config.data.dataset, _DATA_DIR.value)
   if _FROM_SCRATCH.value:
     runtime.prepare_workdir(workdir)
-    labeled = datasets.select_labeled_indices(train_labels, config.data.labeled_per_class,
-                                              config.data.label_seed)
+    labeled = datasets.select_labeled_indices(train_labels, config.data.labeled_per_class, config.data.label_seed)
     datasets.write_split_files(workdir, labeled)
   else:
     index_path = os.path.join(workdir, "labeled_indices.txt")
@@ -70,8 +64,9 @@ def main(argv):
   # --- Model, optimizer, checkpoint: newest intact checkpoint, else the pre-trained encoder --------
   schedule = optim.warmup_cosine_schedule(0.0, f.lr, f.final_lr, 0, total_steps)
   if _FROM_SCRATCH.value:
-    make_encoder = lambda: encoder_lib.build_encoder(config.model, config.data.image_size,
-                                                     synchronized_bn=strategy.num_replicas_in_sync > 1)
+    make_encoder = lambda: encoder_lib.build_encoder(
+      config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1
+    )
   else:
     make_encoder = lambda: encoder_lib.load_encoder(os.path.join(workdir, "encoder"), config, "paws_train.py")[0]
   state = training.create_train_state(strategy, make_encoder, schedule, f, config.run.precision)
@@ -80,16 +75,28 @@ def main(argv):
   runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
   restored = training.restore(state, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(state.step.numpy())
-  print(f"resuming from {restored} at step {start_step}" if restored else
-        "starting from " + ("a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder"))
+  print(
+    f"resuming from {restored} at step {start_step}"
+    if restored
+    else "starting from " + ("a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder")
+  )
 
   # --- Loop ------------------------------------------------------------------
-  dataset = pipeline.finetune_dataset(train_images[labeled], train_labels[labeled], f, config.data,
-                                      start_step=start_step, total_steps=total_steps, seed=config.seed)
-  train_steps = steps.suncet_steps(config, strategy, state.encoder, state.optimizer, jit_compile,
-                                   bn_training=_FROM_SCRATCH.value)
-  loop = training.Loop("finetune", total_steps, steps_per_epoch, f.views * f.images_per_class * f.classes_per_batch,
-                       schedule)
+  dataset = pipeline.finetune_dataset(
+    train_images[labeled],
+    train_labels[labeled],
+    f,
+    config.data,
+    start_step=start_step,
+    total_steps=total_steps,
+    seed=config.seed,
+  )
+  train_steps = steps.suncet_steps(
+    config, strategy, state.encoder, state.optimizer, jit_compile, bn_training=_FROM_SCRATCH.value
+  )
+  loop = training.Loop(
+    "finetune", total_steps, steps_per_epoch, f.views * f.images_per_class * f.classes_per_batch, schedule
+  )
   log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, output)
 
   # --- Results -----------------------------------------------------------------
@@ -97,10 +104,12 @@ def main(argv):
     # Trained with batch statistics: its moving averages must be re-estimated before
     # inference-mode evaluation (on the clean labeled images; the test set is never used).
     encoder_lib.reestimate_batch_norm(
-        state.encoder, augment.normalize(train_images[labeled], config.data.mean, config.data.std))
+      state.encoder, augment.normalize(train_images[labeled], config.data.mean, config.data.std)
+    )
   encoder_lib.save_encoder(state.encoder, config, output, total_steps)
-  plots.loss_curves(training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"),
-                    ("loss",), "SuNCEt fine-tuning")
+  plots.loss_curves(
+    training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"), ("loss",), "SuNCEt fine-tuning"
+  )
   print(f"fine-tuning done: {total_steps} steps; encoder saved to {output}")
 
 

@@ -9,23 +9,25 @@ Evaluates the fine-tuned encoder when the workdir has one, else the
 pre-trained one (or the one --encoder names). Writes eval.json, a confusion
 matrix and a PCA projection of the test embeddings into the workdir.
 """
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
 
 from absl import flags
 
-from utils import datasets
-from utils import evaluation
-from utils import plots
-from utils import runtime
+from utils import datasets, evaluation, plots, runtime
 from utils.errors import UserError
 
 _CONFIG = runtime.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pre-training (and fine-tuning) run.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 offline folder, as for paws_train.py.")
-_ENCODER = flags.DEFINE_enum("encoder", "auto", list(evaluation.ENCODER_CHOICES),
-                             "Which encoder of the workdir to evaluate (auto: fine-tuned if present).")
+_ENCODER = flags.DEFINE_enum(
+  "encoder",
+  "auto",
+  list(evaluation.ENCODER_CHOICES),
+  "Which encoder of the workdir to evaluate (auto: fine-tuned if present).",
+)
 
 
 def main(argv):
@@ -41,8 +43,7 @@ def main(argv):
   encoder = evaluation.load_float32_encoder(directory, config, written_by)
 
   # --- Data: the labeled subset saved by pre-training (supports) and the test set (queries) --------
-  train_images, train_labels, test_images, test_labels = datasets.load_dataset(
-      config.data.dataset, _DATA_DIR.value)
+  train_images, train_labels, test_images, test_labels = datasets.load_dataset(config.data.dataset, _DATA_DIR.value)
   index_path = os.path.join(workdir, "labeled_indices.txt")
   if not os.path.exists(index_path):
     raise UserError(f"{index_path} not found; run paws_train.py with this --workdir first")
@@ -50,16 +51,26 @@ def main(argv):
 
   # --- Evaluate and report -------------------------------------------------------
   metrics, embeddings, confusion = evaluation.evaluate(
-      encoder, config.data, config.eval, train_images[labeled], train_labels[labeled], test_images, test_labels)
-  metrics.update({"encoder": choice, "checkpoint": os.path.join(directory, "weights"),
-                  "config_name": config.name, "tau": config.eval.tau, "precision": "float32"})
+    encoder, config.data, config.eval, train_images[labeled], train_labels[labeled], test_images, test_labels
+  )
+  metrics.update(
+    {
+      "encoder": choice,
+      "checkpoint": os.path.join(directory, "weights"),
+      "config_name": config.name,
+      "tau": config.eval.tau,
+      "precision": "float32",
+    }
+  )
   runtime.write_json(os.path.join(workdir, "eval.json"), metrics)
   title = f"{config.name}, {choice} encoder, top-1 {metrics['top1']:.2f} %"
   plots.confusion_matrix(confusion, os.path.join(workdir, "confusion_matrix.png"), title)
   plots.pca_projection(embeddings, test_labels, os.path.join(workdir, "pca_projection.png"), title)
   print("per-class top-1: " + ", ".join(f"{c}: {a:.1f}" for c, a in enumerate(metrics["per_class"])))
-  print(f"soft-NN top-1 ({choice} encoder, {metrics['num_support']} supports, "
-        f"{metrics['num_test']} test images): {metrics['top1']:.2f} %")
+  print(
+    f"soft-NN top-1 ({choice} encoder, {metrics['num_support']} supports, "
+    f"{metrics['num_test']} test images): {metrics['top1']:.2f} %"
+  )
   print(f"results in {os.path.join(workdir, 'eval.json')}")
 
 

@@ -6,6 +6,7 @@ r"""PAWS pre-training (METHOD.md sections 2 to 5).
 
 Re-running the same command resumes from the newest intact checkpoint in the workdir.
 """
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
@@ -14,21 +15,18 @@ import time
 from absl import flags
 import numpy as np
 
-from utils import benchmark
-from utils import datasets
+from utils import benchmark, datasets, optim, pipeline, plots, runtime, steps, training
 from utils import encoder as encoder_lib
-from utils import optim
-from utils import pipeline
-from utils import plots
-from utils import runtime
-from utils import steps
-from utils import training
 from utils.errors import UserError
 
 _CONFIG = runtime.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and the trained encoder.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 offline: folder with cifar-10-python.tar.gz or cifar-10-batches-py/.")
-_SPLIT_FILE = flags.DEFINE_string("split_file", None, "Labeled subset as a reference split file (one training index per line).")
+_DATA_DIR = flags.DEFINE_string(
+  "data_dir", None, "CIFAR-10 offline: folder with cifar-10-python.tar.gz or cifar-10-batches-py/."
+)
+_SPLIT_FILE = flags.DEFINE_string(
+  "split_file", None, "Labeled subset as a reference split file (one training index per line)."
+)
 _FORCE = flags.DEFINE_bool("force", False, "Reuse a workdir whose saved config differs.")
 _BENCHMARK = flags.DEFINE_integer("benchmark", 0, "If > 0: time this many steps on random data and exit.")
 
@@ -40,18 +38,20 @@ def choose_labeled(train_labels, config, split_file):
   """The labeled subset: read from a split file, or drawn by the label seed."""
   num_classes = len(np.unique(train_labels))
   if split_file:
-    return datasets.read_split_file(split_file, len(train_labels), labels=train_labels,
-                                    expected_count=config.data.labeled_per_class * num_classes)
-  return datasets.select_labeled_indices(train_labels, config.data.labeled_per_class,
-                                         config.data.label_seed)
+    return datasets.read_split_file(
+      split_file, len(train_labels), labels=train_labels, expected_count=config.data.labeled_per_class * num_classes
+    )
+  return datasets.select_labeled_indices(train_labels, config.data.labeled_per_class, config.data.label_seed)
 
 
 def save_labeled(workdir, indices, force):
   """Saves the labeled indices; refuses to resume a run in this workdir with another subset."""
   saved_path = os.path.join(workdir, "labeled_indices.npy")
   if os.path.exists(saved_path) and not force and not np.array_equal(np.load(saved_path), indices):
-    raise UserError(f"{saved_path} holds another labeled subset (other --split_file or label seed); "
-                    "use a new --workdir, the same subset, or pass --force to overwrite")
+    raise UserError(
+      f"{saved_path} holds another labeled subset (other --split_file or label seed); "
+      "use a new --workdir, the same subset, or pass --force to overwrite"
+    )
   npy_path, txt_path = datasets.write_split_files(workdir, indices)
   print(f"labeled subset: {len(indices)} images, saved to {npy_path} and {txt_path}")
 
@@ -61,13 +61,16 @@ def check_batch_shapes(config, num_train, num_classes, num_replicas):
   if p.batch_size > num_train:
     raise UserError(f"pretrain.batch_size={p.batch_size} is larger than the {num_train} training images; lower it")
   if p.classes_per_batch > num_classes:
-    raise UserError(f"pretrain.classes_per_batch={p.classes_per_batch} but the data has {num_classes} classes; lower it")
+    raise UserError(
+      f"pretrain.classes_per_batch={p.classes_per_batch} but the data has {num_classes} classes; lower it"
+    )
   if p.images_per_class > config.data.labeled_per_class:
-    raise UserError(f"pretrain.images_per_class={p.images_per_class} exceeds data.labeled_per_class="
-                    f"{config.data.labeled_per_class}; lower it or label more images")
+    raise UserError(
+      f"pretrain.images_per_class={p.images_per_class} exceeds data.labeled_per_class="
+      f"{config.data.labeled_per_class}; lower it or label more images"
+    )
   if p.batch_size % num_replicas or p.images_per_class % num_replicas:
-    raise UserError(f"pretrain.batch_size and pretrain.images_per_class must divide by the "
-                    f"{num_replicas} replicas")
+    raise UserError(f"pretrain.batch_size and pretrain.images_per_class must divide by the {num_replicas} replicas")
 
 
 def main(argv):
@@ -94,19 +97,31 @@ def main(argv):
   total_steps = p.epochs * steps_per_epoch
 
   # --- Model, optimizer, checkpoint ------------------------------------------------
-  schedule = optim.warmup_cosine_schedule(
-      p.start_lr, p.lr, p.final_lr, p.warmup_epochs * steps_per_epoch, total_steps)
+  schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, p.warmup_epochs * steps_per_epoch, total_steps)
   state = training.create_train_state(
-      strategy, lambda: encoder_lib.build_encoder(config.model, config.data.image_size,
-                                                  synchronized_bn=strategy.num_replicas_in_sync > 1),
-      schedule, p, config.run.precision)
+    strategy,
+    lambda: encoder_lib.build_encoder(
+      config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1
+    ),
+    schedule,
+    p,
+    config.run.precision,
+  )
   restored = training.restore(state, os.path.join(workdir, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(state.step.numpy())
   print(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
 
   # --- Loop: the input stream from start_step ------------------------------------
-  dataset = pipeline.pretrain_dataset(train_images, labeled, train_labels[labeled], config.data, p,
-                                      start_step=start_step, total_steps=total_steps, seed=config.seed)
+  dataset = pipeline.pretrain_dataset(
+    train_images,
+    labeled,
+    train_labels[labeled],
+    config.data,
+    p,
+    start_step=start_step,
+    total_steps=total_steps,
+    seed=config.seed,
+  )
   train_steps = steps.paws_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
   loop = training.Loop("pretrain", total_steps, steps_per_epoch, benchmark.crops_per_step(p), schedule)
   started = time.time()
@@ -115,8 +130,12 @@ def main(argv):
 
   # --- Results -----------------------------------------------------------------
   directory = encoder_lib.save_encoder(state.encoder, config, os.path.join(workdir, "encoder"), total_steps)
-  plot_path = plots.loss_curves(training.epoch_means(log_path), os.path.join(workdir, "pretrain_loss.png"),
-                                ("ce", "me_max", "loss"), "PAWS pre-training")
+  plot_path = plots.loss_curves(
+    training.epoch_means(log_path),
+    os.path.join(workdir, "pretrain_loss.png"),
+    ("ce", "me_max", "loss"),
+    "PAWS pre-training",
+  )
   print(f"encoder saved to {directory}; loss curves in {plot_path}")
 
 

@@ -15,6 +15,7 @@ in misc/ (config, labeled indices, logs, plots, eval.json, console log).
 
 The table gives every seed, then mean, standard deviation, min and max of each column.
 """
+
 import argparse
 import json
 import os
@@ -30,16 +31,27 @@ from sklearn.neighbors import KNeighborsClassifier
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import config as presets  # pylint: disable=g-import-not-at-top
-from utils import benchmark  # pylint: disable=g-import-not-at-top
-from utils import datasets  # pylint: disable=g-import-not-at-top
+from utils import (
+  benchmark,  # pylint: disable=g-import-not-at-top
+  datasets,  # pylint: disable=g-import-not-at-top
+)
 
 # From scratch, LARS needs the pre-training learning rates and far more than the
 # 10 fine-tuning steps of the preset (there the network only adjusts).
 SUPERVISED = ["--config.finetune.epochs=300", "--config.finetune.lr=3.2", "--config.finetune.final_lr=0.032"]
 MISC = os.path.join(ROOT, "misc")
-MISC_FILES = ("config.json", "labeled_indices.npy", "labeled_indices.txt", "pretrain_log.jsonl",
-              "pretrain_loss.png", "eval.json", "confusion_matrix.png", "pca_projection.png",
-              "finetuned/finetune_log.jsonl", "finetuned/finetune_loss.png")
+MISC_FILES = (
+  "config.json",
+  "labeled_indices.npy",
+  "labeled_indices.txt",
+  "pretrain_log.jsonl",
+  "pretrain_loss.png",
+  "eval.json",
+  "confusion_matrix.png",
+  "pca_projection.png",
+  "finetuned/finetune_log.jsonl",
+  "finetuned/finetune_loss.png",
+)
 # The five label seeds of the reference's CIFAR-10 split files, then ten more drawn once (not chosen by result).
 DEFAULT_SEEDS = [152, 321, 401, 73, 91, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 PROGRESS = re.compile(r"(\d+)/(\d+) \[[=>.]*\]")
@@ -55,7 +67,7 @@ def run(*args, log=None):
       if not bars:
         log.write(line + "\n")
       elif bars[-1].group(1) == bars[-1].group(2):  # keep each progress bar's final state only
-        log.write(line[bars[-1].start():] + "\n")
+        log.write(line[bars[-1].start() :] + "\n")
   return result.stdout
 
 
@@ -76,16 +88,23 @@ def main():
   parser.add_argument("--precision", default="auto", help="run.precision for all three scripts")
   parser.add_argument("--runs", default="runs/seeds")
   parser.add_argument("--output", default=os.path.join(MISC, "digits_results.md"))
-  parser.add_argument("--no-baselines", dest="baselines", action="store_false",
-                      help="skip the supervised-only baseline (the slowest part)")
+  parser.add_argument(
+    "--no-baselines",
+    dest="baselines",
+    action="store_false",
+    help="skip the supervised-only baseline (the slowest part)",
+  )
   args = parser.parse_args()
   os.makedirs(args.runs, exist_ok=True)
   default_seed = presets.get_config("digits").data.label_seed
   train_images, train_labels, test_images, test_labels = datasets.load_digits()
   rows = []
   for seed in args.seeds:
-    config = ["--config=config.py:digits", f"--config.data.label_seed={seed}",
-              f"--config.run.precision={args.precision}"]
+    config = [
+      "--config=config.py:digits",
+      f"--config.data.label_seed={seed}",
+      f"--config.run.precision={args.precision}",
+    ]
     paws_dir = os.path.join(args.runs, f"paws_{seed}")
     shutil.rmtree(paws_dir, ignore_errors=True)
     console_log = os.path.join(args.runs, f"paws_{seed}.log")
@@ -116,24 +135,33 @@ def main():
     rows.append((seed, top1(paws_dir), pretrained, seconds, supervised, pixels))
     print(rows[-1], flush=True)
   columns = np.array([r[1:] for r in rows])
-  lines = ["| label seed | PAWS top-1, fine-tuned (%) | PAWS top-1, pre-trained only (%) | wall time, 3 scripts (s) "
-           "| supervised-only top-1 (%) | raw-pixel 1-NN top-1 (%) |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+    "| label seed | PAWS top-1, fine-tuned (%) | PAWS top-1, pre-trained only (%) | wall time, 3 scripts (s) "
+    "| supervised-only top-1 (%) | raw-pixel 1-NN top-1 (%) |",
+    "|---|---|---|---|---|---|",
+  ]
   lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.0f} | {r[4]:.2f} | {r[5]:.2f} |" for r in rows]
-  for name, reduce in (("mean", np.mean), ("sd", lambda c, axis: np.std(c, axis=axis, ddof=1) if len(c) > 1
-                                           else np.full(c.shape[1], np.nan)), ("min", np.min), ("max", np.max)):
+  for name, reduce in (
+    ("mean", np.mean),
+    ("sd", lambda c, axis: np.std(c, axis=axis, ddof=1) if len(c) > 1 else np.full(c.shape[1], np.nan)),
+    ("min", np.min),
+    ("max", np.max),
+  ):
     values = reduce(columns, axis=0)
-    lines.append(f"| **{name}** | {values[0]:.2f} | {values[1]:.2f} | {values[2]:.0f} | {values[3]:.2f} | {values[4]:.2f} |")
+    lines.append(
+      f"| **{name}** | {values[0]:.2f} | {values[1]:.2f} | {values[2]:.0f} | {values[3]:.2f} | {values[4]:.2f} |"
+    )
   machine = benchmark.machine_description()
-  text = (f"# Digits demo over label seeds\n\nMachine: {machine}; run.precision={args.precision} "
-          f"(resolved: {precision}). Written by `python benchmarks/digits_seeds.py --seeds "
-          f"{' '.join(map(str, args.seeds))} --precision {args.precision}` on {time.strftime('%Y-%m-%d')}.\n\n"
-          "PAWS = the README's quick start with the label seed changed. "
-          f"Supervised-only = `fine_tune.py --from_scratch {' '.join(SUPERVISED)}`: the same network trained "
-          "with SuNCEt on the 40 labeled images alone (no augmentation: the digits preset has no flip), "
-          "BatchNorm statistics re-estimated on them. Raw-pixel 1-NN uses the same 40 labeled images. "
-          "sd is the sample standard deviation over the seeds.\n\n"
-          + "\n".join(lines) + "\n")
+  text = (
+    f"# Digits demo over label seeds\n\nMachine: {machine}; run.precision={args.precision} "
+    f"(resolved: {precision}). Written by `python benchmarks/digits_seeds.py --seeds "
+    f"{' '.join(map(str, args.seeds))} --precision {args.precision}` on {time.strftime('%Y-%m-%d')}.\n\n"
+    "PAWS = the README's quick start with the label seed changed. "
+    f"Supervised-only = `fine_tune.py --from_scratch {' '.join(SUPERVISED)}`: the same network trained "
+    "with SuNCEt on the 40 labeled images alone (no augmentation: the digits preset has no flip), "
+    "BatchNorm statistics re-estimated on them. Raw-pixel 1-NN uses the same 40 labeled images. "
+    "sd is the sample standard deviation over the seeds.\n\n" + "\n".join(lines) + "\n"
+  )
   with open(args.output, "w") as f:
     f.write(text)
   print(text)

@@ -13,6 +13,7 @@ Each measurement runs in a fresh process: the precision policy is process-wide.
 
   python benchmarks/train_speed.py [--steps 10] [--output misc/speed.md]
 """
+
 import argparse
 import os
 import subprocess
@@ -24,23 +25,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 MEASUREMENTS = [  # (what, precision)
-    ("compiled", "float32"), ("compiled", "mixed_bfloat16"),
-    ("xla", "float32"), ("xla", "mixed_bfloat16"),
-    ("eager", "float32"), ("eager", "mixed_bfloat16"),
-    ("forward_backward", "float32"), ("forward_backward", "mixed_bfloat16"),
-    ("pipeline", "float32"),
+  ("compiled", "float32"),
+  ("compiled", "mixed_bfloat16"),
+  ("xla", "float32"),
+  ("xla", "mixed_bfloat16"),
+  ("eager", "float32"),
+  ("eager", "mixed_bfloat16"),
+  ("forward_backward", "float32"),
+  ("forward_backward", "mixed_bfloat16"),
+  ("pipeline", "float32"),
 ]
 DESCRIPTIONS = {
-    "compiled": "PAWS train step, tf.function",
-    "xla": "PAWS train step, tf.function + XLA",
-    "eager": "PAWS train step, eager",
-    "forward_backward": "encoder forward+backward only, tf.function",
-    "pipeline": "input pipeline (full paper batch)",
+  "compiled": "PAWS train step, tf.function",
+  "xla": "PAWS train step, tf.function + XLA",
+  "eager": "PAWS train step, eager",
+  "forward_backward": "encoder forward+backward only, tf.function",
+  "pipeline": "input pipeline (full paper batch)",
 }
 
 
 def reduced_config(precision):
   import config as presets  # the repository's config.py
+
   config = presets.get_config("cifar10")
   config.pretrain.batch_size = 32
   config.pretrain.images_per_class = 8
@@ -51,7 +57,9 @@ def reduced_config(precision):
 def time_forward_backward(config, num_steps):
   """Seconds per tf.function forward+backward of the encoder on the train step's crop groups."""
   import tensorflow as tf
+
   from utils import encoder as encoder_lib
+
   p = config.pretrain
   large, small = config.data.large_crop_size, config.data.small_crop_size
   num_support = p.support_views * p.images_per_class * p.classes_per_batch
@@ -77,16 +85,19 @@ def time_forward_backward(config, num_steps):
 def time_pipeline(num_steps):
   """Seconds per element of the pre-training input pipeline at the paper's full batch."""
   import numpy as np
+
   import config as presets
   from utils import pipeline
+
   c = presets.get_config("cifar10")
   p, d = c.pretrain, c.data
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=[4096, 32, 32, 3], dtype=np.uint8)
   labels = np.arange(4096) % 10
   labeled = np.arange(4000)  # 400 per class
-  dataset = pipeline.pretrain_dataset(images, labeled, labels[labeled], d, p, start_step=0,
-                                      total_steps=num_steps + 3, seed=0)
+  dataset = pipeline.pretrain_dataset(
+    images, labeled, labels[labeled], d, p, start_step=0, total_steps=num_steps + 3, seed=0
+  )
   iterator = iter(dataset)
   for _ in range(3):
     next(iterator)
@@ -99,10 +110,12 @@ def time_pipeline(num_steps):
 def measure(what, precision, num_steps):
   """Returns (seconds per step, crops per step) for one measurement."""
   import tensorflow as tf
-  from utils import runtime
-  from utils import benchmark
+
+  from utils import benchmark, runtime
+
   if what == "pipeline":
     import config as presets
+
     return time_pipeline(num_steps), benchmark.crops_per_step(presets.get_config("cifar10").pretrain)
   config = reduced_config(precision)
   runtime.set_precision(config)
@@ -127,29 +140,44 @@ def main():
     return
   rows = {}
   for what, precision in MEASUREMENTS:
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", what, precision,
-                             "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), "--one", what, precision, "--steps", str(args.steps)],
+      capture_output=True,
+      text=True,
+      check=True,
+    )
     seconds, crops = result.stdout.split("RESULT ")[1].split()
     rows[what, precision] = (float(seconds), int(crops))
-    print(f"{DESCRIPTIONS[what]}, {precision}: {1 / float(seconds):.2f} steps/s, "
-          f"{int(crops) / float(seconds):.0f} crops/s", flush=True)
+    print(
+      f"{DESCRIPTIONS[what]}, {precision}: {1 / float(seconds):.2f} steps/s, {int(crops) / float(seconds):.0f} crops/s",
+      flush=True,
+    )
   lines = ["| measurement | precision | steps/s | crops/s | ms/step |", "|---|---|---|---|---|"]
   for (what, precision), (seconds, crops) in rows.items():
     shown_precision = "-" if what == "pipeline" else precision
-    lines.append(f"| {DESCRIPTIONS[what]} | {shown_precision} | {1 / seconds:.2f} | {crops / seconds:.0f} | "
-                 f"{1000 * seconds:.0f} |")
+    lines.append(
+      f"| {DESCRIPTIONS[what]} | {shown_precision} | {1 / seconds:.2f} | {crops / seconds:.0f} | {1000 * seconds:.0f} |"
+    )
   compiled = {p: rows["compiled", p][0] for p in ("float32", "mixed_bfloat16")}
   floor = rows["forward_backward", "float32"][0]
-  notes = [f"- mixed_bfloat16 over float32, compiled step: {compiled['float32'] / compiled['mixed_bfloat16']:.2f}x",
-           f"- compiled float32 step / plain forward+backward: {compiled['float32'] / floor:.2f}",
-           f"- compiled over eager, float32: {rows['eager', 'float32'][0] / compiled['float32']:.2f}x"]
+  notes = [
+    f"- mixed_bfloat16 over float32, compiled step: {compiled['float32'] / compiled['mixed_bfloat16']:.2f}x",
+    f"- compiled float32 step / plain forward+backward: {compiled['float32'] / floor:.2f}",
+    f"- compiled over eager, float32: {rows['eager', 'float32'][0] / compiled['float32']:.2f}x",
+  ]
   from utils.benchmark import machine_description
-  text = (f"# Pre-training speed\n\nMachine: {machine_description()}. Written by `python benchmarks/train_speed.py "
-          f"--steps {args.steps}` on {time.strftime('%Y-%m-%d')}, machine otherwise idle.\n\n"
-          "Train-step rows: WRN-28-2, 32 unlabeled images x (2 x 32 px + 6 x 18 px views) + "
-          "10 classes x 8 supports x 2 views = 416 crops per step. Pipeline row: the paper's full batch "
-          "(256 x 8 views + 1280 supports = 3328 crops per step) with full colour distortion.\n\n"
-          + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n")
+
+  text = (
+    f"# Pre-training speed\n\nMachine: {machine_description()}. Written by `python benchmarks/train_speed.py "
+    f"--steps {args.steps}` on {time.strftime('%Y-%m-%d')}, machine otherwise idle.\n\n"
+    "Train-step rows: WRN-28-2, 32 unlabeled images x (2 x 32 px + 6 x 18 px views) + "
+    "10 classes x 8 supports x 2 views = 416 crops per step. Pipeline row: the paper's full batch "
+    "(256 x 8 views + 1280 supports = 3328 crops per step) with full colour distortion.\n\n"
+    + "\n".join(lines)
+    + "\n\n"
+    + "\n".join(notes)
+    + "\n"
+  )
   with open(args.output, "w") as f:
     f.write(text)
   print(text)

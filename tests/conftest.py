@@ -1,4 +1,5 @@
 """Test-wide settings: quiet TensorFlow, CPU only, repository root importable."""
+
 import os
 import sys
 

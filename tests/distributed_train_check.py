@@ -18,6 +18,7 @@ variable, for the mirrored run once per replica. Keys:
 with replica "" for the single-device runs and 0, 1 for mirrored, and
 relu_margin (see there) for the forward passes of steps 1 and 2.
 """
+
 import os
 import sys
 
@@ -33,11 +34,8 @@ _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import config as config_lib  # pylint: disable=g-import-not-at-top
-from utils import steps
 from utils import encoder as encoder_lib
-from utils import optim
-from utils import runtime
-from utils import training
+from utils import optim, runtime, steps, training
 
 NUM_STEPS = 2
 METRICS = ("loss", "ce", "me_max")
@@ -74,9 +72,9 @@ def global_batch(config, seed=0):
   rng = np.random.default_rng(seed)
   normal = lambda *shape: tf.constant(rng.standard_normal(shape).astype(np.float32))
   views = tuple(normal(p.batch_size, d.large_crop_size, d.large_crop_size, 3) for _ in range(2)) + tuple(
-      normal(p.batch_size, d.small_crop_size, d.small_crop_size, 3) for _ in range(p.multicrop))
-  supports = normal(p.support_views, p.images_per_class, p.classes_per_batch,
-                    d.large_crop_size, d.large_crop_size, 3)
+    normal(p.batch_size, d.small_crop_size, d.small_crop_size, 3) for _ in range(p.multicrop)
+  )
+  supports = normal(p.support_views, p.images_per_class, p.classes_per_batch, d.large_crop_size, d.large_crop_size, 3)
   return views, supports
 
 
@@ -96,10 +94,12 @@ def relu_margin(config, weights, batch):
   for layer in encoder.submodules:
     if isinstance(layer, tf_keras.layers.BatchNormalization):
       call = layer.call
+
       def recording_call(inputs, *args, _call=call, **kwargs):
         outputs = _call(inputs, *args, **kwargs)
         smallest.append(float(tf.reduce_min(tf.abs(outputs))))
         return outputs
+
       layer.call = recording_call
   size = config.data.large_crop_size
   supports = tf.reshape(supports, [-1, size, size, 3])
@@ -118,15 +118,15 @@ def run(config, strategy, initial_weights, batch, unfused=False):
   schedule = optim.warmup_cosine_schedule(0.05, 0.2, 0.02, 1, 4)
 
   def make_encoder():
-    encoder = encoder_lib.build_encoder(config.model, config.data.image_size,
-                                        synchronized_bn=strategy.num_replicas_in_sync > 1)
+    encoder = encoder_lib.build_encoder(
+      config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1
+    )
     encoder.set_weights(initial_weights)
     return encoder
 
   state = training.create_train_state(strategy, make_encoder, schedule, p, config.run.precision)
   encoder, optimizer = state.encoder, state.optimizer
-  bn_layers = [layer for layer in encoder.submodules
-               if isinstance(layer, tf_keras.layers.BatchNormalization)]
+  bn_layers = [layer for layer in encoder.submodules if isinstance(layer, tf_keras.layers.BatchNormalization)]
   assert bn_layers and all(layer.synchronized == (strategy.num_replicas_in_sync > 1) for layer in bn_layers)
   if unfused:
     for layer in bn_layers:
@@ -141,9 +141,13 @@ def run(config, strategy, initial_weights, batch, unfused=False):
     metrics = train_steps(iterator, tf.constant(1))
     record = {key: float(metrics[key]) for key in METRICS}
     record["variables"] = [
-        ("trainable" if id(v) in trainable else "moving", v.name,
-         [np.asarray(local.numpy()) for local in strategy.experimental_local_results(v)])
-        for v in encoder.weights]
+      (
+        "trainable" if id(v) in trainable else "moving",
+        v.name,
+        [np.asarray(local.numpy()) for local in strategy.experimental_local_results(v)],
+      )
+      for v in encoder.weights
+    ]
     records.append(record)
   return records
 
@@ -164,15 +168,18 @@ def main(output_path):
   single = tf.distribute.OneDeviceStrategy("/cpu:0")
   mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
   assert mirrored.num_replicas_in_sync == 2
-  runs = {"single": run(config, single, initial_weights, batch),
-          "single_unfused": run(config, single, initial_weights, batch, unfused=True),
-          "mirrored": run(config, mirrored, initial_weights, batch)}
+  runs = {
+    "single": run(config, single, initial_weights, batch),
+    "single_unfused": run(config, single, initial_weights, batch, unfused=True),
+    "mirrored": run(config, mirrored, initial_weights, batch),
+  }
 
   arrays = {}
   # Step 1 runs from the initial weights, step 2 from the weights after step 1.
   after_first = [values[0] for _, _, values in runs["single"][0]["variables"]]
-  arrays["relu_margin"] = np.array([relu_margin(config, initial_weights, batch),
-                                    relu_margin(config, after_first, batch)])
+  arrays["relu_margin"] = np.array(
+    [relu_margin(config, initial_weights, batch), relu_margin(config, after_first, batch)]
+  )
   for index, (variable, value) in enumerate(zip(template.weights, initial_weights)):
     arrays[f"step0/initial/{index:03d}"] = value
     arrays[f"names/{index:03d}"] = np.array(variable.name)

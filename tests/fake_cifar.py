@@ -1,4 +1,5 @@
 """Fake CIFAR-10 batches, folders and archives in the official format, built by the tests themselves."""
+
 import builtins
 import hashlib
 import os
@@ -20,6 +21,7 @@ class Python2StylePickler(pickle._Pickler):
   Python 3's protocol 2 would route bytes through `_codecs.encode`, a global the real files never
   use (and the loader rightly refuses).
   """
+
   dispatch = dict(pickle._Pickler.dispatch)
 
   def _save_bytes_as_str(self, obj):
@@ -54,8 +56,11 @@ def label(global_index):
 
 def write_batch(path, first_index, payload=None):
   indices = range(first_index, first_index + IMAGES_PER_BATCH)
-  batch = {b"batch_label": b"fake", b"labels": [label(index) for index in indices],
-           b"data": np.stack([row(index) for index in indices])}
+  batch = {
+    b"batch_label": b"fake",
+    b"labels": [label(index) for index in indices],
+    b"data": np.stack([row(index) for index in indices]),
+  }
   if payload is not None:
     batch[b"payload"] = payload
   with open(path, "wb") as file:

@@ -7,6 +7,7 @@ MOMENT 'during': inside it, once the variables are written to the checkpoint's
 temporary folder but before they are merged into its final files and recorded,
 which is what a preemption in the middle of a checkpoint write leaves.
 """
+
 import os
 import runpy
 import signal

@@ -1,4 +1,5 @@
 """Runs the entry scripts as a user would, in subprocesses, with tiny digits settings."""
+
 import os
 import subprocess
 import sys
@@ -6,9 +7,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A smoke-sized digits run: 10 steps per epoch, a WRN-10-1 with small heads.
-TINY = ["--config=config.py:digits", "--config.model.hidden_dim=32", "--config.model.projection_dim=32",
-        "--config.pretrain.batch_size=128", "--config.pretrain.multicrop=2", "--config.pretrain.epochs=2",
-        "--config.pretrain.warmup_epochs=1", "--config.finetune.epochs=3", "--config.run.log_every=1"]
+TINY = [
+  "--config=config.py:digits",
+  "--config.model.hidden_dim=32",
+  "--config.model.projection_dim=32",
+  "--config.pretrain.batch_size=128",
+  "--config.pretrain.multicrop=2",
+  "--config.pretrain.epochs=2",
+  "--config.pretrain.warmup_epochs=1",
+  "--config.finetune.epochs=3",
+  "--config.run.log_every=1",
+]
 
 
 def environment():
@@ -19,20 +28,37 @@ def environment():
 
 def run(script, *args, timeout=600):
   """Runs `python script args...` from the repo root; returns the CompletedProcess."""
-  return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=environment(),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, script), *args],
+    cwd=ROOT,
+    env=environment(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def start(script, *args, log_path, extra_env=None):
   """Starts a script in the background, output to log_path; returns the Popen."""
-  log = open(log_path, "w")
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
-                          env=dict(environment(), **(extra_env or {})), stdout=log, stderr=subprocess.STDOUT)
+  log = open(log_path, "w")  # noqa: SIM115 (the child process writes to it after we return)
+  return subprocess.Popen(
+    [sys.executable, os.path.join(ROOT, script), *args],
+    cwd=ROOT,
+    env=dict(environment(), **(extra_env or {})),
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
+
+
+def read_text(path):
+  """The whole text of a file (a background script's log, say)."""
+  with open(path) as f:
+    return f.read()
 
 
 def error_line(result):
   """The one 'error: ...' line a failed run must end with."""
-  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error: ")]
+  lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
   assert len(lines) == 1, result.stderr[-2000:]
   assert "Traceback" not in result.stderr, result.stderr[-2000:]
   return lines[0]
@@ -40,41 +66,41 @@ def error_line(result):
 
 # The phrase each user error carries; the README's troubleshooting table must list every one.
 ERRORS = {
-    "no_workdir": "--workdir is required",
-    "unwritable_workdir": "is not writable",
-    "changed_config": "was written with other settings",
-    "changed_labeled_subset": "holds another labeled subset",
-    "data_dir_missing": "data directory",
-    "data_dir_empty": "holds neither",
-    "archive_checksum": "checksum does not match the official archive",
-    "batch_unreadable": "cannot read this CIFAR-10 batch",
-    "batch_missing": "is missing; re-extract",
-    "pickle_global": "refused to unpickle global",
-    "split_missing": "split file",
-    "split_not_integer": "is not an integer",
-    "split_out_of_range": "is outside",
-    "split_duplicate": "repeats line",
-    "split_count": "are expected",
-    "split_unbalanced": "classes are unbalanced",
-    "batch_too_large": "is larger than the",
-    "too_many_classes": "classes; lower it",
-    "too_few_labels": "exceeds data.labeled_per_class",
-    "replicas": "must divide by the",
-    "non_finite": "loss became non-finite at step",
-    "no_pretraining": "run paws_train.py with this --workdir first",
-    "no_encoder": "no trained encoder there",
-    "model_config": "was trained with another model config",
-    "run_setting": "must be one of",
-    "out_of_range": "is out of range: must be",
-    "not_allowed": "is not allowed: must be",
-    "unknown_field": "has no field",
-    "bad_flag_value": "invalid value --",
-    "unknown_preset": "unknown preset",
-    "unknown_flag": "unknown command line flag",
-    "flag_order": "before a value for --config",
-    "config_file": "cannot load the config file",
-    "workdir_in_use": "is in use by",
-    "download": "could not download CIFAR-10",
+  "no_workdir": "--workdir is required",
+  "unwritable_workdir": "is not writable",
+  "changed_config": "was written with other settings",
+  "changed_labeled_subset": "holds another labeled subset",
+  "data_dir_missing": "data directory",
+  "data_dir_empty": "holds neither",
+  "archive_checksum": "checksum does not match the official archive",
+  "batch_unreadable": "cannot read this CIFAR-10 batch",
+  "batch_missing": "is missing; re-extract",
+  "pickle_global": "refused to unpickle global",
+  "split_missing": "split file",
+  "split_not_integer": "is not an integer",
+  "split_out_of_range": "is outside",
+  "split_duplicate": "repeats line",
+  "split_count": "are expected",
+  "split_unbalanced": "classes are unbalanced",
+  "batch_too_large": "is larger than the",
+  "too_many_classes": "classes; lower it",
+  "too_few_labels": "exceeds data.labeled_per_class",
+  "replicas": "must divide by the",
+  "non_finite": "loss became non-finite at step",
+  "no_pretraining": "run paws_train.py with this --workdir first",
+  "no_encoder": "no trained encoder there",
+  "model_config": "was trained with another model config",
+  "run_setting": "must be one of",
+  "out_of_range": "is out of range: must be",
+  "not_allowed": "is not allowed: must be",
+  "unknown_field": "has no field",
+  "bad_flag_value": "invalid value --",
+  "unknown_preset": "unknown preset",
+  "unknown_flag": "unknown command line flag",
+  "flag_order": "before a value for --config",
+  "config_file": "cannot load the config file",
+  "workdir_in_use": "is in use by",
+  "download": "could not download CIFAR-10",
 }
 
 
@@ -103,10 +129,11 @@ def fails_cleanly(script, *args, error, workdir):
 def config_with(*overrides):
   """The digits preset with `--config.a.b=value` overrides applied, as the scripts would see it."""
   import config as presets  # the repository's config.py
+
   config = presets.get_config("digits")
   for override in overrides:
     if override.startswith("--config."):
-      path, value = override[len("--config."):].split("=", 1)
+      path, value = override[len("--config.") :].split("=", 1)
       *sections, field = path.split(".")
       target = config
       for section in sections:

@@ -1,12 +1,13 @@
 """Tests for utils/augment.py: METHOD.md section 4 semantics against PIL / Model Garden oracles."""
+
 import itertools
 import math
 
 import numpy as np
-import pytest
-import tensorflow as tf
 from official.vision.ops import augment as model_garden
 from PIL import Image, ImageOps
+import pytest
+import tensorflow as tf
 
 from utils import augment
 
@@ -15,8 +16,16 @@ RATIO = (3 / 4, 4 / 3)
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 # Only the named op changes pixels: full-image box at the input size (an exact copy), no flip.
-ONLY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, color_jitter_prob=0.0,
-            solarize_prob=0.0, equalize_prob=0.0, mean=MEAN, std=STD)
+ONLY = dict(
+  scale=(1.0, 1.0),
+  ratio=(1.0, 1.0),
+  flip=False,
+  color_jitter_prob=0.0,
+  solarize_prob=0.0,
+  equalize_prob=0.0,
+  mean=MEAN,
+  std=STD,
+)
 
 
 def random_uint8(shape, seed=0, low=0, high=256):
@@ -42,6 +51,7 @@ def color_jitter(images, seed, brightness, contrast, saturation, hue, prob):
 
 # ---- PIL oracle: the reference cuts the crop, then resizes it with PIL's bilinear filter ----
 
+
 def pil_resized_crop(image, box, size):
   top, left, height, width = (int(value) for value in box)
   crop = Image.fromarray(image).crop((left, top, left + width, top + height))
@@ -63,6 +73,7 @@ def random_boxes(rng, count, height, width, min_side=1):
 
 
 # ---- crop boxes (METHOD.md section 4: scale is a fraction of the AREA; METHOD.md section 9, pitfall 6) ----
+
 
 def test_crop_boxes_follow_area_scale_and_ratio():
   height = width = 32
@@ -91,11 +102,14 @@ def test_crop_boxes_follow_area_scale_and_ratio():
   assert set(top[crop_height == 20]) == set(range(32 - 20 + 1))
 
 
-@pytest.mark.parametrize("height, width, expected", [
+@pytest.mark.parametrize(
+  "height, width, expected",
+  [
     (32, 32, (0, 0, 32, 32)),  # ratio 1 is inside the range: whole image
     (20, 40, (0, 6, 20, 27)),  # too wide: w = round(20 * 4/3) = 27, centred
     (40, 20, (6, 0, 27, 20)),  # too tall: h = round(20 / (3/4)) = 27
-])
+  ],
+)
 def test_crop_boxes_fall_back_to_centre_crop(height, width, expected):
   boxes = augment.sample_crop_boxes(SEED, 5, height, width, (2.0, 3.0), RATIO)
   np.testing.assert_array_equal(boxes.numpy(), np.tile(expected, (5, 1)))
@@ -103,14 +117,17 @@ def test_crop_boxes_fall_back_to_centre_crop(height, width, expected):
 
 # ---- resize: PIL's antialiased bilinear on the cut-out crop (METHOD.md section 4) ----
 
+
 @pytest.mark.parametrize("side", [32, 18])
 def test_box_at_output_size_is_exact_copy(side):
   images = random_uint8((3, 32, 32, 3))
   as_float = images.astype(np.float32) * np.float32(1 / 255)
-  boxes = tf.constant([[0, 0, side, side], [32 - side, 32 - side, side, side], [5 % (33 - side), 0, side, side]],
-                      tf.int32)
-  expected = np.stack([as_float[n, top:top + side, left:left + side]
-                       for n, (top, left, _, _) in enumerate(boxes.numpy())])
+  boxes = tf.constant(
+    [[0, 0, side, side], [32 - side, 32 - side, side, side], [5 % (33 - side), 0, side, side]], tf.int32
+  )
+  expected = np.stack(
+    [as_float[n, top : top + side, left : left + side] for n, (top, left, _, _) in enumerate(boxes.numpy())]
+  )
   np.testing.assert_array_equal(augment._crop_to_unit_range(images, boxes, side).numpy(), expected)
   np.testing.assert_array_equal(augment._crop_to_unit_range(as_float, boxes, side).numpy(), expected)
   # The XLA-compiled pixel path of augment_batch, before normalisation; a flip mirrors the copy.
@@ -166,8 +183,9 @@ def test_shrinking_is_antialiased():
 
 def test_augment_batch_crop_and_flip_match_pil():
   images = random_uint8((256, 32, 32, 3), seed=3)
-  views = augment.augment_batch(images, SEED, 18, (0.3, 0.75), color_jitter_prob=0, solarize_prob=0,
-                                equalize_prob=0, mean=MEAN, std=STD)
+  views = augment.augment_batch(
+    images, SEED, 18, (0.3, 0.75), color_jitter_prob=0, solarize_prob=0, equalize_prob=0, mean=MEAN, std=STD
+  )
   # augment_batch draws its boxes from the first of five sub-seeds.
   crop_seed = tf.random.experimental.stateless_split(SEED, 5)[0]
   boxes = augment.sample_crop_boxes(crop_seed, 256, 32, 32, (0.3, 0.75), RATIO).numpy()
@@ -183,6 +201,7 @@ def test_augment_batch_crop_and_flip_match_pil():
 
 
 # ---- flip, solarize, equalize, jitter: rates (4000 images, 3 sigma) ----
+
 
 def test_random_flip_rate_and_values():
   images = np.broadcast_to(np.arange(4, dtype=np.float32)[None, None, :, None], (4000, 2, 4, 3))
@@ -224,6 +243,7 @@ def test_augment_batch_color_jitter_rate():
 
 # ---- solarize: a new threshold t ~ U[0, 256) per image, PIL semantics (METHOD.md section 4; section 9, pitfall 3) ----
 
+
 def solarize_levels(thresholds):
   """The first inverted level of each image: threshold = (level - 0.5) / 255."""
   return np.round(np.asarray(thresholds, np.float64) * 255 + 0.5).astype(int)
@@ -260,6 +280,7 @@ def test_solarize_threshold_is_uniform_on_0_256():
 
 
 # ---- colour jitter semantics (METHOD.md section 4, 9.4) ----
+
 
 def test_brightness_factor_range():
   # Values below 1/1.4 never clip, so out / in is the brightness factor.
@@ -328,6 +349,7 @@ def test_jitter_order_is_a_uniform_random_permutation_per_image():
 
 # ---- equalize against Model Garden's per-image op (METHOD.md section 9, pitfall 3) ----
 
+
 def special_uint8_images():
   images = random_uint8((12, 20, 20, 3), seed=4)
   images[1] = random_uint8((20, 20, 3), seed=5, low=100, high=140)
@@ -350,6 +372,7 @@ def test_equalize_matches_model_garden():
 
 
 # ---- augment_batch: shapes, range, determinism, tf.function and tf.data ----
+
 
 @pytest.mark.parametrize("size, scale, as_float", [(32, (0.75, 1.0), True), (18, (0.3, 0.75), False)])
 def test_augment_batch_shape_dtype_and_range(size, scale, as_float):

@@ -1,4 +1,5 @@
 """Bad input through the command line: exit status 2, one 'error:' line, nothing in the workdir touched."""
+
 import glob
 import json
 import os
@@ -10,8 +11,7 @@ import time
 
 import pytest
 
-from tests import fake_cifar
-from tests import scriptrun
+from tests import fake_cifar, scriptrun
 from utils.errors import UserError
 
 ROOT_README = os.path.join(scriptrun.ROOT, "README.md")
@@ -36,14 +36,17 @@ def truncate(path):
 
 
 def test_data_dir_missing(tmp_path, workdir):
-  line = scriptrun.fails_cleanly("paws_train.py", *CIFAR, f"--data_dir={tmp_path}/absent", error="data_dir_missing",
-                       workdir=workdir)
+  line = scriptrun.fails_cleanly(
+    "paws_train.py", *CIFAR, f"--data_dir={tmp_path}/absent", error="data_dir_missing", workdir=workdir
+  )
   assert "does not exist" in line and "omit --data_dir" in line
 
 
 def test_data_dir_empty(tmp_path, workdir):
   (tmp_path / "empty").mkdir()
-  scriptrun.fails_cleanly("paws_train.py", *CIFAR, f"--data_dir={tmp_path}/empty", error="data_dir_empty", workdir=workdir)
+  scriptrun.fails_cleanly(
+    "paws_train.py", *CIFAR, f"--data_dir={tmp_path}/empty", error="data_dir_empty", workdir=workdir
+  )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "tampered"])
@@ -52,8 +55,9 @@ def test_bad_archive_is_never_unpickled(damage, tmp_path, workdir):
   archive, _ = fake_cifar.make_archive(str(tmp_path), malicious_marker=str(marker))
   if damage == "truncated":
     truncate(archive)
-  line = scriptrun.fails_cleanly("paws_train.py", *CIFAR, f"--data_dir={os.path.dirname(archive)}",
-                       error="archive_checksum", workdir=workdir)
+  line = scriptrun.fails_cleanly(
+    "paws_train.py", *CIFAR, f"--data_dir={os.path.dirname(archive)}", error="archive_checksum", workdir=workdir
+  )
   assert archive in line
   assert not marker.exists()
 
@@ -61,14 +65,17 @@ def test_bad_archive_is_never_unpickled(damage, tmp_path, workdir):
 def test_extracted_batch_truncated(tmp_path, workdir):
   folder = fake_cifar.make_folder(str(tmp_path))
   truncate(os.path.join(folder, "data_batch_2"))
-  line = scriptrun.fails_cleanly("paws_train.py", *CIFAR, f"--data_dir={tmp_path}", error="batch_unreadable",
-                       workdir=workdir)
+  line = scriptrun.fails_cleanly(
+    "paws_train.py", *CIFAR, f"--data_dir={tmp_path}", error="batch_unreadable", workdir=workdir
+  )
   assert "data_batch_2" in line
 
 
 def test_extracted_batch_missing(tmp_path, workdir):
   fake_cifar.make_folder(str(tmp_path), skip=("data_batch_4",))
-  line = scriptrun.fails_cleanly("paws_train.py", *CIFAR, f"--data_dir={tmp_path}", error="batch_missing", workdir=workdir)
+  line = scriptrun.fails_cleanly(
+    "paws_train.py", *CIFAR, f"--data_dir={tmp_path}", error="batch_missing", workdir=workdir
+  )
   assert "data_batch_4" in line
 
 
@@ -82,8 +89,9 @@ def test_extracted_batch_with_code_is_refused(tmp_path, workdir):
 def test_offline_folder_is_read_by_the_script(tmp_path, workdir):
   # The fake folder holds 20 training images: loading succeeds and the batch-size check speaks next.
   fake_cifar.make_folder(str(tmp_path))
-  line = scriptrun.fails_cleanly("paws_train.py", *CIFAR, f"--data_dir={tmp_path}", error="batch_too_large",
-                       workdir=workdir)
+  line = scriptrun.fails_cleanly(
+    "paws_train.py", *CIFAR, f"--data_dir={tmp_path}", error="batch_too_large", workdir=workdir
+  )
   assert "20 training images" in line
 
 
@@ -101,34 +109,41 @@ def digits_split(tmp_path, lines):
 def balanced_indices():
   """A valid digits split (4 per class) and the digits training labels."""
   from utils import datasets  # imported here: most tests in this module need no TensorFlow in-process
+
   labels = datasets.load_digits()[1]
   return [int(i) for i in datasets.select_labeled_indices(labels, 4, seed=7)], labels
 
 
-@pytest.mark.parametrize("edit,error", [
+@pytest.mark.parametrize(
+  "edit,error",
+  [
     (lambda ix: ix[:-1] + ["seven"], "split_not_integer"),
     (lambda ix: ix[:-1] + [DIGITS_TRAIN], "split_out_of_range"),
     (lambda ix: ix[:-1] + [ix[0]], "split_duplicate"),
     (lambda ix: ix[:-1], "split_count"),
-])
+  ],
+)
 def test_bad_split_file(edit, error, tmp_path, workdir):
   indices, _ = balanced_indices()
-  scriptrun.fails_cleanly("paws_train.py", f"--split_file={digits_split(tmp_path, edit(indices))}", error=error,
-                workdir=workdir)
+  scriptrun.fails_cleanly(
+    "paws_train.py", f"--split_file={digits_split(tmp_path, edit(indices))}", error=error, workdir=workdir
+  )
 
 
 def test_unbalanced_split_file(tmp_path, workdir):
   indices, labels = balanced_indices()
   spare_zeros = [i for i in range(DIGITS_TRAIN) if labels[i] == 0 and i not in indices][:4]
   unbalanced = [i for i in indices if labels[i] != 1] + spare_zeros  # 40 indices: eight 0s, no 1
-  line = scriptrun.fails_cleanly("paws_train.py", f"--split_file={digits_split(tmp_path, unbalanced)}",
-                       error="split_unbalanced", workdir=workdir)
+  line = scriptrun.fails_cleanly(
+    "paws_train.py", f"--split_file={digits_split(tmp_path, unbalanced)}", error="split_unbalanced", workdir=workdir
+  )
   assert "0: 8, 1: 0" in line
 
 
 def test_split_file_missing(tmp_path, workdir):
-  line = scriptrun.fails_cleanly("paws_train.py", f"--split_file={tmp_path}/nope.txt", error="split_missing",
-                       workdir=workdir)
+  line = scriptrun.fails_cleanly(
+    "paws_train.py", f"--split_file={tmp_path}/nope.txt", error="split_missing", workdir=workdir
+  )
   assert "does not exist" in line
 
 
@@ -150,8 +165,9 @@ def test_eval_on_a_missing_workdir(tmp_path):
   assert not (tmp_path / "absent").exists()
 
 
-@pytest.mark.parametrize("override", ["--config.run.precision=float64", "--config.run.distribution=tpu",
-                                      "--config.run.jit_compile=maybe"])
+@pytest.mark.parametrize(
+  "override", ["--config.run.precision=float64", "--config.run.distribution=tpu", "--config.run.jit_compile=maybe"]
+)
 def test_bad_run_settings(override, workdir):
   line = scriptrun.fails_cleanly("paws_train.py", override, error="run_setting", workdir=workdir)
   assert override.split("=")[0].removeprefix("--config.") in line
@@ -160,11 +176,13 @@ def test_bad_run_settings(override, workdir):
 # --- CIFAR-10 download without network ------------------------------------------------------------
 
 # Runs a script with utils.datasets.CIFAR10_DOWNLOAD_URL replaced by argv[1].
-WITH_DOWNLOAD_URL = ("import runpy, sys\n"
-                     "from utils import datasets\n"
-                     "datasets.CIFAR10_DOWNLOAD_URL = sys.argv.pop(1)\n"
-                     "sys.argv.pop(0)\n"
-                     "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+WITH_DOWNLOAD_URL = (
+  "import runpy, sys\n"
+  "from utils import datasets\n"
+  "datasets.CIFAR10_DOWNLOAD_URL = sys.argv.pop(1)\n"
+  "sys.argv.pop(0)\n"
+  "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
 
 
 def test_download_failure_is_one_line_with_the_offline_remedy(tmp_path, workdir):
@@ -173,9 +191,13 @@ def test_download_failure_is_one_line_with_the_offline_remedy(tmp_path, workdir)
     url = f"http://127.0.0.1:{probe.getsockname()[1]}/cifar-10-python.tar.gz"  # closed once the probe is
   before = scriptrun.snapshot(workdir)
   result = subprocess.run(
-      [sys.executable, "-c", WITH_DOWNLOAD_URL, url, "paws_train.py", *CIFAR, f"--workdir={workdir}"],
-      cwd=scriptrun.ROOT, env=dict(scriptrun.environment(), KERAS_HOME=str(tmp_path / "keras")),
-      capture_output=True, text=True, timeout=600)
+    [sys.executable, "-c", WITH_DOWNLOAD_URL, url, "paws_train.py", *CIFAR, f"--workdir={workdir}"],
+    cwd=scriptrun.ROOT,
+    env=dict(scriptrun.environment(), KERAS_HOME=str(tmp_path / "keras")),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   line = scriptrun.error_line(result)
   assert line.startswith(f"error: {scriptrun.ERRORS['download']} from {url} (connection refused)")
@@ -187,28 +209,33 @@ def test_download_failure_is_one_line_with_the_offline_remedy(tmp_path, workdir)
 # --- One run per workdir ---------------------------------------------------------------------------
 
 # Holds the lock of the workdir argv[1] (lock file argv[2]) as a run would, without TensorFlow.
-LOCK_HOLDER = ("import fcntl, json, os, sys, time\n"
-               "handle = open(os.path.join(sys.argv[1], sys.argv[2]), 'a+')\n"
-               "fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-               "handle.truncate(0)\n"
-               "json.dump({'pid': os.getpid(), 'host': 'elsewhere', 'command': 'paws_train.py --workdir=W'}, handle)\n"
-               "handle.flush()\n"
-               "print('locked', flush=True)\n"
-               "time.sleep(120)\n")
+LOCK_HOLDER = (
+  "import fcntl, json, os, sys, time\n"
+  "handle = open(os.path.join(sys.argv[1], sys.argv[2]), 'a+')\n"
+  "fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+  "handle.truncate(0)\n"
+  "json.dump({'pid': os.getpid(), 'host': 'elsewhere', 'command': 'paws_train.py --workdir=W'}, handle)\n"
+  "handle.flush()\n"
+  "print('locked', flush=True)\n"
+  "time.sleep(120)\n"
+)
 
 
 def test_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
   from utils import runtime  # imports TensorFlow; the rest of this module runs it in subprocesses only
+
   workdir = tmp_path / "run"
   workdir.mkdir()
-  holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(workdir), runtime.LOCK_FILE],
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", LOCK_HOLDER, str(workdir), runtime.LOCK_FILE], stdout=subprocess.PIPE, text=True
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(UserError) as error:
       runtime.lock_workdir(str(workdir))
     assert str(error.value).startswith(
-        f"workdir {workdir} is in use by process {holder.pid} on elsewhere (paws_train.py --workdir=W); ")
+      f"workdir {workdir} is in use by process {holder.pid} on elsewhere (paws_train.py --workdir=W); "
+    )
   finally:
     holder.kill()
     holder.wait()
@@ -222,16 +249,17 @@ def test_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
   (workdir / "finetuned").mkdir()
   assert runtime.lock_workdir(str(workdir / "finetuned")) is handle
   assert not (workdir / "finetuned" / runtime.LOCK_FILE).exists()
-  other = subprocess.run([sys.executable, "-c", LOCK_HOLDER, str(workdir), runtime.LOCK_FILE],
-                         capture_output=True, text=True, timeout=60)
+  other = subprocess.run(
+    [sys.executable, "-c", LOCK_HOLDER, str(workdir), runtime.LOCK_FILE], capture_output=True, text=True, timeout=60
+  )
   assert other.returncode != 0 and "BlockingIOError" in other.stderr
 
 
 def wait_for(condition, process, log_path, timeout=300):
   deadline = time.time() + timeout
   while not condition():
-    assert process.poll() is None, open(log_path).read()[-3000:]
-    assert time.time() < deadline, open(log_path).read()[-3000:]
+    assert process.poll() is None, scriptrun.read_text(log_path)[-3000:]
+    assert time.time() < deadline, scriptrun.read_text(log_path)[-3000:]
     time.sleep(0.2)
 
 
@@ -255,7 +283,7 @@ def test_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_does_not_block
     assert json.load(f)["pid"] == first.pid
   third = scriptrun.start("paws_train.py", *args, log_path=third_log)
   try:
-    wait_for(lambda: "resuming from" in open(third_log).read(), third, third_log)
+    wait_for(lambda: "resuming from" in scriptrun.read_text(third_log), third, third_log)
   finally:
     third.kill()
     third.wait()
@@ -267,9 +295,8 @@ def test_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_does_not_block
 def test_readme_troubleshooting_lists_every_error():
   with open(ROOT_README) as f:
     readme = f.read()
-  section = readme[readme.index("## Troubleshooting"):]
-  section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+  section = readme[readme.index("## Troubleshooting") :]
+  section = section[: section.index("\n## ", 1)] if "\n## " in section[1:] else section
   rows = [line for line in section.splitlines() if line.startswith("| `")]
-  missing = [phrase for phrase in scriptrun.ERRORS.values()
-             if not any(phrase in re.sub(r"`", "", row) for row in rows)]
+  missing = [phrase for phrase in scriptrun.ERRORS.values() if not any(phrase in re.sub(r"`", "", row) for row in rows)]
   assert not missing, f"README troubleshooting lacks: {missing}"

@@ -1,4 +1,5 @@
 """Presets are locked; bad values, unknown fields, wrong types and unknown presets are one-line errors."""
+
 import os
 
 from absl import flags
@@ -35,20 +36,46 @@ def workdir(tmp_path):
 
 # What users ran into: a ZeroDivisionError, a run that trained nothing and saved an untrained encoder, a
 # non-finite loss after start-up, flag-parser tracebacks. Each script is covered by at least one case.
-@pytest.mark.parametrize("script,args,error,fragments", [
-    ("paws_train.py", [DIGITS, "--config.pretrain.batch_size=0", "--config.pretrain.tau=0",
-                       "--config.pretrain.epochs=-1"], "out_of_range",
-     ["pretrain.batch_size=0 is out of range: must be an integer >= 1", "pretrain.tau=0.0 is out of range: must be > 0",
-      "pretrain.epochs=-1 is out of range: must be an integer >= 1"]),
-    ("paws_train.py", [DIGITS, "--config.pretrain.epochs=0"], "out_of_range",
-     ["pretrain.epochs=0 is out of range: must be an integer >= 1"]),
-    ("paws_train.py", [DIGITS, "--config.pretrain.epochs=ten"], "bad_flag_value",
-     ["--config.pretrain.epochs=ten", "expected an int"]),
-    ("fine_tune.py", [DIGITS, "--config.run.bogus=2"], "unknown_field",
-     ["--config.run.bogus=2: config.run has no field 'bogus'; its fields are checkpoint_every"]),
-    ("nn_eval.py", ["--config=config.py:nosuch"], "unknown_preset",
-     ["--config=config.py:nosuch: unknown preset 'nosuch'"]),
-], ids=["zero_and_negative", "zero_epochs", "wrong_type", "unknown_field", "unknown_preset"])
+@pytest.mark.parametrize(
+  "script,args,error,fragments",
+  [
+    (
+      "paws_train.py",
+      [DIGITS, "--config.pretrain.batch_size=0", "--config.pretrain.tau=0", "--config.pretrain.epochs=-1"],
+      "out_of_range",
+      [
+        "pretrain.batch_size=0 is out of range: must be an integer >= 1",
+        "pretrain.tau=0.0 is out of range: must be > 0",
+        "pretrain.epochs=-1 is out of range: must be an integer >= 1",
+      ],
+    ),
+    (
+      "paws_train.py",
+      [DIGITS, "--config.pretrain.epochs=0"],
+      "out_of_range",
+      ["pretrain.epochs=0 is out of range: must be an integer >= 1"],
+    ),
+    (
+      "paws_train.py",
+      [DIGITS, "--config.pretrain.epochs=ten"],
+      "bad_flag_value",
+      ["--config.pretrain.epochs=ten", "expected an int"],
+    ),
+    (
+      "fine_tune.py",
+      [DIGITS, "--config.run.bogus=2"],
+      "unknown_field",
+      ["--config.run.bogus=2: config.run has no field 'bogus'; its fields are checkpoint_every"],
+    ),
+    (
+      "nn_eval.py",
+      ["--config=config.py:nosuch"],
+      "unknown_preset",
+      ["--config=config.py:nosuch: unknown preset 'nosuch'"],
+    ),
+  ],
+  ids=["zero_and_negative", "zero_epochs", "wrong_type", "unknown_field", "unknown_preset"],
+)
 def test_bad_command_lines_are_one_line_errors_before_anything_runs(script, args, error, fragments, workdir):
   line = scriptrun.fails_cleanly(script, *args, error=error, workdir=workdir)
   for fragment in fragments:
@@ -59,6 +86,7 @@ def test_define_config_flag_leaves_parsing_to_the_flag_parser():
   """Without --config on the command line, ml_collections would parse the default preset and its overrides on
   import, where a bad override is an uncatchable traceback: define_config_flag names the default instead."""
   from utils import runtime  # imports TensorFlow: only this test needs it in-process
+
   preset = os.path.join(scriptrun.ROOT, "config.py") + ":digits"
   argv = ["script.py", "--config.run.bogus=2"]
   registry = flags.FlagValues()
@@ -73,6 +101,7 @@ def test_define_config_flag_leaves_parsing_to_the_flag_parser():
 
 def test_validation_choices_are_the_ones_the_code_takes():
   from utils import datasets, runtime  # imports TensorFlow
+
   assert validation.DATASETS == datasets.DATASET_NAMES
   assert validation.PRECISIONS == runtime.PRECISIONS
   for setting in validation.JIT_COMPILE_SETTINGS:
@@ -82,11 +111,14 @@ def test_validation_choices_are_the_ones_the_code_takes():
   assert all(name in str(error.value) for name in validation.DISTRIBUTIONS)
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize(
+  "override,message",
+  [
     ("--config.pretrain.images_per_class=5", "images_per_class=5"),
     ("--config.pretrain.classes_per_batch=11", "classes_per_batch=11"),
     ("--config.pretrain.batch_size=5000", "batch_size=5000"),
-])
+  ],
+)
 def test_impossible_combinations_are_one_line_errors(override, message, tmp_path):
   result = scriptrun.run("paws_train.py", "--config=config.py:digits", override, f"--workdir={tmp_path}/w")
   assert result.returncode == 2

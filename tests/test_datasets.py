@@ -2,6 +2,7 @@
 
 The downloader is only ever pointed at 127.0.0.1: a closed port and small HTTP servers started here.
 """
+
 import contextlib
 import hashlib
 import http.server
@@ -17,7 +18,7 @@ import pytest
 from sklearn import datasets as sklearn_datasets
 from sklearn import model_selection
 
-from tests import fake_cifar
+from tests import fake_cifar, scriptrun
 from utils import datasets
 from utils.errors import UserError
 
@@ -85,7 +86,7 @@ def test_cifar10_truncated_archive(tmp_path):
   with open(archive_path, "rb") as file:
     content = file.read()
   with open(archive_path, "wb") as file:
-    file.write(content[:len(content) // 2])
+    file.write(content[: len(content) // 2])
   with pytest.raises(UserError, match="cifar-10-python.tar.gz"):
     datasets.load_cifar10(os.path.dirname(archive_path), expected_md5=fake_cifar.md5(archive_path))
 
@@ -107,8 +108,7 @@ def test_cifar10_missing_test_batch(tmp_path):
 def test_cifar10_bad_labels(tmp_path):
   folder = fake_cifar.make_folder(str(tmp_path))
   with open(os.path.join(folder, "data_batch_3"), "wb") as file:
-    fake_cifar.Python2StylePickler(file, protocol=2).dump(
-        {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]})
+    fake_cifar.Python2StylePickler(file, protocol=2).dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]})
   with pytest.raises(UserError, match="data_batch_3: labels outside 0..9"):
     datasets.load_cifar10(folder)
 
@@ -195,7 +195,7 @@ def test_corrupt_cached_archive_is_downloaded_again(tmp_path, fake_archive):
   content, md5 = fake_archive
   cache = tmp_path / "cache"
   cache.mkdir()
-  (cache / datasets.CIFAR10_ARCHIVE).write_bytes(content[:len(content) // 2])  # as a cut download leaves it
+  (cache / datasets.CIFAR10_ARCHIVE).write_bytes(content[: len(content) // 2])  # as a cut download leaves it
   (cache / (datasets.CIFAR10_ARCHIVE + ".x1.part")).write_bytes(b"left by a killed download")
   with local_server(serving(content)) as url:
     path = datasets.download_cifar10(url, str(cache), expected_md5=md5)
@@ -208,7 +208,8 @@ def test_keras_named_archive_in_the_cache_is_reused(tmp_path, fake_archive):
   cache.mkdir()
   (cache / datasets.KERAS_CIFAR10_ARCHIVE).write_bytes(content)
   assert datasets.download_cifar10(closed_port_url(), str(cache), expected_md5=md5) == str(
-      cache / datasets.KERAS_CIFAR10_ARCHIVE)
+    cache / datasets.KERAS_CIFAR10_ARCHIVE
+  )
 
 
 def test_default_cache_follows_keras(monkeypatch, tmp_path):
@@ -223,20 +224,26 @@ def resolution_fails(*args, **kwargs):
   raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
 
 
-@pytest.mark.parametrize("case,reason", [
+@pytest.mark.parametrize(
+  "case,reason",
+  [
     ("closed_port", "(connection refused)"),
     ("http_404", "(HTTP 404 Not Found)"),
     ("interrupted", "(transfer interrupted after 1000 of 5000 bytes)"),
     ("wrong_content", "checksum"),
     ("no_dns", "cannot resolve the host name: Name or service not known; no network or no DNS?"),
     ("stalled", "(timed out)"),
-])
-def test_download_failures_are_one_line_errors_that_leave_nothing(case, reason, tmp_path, fake_archive,
-                                                                  monkeypatch):
+  ],
+)
+def test_download_failures_are_one_line_errors_that_leave_nothing(case, reason, tmp_path, fake_archive, monkeypatch):
   content, md5 = fake_archive
   cache = tmp_path / "cache"
-  respond = {"http_404": not_found, "interrupted": serving(content[:1000], claimed_length=5000),
-             "wrong_content": serving(content[::-1]), "stalled": serving(content, delay=3.0)}.get(case)
+  respond = {
+    "http_404": not_found,
+    "interrupted": serving(content[:1000], claimed_length=5000),
+    "wrong_content": serving(content[::-1]),
+    "stalled": serving(content, delay=3.0),
+  }.get(case)
   if case == "no_dns":
     monkeypatch.setattr(datasets.urllib.request, "urlopen", resolution_fails)
   with contextlib.ExitStack() as stack:
@@ -266,7 +273,8 @@ def test_digits_matches_scaled_sklearn_images_and_split():
   train_images, train_labels, test_images, test_labels = datasets.load_digits(image_size=8)
   digits = sklearn_datasets.load_digits()
   train_indices, test_indices = model_selection.train_test_split(
-      np.arange(len(digits.target)), test_size=0.25, stratify=digits.target, random_state=0)
+    np.arange(len(digits.target)), test_size=0.25, stratify=digits.target, random_state=0
+  )
   # Bilinear resizing to the native 8x8 is the identity, leaving only the 0..16 -> 0..255 scale.
   expected = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)
   np.testing.assert_array_equal(train_images[..., 1], expected[train_indices])
@@ -312,7 +320,7 @@ def test_select_labeled_indices():
 def test_split_files_round_trip(tmp_path):
   npy_path, txt_path = datasets.write_split_files(str(tmp_path / "run"), [9, 2, 5])
   np.testing.assert_array_equal(np.load(npy_path), [2, 5, 9])
-  assert open(txt_path).read() == "2\n5\n9\n"
+  assert scriptrun.read_text(txt_path) == "2\n5\n9\n"
   indices = datasets.read_split_file(txt_path, num_train=10, expected_count=3)
   assert indices.dtype == np.int64
   np.testing.assert_array_equal(indices, [2, 5, 9])
@@ -326,14 +334,17 @@ def test_read_split_file_reference_format(tmp_path):
   np.testing.assert_array_equal(indices, [1, 3, 6, 7])
 
 
-@pytest.mark.parametrize("content, kwargs, message", [
+@pytest.mark.parametrize(
+  "content, kwargs, message",
+  [
     ("1\n2\nx\n", {}, "line 3: 'x' is not an integer"),
     ("1\n\n10\n", {}, "line 3: index 10 is outside"),
     ("-1\n", {}, "line 1: index -1 is outside"),
     ("4\n2\n4\n", {}, "line 3: index 4 repeats line 1"),
     ("1\n2\n", {"expected_count": 3}, "holds 2 indices but 3 are expected"),
     ("0\n1\n2\n", {"labels": np.array([0, 0, 1] + [1] * 7)}, r"unbalanced \(0: 2, 1: 1\)"),
-])
+  ],
+)
 def test_read_split_file_errors(tmp_path, content, kwargs, message):
   path = tmp_path / "split.txt"
   path.write_text(content)

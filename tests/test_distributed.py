@@ -45,6 +45,7 @@ exactly, which shows that this estimator is the only difference. The smallest n
 here is 32 (final_bn on the small crops: 8 rows x 2 x 2), a 3 % effect; with
 the CIFAR-10 shapes n >= 38 400 (1536 small crops x 5 x 5), under 3e-5.
 """
+
 import json
 import os
 import socket
@@ -71,8 +72,9 @@ def runs(tmp_path_factory):
   output = tmp_path_factory.mktemp("distributed") / "runs.npz"
   environment = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
   environment.pop("TF_CONFIG", None)
-  completed = subprocess.run([sys.executable, SCRIPT, str(output)], cwd=ROOT, env=environment,
-                             capture_output=True, text=True, timeout=600)
+  completed = subprocess.run(
+    [sys.executable, SCRIPT, str(output)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
+  )
   assert completed.returncode == 0, completed.stderr[-3000:]
   with np.load(output) as data:
     return dict(data)
@@ -85,7 +87,7 @@ def indices(runs):
 def variables(runs, step, run, kind):
   """{index: value} of the trainable or moving variables of one run after `step`."""
   prefix = f"step{step}/{run}/{kind}/"
-  return {key[len(prefix):]: value for key, value in runs.items() if key.startswith(prefix)}
+  return {key[len(prefix) :]: value for key, value in runs.items() if key.startswith(prefix)}
 
 
 def name(runs, index):
@@ -120,8 +122,13 @@ def test_metrics_equal_the_single_device_values(runs, step):
       # loss = ce + me_max nearly cancel (both about 1): its tolerance is
       # relative to the size of the terms, not to the small sum.
       scale = abs(reference["ce"]) + abs(reference["me_max"]) if metric == "loss" else abs(reference[metric])
-      np.testing.assert_allclose(runs[f"step{step}/{run}/metric/{metric}"], reference[metric], rtol=0,
-                                 atol=1e-5 * scale, err_msg=f"{metric} of {run} after step {step}")
+      np.testing.assert_allclose(
+        runs[f"step{step}/{run}/metric/{metric}"],
+        reference[metric],
+        rtol=0,
+        atol=1e-5 * scale,
+        err_msg=f"{metric} of {run} after step {step}",
+      )
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -144,8 +151,9 @@ def test_trainable_weights_equal_the_single_device_update(runs, step):
     initial = runs[f"step0/initial/{index}"]
     expected_update = expected - initial
     scale = np.abs(expected_update).max()
-    np.testing.assert_allclose(mirrored[index] - initial, expected_update, rtol=1e-4,
-                               atol=1e-4 * scale + 1e-6, err_msg=message)
+    np.testing.assert_allclose(
+      mirrored[index] - initial, expected_update, rtol=1e-4, atol=1e-4 * scale + 1e-6, err_msg=message
+    )
     moved += scale > 1e-6
   # The steps really change the network: all 12 kernels, 18 BN gamma/beta and
   # the last dense bias (the biases feeding a BN get ~0 gradient and stay put).
@@ -158,8 +166,9 @@ def test_bn_moving_statistics_equal_the_non_fused_single_device_run(runs, step):
   mirrored = variables(runs, step, "mirrored0", "moving")
   for index, expected in reference.items():
     assert np.abs(expected - runs[f"step0/initial/{index}"]).max() > 1e-3, name(runs, index)  # really updated
-    np.testing.assert_allclose(mirrored[index], expected, rtol=1e-5, atol=1e-5,
-                               err_msg=f"{name(runs, index)} after step {step}")
+    np.testing.assert_allclose(
+      mirrored[index], expected, rtol=1e-5, atol=1e-5, err_msg=f"{name(runs, index)} after step {step}"
+    )
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -199,17 +208,27 @@ def test_two_worker_processes_train_in_lockstep(tmp_path):
   ReLU kinks (see above) grows over several updates."""
   args = scriptrun.TINY + ["--config.pretrain.epochs=1", "--config.run.precision=float32"]
   cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
-  workers = [scriptrun.start("paws_train.py", *args, f"--workdir={tmp_path}/worker{index}",
-                             log_path=str(tmp_path / f"worker{index}.log"),
-                             extra_env={"TF_CONFIG": json.dumps({"cluster": cluster,
-                                                                 "task": {"type": "worker", "index": index}})})
-             for index in range(2)]
+  workers = [
+    scriptrun.start(
+      "paws_train.py",
+      *args,
+      f"--workdir={tmp_path}/worker{index}",
+      log_path=str(tmp_path / f"worker{index}.log"),
+      extra_env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})},
+    )
+    for index in range(2)
+  ]
   single = scriptrun.run("paws_train.py", *args, f"--workdir={tmp_path}/single")
   assert single.returncode == 0, single.stderr[-3000:]
   for index, worker in enumerate(workers):
     assert worker.wait(timeout=600) == 0, (tmp_path / f"worker{index}.log").read_text()[-3000:]
-  logs = [[(r["step"], r["loss"], r["ce"], r["me_max"]) for r in training.read_log(
-      str(tmp_path / run / "pretrain_log.jsonl"), "step")] for run in ("worker0", "worker1", "single")]
+  logs = [
+    [
+      (r["step"], r["loss"], r["ce"], r["me_max"])
+      for r in training.read_log(str(tmp_path / run / "pretrain_log.jsonl"), "step")
+    ]
+    for run in ("worker0", "worker1", "single")
+  ]
   assert logs[0] == logs[1] and [r[0] for r in logs[0]] == list(range(1, 11))
   np.testing.assert_allclose(logs[0][0][1:], logs[2][0][1:], rtol=1e-4)
   readers = [tf.train.load_checkpoint(str(tmp_path / run / "encoder" / "weights")) for run in ("worker0", "worker1")]

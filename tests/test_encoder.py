@@ -1,4 +1,5 @@
 """WideResNet trunk, heads, padding, initialisation and BatchNorm momentum (METHOD.md section 3)."""
+
 import ml_collections
 import numpy as np
 import pytest
@@ -9,8 +10,16 @@ from utils import encoder as encoder_lib
 
 
 def config(depth=28, width=2, prediction_head=False):
-  return ml_collections.ConfigDict(dict(depth=depth, width=width, hidden_dim=128, projection_dim=128,
-                                        prediction_head=prediction_head, prediction_hidden_dim=32))
+  return ml_collections.ConfigDict(
+    dict(
+      depth=depth,
+      width=width,
+      hidden_dim=128,
+      projection_dim=128,
+      prediction_head=prediction_head,
+      prediction_hidden_dim=32,
+    )
+  )
 
 
 def test_wrn_28_2_parameter_counts():
@@ -33,7 +42,7 @@ def numpy_conv(images, kernel, bias, stride, pad):
   out = np.zeros([images.shape[0], out_height, out_width, kernel.shape[-1]])
   for i in range(out_height):
     for j in range(out_width):
-      patch = padded[:, i * stride:i * stride + kernel_height, j * stride:j * stride + kernel_width, :]
+      patch = padded[:, i * stride : i * stride + kernel_height, j * stride : j * stride + kernel_width, :]
       out[:, i, j, :] = np.einsum("nhwc,hwcf->nf", patch, kernel)
   return out + bias
 
@@ -43,8 +52,12 @@ def test_convolutions_pad_symmetrically_like_pytorch(size):
   encoder = encoder_lib.build_encoder(config(depth=10, width=1), 8)
   block = encoder.trunk.blocks[1]  # stage 2: 16 -> 32 channels, stride 2 on conv2 and on the shortcut
   rng = np.random.default_rng(0)
-  for layer, in_channels, stride, pad in [(block.conv1, 16, 1, 1), (block.conv2, 32, 2, 1),
-                                          (block.shortcut, 16, 2, 0), (encoder.trunk.stem, 3, 1, 1)]:
+  for layer, in_channels, stride, pad in [
+    (block.conv1, 16, 1, 1),
+    (block.conv2, 32, 2, 1),
+    (block.shortcut, 16, 2, 0),
+    (encoder.trunk.stem, 3, 1, 1),
+  ]:
     images = rng.normal(size=[2, size, size, in_channels]).astype(np.float32)
     kernel, bias = (v.numpy() for v in (layer.kernel, layer.bias))
     assert kernel.shape[:2] == ((1, 1) if pad == 0 else (3, 3)) and layer.strides == (stride, stride)
@@ -108,8 +121,9 @@ def test_outputs_and_bn_momentum_translation():
   encoder = encoder_lib.build_encoder(config(depth=10, width=1, prediction_head=True), 16)
   h, z = encoder(tf.zeros([3, 16, 16, 3]), training=False)
   assert h.shape == (3, 128) and z.shape == (3, 128)
-  momenta = {layer.name: layer.momentum for layer in encoder.submodules
-             if isinstance(layer, tf_keras.layers.BatchNormalization)}
+  momenta = {
+    layer.name: layer.momentum for layer in encoder.submodules if isinstance(layer, tf_keras.layers.BatchNormalization)
+  }
   assert momenta.pop("final_bn") == 0.01  # PyTorch 0.99
   assert set(momenta.values()) == {0.9}  # PyTorch 0.1
 
@@ -138,7 +152,9 @@ def test_embed_views_groups_share_batch_statistics():
 
 def test_save_and_load_round_trip(tmp_path):
   import pytest
+
   from utils.errors import UserError
+
   full = ml_collections.ConfigDict({"name": "t", "model": config(depth=10, width=1), "data": {"image_size": 8}})
   encoder = encoder_lib.build_encoder(full.model, 8)
   encoder_lib.save_encoder(encoder, full, str(tmp_path / "enc"), 5)
@@ -170,8 +186,9 @@ def test_reestimate_batch_norm_converges_to_the_statistics_of_the_images():
   # left out: their BNs see nearly equal random-init features, too ill-conditioned to compare.
   varied = tf.random.normal([64, 8, 8, 3], seed=2) * tf.random.uniform([64, 1, 1, 1], 0.5, 2.0, seed=3)
   encoder_lib.reestimate_batch_norm(encoder, varied)
-  np.testing.assert_allclose(encoder.trunk(varied, training=False).numpy(),
-                             encoder.trunk(varied, training=True).numpy(), rtol=1e-2, atol=1e-3)
+  np.testing.assert_allclose(
+    encoder.trunk(varied, training=False).numpy(), encoder.trunk(varied, training=True).numpy(), rtol=1e-2, atol=1e-3
+  )
 
 
 def test_mixed_bfloat16_keeps_the_heads_in_float32():

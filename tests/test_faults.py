@@ -2,6 +2,7 @@
 
 Every test runs the real scripts in subprocesses on tiny digits settings.
 """
+
 import glob
 import os
 import shutil
@@ -19,8 +20,11 @@ from utils import training
 pytestmark = pytest.mark.slow
 
 # 3 epochs of 10 steps; checkpoints at every multiple of 3 and at epoch ends: 3, 6, 9, 10, 12, 15, ...
-ARGS = scriptrun.TINY + ["--config.pretrain.epochs=3", "--config.run.checkpoint_every=3",
-                         "--config.run.keep_checkpoints=20"]
+ARGS = scriptrun.TINY + [
+  "--config.pretrain.epochs=3",
+  "--config.run.checkpoint_every=3",
+  "--config.run.keep_checkpoints=20",
+]
 KILLER = os.path.join(scriptrun.ROOT, "tests", "kill_at_checkpoint.py")
 
 
@@ -35,8 +39,9 @@ def logged_steps(path):
 
 def kill_at_checkpoint(moment, save_number, script, *args, workdir):
   """Runs script under the checkpoint killer; asserts it died by SIGKILL."""
-  result = scriptrun.run(KILLER, moment, str(save_number), os.path.join(scriptrun.ROOT, script), *args,
-                         f"--workdir={workdir}")
+  result = scriptrun.run(
+    KILLER, moment, str(save_number), os.path.join(scriptrun.ROOT, script), *args, f"--workdir={workdir}"
+  )
   assert result.returncode == -signal.SIGKILL, result.stdout[-2000:] + result.stderr[-2000:]
   return result
 
@@ -76,7 +81,7 @@ def test_kill_during_first_epoch_resumes_and_finishes(tmp_path):
   checkpoints = os.path.join(workdir, "checkpoints")
   deadline = time.time() + 300
   while time.time() < deadline and not [s for s in checkpoint_steps(checkpoints) if s >= 6]:
-    assert process.poll() is None, open(tmp_path / "first.log").read()[-2000:]
+    assert process.poll() is None, scriptrun.read_text(tmp_path / "first.log")[-2000:]
     time.sleep(0.2)
   process.send_signal(signal.SIGKILL)
   process.wait()
@@ -85,10 +90,13 @@ def test_kill_during_first_epoch_resumes_and_finishes(tmp_path):
   assert_resumes_and_finishes(workdir, saved, overlap_expected=None)  # depends on when the kill lands
 
 
-@pytest.mark.parametrize("moment,resumed_at,overlap", [
+@pytest.mark.parametrize(
+  "moment,resumed_at,overlap",
+  [
     ("after", 12, False),  # killed right after ckpt-12 (the 5th save) was recorded
     ("during", 10, True),  # killed while ckpt-12 was being written (steps 11-12 logged): never a checkpoint
-])
+  ],
+)
 def test_kill_at_a_checkpoint_resumes_from_the_newest_complete_one(moment, resumed_at, overlap, tmp_path):
   workdir = str(tmp_path / "run")
   kill_at_checkpoint(moment, 5, "paws_train.py", *ARGS, workdir=workdir)
@@ -128,7 +136,8 @@ def test_non_finite_loss_stops_with_step_and_keeps_a_loadable_checkpoint(tmp_pat
   config = scriptrun.config_with(*args)
   encoder = encoder_lib.build_encoder(config.model, config.data.image_size)
   tf.train.Checkpoint(encoder=encoder).restore(
-      tf.train.latest_checkpoint(checkpoints)).assert_existing_objects_matched()
+    tf.train.latest_checkpoint(checkpoints)
+  ).assert_existing_objects_matched()
   assert all(np.isfinite(w).all() for w in encoder.get_weights())
 
 
@@ -156,7 +165,7 @@ def finetune_and_check(workdir, resumed_at):
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"at step {resumed_at}" in rerun.stdout
   steps = logged_steps(os.path.join(workdir, "finetuned", "finetune_log.jsonl"))
-  assert steps[-(5 - resumed_at):] == list(range(resumed_at + 1, 6))
+  assert steps[-(5 - resumed_at) :] == list(range(resumed_at + 1, 6))
   evaluation = scriptrun.run("nn_eval.py", *FINETUNE, f"--workdir={workdir}")
   assert evaluation.returncode == 0, evaluation.stderr[-3000:]
   assert "soft-NN top-1 (finetuned encoder" in evaluation.stdout

@@ -1,4 +1,5 @@
 """Tests for utils/losses.py against NumPy versions of the METHOD.md section 2 formulas."""
+
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ LOG_FLOOR = 1e-20  # same guard as the module, so log(0) cannot differ
 
 
 # ---- NumPy references, written from METHOD.md section 2 (float64) ----
+
 
 def numpy_sharpen(p, T):
   powered = p ** (1.0 / T)
@@ -40,15 +42,12 @@ def numpy_snn(query, supports, labels, tau):
 def numpy_labels(num_classes, images_per_class, num_views, smoothing):
   rows = num_views * num_classes * images_per_class
   labels = np.full((rows, num_classes), smoothing / num_classes)
-  labels[np.arange(rows), np.arange(rows) % num_classes] = (
-      1.0 - smoothing + smoothing / num_classes)
+  labels[np.arange(rows), np.arange(rows) % num_classes] = 1.0 - smoothing + smoothing / num_classes
   return labels
 
 
-def numpy_targets(target_views, target_supports, target_labels, tau, T,
-                  multicrop, zero_small=True):
-  targets = numpy_sharpen(
-      numpy_snn(target_views, target_supports, target_labels, tau), T)
+def numpy_targets(target_views, target_supports, target_labels, tau, T, multicrop, zero_small=True):
+  targets = numpy_sharpen(numpy_snn(target_views, target_supports, target_labels, tau), T)
   if multicrop > 0:
     batch = targets.shape[0] // 2
     small = 0.5 * (targets[:batch] + targets[batch:])
@@ -58,14 +57,21 @@ def numpy_targets(target_views, target_supports, target_labels, tau, T,
   return targets
 
 
-def numpy_paws(anchor_views, anchor_supports, anchor_labels, target_views,
-               target_supports, target_labels, tau, T, multicrop,
-               zero_small=True):
+def numpy_paws(
+  anchor_views,
+  anchor_supports,
+  anchor_labels,
+  target_views,
+  target_supports,
+  target_labels,
+  tau,
+  T,
+  multicrop,
+  zero_small=True,
+):
   probabilities = numpy_snn(anchor_views, anchor_supports, anchor_labels, tau)
-  targets = numpy_targets(target_views, target_supports, target_labels, tau, T,
-                          multicrop, zero_small)
-  ce = np.mean(np.sum(-targets * np.log(np.maximum(probabilities, LOG_FLOOR)),
-                      axis=1))
+  targets = numpy_targets(target_views, target_supports, target_labels, tau, T, multicrop, zero_small)
+  ce = np.mean(np.sum(-targets * np.log(np.maximum(probabilities, LOG_FLOOR)), axis=1))
   mean_sharpened = numpy_sharpen(probabilities, T).mean(axis=0)
   me_max = np.sum(mean_sharpened * np.log(mean_sharpened))
   return ce, me_max
@@ -80,19 +86,21 @@ def numpy_suncet(z, labels, tau):
 
 # ---- inputs ----
 
-def make_inputs(seed, batch_size=4, multicrop=6, num_classes=5,
-                images_per_class=3, num_views=2, dimension=16, smoothing=0.1):
+
+def make_inputs(
+  seed, batch_size=4, multicrop=6, num_classes=5, images_per_class=3, num_views=2, dimension=16, smoothing=0.1
+):
   """Random PAWS inputs as float32 NumPy arrays, in paws_loss argument order."""
   generator = np.random.default_rng(seed)
   num_supports = num_views * num_classes * images_per_class
   labels = numpy_labels(num_classes, images_per_class, num_views, smoothing)
   return [
-      generator.normal(size=((2 + multicrop) * batch_size, dimension)),
-      generator.normal(size=(num_supports, dimension)),
-      labels,
-      generator.normal(size=(2 * batch_size, dimension)),
-      generator.normal(size=(num_supports, dimension)),
-      labels,
+    generator.normal(size=((2 + multicrop) * batch_size, dimension)),
+    generator.normal(size=(num_supports, dimension)),
+    labels,
+    generator.normal(size=(2 * batch_size, dimension)),
+    generator.normal(size=(num_supports, dimension)),
+    labels,
   ]
 
 
@@ -102,15 +110,14 @@ def as_float32(arrays):
 
 # ---- sharpen, snn, labels ----
 
+
 def test_sharpen_matches_numpy():
   p = numpy_softmax(np.random.default_rng(0).normal(size=(6, 7)))
   for T in (0.25, 1.0, 2.0):
     result = losses.sharpen(tf.constant(p, tf.float32), T)
     assert result.dtype == tf.float32
-    np.testing.assert_allclose(result.numpy(), numpy_sharpen(p, T), rtol=1e-5,
-                               atol=1e-7)
-  np.testing.assert_allclose(losses.sharpen(p.astype(np.float32), 1.0).numpy(),
-                             p, rtol=1e-5)
+    np.testing.assert_allclose(result.numpy(), numpy_sharpen(p, T), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(losses.sharpen(p.astype(np.float32), 1.0).numpy(), p, rtol=1e-5)
 
 
 def test_snn_matches_numpy():
@@ -121,20 +128,19 @@ def test_snn_matches_numpy():
   for tau in (0.1, 0.5):
     result = losses.snn(*as_float32([query, supports, labels]), tau)
     assert result.shape == (7, 5)
-    np.testing.assert_allclose(result.numpy(),
-                               numpy_snn(query, supports, labels, tau),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.numpy(), numpy_snn(query, supports, labels, tau), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.numpy().sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_snn_ignores_embedding_scale():
   generator = np.random.default_rng(2)
-  query, supports = as_float32([generator.normal(size=(3, 8)),
-                                generator.normal(size=(10, 8))])
+  query, supports = as_float32([generator.normal(size=(3, 8)), generator.normal(size=(10, 8))])
   labels = numpy_labels(2, 5, 1, 0.0).astype(np.float32)
   np.testing.assert_allclose(
-      losses.snn(query * 7.0, supports * 0.1, labels, 0.1).numpy(),
-      losses.snn(query, supports, labels, 0.1).numpy(), rtol=1e-5)
+    losses.snn(query * 7.0, supports * 0.1, labels, 0.1).numpy(),
+    losses.snn(query, supports, labels, 0.1).numpy(),
+    rtol=1e-5,
+  )
 
 
 def test_make_labels_matrix_smoothing_and_interleaving():
@@ -158,12 +164,12 @@ def test_make_labels_matrix_one_hot_default():
 
 # ---- paws_loss ----
 
+
 @pytest.mark.parametrize("multicrop", [0, 2, 6])
 def test_paws_loss_matches_numpy(multicrop):
   inputs = make_inputs(seed=3 + multicrop, multicrop=multicrop)
   ce, me_max = losses.paws_loss(*as_float32(inputs), multicrop=multicrop)
-  expected_ce, expected_me_max = numpy_paws(*inputs, tau=0.1, T=0.25,
-                                            multicrop=multicrop)
+  expected_ce, expected_me_max = numpy_paws(*inputs, tau=0.1, T=0.25, multicrop=multicrop)
   assert ce.dtype == tf.float32 and me_max.dtype == tf.float32
   assert ce.shape == () and me_max.shape == ()
   np.testing.assert_allclose(ce.numpy(), expected_ce, rtol=1e-5)
@@ -179,13 +185,11 @@ def test_paws_loss_zeroes_tiny_targets():
   generator = np.random.default_rng(100)
   inputs[0] = inputs[1][0] + 0.3 * generator.normal(size=inputs[0].shape)
   inputs[3] = inputs[4][0] + 0.3 * generator.normal(size=inputs[3].shape)
-  targets = numpy_targets(*inputs[3:], 0.1, 0.25, multicrop=2,
-                          zero_small=False)
+  targets = numpy_targets(*inputs[3:], 0.1, 0.25, multicrop=2, zero_small=False)
   assert np.any((targets > 1e-12) & (targets < 1e-4))
   ce, _ = losses.paws_loss(*as_float32(inputs), multicrop=2)
   expected_ce, _ = numpy_paws(*inputs, tau=0.1, T=0.25, multicrop=2)
-  unzeroed_ce, _ = numpy_paws(*inputs, tau=0.1, T=0.25, multicrop=2,
-                              zero_small=False)
+  unzeroed_ce, _ = numpy_paws(*inputs, tau=0.1, T=0.25, multicrop=2, zero_small=False)
   assert abs(unzeroed_ce - expected_ce) > 20 * 1e-4 * expected_ce
   np.testing.assert_allclose(ce.numpy(), expected_ce, rtol=1e-4)
 
@@ -195,24 +199,20 @@ def test_paws_loss_small_crop_targets_are_mean_of_large_targets():
   # small-crop rows checkable by hand from the large-view targets.
   batch_size, multicrop = 3, 2
   inputs = make_inputs(seed=11, batch_size=batch_size, multicrop=multicrop)
-  anchor_views, anchor_supports, labels, target_views, target_supports, _ = (
-      inputs)
-  anchor_views[2 * batch_size:] = np.tile(anchor_views[:batch_size],
-                                          (multicrop, 1))
+  anchor_views, anchor_supports, labels, target_views, target_supports, _ = inputs
+  anchor_views[2 * batch_size :] = np.tile(anchor_views[:batch_size], (multicrop, 1))
   ce, _ = losses.paws_loss(*as_float32(inputs), multicrop=multicrop)
 
   probabilities = numpy_snn(anchor_views, anchor_supports, labels, 0.1)
-  targets = numpy_sharpen(numpy_snn(target_views, target_supports, labels,
-                                    0.1), 0.25)
+  targets = numpy_sharpen(numpy_snn(target_views, target_supports, labels, 0.1), 0.25)
   # Averaged before the zeroing of tiny entries, as METHOD.md section 2 orders it.
   small_targets = 0.5 * (targets[:batch_size] + targets[batch_size:])
   targets = np.where(targets < 1e-4, 0.0, targets)
   small_targets = np.where(small_targets < 1e-4, 0.0, small_targets)
   log_p = np.log(probabilities)
-  large_terms = np.sum(-targets * log_p[:2 * batch_size], axis=1)
+  large_terms = np.sum(-targets * log_p[: 2 * batch_size], axis=1)
   small_terms = np.sum(-small_targets * log_p[:batch_size], axis=1)
-  expected = (large_terms.sum() + multicrop * small_terms.sum()) / (
-      (2 + multicrop) * batch_size)
+  expected = (large_terms.sum() + multicrop * small_terms.sum()) / ((2 + multicrop) * batch_size)
   np.testing.assert_allclose(ce.numpy(), expected, rtol=1e-5)
 
 
@@ -243,14 +243,12 @@ def test_paws_loss_rejects_mismatched_row_counts():
 
 
 def test_paws_loss_gradients_flow_into_anchors_only():
-  variables = [tf.Variable(array)
-               for array in as_float32(make_inputs(seed=15, multicrop=2))]
+  variables = [tf.Variable(array) for array in as_float32(make_inputs(seed=15, multicrop=2))]
   with tf.GradientTape() as tape:
     ce, me_max = losses.paws_loss(*variables, multicrop=2)
     loss = ce + me_max
   gradients = tape.gradient(loss, variables)
-  anchor_views, anchor_supports, _, target_views, target_supports, _ = (
-      gradients)
+  anchor_views, anchor_supports, _, target_views, target_supports, _ = gradients
   for gradient in (target_views, target_supports):
     assert gradient is None or not np.any(gradient.numpy())
   for gradient in (anchor_views, anchor_supports):
@@ -260,8 +258,7 @@ def test_paws_loss_gradients_flow_into_anchors_only():
 
 
 def test_me_max_term_has_gradient():
-  variables = [tf.Variable(array)
-               for array in as_float32(make_inputs(seed=16, multicrop=2))]
+  variables = [tf.Variable(array) for array in as_float32(make_inputs(seed=16, multicrop=2))]
   with tf.GradientTape() as tape:
     _, me_max = losses.paws_loss(*variables, multicrop=2)
   anchor_gradient = tape.gradient(me_max, variables[0])
@@ -269,6 +266,7 @@ def test_me_max_term_has_gradient():
 
 
 # ---- mixed precision and XLA ----
+
 
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
 def test_low_precision_inputs_give_float32_outputs(dtype):
@@ -292,9 +290,8 @@ def test_low_precision_inputs_give_float32_outputs(dtype):
   suncet = losses.suncet_loss(low[1], one_hot)
   assert suncet.dtype == tf.float32
   np.testing.assert_allclose(
-      suncet.numpy(),
-      losses.suncet_loss(inputs[1], np.eye(5, dtype=np.float32)[
-          np.arange(30) % 5]).numpy(), rtol=5e-2)
+    suncet.numpy(), losses.suncet_loss(inputs[1], np.eye(5, dtype=np.float32)[np.arange(30) % 5]).numpy(), rtol=5e-2
+  )
 
 
 def test_xla_matches_eager():
@@ -302,18 +299,17 @@ def test_xla_matches_eager():
   labels = np.eye(5, dtype=np.float32)[np.arange(30) % 5]
 
   @tf.function(jit_compile=True)
-  def compiled(anchor_views, anchor_supports, anchor_labels, target_views,
-               target_supports, target_labels, suncet_labels):
+  def compiled(
+    anchor_views, anchor_supports, anchor_labels, target_views, target_supports, target_labels, suncet_labels
+  ):
     with tf.GradientTape() as tape:
       tape.watch([anchor_views, anchor_supports])
-      ce, me_max = losses.paws_loss(anchor_views, anchor_supports,
-                                    anchor_labels, target_views,
-                                    target_supports, target_labels,
-                                    multicrop=2)
+      ce, me_max = losses.paws_loss(
+        anchor_views, anchor_supports, anchor_labels, target_views, target_supports, target_labels, multicrop=2
+      )
       loss = ce + me_max
     gradient = tape.gradient(loss, anchor_views)
-    suncet = losses.suncet_loss(tf.cast(anchor_supports, tf.bfloat16),
-                                suncet_labels)
+    suncet = losses.suncet_loss(tf.cast(anchor_supports, tf.bfloat16), suncet_labels)
     return ce, me_max, gradient, suncet
 
   tensors = [tf.constant(array) for array in inputs]
@@ -326,12 +322,12 @@ def test_xla_matches_eager():
   eager_suncet = losses.suncet_loss(tf.cast(tensors[1], tf.bfloat16), labels)
   np.testing.assert_allclose(ce.numpy(), eager_ce.numpy(), rtol=1e-5)
   np.testing.assert_allclose(me_max.numpy(), eager_me_max.numpy(), rtol=1e-5)
-  np.testing.assert_allclose(gradient.numpy(), eager_gradient.numpy(),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(gradient.numpy(), eager_gradient.numpy(), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(suncet.numpy(), eager_suncet.numpy(), rtol=1e-5)
 
 
 # ---- suncet_loss ----
+
 
 def test_suncet_loss_matches_numpy():
   generator = np.random.default_rng(19)
@@ -340,8 +336,7 @@ def test_suncet_loss_matches_numpy():
   for tau in (0.1, 0.5):
     result = losses.suncet_loss(*as_float32([z, labels]), tau=tau)
     assert result.dtype == tf.float32 and result.shape == ()
-    np.testing.assert_allclose(result.numpy(), numpy_suncet(z, labels, tau),
-                               rtol=1e-5)
+    np.testing.assert_allclose(result.numpy(), numpy_suncet(z, labels, tau), rtol=1e-5)
 
 
 def test_suncet_loss_excludes_self():
@@ -443,29 +438,28 @@ REPLICA_SCRIPT = textwrap.dedent("""
 
 def test_two_replicas_match_single_device():
   inputs = make_inputs(seed=20, batch_size=4, multicrop=2)
-  environment = dict(os.environ, CUDA_VISIBLE_DEVICES="",
-                     TF_CPP_MIN_LOG_LEVEL="2",
-                     PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get(
-                         "PYTHONPATH", ""))
+  environment = dict(
+    os.environ,
+    CUDA_VISIBLE_DEVICES="",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
   completed = subprocess.run(
-      [sys.executable, "-c", REPLICA_SCRIPT,
-       json.dumps([array.tolist() for array in inputs])],
-      capture_output=True, text=True, env=environment, cwd=REPO_ROOT,
-      timeout=120)
+    [sys.executable, "-c", REPLICA_SCRIPT, json.dumps([array.tolist() for array in inputs])],
+    capture_output=True,
+    text=True,
+    env=environment,
+    cwd=REPO_ROOT,
+    timeout=120,
+  )
   assert completed.returncode == 0, completed.stderr[-3000:]
   result = json.loads(completed.stdout.strip().splitlines()[-1])
 
   # me-max uses the cross-replica mean prediction: the same on every replica
   # and equal to the single-device value on the whole batch.
-  np.testing.assert_allclose(result["replica_me_max"],
-                             [result["single_me_max"]] * 2, rtol=1e-5)
-  np.testing.assert_allclose(np.mean(result["replica_ce"]), result["single_ce"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(result["replica_me_max"], [result["single_me_max"]] * 2, rtol=1e-5)
+  np.testing.assert_allclose(np.mean(result["replica_ce"]), result["single_ce"], rtol=1e-5)
   # Summing the per-replica gradients of loss / replicas gives the
   # single-device gradient, including through the all-reduce.
-  np.testing.assert_allclose(result["anchor_gradient"],
-                             result["single_anchor_gradient"], rtol=1e-4,
-                             atol=1e-7)
-  np.testing.assert_allclose(result["support_gradient"],
-                             result["single_support_gradient"], rtol=1e-4,
-                             atol=1e-7)
+  np.testing.assert_allclose(result["anchor_gradient"], result["single_anchor_gradient"], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(result["support_gradient"], result["single_support_gradient"], rtol=1e-4, atol=1e-7)

@@ -7,6 +7,7 @@ CPU-seconds, most of it the one-epoch pre-training the visualization notebook st
 and the data notebook fits on the core that the training leaves idle, so the module
 takes well under a minute and a half of wall time on two cores.
 """
+
 import asyncio
 import json
 import os
@@ -31,8 +32,14 @@ def kernel_manager(directory):
   spec_dir = os.path.join(directory, "kernels", "python3")
   os.makedirs(spec_dir, exist_ok=True)
   with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
-    json.dump({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-               "display_name": "Python 3", "language": "python"}, f)
+    json.dump(
+      {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3",
+        "language": "python",
+      },
+      f,
+    )
   specs = KernelSpecManager(kernel_dirs=[os.path.join(directory, "kernels")])
   return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
 
@@ -46,12 +53,15 @@ def run_notebooks(names, directory, env):
   for name in names:
     notebook = nbformat.read(os.path.join(COLABS, name), as_version=4)
     clients[name] = nbclient.NotebookClient(
-        notebook, timeout=TIMEOUT, kernel_name="python3", km=kernel_manager(str(directory)),
-        resources={"metadata": {"path": COLABS}})
+      notebook,
+      timeout=TIMEOUT,
+      kernel_name="python3",
+      km=kernel_manager(str(directory)),
+      resources={"metadata": {"path": COLABS}},
+    )
 
   async def execute_all():
-    return await asyncio.gather(*(client.async_execute(env=env) for client in clients.values()),
-                                return_exceptions=True)
+    return await asyncio.gather(*(client.async_execute(env=env) for client in clients.values()), return_exceptions=True)
 
   return dict(zip(clients, asyncio.run(execute_all())))
 
@@ -84,8 +94,9 @@ def text_output(notebook):
 
 
 def image_outputs(notebook):
-  return [output for cell in notebook.cells for output in cell.get("outputs", [])
-          if "image/png" in output.get("data", {})]
+  return [
+    output for cell in notebook.cells for output in cell.get("outputs", []) if "image/png" in output.get("data", {})
+  ]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -125,8 +136,13 @@ def test_visualization_notebook_trains_evaluates_and_plots(executed):
   assert len(image_outputs(notebook)) == 1
   # The notebook's number is nn_eval.py's on the same workdir, even when the script is told to use a
   # mixed policy: evaluation always embeds in float32.
-  evaluation = scriptrun.run("nn_eval.py", "--config=config.py:digits", "--config.run.precision=mixed_bfloat16",
-                             f"--workdir={workdir}", "--encoder=pretrained")
+  evaluation = scriptrun.run(
+    "nn_eval.py",
+    "--config=config.py:digits",
+    "--config.run.precision=mixed_bfloat16",
+    f"--workdir={workdir}",
+    "--encoder=pretrained",
+  )
   assert evaluation.returncode == 0, evaluation.stderr[-2000:]
   with open(workdir / "eval.json") as f:
     assert float(match.group(1)) == pytest.approx(json.load(f)["top1"], abs=0.005)

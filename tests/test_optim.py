@@ -1,4 +1,5 @@
 """Learning-rate schedule and LARS updates against NumPy oracles (METHOD.md sections 5 and 6)."""
+
 import math
 
 import ml_collections
@@ -19,10 +20,13 @@ def reference_lr(update, start_lr, peak_lr, final_lr, warmup_steps, total_steps)
   return max(final_lr, final_lr + (peak_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@pytest.mark.parametrize("start_lr,peak_lr,final_lr,warmup_steps,total_steps", [
+@pytest.mark.parametrize(
+  "start_lr,peak_lr,final_lr,warmup_steps,total_steps",
+  [
     (0.8, 3.2, 0.032, 1950, 117000),  # pre-training: 10 warm-up epochs of 600, 195 steps each
     (0.0, 0.1, 0.01, 0, 180),  # fine-tuning: 30 epochs of 6 steps, no warm-up
-])
+  ],
+)
 def test_schedule_matches_the_reference_at_every_update(start_lr, peak_lr, final_lr, warmup_steps, total_steps):
   schedule = optim.warmup_cosine_schedule(start_lr, peak_lr, final_lr, warmup_steps, total_steps)
   updates = np.arange(total_steps)
@@ -40,15 +44,17 @@ def test_schedule_matches_the_reference_at_every_update(start_lr, peak_lr, final
 
 
 def tiny_encoder(prediction_head):
-  model = ml_collections.ConfigDict(dict(depth=10, width=1, hidden_dim=16, projection_dim=8,
-                                         prediction_head=prediction_head, prediction_hidden_dim=4))
+  model = ml_collections.ConfigDict(
+    dict(depth=10, width=1, hidden_dim=16, projection_dim=8, prediction_head=prediction_head, prediction_hidden_dim=4)
+  )
   return encoder_lib.build_encoder(model, 8)
 
 
 def is_bias_or_batch_norm(variable):
   layer_name, variable_name = variable.name.split("/")[-2:]
-  return variable_name == "bias:0" or variable_name in ("gamma:0", "beta:0") and layer_name.startswith(
-      ("bn", "final_bn"))
+  return (
+    variable_name == "bias:0" or variable_name in ("gamma:0", "beta:0") and layer_name.startswith(("bn", "final_bn"))
+  )
 
 
 @pytest.mark.parametrize("prediction_head", [False, True])
@@ -96,8 +102,9 @@ def test_lars_follows_the_schedule_and_momentum():
   for index in (1, 2):  # bias and BN gamma: plain SGD momentum at the raw scheduled rate
     first = 0.1 * steps[0][index]
     np.testing.assert_allclose(values[1][index], values[0][index] - first, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(values[2][index], values[1][index] - (0.9 * first + 0.2 * steps[1][index]),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      values[2][index], values[1][index] - (0.9 * first + 0.2 * steps[1][index]), rtol=1e-6, atol=1e-7
+    )
   velocity = np.zeros_like(values[0][0])
   for step, learning_rate in enumerate((0.1, 0.2)):
     weights = values[step][0]

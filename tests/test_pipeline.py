@@ -1,4 +1,5 @@
 """Support sampler and input pipelines (METHOD.md section 4)."""
+
 import ml_collections
 import numpy as np
 import pytest
@@ -33,8 +34,9 @@ def test_sampler_batches_are_independent_draws():
   """Each batch takes images_per_class of a fresh per-class shuffle, whatever earlier batches took."""
   per_class, images_per_class, num_classes, num_batches = 10, 3, 10, 2000
   labels = make_labels(per_class, num_classes)
-  batches = list(pipeline.support_batches(labels, num_classes, images_per_class, seed=5, start_step=0,
-                                          total_steps=num_batches))
+  batches = list(
+    pipeline.support_batches(labels, num_classes, images_per_class, seed=5, start_step=0, total_steps=num_batches)
+  )
   present = np.zeros([num_batches, len(labels)], bool)
   for step, batch in batches:
     present[step, batch] = True
@@ -115,15 +117,27 @@ def small_pretrain_dataset(start_step, total_steps=4):
   images = rng.integers(0, 256, size=[20, 8, 8, 3], dtype=np.uint8)
   labels = np.repeat(np.arange(4), 5)
   labeled = np.arange(20)[::2]  # 10 images; class counts 3,2,3,2
-  data = ml_collections.ConfigDict(dict(
-      flip=True, color_jitter_prob=0.8, color_jitter_strength=0.5, solarize_prob=0.2, equalize_prob=0.2,
-      mean=(0.5,) * 3, std=(0.25,) * 3, large_crop_size=8, small_crop_size=5, large_crop_scale=(0.75, 1.0),
-      small_crop_scale=(0.3, 0.75)))
-  pretrain = ml_collections.ConfigDict(dict(
-      batch_size=4, multicrop=2, classes_per_batch=4, images_per_class=2, support_views=2))
+  data = ml_collections.ConfigDict(
+    dict(
+      flip=True,
+      color_jitter_prob=0.8,
+      color_jitter_strength=0.5,
+      solarize_prob=0.2,
+      equalize_prob=0.2,
+      mean=(0.5,) * 3,
+      std=(0.25,) * 3,
+      large_crop_size=8,
+      small_crop_size=5,
+      large_crop_scale=(0.75, 1.0),
+      small_crop_scale=(0.3, 0.75),
+    )
+  )
+  pretrain = ml_collections.ConfigDict(
+    dict(batch_size=4, multicrop=2, classes_per_batch=4, images_per_class=2, support_views=2)
+  )
   return pipeline.pretrain_dataset(
-      images, labeled, labels[labeled], data, pretrain,
-      start_step=start_step, total_steps=total_steps, seed=7)
+    images, labeled, labels[labeled], data, pretrain, start_step=start_step, total_steps=total_steps, seed=7
+  )
 
 
 def test_pretrain_dataset_shapes_and_exact_resume():
@@ -149,8 +163,9 @@ def _finetune_batch(flip):
   labels = np.repeat(np.arange(2), 4)
   finetune = ml_collections.ConfigDict(dict(classes_per_batch=2, images_per_class=4, views=2))
   data = ml_collections.ConfigDict(dict(flip=flip, mean=(0.0,) * 3, std=(1.0,) * 3))
-  batch = next(iter(pipeline.finetune_dataset(
-      images, labels, finetune, data, start_step=0, total_steps=1, seed=0))).numpy()
+  batch = next(
+    iter(pipeline.finetune_dataset(images, labels, finetune, data, start_step=0, total_steps=1, seed=0))
+  ).numpy()
   assert batch.shape == (2, 4, 2, 6, 6, 3)
   return images.astype(np.float32) / 255, batch.reshape(2, 8, 6, 6, 3)
 

@@ -1,4 +1,5 @@
 """The three entry scripts end to end on tiny digits settings, as subprocesses."""
+
 import json
 import os
 
@@ -6,8 +7,7 @@ import numpy as np
 import pytest
 
 from tests import scriptrun
-from utils import datasets
-from utils import training
+from utils import datasets, training
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,9 @@ def test_rerun_of_finished_pretraining_resumes_at_the_end(pipeline_run):
 
 
 def test_changed_config_in_existing_workdir_is_refused(pipeline_run):
-  line = scriptrun.fails_cleanly("paws_train.py", *scriptrun.TINY, "--config.pretrain.tau=0.2",
-                                 error="changed_config", workdir=pipeline_run[0])
+  line = scriptrun.fails_cleanly(
+    "paws_train.py", *scriptrun.TINY, "--config.pretrain.tau=0.2", error="changed_config", workdir=pipeline_run[0]
+  )
   assert "pretrain.tau" in line
 
 
@@ -74,12 +75,14 @@ def test_other_labeled_subset_in_existing_workdir_is_refused(pipeline_run, tmp_p
   assert not np.array_equal(other, np.load(os.path.join(workdir, "labeled_indices.npy")))
   split = tmp_path / "other_split.txt"
   split.write_text("".join(f"{i}\n" for i in other))
-  scriptrun.fails_cleanly("paws_train.py", *scriptrun.TINY, f"--split_file={split}",
-                          error="changed_labeled_subset", workdir=workdir)
+  scriptrun.fails_cleanly(
+    "paws_train.py", *scriptrun.TINY, f"--split_file={split}", error="changed_labeled_subset", workdir=workdir
+  )
 
 
 @pytest.mark.parametrize("script", ["nn_eval.py", "fine_tune.py"])
 def test_incompatible_model_config_is_refused(pipeline_run, script):
-  line = scriptrun.fails_cleanly(script, *scriptrun.TINY, "--config.model.depth=16", error="model_config",
-                                 workdir=pipeline_run[0])
+  line = scriptrun.fails_cleanly(
+    script, *scriptrun.TINY, "--config.model.depth=16", error="model_config", workdir=pipeline_run[0]
+  )
   assert "model.depth" in line

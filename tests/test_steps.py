@@ -1,4 +1,5 @@
 """The compiled train steps under each precision policy, and loss-scaled minimisation."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -6,9 +7,7 @@ import tf_keras
 
 import config as presets
 from utils import encoder as encoder_lib
-from utils import optim
-from utils import runtime
-from utils import steps
+from utils import optim, runtime, steps
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -32,7 +31,8 @@ def pretrain_batch(c, seed=0):
   p, rng = c.pretrain, np.random.default_rng(seed)
   large, small = c.data.large_crop_size, c.data.small_crop_size
   views = tuple(rng.normal(size=[p.batch_size, large, large, 3]).astype(np.float32) for _ in range(2)) + tuple(
-      rng.normal(size=[p.batch_size, small, small, 3]).astype(np.float32) for _ in range(p.multicrop))
+    rng.normal(size=[p.batch_size, small, small, 3]).astype(np.float32) for _ in range(p.multicrop)
+  )
   supports = rng.normal(size=[p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3])
   return views, supports.astype(np.float32)
 
@@ -44,8 +44,13 @@ def run_paws_steps(c, initial_weights, num_steps=2):
   with strategy.scope():
     encoder = encoder_lib.build_encoder(c.model, c.data.image_size)
     encoder.set_weights(initial_weights)
-    optimizer = optim.build_lars(optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, 1, 10),
-                                 p.momentum, p.weight_decay, p.lars_eta, c.run.precision)
+    optimizer = optim.build_lars(
+      optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, 1, 10),
+      p.momentum,
+      p.weight_decay,
+      p.lars_eta,
+      c.run.precision,
+    )
   train_steps = steps.paws_steps(c, strategy, encoder, optimizer, jit_compile=False)
   iterator = iter(tf.data.Dataset.from_tensors(pretrain_batch(c)).repeat())
   first = {k: float(v) for k, v in train_steps(iterator, tf.constant(1)).items()}
@@ -109,7 +114,7 @@ def test_suncet_step_with_loss_scaling_keeps_bn_statistics_frozen(tiny):
 def quadratic_update(optimizer, factor=1.0):
   w = tf.Variable([1.0, -2.0])
   with tf.GradientTape() as tape:
-    loss = factor * tf.reduce_sum(w ** 2)
+    loss = factor * tf.reduce_sum(w**2)
   optimizer.minimize(loss, [w], tape=tape)
   return w.numpy()
 
@@ -117,12 +122,12 @@ def quadratic_update(optimizer, factor=1.0):
 def test_minimize_with_loss_scaling_equals_the_plain_update():
   plain = quadratic_update(tf_keras.optimizers.SGD(0.1))
   np.testing.assert_allclose(plain, [1.0 - 0.1 * 2.0, -2.0 + 0.1 * 4.0], rtol=1e-6)  # w - lr * 2w
-  scaled = tf_keras.mixed_precision.LossScaleOptimizer(tf_keras.optimizers.SGD(0.1), initial_scale=2.0 ** 10)
+  scaled = tf_keras.mixed_precision.LossScaleOptimizer(tf_keras.optimizers.SGD(0.1), initial_scale=2.0**10)
   np.testing.assert_allclose(quadratic_update(scaled), plain, rtol=1e-6)
 
 
 def test_minimize_skips_an_overflowing_step_and_lowers_the_scale():
-  optimizer = tf_keras.mixed_precision.LossScaleOptimizer(tf_keras.optimizers.SGD(0.1), initial_scale=2.0 ** 15)
+  optimizer = tf_keras.mixed_precision.LossScaleOptimizer(tf_keras.optimizers.SGD(0.1), initial_scale=2.0**15)
   # 2 * 1e36 * 2**15 overflows float32: the step is skipped and the scale halved
   np.testing.assert_array_equal(quadratic_update(optimizer, factor=1e36), [1.0, -2.0])
-  assert float(optimizer.loss_scale) == 2.0 ** 14
+  assert float(optimizer.loss_scale) == 2.0**14

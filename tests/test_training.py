@@ -3,6 +3,7 @@
 In-process tests drive `run_loop` with a tiny model and a Python stand-in for the compiled step; the
 signal tests at the end send SIGTERM / SIGINT to a real `paws_train.py` run.
 """
+
 import errno
 import glob
 import os
@@ -27,6 +28,7 @@ def tiny_state(directory):
     model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
     model.build((None, 3))
     return model
+
   optimizer_config = ml_collections.ConfigDict(dict(momentum=0.9, weight_decay=0.0, lars_eta=0.001))
   state = training.create_train_state(tf.distribute.get_strategy(), make_encoder, 0.1, optimizer_config, "float32")
   training.restore(state, directory, keep=10)
@@ -35,6 +37,7 @@ def tiny_state(directory):
 
 def fake_steps(state, losses, on_call=None):
   """A stand-in for the compiled step: moves a weight, returns losses[step] for the step it takes."""
+
   def train_steps(iterator, num_steps):
     del iterator
     current = int(state.step.numpy())
@@ -42,6 +45,7 @@ def fake_steps(state, losses, on_call=None):
       on_call(current)
     state.encoder.weights[0].assign_add(tf.ones_like(state.encoder.weights[0]))
     return {"loss": tf.constant(losses[current + int(num_steps) - 1], tf.float32)}
+
   return train_steps
 
 
@@ -126,11 +130,11 @@ def test_script_saves_on_signal_and_the_rerun_continues_from_that_step(tmp_path,
   process = scriptrun.start("paws_train.py", *ARGS, f"--workdir={workdir}", log_path=log_path)
   deadline = time.time() + 300
   while time.time() < deadline and len(logged_steps(workdir)) < 3:
-    assert process.poll() is None, open(log_path).read()[-2000:]
+    assert process.poll() is None, scriptrun.read_text(log_path)[-2000:]
     time.sleep(0.2)
   process.send_signal(number)
   assert process.wait(timeout=120) == 128 + number
-  output = open(log_path).read()
+  output = scriptrun.read_text(log_path)
   stopped_at = logged_steps(workdir)[-1]
   assert 3 <= stopped_at < 40
   lines = [line for line in output.splitlines() if line.startswith("error: ")]

@@ -1,5 +1,6 @@
 """utils/validation.py: every preset field has a rule, the presets pass it, bad values and bad command lines are
 one-line errors naming the field, the value and what is allowed."""
+
 import math
 import os
 
@@ -19,84 +20,84 @@ EPOCHS = lambda c: c.pretrain.epochs  # values that depend on the preset are fun
 
 # Values each rule must refuse: at least one per rule, at the edge of the allowed range where there is one.
 BAD = {
-    "name": ["", "  ", 3],
-    "seed": [-1, 2**32, 1.5, True],
-    "data.dataset": ["imagenet", "CIFAR10", ""],
-    "data.image_size": [0, -32],
-    "data.labeled_per_class": [0],
-    "data.label_seed": [-1],
-    "data.mean": [(0.5, 0.5), (0.5, 0.5, 1.01), (0.5, -0.01, 0.5), (0.5, math.nan, 0.5), "0.5"],
-    "data.std": [(0.5, 0.5, 0.0), (0.2, 0.2, 0.2, 0.2), (-0.2, 0.2, 0.2), (0.2, math.inf, 0.2)],
-    "data.large_crop_size": [0],
-    "data.small_crop_size": [0, -10],
-    "data.large_crop_scale": [(0.0, 1.0), (0.8, 0.5), (0.5, 1.01), (0.5,), (0.3, 0.5, 0.7)],
-    "data.small_crop_scale": [(0.3, 0.2), (-0.1, 0.5)],
-    "data.flip": ["yes", 1],
-    "data.color_jitter_prob": [-0.01, 1.01],
-    "data.color_jitter_strength": [-0.5, 2.51],
-    "data.solarize_prob": [1.5],
-    "data.equalize_prob": [-1.0],
-    "model.depth": [29, 4, 9, 0, 27],
-    "model.width": [0],
-    "model.hidden_dim": [0],
-    "model.projection_dim": [0, -128],
-    "model.prediction_head": ["false", 0],
-    "model.prediction_hidden_dim": [0],
-    "pretrain.epochs": [0, -1],
-    "pretrain.warmup_epochs": [-1, EPOCHS, lambda c: c.pretrain.epochs + 5],
-    "pretrain.batch_size": [0, -256],
-    "pretrain.multicrop": [-1],
-    "pretrain.classes_per_batch": [0],
-    "pretrain.images_per_class": [0],
-    "pretrain.support_views": [0],
-    "pretrain.label_smoothing": [1.0, -0.1],
-    "pretrain.tau": [0.0, -0.1, math.nan, math.inf],
-    "pretrain.sharpen_T": [0.0, -1.0],
-    "pretrain.me_max": ["true"],
-    "pretrain.start_lr": [-0.1],
-    "pretrain.lr": [-1.0, math.inf],
-    "pretrain.final_lr": [-1e-3],
-    "pretrain.momentum": [1.0, -0.1],
-    "pretrain.weight_decay": [-1e-6],
-    "pretrain.lars_eta": [0.0, -0.001],
-    "finetune.epochs": [0],
-    "finetune.classes_per_batch": [0],
-    "finetune.images_per_class": [0],
-    "finetune.views": [0],
-    "finetune.tau": [0.0],
-    "finetune.lr": [-0.1],
-    "finetune.final_lr": [-0.01],
-    "finetune.momentum": [1.0],
-    "finetune.weight_decay": [-0.1],
-    "finetune.lars_eta": [0.0],
-    "eval.tau": [0.0, -0.1],
-    "eval.batch_size": [0],
-    "run.precision": ["float64", "bfloat16", ""],
-    "run.jit_compile": ["maybe", "True", True],
-    "run.distribution": ["tpu", "mirror"],
-    "run.cpu_replicas": [-1, 1, 2.0],
-    "run.steps_per_loop": [0],
-    "run.log_every": [0],
-    "run.checkpoint_every": [0, -500],
-    "run.keep_checkpoints": [0],
+  "name": ["", "  ", 3],
+  "seed": [-1, 2**32, 1.5, True],
+  "data.dataset": ["imagenet", "CIFAR10", ""],
+  "data.image_size": [0, -32],
+  "data.labeled_per_class": [0],
+  "data.label_seed": [-1],
+  "data.mean": [(0.5, 0.5), (0.5, 0.5, 1.01), (0.5, -0.01, 0.5), (0.5, math.nan, 0.5), "0.5"],
+  "data.std": [(0.5, 0.5, 0.0), (0.2, 0.2, 0.2, 0.2), (-0.2, 0.2, 0.2), (0.2, math.inf, 0.2)],
+  "data.large_crop_size": [0],
+  "data.small_crop_size": [0, -10],
+  "data.large_crop_scale": [(0.0, 1.0), (0.8, 0.5), (0.5, 1.01), (0.5,), (0.3, 0.5, 0.7)],
+  "data.small_crop_scale": [(0.3, 0.2), (-0.1, 0.5)],
+  "data.flip": ["yes", 1],
+  "data.color_jitter_prob": [-0.01, 1.01],
+  "data.color_jitter_strength": [-0.5, 2.51],
+  "data.solarize_prob": [1.5],
+  "data.equalize_prob": [-1.0],
+  "model.depth": [29, 4, 9, 0, 27],
+  "model.width": [0],
+  "model.hidden_dim": [0],
+  "model.projection_dim": [0, -128],
+  "model.prediction_head": ["false", 0],
+  "model.prediction_hidden_dim": [0],
+  "pretrain.epochs": [0, -1],
+  "pretrain.warmup_epochs": [-1, EPOCHS, lambda c: c.pretrain.epochs + 5],
+  "pretrain.batch_size": [0, -256],
+  "pretrain.multicrop": [-1],
+  "pretrain.classes_per_batch": [0],
+  "pretrain.images_per_class": [0],
+  "pretrain.support_views": [0],
+  "pretrain.label_smoothing": [1.0, -0.1],
+  "pretrain.tau": [0.0, -0.1, math.nan, math.inf],
+  "pretrain.sharpen_T": [0.0, -1.0],
+  "pretrain.me_max": ["true"],
+  "pretrain.start_lr": [-0.1],
+  "pretrain.lr": [-1.0, math.inf],
+  "pretrain.final_lr": [-1e-3],
+  "pretrain.momentum": [1.0, -0.1],
+  "pretrain.weight_decay": [-1e-6],
+  "pretrain.lars_eta": [0.0, -0.001],
+  "finetune.epochs": [0],
+  "finetune.classes_per_batch": [0],
+  "finetune.images_per_class": [0],
+  "finetune.views": [0],
+  "finetune.tau": [0.0],
+  "finetune.lr": [-0.1],
+  "finetune.final_lr": [-0.01],
+  "finetune.momentum": [1.0],
+  "finetune.weight_decay": [-0.1],
+  "finetune.lars_eta": [0.0],
+  "eval.tau": [0.0, -0.1],
+  "eval.batch_size": [0],
+  "run.precision": ["float64", "bfloat16", ""],
+  "run.jit_compile": ["maybe", "True", True],
+  "run.distribution": ["tpu", "mirror"],
+  "run.cpu_replicas": [-1, 1, 2.0],
+  "run.steps_per_loop": [0],
+  "run.log_every": [0],
+  "run.checkpoint_every": [0, -500],
+  "run.keep_checkpoints": [0],
 }
 
 # Edge values the meaning allows: they must pass.
 GOOD = {
-    "seed": [0, 2**32 - 1],
-    "data.mean": [(0.0, 1.0, 0.5), [0.1, 0.2, 0.3]],
-    "data.large_crop_scale": [(1.0, 1.0), (0.01, 1.0)],
-    "data.color_jitter_strength": [0.0, 2.5],
-    "model.depth": [10, 16, 22, 28, 40],
-    "pretrain.multicrop": [0],
-    "pretrain.warmup_epochs": [0, lambda c: c.pretrain.epochs - 1],
-    "pretrain.label_smoothing": [0.0, 0.999],
-    "pretrain.momentum": [0.0],
-    "pretrain.lr": [0.0, 5],  # an int where a float is expected is the same rate
-    "pretrain.tau": [1e-3, 10],
-    "finetune.weight_decay": [0.0],
-    "run.jit_compile": ["true", "false"],
-    "run.cpu_replicas": [0, 2, 4],
+  "seed": [0, 2**32 - 1],
+  "data.mean": [(0.0, 1.0, 0.5), [0.1, 0.2, 0.3]],
+  "data.large_crop_scale": [(1.0, 1.0), (0.01, 1.0)],
+  "data.color_jitter_strength": [0.0, 2.5],
+  "model.depth": [10, 16, 22, 28, 40],
+  "pretrain.multicrop": [0],
+  "pretrain.warmup_epochs": [0, lambda c: c.pretrain.epochs - 1],
+  "pretrain.label_smoothing": [0.0, 0.999],
+  "pretrain.momentum": [0.0],
+  "pretrain.lr": [0.0, 5],  # an int where a float is expected is the same rate
+  "pretrain.tau": [1e-3, 10],
+  "finetune.weight_decay": [0.0],
+  "run.jit_compile": ["true", "false"],
+  "run.cpu_replicas": [0, 2, 4],
 }
 
 
@@ -175,15 +176,18 @@ def test_messages_as_printed():
   c = editable("digits")
   c.pretrain.warmup_epochs = 30
   assert validation.config_problems(c) == [
-      "pretrain.warmup_epochs=30 is out of range: must be an integer >= 0 and < pretrain.epochs=30"]
+    "pretrain.warmup_epochs=30 is out of range: must be an integer >= 0 and < pretrain.epochs=30"
+  ]
   c = editable("digits")
   c.run.precision = "float64"
   assert validation.config_problems(c) == [
-      "run.precision='float64' is not allowed: must be one of auto, float32, mixed_float16, mixed_bfloat16"]
+    "run.precision='float64' is not allowed: must be one of auto, float32, mixed_float16, mixed_bfloat16"
+  ]
   c = editable("digits")
   c.data.small_crop_scale = (0.75, 0.3)
   assert validation.config_problems(c) == [
-      "data.small_crop_scale=(0.75, 0.3) is out of range: must be (low, high) with 0 < low <= high <= 1"]
+    "data.small_crop_scale=(0.75, 0.3) is out of range: must be (low, high) with 0 < low <= high <= 1"
+  ]
   c = editable("digits")
   c.pretrain.label_smoothing = 1.0
   assert validation.config_problems(c) == ["pretrain.label_smoothing=1.0 is out of range: must be in [0, 1)"]
@@ -196,8 +200,11 @@ def test_all_problems_on_one_line_and_no_follow_on_noise():
     validation.validate_config(c)
   message = str(error.value)
   assert "\n" not in message
-  for fragment in ("pretrain.epochs=0 is out of range", "pretrain.batch_size=0 is out of range",
-                   "pretrain.tau=0.0 is out of range"):
+  for fragment in (
+    "pretrain.epochs=0 is out of range",
+    "pretrain.batch_size=0 is out of range",
+    "pretrain.tau=0.0 is out of range",
+  ):
     assert fragment in message
   # warmup_epochs=2 is only wrong relative to the invalid epochs=0: not reported on top.
   assert "warmup_epochs" not in message
@@ -242,7 +249,9 @@ def test_valid_command_line_applies_the_overrides():
 
 def test_unknown_preset():
   message = parse_error(f"--config={CONFIG}:nosuch")
-  assert message == f"invalid value --config={CONFIG}:nosuch: unknown preset 'nosuch'; choose one of ['cifar10', 'digits']"
+  assert (
+    message == f"invalid value --config={CONFIG}:nosuch: unknown preset 'nosuch'; choose one of ['cifar10', 'digits']"
+  )
 
 
 def test_unknown_field_lists_the_valid_names():
@@ -255,8 +264,9 @@ def test_unknown_field_lists_the_valid_names():
 
 def test_misspelt_field_gets_the_close_match():
   message = parse_error(f"--config={CONFIG}:digits", "--config.pretrain.tau=0.1", "--config.run.precison=float32")
-  assert message == ("--config.run.precison=float32: config.run has no field 'precison'; "
-                     "did you mean --config.run.precision?")
+  assert message == (
+    "--config.run.precison=float32: config.run has no field 'precison'; did you mean --config.run.precision?"
+  )
 
 
 def test_override_below_a_value():
@@ -264,22 +274,31 @@ def test_override_below_a_value():
   assert message == "--config.pretrain.tau.x=1: config.pretrain.tau is a float, not a section with fields"
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("--config.pretrain.epochs=ten", "invalid value --config.pretrain.epochs=ten: invalid literal for int() "
-                                     "with base 10: 'ten'; expected an int"),
-    ("--config.pretrain.tau=small", "invalid value --config.pretrain.tau=small: could not convert string to "
-                                    "float: 'small'; expected a float"),
+@pytest.mark.parametrize(
+  "override,expected",
+  [
+    (
+      "--config.pretrain.epochs=ten",
+      "invalid value --config.pretrain.epochs=ten: invalid literal for int() with base 10: 'ten'; expected an int",
+    ),
+    (
+      "--config.pretrain.tau=small",
+      "invalid value --config.pretrain.tau=small: could not convert string to float: 'small'; expected a float",
+    ),
     ("--config.pretrain.me_max=maybe", "expected true or false"),
-])
+  ],
+)
 def test_wrong_type(override, expected):
   assert expected in parse_error(f"--config={CONFIG}:digits", override)
 
 
 def test_unknown_flag_with_and_without_suggestion():
   assert parse_error(f"--config={CONFIG}:digits", "--workdr=w") == (
-      "unknown command line flag --workdr; did you mean --workdir?")
+    "unknown command line flag --workdr; did you mean --workdir?"
+  )
   assert parse_error(f"--config={CONFIG}:digits", "--zzz=1") == (
-      "unknown command line flag --zzz; --helpfull lists the flags")
+    "unknown command line flag --zzz; --helpfull lists the flags"
+  )
 
 
 def test_missing_config_file(tmp_path):

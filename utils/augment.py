@@ -19,6 +19,7 @@ seed gives the same bits eagerly, in tf.function and in tf.data.
 
 Images are float32 in [0, 1] between ops (uint8 is accepted where noted).
 """
+
 import math
 
 import tensorflow as tf
@@ -27,6 +28,7 @@ try:
   # Not exported under tf.*: an internal module that may move. It is only a
   # fusion hint (see _xla_fence), so without it the pixels stay the same.
   from tensorflow.compiler.tf2xla.python import xla as _xla
+
   _optimization_barrier = _xla.optimization_barrier
 except (ImportError, AttributeError):
   _optimization_barrier = None
@@ -68,8 +70,7 @@ def _to_float(images):
   return tf.cast(images, tf.float32)
 
 
-def sample_crop_boxes(seed, num_images, height, width, scale, ratio,
-                      attempts=10):
+def sample_crop_boxes(seed, num_images, height, width, scale, ratio, attempts=10):
   """Samples RandomResizedCrop boxes, torchvision semantics (METHOD.md section 4, 9.6).
 
   All `attempts` tries are drawn at once and the first valid one is kept;
@@ -91,19 +92,15 @@ def sample_crop_boxes(seed, num_images, height, width, scale, ratio,
   width_float = tf.cast(width, tf.float32)
   shape = tf.stack([num_images, attempts])
 
-  area = height_float * width_float * tf.random.stateless_uniform(
-      shape, area_seed, scale[0], scale[1])
-  aspect = tf.exp(tf.random.stateless_uniform(
-      shape, ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
+  area = height_float * width_float * tf.random.stateless_uniform(shape, area_seed, scale[0], scale[1])
+  aspect = tf.exp(tf.random.stateless_uniform(shape, ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
   # tf.round rounds half to even, like Python's round() in torchvision.
   crop_widths = tf.round(tf.sqrt(area * aspect))
   crop_heights = tf.round(tf.sqrt(area / aspect))
-  valid = ((crop_widths > 0) & (crop_widths <= width_float) &
-           (crop_heights > 0) & (crop_heights <= height_float))
+  valid = (crop_widths > 0) & (crop_widths <= width_float) & (crop_heights > 0) & (crop_heights <= height_float)
   # Index of the first valid attempt (tf.argmax does not promise the first
   # of tied maxima); `attempts` when there is none.
-  first_valid = tf.reduce_min(
-      tf.where(valid, tf.range(attempts)[None, :], attempts), axis=1)
+  first_valid = tf.reduce_min(tf.where(valid, tf.range(attempts)[None, :], attempts), axis=1)
   any_valid = first_valid < attempts
   first_valid = tf.minimum(first_valid, attempts - 1)
   crop_height = tf.gather(crop_heights, first_valid, batch_dims=1)
@@ -112,25 +109,17 @@ def sample_crop_boxes(seed, num_images, height, width, scale, ratio,
   # Fallback: the whole image, with its aspect ratio clamped into `ratio`.
   image_ratio = width_float / height_float
   min_ratio, max_ratio = min(ratio), max(ratio)
-  fallback_height = tf.where(image_ratio < min_ratio,
-                             tf.round(width_float * (1.0 / min_ratio)),
-                             height_float)
-  fallback_width = tf.where(
-      image_ratio > max_ratio, tf.round(height_float * max_ratio), width_float)
+  fallback_height = tf.where(image_ratio < min_ratio, tf.round(width_float * (1.0 / min_ratio)), height_float)
+  fallback_width = tf.where(image_ratio > max_ratio, tf.round(height_float * max_ratio), width_float)
   crop_height = tf.where(any_valid, crop_height, fallback_height)
   crop_width = tf.where(any_valid, crop_width, fallback_width)
 
   # Uniform integer offsets in 0..H-h; floor(u * count) is uniform over count.
-  top = tf.floor(tf.random.stateless_uniform([num_images], top_seed) *
-                 (height_float - crop_height + 1))
-  left = tf.floor(tf.random.stateless_uniform([num_images], left_seed) *
-                  (width_float - crop_width + 1))
-  top = tf.where(any_valid, tf.minimum(top, height_float - crop_height),
-                 tf.floor((height_float - crop_height) * 0.5))
-  left = tf.where(any_valid, tf.minimum(left, width_float - crop_width),
-                  tf.floor((width_float - crop_width) * 0.5))
-  return tf.cast(tf.stack([top, left, crop_height, crop_width], axis=1),
-                 tf.int32)
+  top = tf.floor(tf.random.stateless_uniform([num_images], top_seed) * (height_float - crop_height + 1))
+  left = tf.floor(tf.random.stateless_uniform([num_images], left_seed) * (width_float - crop_width + 1))
+  top = tf.where(any_valid, tf.minimum(top, height_float - crop_height), tf.floor((height_float - crop_height) * 0.5))
+  left = tf.where(any_valid, tf.minimum(left, width_float - crop_width), tf.floor((width_float - crop_width) * 0.5))
+  return tf.cast(tf.stack([top, left, crop_height, crop_width], axis=1), tf.int32)
 
 
 def _filter_weights(start, length, size, extent):
@@ -161,8 +150,7 @@ def _filter_weights(start, length, size, extent):
   length = length[:, None, None]
   pixel = tf.range(extent)[None, None, :]
   # 2 size (j + 0.5 - start) - 2 size (i + 0.5) scale and 2 size max(scale, 1).
-  distance = tf.abs(size * (2 * (pixel - start) + 1) -
-                    length * (2 * tf.range(size)[None, :, None] + 1))
+  distance = tf.abs(size * (2 * (pixel - start) + 1) - length * (2 * tf.range(size)[None, :, None] + 1))
   weights = tf.maximum(2 * tf.maximum(length, size) - distance, 0)
   weights = tf.where((pixel >= start) & (pixel < start + length), weights, 0)
   weights = tf.cast(weights, tf.float32)
@@ -197,11 +185,8 @@ def _resize_boxes(images, boxes, size, flip=None):
   row_weights = _filter_weights(boxes[:, 0], boxes[:, 2], size, shape[1])
   column_weights = _filter_weights(boxes[:, 1], boxes[:, 3], size, shape[2])
   if flip is not None:
-    column_weights = tf.where(flip[:, None, None],
-                              tf.reverse(column_weights, axis=[1]),
-                              column_weights)
-  rows = tf.einsum("nih,nhwc->niwc", row_weights,
-                   tf.cast(images, tf.float32))
+    column_weights = tf.where(flip[:, None, None], tf.reverse(column_weights, axis=[1]), column_weights)
+  rows = tf.einsum("nih,nhwc->niwc", row_weights, tf.cast(images, tf.float32))
   return tf.einsum("niwc,nkw->nikc", rows, column_weights)
 
 
@@ -239,8 +224,7 @@ def random_flip(images, seed, prob=0.5):
   return _select(flip, tf.reverse(images, axis=[2]), images)
 
 
-def _sample_jitter(seed, num_images, brightness, contrast, saturation, hue,
-                   prob):
+def _sample_jitter(seed, num_images, brightness, contrast, saturation, hue, prob):
   """Per-image ColorJitter parameters, laid out as passes for _jitter.
 
   A uniform permutation of the four ops equals a uniform order of the three
@@ -255,14 +239,11 @@ def _sample_jitter(seed, num_images, brightness, contrast, saturation, hue,
     (factor 1 = inactive pass, exactly the identity); hue_shift [N] float32
     (fraction of a turn) if hue > 0.
   """
-  (apply_seed, factor_seed, hue_seed, order_seed,
-   position_seed) = _split(seed, 5)
+  (apply_seed, factor_seed, hue_seed, order_seed, position_seed) = _split(seed, 5)
   strengths = tf.constant([brightness, contrast, saturation], tf.float32)
   low = tf.maximum(0.0, 1.0 - strengths)
-  factors = low + (1.0 + strengths - low) * tf.random.stateless_uniform(
-      tf.stack([num_images, 3]), factor_seed)
-  order = tf.argsort(tf.random.stateless_uniform(
-      tf.stack([num_images, 3]), order_seed), axis=1)
+  factors = low + (1.0 + strengths - low) * tf.random.stateless_uniform(tf.stack([num_images, 3]), factor_seed)
+  order = tf.argsort(tf.random.stateless_uniform(tf.stack([num_images, 3]), order_seed), axis=1)
   num_blends = 3 if (brightness > 0 or contrast > 0 or saturation > 0) else 0
   order = order[:, :num_blends]
   # Slot s of image n runs blend order[n, s] with factor factors[n, order].
@@ -270,10 +251,8 @@ def _sample_jitter(seed, num_images, brightness, contrast, saturation, hue,
   active = tf.ones_like(slot_factors, tf.bool)
   parameters = {"apply": _coins(apply_seed, num_images, prob)}
   if hue > 0:
-    parameters["hue_shift"] = tf.random.stateless_uniform(
-        [num_images], hue_seed, -float(hue), float(hue))
-    hue_slot = tf.random.stateless_uniform(
-        tf.stack([num_images, 1]), position_seed, 0, 4, dtype=tf.int32)
+    parameters["hue_shift"] = tf.random.stateless_uniform([num_images], hue_seed, -float(hue), float(hue))
+    hue_slot = tf.random.stateless_uniform(tf.stack([num_images, 1]), position_seed, 0, 4, dtype=tf.int32)
     before_hue = tf.range(num_blends)[None, :] < hue_slot
     order = tf.concat([order, order], axis=1)
     slot_factors = tf.concat([slot_factors, slot_factors], axis=1)
@@ -296,8 +275,7 @@ def _blend(images, factor, contrast, saturation):
   image's mean gray level or the pixel's gray level; `contrast` and
   `saturation` ([N], 0 or 1) pick the target.
   """
-  gray = (_GRAY_WEIGHTS[0] * images[..., 0:1] + _GRAY_WEIGHTS[1] *
-          images[..., 1:2] + _GRAY_WEIGHTS[2] * images[..., 2:3])
+  gray = _GRAY_WEIGHTS[0] * images[..., 0:1] + _GRAY_WEIGHTS[1] * images[..., 1:2] + _GRAY_WEIGHTS[2] * images[..., 2:3]
   mean_gray = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
   factor = _per_image(factor)
   target = _per_image(contrast) * mean_gray + _per_image(saturation) * gray
@@ -317,26 +295,32 @@ def _rotate_hue(images, shifts):
   chroma = value - tf.minimum(tf.minimum(red, green), blue)
   safe_chroma = tf.where(chroma > 0, chroma, 1.0)
   # Hue in sextants, [0, 6); ties resolved red, green, blue as in TF's op.
-  hue = tf.where(value == red, (green - blue) / safe_chroma,
-                 tf.where(value == green, (blue - red) / safe_chroma + 2.0,
-                          (red - green) / safe_chroma + 4.0))
+  hue = tf.where(
+    value == red,
+    (green - blue) / safe_chroma,
+    tf.where(value == green, (blue - red) / safe_chroma + 2.0, (red - green) / safe_chroma + 4.0),
+  )
   hue += 6.0 * shifts[:, None, None]
   hue -= 6.0 * tf.floor(hue * (1.0 / 6.0))
   # Fraction of the chroma kept by each channel at this hue.
   red_weight = tf.clip_by_value(tf.abs(hue - 3.0) - 1.0, 0.0, 1.0)
   green_weight = tf.clip_by_value(2.0 - tf.abs(hue - 2.0), 0.0, 1.0)
   blue_weight = tf.clip_by_value(2.0 - tf.abs(hue - 4.0), 0.0, 1.0)
-  return tf.stack([value - chroma * (1.0 - red_weight),
-                   value - chroma * (1.0 - green_weight),
-                   value - chroma * (1.0 - blue_weight)], axis=-1)
+  return tf.stack(
+    [value - chroma * (1.0 - red_weight), value - chroma * (1.0 - green_weight), value - chroma * (1.0 - blue_weight)],
+    axis=-1,
+  )
 
 
 def _jitter(images, parameters, fence=_unfenced):
   """Applies _sample_jitter's parameters to float images in [0, 1]."""
+
   def blend_pass(images, index):
-    return fence(_blend(images, parameters["factor"][:, index],
-                        parameters["contrast"][:, index],
-                        parameters["saturation"][:, index]))
+    return fence(
+      _blend(
+        images, parameters["factor"][:, index], parameters["contrast"][:, index], parameters["saturation"][:, index]
+      )
+    )
 
   rotate = "hue_shift" in parameters
   num_passes = parameters["factor"].shape[1]
@@ -367,8 +351,7 @@ def _sample_solarize(seed, num_images, prob):
     float32 [num_images].
   """
   apply_seed, level_seed = _split(seed, 2)
-  level = tf.random.stateless_uniform([num_images], level_seed, 1, 257,
-                                      dtype=tf.int32)
+  level = tf.random.stateless_uniform([num_images], level_seed, 1, 257, dtype=tf.int32)
   threshold = (tf.cast(level, tf.float32) - 0.5) * _INVERSE_255
   return tf.where(_coins(apply_seed, num_images, prob), threshold, 2.0)
 
@@ -387,18 +370,15 @@ def _equalize_all(images):
   # 256 * row and count them all with one bincount.
   bins = levels + tf.reshape(tf.range(num_rows) * 256, [shape[0], 1, 1, -1])
   histogram = tf.reshape(
-      tf.math.bincount(tf.reshape(bins, [-1]), minlength=num_rows * 256,
-                       maxlength=num_rows * 256), [num_rows, 256])
-  last_nonzero = tf.reduce_max(
-      tf.where(histogram > 0, tf.range(256)[None, :], -1), axis=1)
+    tf.math.bincount(tf.reshape(bins, [-1]), minlength=num_rows * 256, maxlength=num_rows * 256), [num_rows, 256]
+  )
+  last_nonzero = tf.reduce_max(tf.where(histogram > 0, tf.range(256)[None, :], -1), axis=1)
   last_count = tf.gather(histogram, last_nonzero, batch_dims=1)
   step = (tf.reduce_sum(histogram, axis=1) - last_count) // 255
   safe_step = tf.maximum(step, 1)[:, None]
   lut = (tf.cumsum(histogram, axis=1) + safe_step // 2) // safe_step
-  lut = tf.clip_by_value(
-      tf.concat([tf.zeros_like(lut[:, :1]), lut[:, :-1]], axis=1), 0, 255)
-  equalized = tf.cast(tf.gather(tf.reshape(lut, [-1]), bins),
-                      tf.float32) * _INVERSE_255
+  lut = tf.clip_by_value(tf.concat([tf.zeros_like(lut[:, :1]), lut[:, :-1]], axis=1), 0, 255)
+  equalized = tf.cast(tf.gather(tf.reshape(lut, [-1]), bins), tf.float32) * _INVERSE_255
   # PIL leaves a channel with step 0 (nearly constant) unchanged.
   keep = tf.reshape(step == 0, [shape[0], 1, 1, -1])
   return tf.where(keep, images, equalized)
@@ -426,8 +406,7 @@ def normalize(images, mean, std):
     float32 tensor of the same shape.
   """
   inverse_std = [1.0 / value for value in std]
-  return (_to_float(images) - tf.constant(mean, tf.float32)) * tf.constant(
-      inverse_std, tf.float32)
+  return (_to_float(images) - tf.constant(mean, tf.float32)) * tf.constant(inverse_std, tf.float32)
 
 
 # XLA fuses the ~100 elementwise ops of a view into a few loops. Run op by op,
@@ -436,8 +415,7 @@ def normalize(images, mean, std):
 # the compiled function: inside it, XLA fuses the per-image Philox draws into
 # every per-pixel loop and recomputes them for each pixel.
 @tf.function(jit_compile=True, autograph=False)
-def _augment_pixels(images, boxes, flip, jitter, solarize_thresholds, size,
-                    mean, std):
+def _augment_pixels(images, boxes, flip, jitter, solarize_thresholds, size, mean, std):
   """Crop, flip, jitter, solarize; returns the [0, 1] and normalised views."""
   views = _xla_fence(_crop_to_unit_range(images, boxes, size, flip))
   if jitter is not None:
@@ -447,9 +425,21 @@ def _augment_pixels(images, boxes, flip, jitter, solarize_thresholds, size,
   return views, normalize(views, mean, std)
 
 
-def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
-                  color_jitter_prob=0.8, color_jitter_strength=0.5,
-                  solarize_prob=0.2, equalize_prob=0.2, *, mean, std):
+def augment_batch(
+  images,
+  seed,
+  size,
+  scale,
+  ratio=(3 / 4, 4 / 3),
+  flip=True,
+  color_jitter_prob=0.8,
+  color_jitter_strength=0.5,
+  solarize_prob=0.2,
+  equalize_prob=0.2,
+  *,
+  mean,
+  std,
+):
   """One PAWS view of every image in a batch (METHOD.md section 4).
 
   RandomResizedCrop (PIL bilinear resize) -> horizontal flip (p = 0.5) ->
@@ -475,40 +465,54 @@ def augment_batch(images, seed, size, scale, ratio=(3 / 4, 4 / 3), flip=True,
     float32 [N, size, size, 3], normalised.
   """
   return _augment_batch_graph(
-      images, seed, int(size), tuple(scale), tuple(ratio), bool(flip),
-      float(color_jitter_prob), float(color_jitter_strength),
-      float(solarize_prob), float(equalize_prob), tuple(mean), tuple(std))
+    images,
+    seed,
+    int(size),
+    tuple(scale),
+    tuple(ratio),
+    bool(flip),
+    float(color_jitter_prob),
+    float(color_jitter_strength),
+    float(solarize_prob),
+    float(equalize_prob),
+    tuple(mean),
+    tuple(std),
+  )
 
 
 # Always a graph, even when called eagerly: the random draws then cost no
 # per-op dispatch, and eager, tf.function and tf.data share one XLA
 # compilation and produce the same bits.
 @tf.function(autograph=False, reduce_retracing=True)
-def _augment_batch_graph(images, seed, size, scale, ratio, flip,
-                         color_jitter_prob, color_jitter_strength,
-                         solarize_prob, equalize_prob, mean, std):
+def _augment_batch_graph(
+  images,
+  seed,
+  size,
+  scale,
+  ratio,
+  flip,
+  color_jitter_prob,
+  color_jitter_strength,
+  solarize_prob,
+  equalize_prob,
+  mean,
+  std,
+):
   """augment_batch with hashable Python arguments."""
-  crop_seed, flip_seed, jitter_seed, solarize_seed, equalize_seed = _split(
-      seed, 5)
+  crop_seed, flip_seed, jitter_seed, solarize_seed, equalize_seed = _split(seed, 5)
   shape = tf.shape(images)
   num_images = shape[0]
-  boxes = sample_crop_boxes(crop_seed, num_images, shape[1], shape[2], scale,
-                            ratio)
+  boxes = sample_crop_boxes(crop_seed, num_images, shape[1], shape[2], scale, ratio)
   flip_mask = _coins(flip_seed, num_images, 0.5) if flip else None
   jitter = None
   if color_jitter_prob > 0 and color_jitter_strength > 0:
     strength = 0.8 * color_jitter_strength
-    jitter = _sample_jitter(jitter_seed, num_images, strength, strength,
-                            strength, 0.2 * color_jitter_strength,
-                            color_jitter_prob)
-  solarize_thresholds = (
-      _sample_solarize(solarize_seed, num_images, solarize_prob)
-      if solarize_prob > 0 else None)
-  views, normalized = _augment_pixels(images, boxes, flip_mask, jitter,
-                                      solarize_thresholds, size, mean, std)
+    jitter = _sample_jitter(
+      jitter_seed, num_images, strength, strength, strength, 0.2 * color_jitter_strength, color_jitter_prob
+    )
+  solarize_thresholds = _sample_solarize(solarize_seed, num_images, solarize_prob) if solarize_prob > 0 else None
+  views, normalized = _augment_pixels(images, boxes, flip_mask, jitter, solarize_thresholds, size, mean, std)
   if equalize_prob > 0:
-    indices, equalized = _equalize_selected(
-        views, _coins(equalize_seed, num_images, equalize_prob))
-    normalized = tf.tensor_scatter_nd_update(
-        normalized, indices, normalize(equalized, mean, std))
+    indices, equalized = _equalize_selected(views, _coins(equalize_seed, num_images, equalize_prob))
+    normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, mean, std))
   return normalized

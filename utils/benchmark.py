@@ -2,6 +2,7 @@
 
 Also the one-line machine description every benchmark writes next to its numbers.
 """
+
 import os
 import platform
 import time
@@ -9,9 +10,7 @@ import time
 import tensorflow as tf
 
 from utils import encoder as encoder_lib
-from utils import optim
-from utils import steps
-from utils import training
+from utils import optim, steps, training
 
 
 def crops_per_step(pretrain):
@@ -25,14 +24,20 @@ def time_train_steps(config, strategy, jit_compile, num_steps):
   p = config.pretrain
   large, small = config.data.large_crop_size, config.data.small_crop_size
   views = tuple(tf.random.normal([p.batch_size, large, large, 3]) for _ in range(2)) + tuple(
-      tf.random.normal([p.batch_size, small, small, 3]) for _ in range(p.multicrop))
+    tf.random.normal([p.batch_size, small, small, 3]) for _ in range(p.multicrop)
+  )
   supports = tf.random.normal([p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3])
   dataset = tf.data.Dataset.from_tensors((views, supports)).repeat()
   schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, 10, 1000)
   state = training.create_train_state(
-      strategy, lambda: encoder_lib.build_encoder(config.model, config.data.image_size,
-                                                  synchronized_bn=strategy.num_replicas_in_sync > 1),
-      schedule, p, config.run.precision)
+    strategy,
+    lambda: encoder_lib.build_encoder(
+      config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1
+    ),
+    schedule,
+    p,
+    config.run.precision,
+  )
   train_steps = steps.paws_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
   iterator = iter(dataset)
   float(train_steps(iterator, tf.constant(2))["loss"])  # trace and warm up
@@ -45,8 +50,10 @@ def report(config, strategy, jit_compile, num_steps):
   """One line: steps/s and crops/s of the compiled step on this machine."""
   seconds = time_train_steps(config, strategy, jit_compile, num_steps)
   crops = crops_per_step(config.pretrain)
-  return (f"benchmark: {config.run.precision}, xla={jit_compile}, {strategy.num_replicas_in_sync} replica(s): "
-          f"{1 / seconds:.2f} steps/s, {crops / seconds:.0f} crops/s ({crops} crops per step)")
+  return (
+    f"benchmark: {config.run.precision}, xla={jit_compile}, {strategy.num_replicas_in_sync} replica(s): "
+    f"{1 / seconds:.2f} steps/s, {crops / seconds:.0f} crops/s ({crops} crops per step)"
+  )
 
 
 def machine_description():
@@ -59,4 +66,5 @@ def machine_description():
     pass
   gpus = [device.name for device in tf.config.list_physical_devices("GPU")]
   return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, " + (
-      f"GPUs: {', '.join(gpus)}" if gpus else "no GPU")
+    f"GPUs: {', '.join(gpus)}" if gpus else "no GPU"
+  )

@@ -3,6 +3,8 @@
 Every loader returns `(train_images, train_labels, test_images, test_labels)`:
 images uint8 [N, H, W, 3], labels int64 [N].
 """
+
+import contextlib
 import hashlib
 import http.client
 import os
@@ -15,9 +17,9 @@ import urllib.request
 import zlib
 
 import numpy as np
-import tensorflow as tf
 from sklearn import datasets as sklearn_datasets
 from sklearn import model_selection
+import tensorflow as tf
 
 from utils.errors import UserError
 
@@ -38,9 +40,9 @@ DATASET_NAMES = ("cifar10", "digits")
 _numpy_core = getattr(np, "_core", None) or np.core
 # The only globals an official CIFAR pickle refers to (numpy 1 and numpy 2 module spellings).
 _ALLOWED_GLOBALS = {
-    (module, name): getattr(_numpy_core.multiarray, name)
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    for name in ("_reconstruct", "scalar")
+  (module, name): getattr(_numpy_core.multiarray, name)
+  for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+  for name in ("_reconstruct", "scalar")
 }
 _ALLOWED_GLOBALS[("numpy", "ndarray")] = np.ndarray
 _ALLOWED_GLOBALS[("numpy", "dtype")] = np.dtype
@@ -56,8 +58,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) not in _ALLOWED_GLOBALS:
       raise UserError(
-          f"{self.source_name}: refused to unpickle global {module}.{name}, which a CIFAR-10 "
-          f"batch never contains; replace the file with the official one from {CIFAR10_URL}")
+        f"{self.source_name}: refused to unpickle global {module}.{name}, which a CIFAR-10 "
+        f"batch never contains; replace the file with the official one from {CIFAR10_URL}"
+      )
     return _ALLOWED_GLOBALS[(module, name)]
 
 
@@ -73,20 +76,38 @@ def _parse_batch(file, source_name):
   """Unpickles one CIFAR batch from an open file; returns (images HWC uint8, labels int64)."""
   try:
     batch = _RestrictedUnpickler(file, source_name).load()
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-          KeyError, OSError, zlib.error, tarfile.TarError) as error:
-    raise UserError(f"{source_name}: cannot read this CIFAR-10 batch ({error}); re-download "
-                    f"{CIFAR10_ARCHIVE} from {CIFAR10_URL}") from None
+  except (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    OSError,
+    zlib.error,
+    tarfile.TarError,
+  ) as error:
+    raise UserError(
+      f"{source_name}: cannot read this CIFAR-10 batch ({error}); re-download {CIFAR10_ARCHIVE} from {CIFAR10_URL}"
+    ) from None
   data = batch.get(b"data") if isinstance(batch, dict) else None
   labels = batch.get(b"labels") if isinstance(batch, dict) else None
-  if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
-      or data.shape[1] != 3 * 32 * 32 or labels is None or len(labels) != len(data)):
-    raise UserError(f"{source_name}: not a CIFAR-10 batch (expected b'data' uint8 [N, 3072] and "
-                    f"N b'labels'); re-download {CIFAR10_ARCHIVE} from {CIFAR10_URL}")
+  if (
+    not isinstance(data, np.ndarray)
+    or data.dtype != np.uint8
+    or data.ndim != 2
+    or data.shape[1] != 3 * 32 * 32
+    or labels is None
+    or len(labels) != len(data)
+  ):
+    raise UserError(
+      f"{source_name}: not a CIFAR-10 batch (expected b'data' uint8 [N, 3072] and "
+      f"N b'labels'); re-download {CIFAR10_ARCHIVE} from {CIFAR10_URL}"
+    )
   labels = np.asarray(labels, dtype=np.int64)
   if labels.size and (labels.min() < 0 or labels.max() > 9):
-    raise UserError(f"{source_name}: labels outside 0..9; re-download {CIFAR10_ARCHIVE} "
-                    f"from {CIFAR10_URL}")
+    raise UserError(f"{source_name}: labels outside 0..9; re-download {CIFAR10_ARCHIVE} from {CIFAR10_URL}")
   # Each row is 3 planes of 32x32 (CHW); models here take HWC.
   return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
@@ -102,12 +123,14 @@ def _read_batches_from_archive(archive_path):
         except KeyError:
           member = None
         if member is None:
-          raise UserError(f"{archive_path}: member {member_name} is missing; re-download "
-                          f"{CIFAR10_ARCHIVE} from {CIFAR10_URL}")
+          raise UserError(
+            f"{archive_path}: member {member_name} is missing; re-download {CIFAR10_ARCHIVE} from {CIFAR10_URL}"
+          )
         batches[batch_name] = _parse_batch(member, f"{archive_path}:{member_name}")
   except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
-    raise UserError(f"{archive_path}: truncated or unreadable archive ({error}); re-download "
-                    f"{CIFAR10_ARCHIVE} from {CIFAR10_URL}") from None
+    raise UserError(
+      f"{archive_path}: truncated or unreadable archive ({error}); re-download {CIFAR10_ARCHIVE} from {CIFAR10_URL}"
+    ) from None
   return batches
 
 
@@ -116,8 +139,9 @@ def _read_batches_from_folder(folder):
   for batch_name in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,):
     path = os.path.join(folder, batch_name)
     if not os.path.isfile(path):
-      raise UserError(f"{path} is missing; re-extract {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) "
-                      f"into {os.path.dirname(folder)}")
+      raise UserError(
+        f"{path} is missing; re-extract {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) into {os.path.dirname(folder)}"
+      )
     with open(path, "rb") as file:
       batches[batch_name] = _parse_batch(file, path)
   return batches
@@ -160,9 +184,10 @@ def download_cifar10(url=None, cache_dir=None, expected_md5=CIFAR10_MD5, timeout
 
   def failure(reason):
     return UserError(
-        f"could not download CIFAR-10 from {url} ({reason}); to run offline, get {CIFAR10_ARCHIVE} "
-        f"(from {CIFAR10_URL}) on a machine with network, put it in a folder DIR and pass --data_dir=DIR "
-        f"(or put it in {cache_dir})")
+      f"could not download CIFAR-10 from {url} ({reason}); to run offline, get {CIFAR10_ARCHIVE} "
+      f"(from {CIFAR10_URL}) on a machine with network, put it in a folder DIR and pass --data_dir=DIR "
+      f"(or put it in {cache_dir})"
+    )
 
   try:
     os.makedirs(cache_dir, exist_ok=True)
@@ -177,8 +202,9 @@ def download_cifar10(url=None, cache_dir=None, expected_md5=CIFAR10_MD5, timeout
       raise failure(f"transfer interrupted after {received} of {expected} bytes")
     md5 = _file_md5(partial_path)
     if md5 != expected_md5:
-      raise failure(f"the downloaded file's checksum {md5} is not the official archive's {expected_md5}; "
-                    "it was deleted")
+      raise failure(
+        f"the downloaded file's checksum {md5} is not the official archive's {expected_md5}; it was deleted"
+      )
     os.replace(partial_path, archive_path)
   except urllib.error.HTTPError as error:
     raise failure(f"HTTP {error.code} {error.reason}") from None
@@ -219,10 +245,8 @@ def _network_reason(error):
 
 
 def _remove_quietly(path):
-  try:
+  with contextlib.suppress(OSError):
     os.remove(path)
-  except OSError:
-    pass
 
 
 def _assemble(batches):
@@ -249,8 +273,7 @@ def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5, url=None, cache_dir=No
   if data_dir is None:
     return _assemble(_read_batches_from_archive(download_cifar10(url, cache_dir, expected_md5)))
 
-  how_to_get = (f"download {CIFAR10_ARCHIVE} from {CIFAR10_URL} into {data_dir}, or omit "
-                f"--data_dir to download it")
+  how_to_get = f"download {CIFAR10_ARCHIVE} from {CIFAR10_URL} into {data_dir}, or omit --data_dir to download it"
   if not os.path.isdir(data_dir):
     raise UserError(f"data directory {data_dir} does not exist; {how_to_get}")
   archive_path = os.path.join(data_dir, CIFAR10_ARCHIVE)
@@ -258,18 +281,19 @@ def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5, url=None, cache_dir=No
   if os.path.isfile(archive_path):
     # Checked before opening: unpickling a tampered archive could run arbitrary code.
     if _file_md5(archive_path) != expected_md5:
-      raise UserError(f"{archive_path}: checksum does not match the official archive (truncated, "
-                      f"corrupted or another file; it was not opened); re-download it from {CIFAR10_URL}")
+      raise UserError(
+        f"{archive_path}: checksum does not match the official archive (truncated, "
+        f"corrupted or another file; it was not opened); re-download it from {CIFAR10_URL}"
+      )
     batches = _read_batches_from_archive(archive_path)
   elif os.path.isdir(extracted_folder):
     batches = _read_batches_from_folder(extracted_folder)
-  elif (os.path.basename(os.path.normpath(data_dir)) == CIFAR10_FOLDER or any(
-      os.path.exists(os.path.join(data_dir, name))
-      for name in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,))):
+  elif os.path.basename(os.path.normpath(data_dir)) == CIFAR10_FOLDER or any(
+    os.path.exists(os.path.join(data_dir, name)) for name in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,)
+  ):
     batches = _read_batches_from_folder(data_dir)
   else:
-    raise UserError(f"{data_dir} holds neither {CIFAR10_ARCHIVE} nor {CIFAR10_FOLDER}/; "
-                    f"{how_to_get}")
+    raise UserError(f"{data_dir} holds neither {CIFAR10_ARCHIVE} nor {CIFAR10_FOLDER}/; {how_to_get}")
 
   return _assemble(batches)
 
@@ -292,7 +316,8 @@ def load_digits(test_fraction=0.25, split_seed=0, image_size=16):
   images = np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
   images = np.repeat(images, 3, axis=-1)
   train_images, test_images, train_labels, test_labels = model_selection.train_test_split(
-      images, labels, test_size=test_fraction, stratify=labels, random_state=split_seed)
+    images, labels, test_size=test_fraction, stratify=labels, random_state=split_seed
+  )
   return train_images, train_labels, test_images, test_labels
 
 
@@ -321,8 +346,10 @@ def select_labeled_indices(labels, per_class, seed):
   for label in np.unique(labels):
     class_indices = np.flatnonzero(labels == label)
     if len(class_indices) < per_class:
-      raise UserError(f"class {label} has only {len(class_indices)} training images but "
-                      f"{per_class} labeled per class were requested; lower the per-class count")
+      raise UserError(
+        f"class {label} has only {len(class_indices)} training images but "
+        f"{per_class} labeled per class were requested; lower the per-class count"
+      )
     chosen.append(rng.choice(class_indices, size=per_class, replace=False))
   return np.sort(np.concatenate(chosen)).astype(np.int64)
 
@@ -351,19 +378,22 @@ def read_split_file(path, num_train, labels=None, expected_count=None):
       try:
         index = int(text)
       except ValueError:
-        raise UserError(f"{path} line {line_number}: {text!r} is not an integer; the file must "
-                        f"hold one training index per line") from None
+        raise UserError(
+          f"{path} line {line_number}: {text!r} is not an integer; the file must hold one training index per line"
+        ) from None
       if not 0 <= index < num_train:
-        raise UserError(f"{path} line {line_number}: index {index} is outside [0, {num_train}); "
-                        f"use a split file made for this training set")
+        raise UserError(
+          f"{path} line {line_number}: index {index} is outside [0, {num_train}); "
+          f"use a split file made for this training set"
+        )
       if index in seen_at:
-        raise UserError(f"{path} line {line_number}: index {index} repeats line "
-                        f"{seen_at[index]}; remove the duplicate")
+        raise UserError(f"{path} line {line_number}: index {index} repeats line {seen_at[index]}; remove the duplicate")
       seen_at[index] = line_number
       indices.append(index)
   if expected_count is not None and len(indices) != expected_count:
-    raise UserError(f"{path} holds {len(indices)} indices but {expected_count} are expected; "
-                    f"use a split file of the configured size")
+    raise UserError(
+      f"{path} holds {len(indices)} indices but {expected_count} are expected; use a split file of the configured size"
+    )
   indices = np.sort(np.asarray(indices, dtype=np.int64))
   if labels is not None and len(indices):
     labels = np.asarray(labels)
@@ -371,8 +401,9 @@ def read_split_file(path, num_train, labels=None, expected_count=None):
     counts = np.array([np.sum(labels[indices] == label) for label in classes])
     if counts.min() != counts.max():
       per_class = ", ".join(f"{label}: {count}" for label, count in zip(classes, counts))
-      raise UserError(f"{path}: classes are unbalanced ({per_class}); use a split file with "
-                      f"the same number of images per class")
+      raise UserError(
+        f"{path}: classes are unbalanced ({per_class}); use a split file with the same number of images per class"
+      )
   return indices
 
 

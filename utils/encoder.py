@@ -1,4 +1,5 @@
 """Pre-activation WideResNet trunk with PAWS projection and prediction heads (METHOD.md section 3)."""
+
 import os
 
 import numpy as np
@@ -20,7 +21,8 @@ BN_EPSILON = 1e-5  # PyTorch's default
 def batch_norm(name, momentum=BN_MOMENTUM, synchronized=False, dtype=None):
   """BatchNorm whose variables carry 'bn' in their name (LARS excludes them)."""
   return tf_keras.layers.BatchNormalization(
-      momentum=momentum, epsilon=BN_EPSILON, synchronized=synchronized, name=name, dtype=dtype)
+    momentum=momentum, epsilon=BN_EPSILON, synchronized=synchronized, name=name, dtype=dtype
+  )
 
 
 def fan_in_uniform_bound(fan_in):
@@ -63,8 +65,15 @@ class Conv2D(tf_keras.layers.Conv2D):
   """
 
   def __init__(self, filters, kernel_size, strides, **kwargs):
-    super().__init__(filters, kernel_size, strides=strides, padding="valid", use_bias=True,
-                     kernel_initializer=fan_in_uniform_kernel(), **kwargs)
+    super().__init__(
+      filters,
+      kernel_size,
+      strides=strides,
+      padding="valid",
+      use_bias=True,
+      kernel_initializer=fan_in_uniform_kernel(),
+      **kwargs,
+    )
     self.pad = (kernel_size - 1) // 2
 
   def build(self, input_shape):
@@ -125,9 +134,11 @@ class WideResNet(tf_keras.layers.Layer):
     in_width = 16
     for stage, (stage_width, stride) in enumerate(zip(widths, (1, 2, 2))):
       for index in range(blocks_per_stage):
-        self.blocks.append(PreActBlock(
-            in_width, stage_width, stride if index == 0 else 1, synchronized,
-            name=f"stage{stage + 1}_block{index + 1}"))
+        self.blocks.append(
+          PreActBlock(
+            in_width, stage_width, stride if index == 0 else 1, synchronized, name=f"stage{stage + 1}_block{index + 1}"
+          )
+        )
         in_width = stage_width
     self.final_bn = batch_norm("final_bn", FINAL_BN_MOMENTUM, synchronized)
     self.output_dim = widths[-1]
@@ -163,17 +174,23 @@ class Encoder(tf_keras.Model):
   prediction-head output (z = h without a prediction head; METHOD.md section 2).
   """
 
-  def __init__(self, depth=28, width=2, projection_dim=128, hidden_dim=128,
-               prediction_head=False, prediction_hidden_dim=32,
-               synchronized_bn=False, **kwargs):
+  def __init__(
+    self,
+    depth=28,
+    width=2,
+    projection_dim=128,
+    hidden_dim=128,
+    prediction_head=False,
+    prediction_hidden_dim=32,
+    synchronized_bn=False,
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     self.trunk = WideResNet(depth, width, synchronized_bn, name="trunk")
-    self.projection = mlp_head(
-        [hidden_dim, hidden_dim, projection_dim], False, synchronized_bn, "projection")
+    self.projection = mlp_head([hidden_dim, hidden_dim, projection_dim], False, synchronized_bn, "projection")
     self.prediction = None
     if prediction_head:
-      self.prediction = mlp_head(
-          [prediction_hidden_dim, projection_dim], True, synchronized_bn, "prediction")
+      self.prediction = mlp_head([prediction_hidden_dim, projection_dim], True, synchronized_bn, "prediction")
 
   def call(self, images, training=None):
     h = self.projection(self.trunk(images, training=training), training=training)
@@ -184,11 +201,15 @@ class Encoder(tf_keras.Model):
 def build_encoder(model_config, image_size, synchronized_bn=False):
   """Builds an Encoder from the config's `model` section and creates its variables."""
   encoder = Encoder(
-      depth=model_config.depth, width=model_config.width,
-      projection_dim=model_config.projection_dim, hidden_dim=model_config.hidden_dim,
-      prediction_head=model_config.prediction_head,
-      prediction_hidden_dim=model_config.prediction_hidden_dim,
-      synchronized_bn=synchronized_bn, name="encoder")
+    depth=model_config.depth,
+    width=model_config.width,
+    projection_dim=model_config.projection_dim,
+    hidden_dim=model_config.hidden_dim,
+    prediction_head=model_config.prediction_head,
+    prediction_hidden_dim=model_config.prediction_hidden_dim,
+    synchronized_bn=synchronized_bn,
+    name="encoder",
+  )
   encoder(tf.zeros([2, image_size, image_size, 3]), training=False)
   return encoder
 
@@ -244,25 +265,36 @@ def save_encoder(encoder, config, directory, step):
   """Writes the encoder weights and the model config fine_tune.py / nn_eval.py need."""
   os.makedirs(directory, exist_ok=True)
   tf.train.Checkpoint(encoder=encoder).write(os.path.join(directory, "weights"))
-  runtime.write_json(os.path.join(directory, "encoder.json"), {
-      "model": runtime.config_to_dict(config)["model"], "image_size": config.data.image_size,
-      "config_name": config.name, "pretrain_step": step})
+  runtime.write_json(
+    os.path.join(directory, "encoder.json"),
+    {
+      "model": runtime.config_to_dict(config)["model"],
+      "image_size": config.data.image_size,
+      "config_name": config.name,
+      "pretrain_step": step,
+    },
+  )
   return directory
 
 
 def load_encoder(directory, config, what):
   """Rebuilds the encoder saved by save_encoder; errors if missing or from another model config."""
-  meta = runtime.read_json(os.path.join(directory, "encoder.json"),
-                           f"no trained encoder there; run {what} first with this --workdir")
+  meta = runtime.read_json(
+    os.path.join(directory, "encoder.json"), f"no trained encoder there; run {what} first with this --workdir"
+  )
   wanted = runtime.config_to_dict(config)["model"]
   if meta["model"] != wanted:
     changed = sorted(k for k in wanted if meta["model"].get(k) != wanted[k])
-    raise UserError(f"the encoder in {directory} was trained with another model config "
-                    f"(model.{', model.'.join(changed)} differ); use the same --config as for training")
+    raise UserError(
+      f"the encoder in {directory} was trained with another model config "
+      f"(model.{', model.'.join(changed)} differ); use the same --config as for training"
+    )
   encoder = build_encoder(config.model, config.data.image_size)
   try:
     tf.train.Checkpoint(encoder=encoder).read(os.path.join(directory, "weights")).assert_existing_objects_matched()
   except (tf.errors.OpError, AssertionError) as error:
-    raise UserError(f"cannot read the encoder weights in {directory} ({str(error).splitlines()[0][:120]}); "
-                    "re-run the step that wrote them") from None
+    raise UserError(
+      f"cannot read the encoder weights in {directory} ({str(error).splitlines()[0][:120]}); "
+      "re-run the step that wrote them"
+    ) from None
   return encoder, meta

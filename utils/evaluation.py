@@ -1,4 +1,5 @@
 """Soft-nearest-neighbour evaluation of a trained encoder (METHOD.md section 7), for nn_eval.py and the notebook."""
+
 import os
 
 import numpy as np
@@ -6,8 +7,7 @@ import tensorflow as tf
 import tf_keras
 
 from utils import encoder as encoder_lib
-from utils import losses
-from utils import pipeline
+from utils import losses, pipeline
 
 ENCODER_CHOICES = ("auto", "pretrained", "finetuned")
 
@@ -49,8 +49,9 @@ def embed(encoder, images, batch_size, mean, std):
 def soft_nn_predict(support, support_labels, queries, num_classes, tau, batch_size):
   """SNN class probabilities of the queries, in batches of queries (one-hot support labels)."""
   one_hot = tf.one_hot(support_labels, num_classes)
-  return tf.concat([losses.snn(queries[i:i + batch_size], support, one_hot, tau)
-                    for i in range(0, len(queries), batch_size)], axis=0).numpy()
+  return tf.concat(
+    [losses.snn(queries[i : i + batch_size], support, one_hot, tau) for i in range(0, len(queries), batch_size)], axis=0
+  ).numpy()
 
 
 def evaluate(encoder, data, eval_config, support_images, support_labels, test_images, test_labels):
@@ -69,12 +70,16 @@ def evaluate(encoder, data, eval_config, support_images, support_labels, test_im
   batch_size = eval_config.batch_size
   support = embed(encoder, support_images, batch_size, data.mean, data.std)
   queries = embed(encoder, test_images, batch_size, data.mean, data.std)
-  predictions = soft_nn_predict(support, support_labels, queries, num_classes, eval_config.tau,
-                                batch_size).argmax(axis=1)
+  predictions = soft_nn_predict(support, support_labels, queries, num_classes, eval_config.tau, batch_size).argmax(
+    axis=1
+  )
   confusion = np.zeros([num_classes, num_classes], dtype=np.int64)
   np.add.at(confusion, (test_labels, predictions), 1)
   per_class = 100.0 * np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
-  metrics = {"top1": 100.0 * float(np.mean(predictions == test_labels)),
-             "per_class": [round(float(x), 3) for x in per_class],
-             "num_support": int(len(support_labels)), "num_test": int(len(test_labels))}
+  metrics = {
+    "top1": 100.0 * float(np.mean(predictions == test_labels)),
+    "per_class": [round(float(x), 3) for x in per_class],
+    "num_support": int(len(support_labels)),
+    "num_test": int(len(test_labels)),
+  }
   return metrics, queries.numpy(), confusion

@@ -5,6 +5,7 @@ mixed-precision model (float16 / bfloat16) are handled, and returns float32.
 Nothing here branches on tensor values in Python, so all of it compiles under
 `tf.function(jit_compile=True)`.
 """
+
 import tensorflow as tf
 
 # log(p) is evaluated as log(max(p, LOG_FLOOR)): p can underflow to exactly 0
@@ -54,13 +55,11 @@ def snn(query, supports, support_labels, tau):
   query = tf.math.l2_normalize(tf.cast(query, tf.float32), axis=-1)
   supports = tf.math.l2_normalize(tf.cast(supports, tf.float32), axis=-1)
   support_labels = tf.cast(support_labels, tf.float32)
-  weights = tf.nn.softmax(tf.matmul(query, supports, transpose_b=True) / tau,
-                          axis=-1)
+  weights = tf.nn.softmax(tf.matmul(query, supports, transpose_b=True) / tau, axis=-1)
   return tf.matmul(weights, support_labels)
 
 
-def make_labels_matrix(num_classes, images_per_class, num_views=1,
-                       smoothing=0.0):
+def make_labels_matrix(num_classes, images_per_class, num_views=1, smoothing=0.0):
   """Label rows of a class-interleaved support batch (METHOD.md section 2).
 
   Row i has class i mod num_classes; the block of num_classes *
@@ -80,8 +79,7 @@ def make_labels_matrix(num_classes, images_per_class, num_views=1,
   off_value = smoothing / num_classes
   on_value = 1.0 - smoothing + off_value
   classes = tf.range(num_rows) % num_classes
-  return tf.one_hot(classes, num_classes, on_value=on_value,
-                    off_value=off_value, dtype=tf.float32)
+  return tf.one_hot(classes, num_classes, on_value=on_value, off_value=off_value, dtype=tf.float32)
 
 
 def _mean_across_replicas(value):
@@ -94,9 +92,18 @@ def _mean_across_replicas(value):
   return context.all_reduce("MEAN", value)
 
 
-def paws_loss(anchor_views, anchor_supports, anchor_support_labels,
-              target_views, target_supports, target_support_labels,
-              tau=0.1, T=0.25, multicrop=6, me_max=True):
+def paws_loss(
+  anchor_views,
+  anchor_supports,
+  anchor_support_labels,
+  target_views,
+  target_supports,
+  target_support_labels,
+  tau=0.1,
+  T=0.25,
+  multicrop=6,
+  me_max=True,
+):
   """PAWS cross-entropy and me-max terms (METHOD.md section 2).
 
   p = snn(anchor_views, anchor_supports, Y_a, tau) with gradient;
@@ -126,28 +133,28 @@ def paws_loss(anchor_views, anchor_supports, anchor_support_labels,
   """
   anchor_rows = anchor_views.shape[0]
   target_rows = target_views.shape[0]
-  if anchor_rows is not None and target_rows is not None:
-    if anchor_rows * 2 != target_rows * (2 + multicrop):
-      raise ValueError(
-          f"anchor_views has {anchor_rows} rows and target_views {target_rows};"
-          f" expected (2 + multicrop) * B and 2B with multicrop={multicrop}.")
+  if anchor_rows is not None and target_rows is not None and anchor_rows * 2 != target_rows * (2 + multicrop):
+    raise ValueError(
+      f"anchor_views has {anchor_rows} rows and target_views {target_rows};"
+      f" expected (2 + multicrop) * B and 2B with multicrop={multicrop}."
+    )
 
   probabilities = snn(anchor_views, anchor_supports, anchor_support_labels, tau)
 
   targets = sharpen(
-      snn(tf.stop_gradient(target_views), tf.stop_gradient(target_supports),
-          tf.stop_gradient(target_support_labels), tau), T)
+    snn(
+      tf.stop_gradient(target_views), tf.stop_gradient(target_supports), tf.stop_gradient(target_support_labels), tau
+    ),
+    T,
+  )
   if multicrop > 0:
     batch_size = tf.shape(targets)[0] // 2
     small_crop_targets = 0.5 * (targets[:batch_size] + targets[batch_size:])
-    targets = tf.concat([targets, tf.tile(small_crop_targets, [multicrop, 1])],
-                        axis=0)
-  targets = tf.where(targets < TARGET_ZERO_THRESHOLD, tf.zeros_like(targets),
-                     targets)
+    targets = tf.concat([targets, tf.tile(small_crop_targets, [multicrop, 1])], axis=0)
+  targets = tf.where(targets < TARGET_ZERO_THRESHOLD, tf.zeros_like(targets), targets)
   targets = tf.stop_gradient(targets)
 
-  ce = tf.reduce_mean(
-      tf.reduce_sum(-targets * _safe_log(probabilities), axis=-1))
+  ce = tf.reduce_mean(tf.reduce_sum(-targets * _safe_log(probabilities), axis=-1))
 
   if me_max:
     mean_sharpened = tf.reduce_mean(sharpen(probabilities, T), axis=0)
@@ -179,5 +186,4 @@ def suncet_loss(z, labels, tau=0.1):
   # without risking inf - inf in the gradient.
   logits -= 1e9 * tf.eye(tf.shape(z)[0], dtype=tf.float32)
   probabilities = tf.matmul(tf.nn.softmax(logits, axis=-1), labels)
-  return tf.reduce_mean(
-      tf.reduce_sum(-labels * _safe_log(probabilities), axis=-1))
+  return tf.reduce_mean(tf.reduce_sum(-labels * _safe_log(probabilities), axis=-1))

@@ -1,9 +1,10 @@
 """Learning-rate schedule and LARS optimizer (METHOD.md sections 5 and 6)."""
+
 import math
 
+from official.modeling.optimization import lars
 import tensorflow as tf
 import tf_keras
-from official.modeling.optimization import lars
 
 # Matched with re.search against variable names: every Dense/Conv bias is
 # '.../bias:0' and every BatchNorm layer of utils.encoder is named 'bn*' or
@@ -43,8 +44,13 @@ class WarmupCosineSchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
     return tf.cast(tf.where(step < warmup, warmup_lr, cosine_lr), tf.float32)
 
   def get_config(self):
-    return dict(start_lr=self.start_lr, peak_lr=self.peak_lr, final_lr=self.final_lr,
-                warmup_steps=self.warmup_steps, total_steps=self.total_steps)
+    return dict(
+      start_lr=self.start_lr,
+      peak_lr=self.peak_lr,
+      final_lr=self.final_lr,
+      warmup_steps=self.warmup_steps,
+      total_steps=self.total_steps,
+    )
 
 
 def warmup_cosine_schedule(start_lr, peak_lr, final_lr, warmup_steps, total_steps):
@@ -60,10 +66,15 @@ def build_lars(learning_rate, momentum, weight_decay, eta, precision="float32"):
   in the Keras dynamic loss-scale optimizer.
   """
   optimizer = lars.LARS(
-      learning_rate=learning_rate, momentum=momentum, weight_decay_rate=weight_decay,
-      eeta=eta, nesterov=False, classic_momentum=True,
-      exclude_from_weight_decay=LARS_EXCLUDE, exclude_from_layer_adaptation=LARS_EXCLUDE)
+    learning_rate=learning_rate,
+    momentum=momentum,
+    weight_decay_rate=weight_decay,
+    eeta=eta,
+    nesterov=False,
+    classic_momentum=True,
+    exclude_from_weight_decay=LARS_EXCLUDE,
+    exclude_from_layer_adaptation=LARS_EXCLUDE,
+  )
   if precision == "mixed_float16":
     optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
   return optimizer
-

@@ -5,6 +5,7 @@ step, so a stream restarted at step s is exactly the stream that was cut at s;
 no iterator state needs checkpointing. Augmentations are stateless and seeded
 by (seed, step), so parallel `map` does not change the result either.
 """
+
 import numpy as np
 import tensorflow as tf
 
@@ -36,14 +37,16 @@ class SupportSampler:
     self.classes = np.unique(labels)
     if classes_per_batch > len(self.classes):
       raise UserError(
-          f"classes_per_batch={classes_per_batch} but the labeled set has only "
-          f"{len(self.classes)} classes; lower classes_per_batch")
+        f"classes_per_batch={classes_per_batch} but the labeled set has only "
+        f"{len(self.classes)} classes; lower classes_per_batch"
+      )
     self.members = [np.flatnonzero(labels == c) for c in self.classes]
     smallest = min(len(m) for m in self.members)
     if images_per_class > smallest:
       raise UserError(
-          f"images_per_class={images_per_class} support images per class but a class has only "
-          f"{smallest} labeled images; lower images_per_class or label more images per class")
+        f"images_per_class={images_per_class} support images per class but a class has only "
+        f"{smallest} labeled images; lower images_per_class or label more images per class"
+      )
     self.classes_per_batch = classes_per_batch
     self.images_per_class = images_per_class
     self.seed = seed
@@ -52,8 +55,8 @@ class SupportSampler:
   def batch(self, step):
     """Returns the int64 [images_per_class * classes_per_batch] indices of batch `step`, interleaved by class."""
     rng = np.random.default_rng([self.seed, step, self.STREAM])
-    chosen = rng.permutation(len(self.classes))[:self.classes_per_batch]
-    columns = [rng.permutation(self.members[c])[:self.images_per_class] for c in chosen]
+    chosen = rng.permutation(len(self.classes))[: self.classes_per_batch]
+    columns = [rng.permutation(self.members[c])[: self.images_per_class] for c in chosen]
     return np.stack(columns, axis=1).reshape(-1).astype(np.int64)
 
   def next_batch(self):
@@ -67,7 +70,7 @@ def unlabeled_indices(num_images, batch_size, step, seed):
   steps_per_epoch = num_images // batch_size
   epoch, position = divmod(step, steps_per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(num_images)
-  return order[position * batch_size:(position + 1) * batch_size]
+  return order[position * batch_size : (position + 1) * batch_size]
 
 
 def support_batches(labels, classes_per_batch, images_per_class, seed, start_step, total_steps):
@@ -83,10 +86,22 @@ def _step_seed(seed, step, stream):
 
 def _augment_views(batch, seeds, size, scale, data):
   """One augmented view of `batch` per seed, with the config's `data` augmentation settings."""
-  return [augment.augment_batch(
-      batch, view_seed, size, scale, flip=data.flip, color_jitter_prob=data.color_jitter_prob,
-      color_jitter_strength=data.color_jitter_strength, solarize_prob=data.solarize_prob,
-      equalize_prob=data.equalize_prob, mean=data.mean, std=data.std) for view_seed in seeds]
+  return [
+    augment.augment_batch(
+      batch,
+      view_seed,
+      size,
+      scale,
+      flip=data.flip,
+      color_jitter_prob=data.color_jitter_prob,
+      color_jitter_strength=data.color_jitter_strength,
+      solarize_prob=data.solarize_prob,
+      equalize_prob=data.equalize_prob,
+      mean=data.mean,
+      std=data.std,
+    )
+    for view_seed in seeds
+  ]
 
 
 def pretrain_dataset(images, labeled_indices, labeled_labels, data, pretrain, *, start_step, total_steps, seed):
@@ -112,24 +127,31 @@ def pretrain_dataset(images, labeled_indices, labeled_labels, data, pretrain, *,
   large = data.large_crop_size
 
   def index_stream():
-    for step, support in support_batches(labeled_labels, p.classes_per_batch, p.images_per_class,
-                                         seed, start_step, total_steps):
+    for step, support in support_batches(
+      labeled_labels, p.classes_per_batch, p.images_per_class, seed, start_step, total_steps
+    ):
       yield step, unlabeled_indices(len(images), p.batch_size, step, seed), support
 
   def make_views(step, batch_indices, support_indices):
     batch = tf.gather(images, batch_indices)
-    seeds = tf.unstack(tf.random.experimental.stateless_split(
-        _step_seed(seed, step, 1), 2 + p.multicrop + p.support_views))
-    views = (_augment_views(batch, seeds[:2], large, data.large_crop_scale, data)
-             + _augment_views(batch, seeds[2:2 + p.multicrop], data.small_crop_size, data.small_crop_scale, data))
+    seeds = tf.unstack(
+      tf.random.experimental.stateless_split(_step_seed(seed, step, 1), 2 + p.multicrop + p.support_views)
+    )
+    views = _augment_views(batch, seeds[:2], large, data.large_crop_scale, data) + _augment_views(
+      batch, seeds[2 : 2 + p.multicrop], data.small_crop_size, data.small_crop_scale, data
+    )
     support = tf.gather(labeled_images, support_indices)
-    supports = _augment_views(support, seeds[2 + p.multicrop:], large, data.large_crop_scale, data)
-    supports = tf.reshape(tf.stack(supports),
-                          [p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3])
+    supports = _augment_views(support, seeds[2 + p.multicrop :], large, data.large_crop_scale, data)
+    supports = tf.reshape(
+      tf.stack(supports), [p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3]
+    )
     return tuple(views), supports
 
-  signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([p.batch_size], tf.int64),
-               tf.TensorSpec([p.classes_per_batch * p.images_per_class], tf.int64))
+  signature = (
+    tf.TensorSpec([], tf.int64),
+    tf.TensorSpec([p.batch_size], tf.int64),
+    tf.TensorSpec([p.classes_per_batch * p.images_per_class], tf.int64),
+  )
   dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
   dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return dataset.prefetch(tf.data.AUTOTUNE)
@@ -151,19 +173,18 @@ def finetune_dataset(labeled_images, labeled_labels, finetune, data, *, start_st
   height, width = labeled_images.shape[1:3]
 
   def index_stream():
-    return support_batches(labeled_labels, f.classes_per_batch, f.images_per_class, seed,
-                           start_step, total_steps)
+    return support_batches(labeled_labels, f.classes_per_batch, f.images_per_class, seed, start_step, total_steps)
 
   def make_views(step, support_indices):
     batch = tf.gather(labeled_images, support_indices)
     seeds = tf.random.experimental.stateless_split(_step_seed(seed, step, 2), f.views)
-    flipped = [augment.normalize(augment.random_flip(batch, seeds[v]) if data.flip else batch, data.mean, data.std)
-               for v in range(f.views)]
-    return tf.reshape(tf.stack(flipped),
-                      [f.views, f.images_per_class, f.classes_per_batch, height, width, 3])
+    flipped = [
+      augment.normalize(augment.random_flip(batch, seeds[v]) if data.flip else batch, data.mean, data.std)
+      for v in range(f.views)
+    ]
+    return tf.reshape(tf.stack(flipped), [f.views, f.images_per_class, f.classes_per_batch, height, width, 3])
 
-  signature = (tf.TensorSpec([], tf.int64),
-               tf.TensorSpec([f.classes_per_batch * f.images_per_class], tf.int64))
+  signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([f.classes_per_batch * f.images_per_class], tf.int64))
   dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
   dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return dataset.prefetch(tf.data.AUTOTUNE)
@@ -172,6 +193,5 @@ def finetune_dataset(labeled_images, labeled_labels, finetune, data, *, start_st
 def eval_dataset(images, batch_size, mean, std):
   """Un-augmented, normalised batches in order (METHOD.md section 7: no crop)."""
   dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-  dataset = dataset.map(lambda x: augment.normalize(x, mean, std),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = dataset.map(lambda x: augment.normalize(x, mean, std), num_parallel_calls=tf.data.AUTOTUNE)
   return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,4 +1,5 @@
 """PNG figures of a run: loss curves, confusion matrix, 2-D PCA of embeddings."""
+
 # Figure objects render to files without pyplot, so importing this module never
 # switches the backend of a notebook or needs a display on a server.
 from matplotlib.figure import Figure
@@ -30,8 +31,15 @@ def confusion_matrix(matrix, path, title):
   rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
   axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
   for (row, column), count in np.ndenumerate(matrix):
-    axis.text(column, row, str(count), ha="center", va="center", fontsize=7,
-              color="white" if rates[row, column] > 0.5 else "black")
+    axis.text(
+      column,
+      row,
+      str(count),
+      ha="center",
+      va="center",
+      fontsize=7,
+      color="white" if rates[row, column] > 0.5 else "black",
+    )
   axis.set_xlabel("predicted class")
   axis.set_ylabel("true class")
   axis.set_xticks(range(len(matrix)))

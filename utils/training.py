@@ -5,6 +5,8 @@ The loop writes a JSON-lines log and TensorBoard scalars, shows a progress bar, 
 (a cloud VM's preemption notice) or SIGINT (Ctrl-C) saves a checkpoint at the current step before
 it exits, so re-running the same command resumes there.
 """
+
+from collections.abc import Callable
 import dataclasses
 import errno
 import json
@@ -13,7 +15,6 @@ import os
 import signal
 import threading
 import time
-from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -34,6 +35,7 @@ class Interrupted(UserError):
 @dataclasses.dataclass
 class TrainState:
   """Everything a checkpoint holds: the encoder, the optimizer (with its slots) and the step counter."""
+
   encoder: tf_keras.Model
   optimizer: tf_keras.optimizers.legacy.Optimizer
   step: tf.Variable
@@ -95,13 +97,16 @@ def save(state):
     reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error).strip().splitlines()[0][:200]
     previous = state.manager.latest_checkpoint or "none yet"
     space = " (free some disk space)" if getattr(error, "errno", None) == errno.ENOSPC else ""
-    raise UserError(f"cannot write a checkpoint to {state.manager.directory}: {reason}{space}; the previous "
-                    f"checkpoint ({previous}) is intact: re-run the same command to resume from it") from None
+    raise UserError(
+      f"cannot write a checkpoint to {state.manager.directory}: {reason}{space}; the previous "
+      f"checkpoint ({previous}) is intact: re-run the same command to resume from it"
+    ) from None
 
 
 @dataclasses.dataclass
 class Loop:
   """The shape of one training run, for the step loop."""
+
   name: str  # 'pretrain' or 'finetune': names the log file and the TensorBoard folder
   total_steps: int
   steps_per_epoch: int
@@ -114,7 +119,7 @@ class MetricsLog:
 
   def __init__(self, workdir, name):
     self.path = os.path.join(workdir, f"{name}_log.jsonl")
-    self.file = open(self.path, "a")
+    self.file = open(self.path, "a")  # noqa: SIM115 (open for the whole run, closed by close())
     self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
 
   def write(self, record, step):
@@ -191,8 +196,9 @@ def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=Tr
         epoch = current // loop.steps_per_epoch
         epoch_start = epoch * loop.steps_per_epoch
         epoch_end = min(epoch_start + loop.steps_per_epoch, loop.total_steps)
-        progress = tf_keras.utils.Progbar(epoch_end - epoch_start, stateful_metrics=["lr", "img/s"],
-                                          verbose=1 if verbose else 0, unit_name="step")
+        progress = tf_keras.utils.Progbar(
+          epoch_end - epoch_start, stateful_metrics=["lr", "img/s"], verbose=1 if verbose else 0, unit_name="step"
+        )
         print(f"epoch {epoch + 1}/{num_epochs}")
         epoch_sums, epoch_count = {}, 0
         while current < epoch_end:
@@ -202,9 +208,10 @@ def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=Tr
           elapsed = time.perf_counter() - start
           if not all(math.isfinite(v) for v in metrics.values()):
             raise UserError(
-                f"loss became non-finite at step {current + num_steps} ({metrics}); stopped without "
-                f"saving, the last good checkpoint in {state.manager.directory} is intact; lower the learning "
-                "rate or check the inputs")
+              f"loss became non-finite at step {current + num_steps} ({metrics}); stopped without "
+              f"saving, the last good checkpoint in {state.manager.directory} is intact; lower the learning "
+              "rate or check the inputs"
+            )
           state.step.assign_add(num_steps)
           current += num_steps
           metrics["lr"] = float(loop.learning_rate(current - 1))
@@ -218,14 +225,18 @@ def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=Tr
           if signals.received is not None:
             path = save(state)
             name = signal.Signals(signals.received).name
-            raise Interrupted(f"{name} received: stopped at step {current} of {loop.total_steps} after saving "
-                              f"{path}; re-run the same command to resume from step {current}",
-                              signals.received)
+            raise Interrupted(
+              f"{name} received: stopped at step {current} of {loop.total_steps} after saving "
+              f"{path}; re-run the same command to resume from step {current}",
+              signals.received,
+            )
           if current % run_config.checkpoint_every < num_steps and current != epoch_end:
             save(state)
         save(state)
-        log.write({"kind": "epoch", "step": current, "epoch": epoch + 1,
-                   **{k: v / epoch_count for k, v in epoch_sums.items()}}, current)
+        log.write(
+          {"kind": "epoch", "step": current, "epoch": epoch + 1, **{k: v / epoch_count for k, v in epoch_sums.items()}},
+          current,
+        )
   finally:
     log.close()
   return log.path

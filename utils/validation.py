@@ -7,6 +7,7 @@ division by zero or a run that silently trains nothing. A new config field needs
 ml_collections flag-parsing failures (unknown preset, unknown field, wrong type, unknown flag) into one
 UserError line. Both are used by `utils.runtime.run_script`.
 """
+
 import math
 import re
 
@@ -71,8 +72,12 @@ def _bounds_text(above, at_least, below, at_most):
 
 
 def _within(value, above, at_least, below, at_most):
-  return ((above is None or value > above) and (at_least is None or value >= at_least)
-          and (below is None or value < below) and (at_most is None or value <= at_most))
+  return (
+    (above is None or value > above)
+    and (at_least is None or value >= at_least)
+    and (below is None or value < below)
+    and (at_most is None or value <= at_most)
+  )
 
 
 def integer(minimum, maximum=None, below_field=None):
@@ -87,16 +92,22 @@ def integer(minimum, maximum=None, below_field=None):
     return text
 
   def in_range(value, config):
-    return (value >= minimum and (maximum is None or value <= maximum)
-            and (below_field is None or value < _get(config, below_field)))
+    return (
+      value >= minimum
+      and (maximum is None or value <= maximum)
+      and (below_field is None or value < _get(config, below_field))
+    )
 
   return Rule(requirement, _is_integer, in_range, depends_on=(below_field,) if below_field else ())
 
 
 def number(above=None, at_least=None, below=None, at_most=None):
   """A finite number within the given bounds (ints allowed: `--config.pretrain.lr=1` means 1.0)."""
-  return Rule(_bounds_text(above, at_least, below, at_most), _is_number,
-              lambda value, config: _within(value, above, at_least, below, at_most))
+  return Rule(
+    _bounds_text(above, at_least, below, at_most),
+    _is_number,
+    lambda value, config: _within(value, above, at_least, below, at_most),
+  )
 
 
 def probability():
@@ -105,16 +116,20 @@ def probability():
 
 def per_channel(above=None, at_least=None, at_most=None):
   """Three numbers, one per RGB channel, each within the bounds."""
-  return Rule(f"3 numbers (R, G, B), each {_bounds_text(above, at_least, None, at_most)}",
-              lambda value: isinstance(value, (tuple, list)) and len(value) == 3 and all(map(_is_number, value)),
-              lambda value, config: all(_within(v, above, at_least, None, at_most) for v in value))
+  return Rule(
+    f"3 numbers (R, G, B), each {_bounds_text(above, at_least, None, at_most)}",
+    lambda value: isinstance(value, (tuple, list)) and len(value) == 3 and all(map(_is_number, value)),
+    lambda value, config: all(_within(v, above, at_least, None, at_most) for v in value),
+  )
 
 
 def crop_scale():
   """(low, high): the range of crop area fractions a random-resized crop draws from."""
-  return Rule("(low, high) with 0 < low <= high <= 1",
-              lambda value: isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value)),
-              lambda value, config: 0 < value[0] <= value[1] <= 1)
+  return Rule(
+    "(low, high) with 0 < low <= high <= 1",
+    lambda value: isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value)),
+    lambda value, config: 0 < value[0] <= value[1] <= 1,
+  )
 
 
 def one_of(choices):
@@ -131,75 +146,77 @@ def text():
 
 def wide_resnet_depth():
   """A WRN has 3 stages of n blocks of 2 convolutions, plus the stem, the last BN and the head: 6n + 4."""
-  return Rule("6n+4 for an integer n >= 1 (10, 16, 22, 28, ...)",
-              lambda value: _is_integer(value) and value >= 10 and (value - 4) % 6 == 0)
+  return Rule(
+    "6n+4 for an integer n >= 1 (10, 16, 22, 28, ...)",
+    lambda value: _is_integer(value) and value >= 10 and (value - 4) % 6 == 0,
+  )
 
 
 # Every field of config.py's presets. Counts and sizes are positive; probabilities and fractions lie
 # in [0, 1]; temperatures are strictly positive (they divide); momenta stay below 1 (at 1 nothing decays).
 RULES = {
-    "name": text(),
-    "seed": integer(0, 2**32 - 1),  # NumPy's global seed takes 32 bits
-    "data.dataset": one_of(DATASETS),
-    "data.image_size": integer(1),
-    "data.labeled_per_class": integer(1),
-    "data.label_seed": integer(0),
-    "data.mean": per_channel(at_least=0, at_most=1),  # of pixel values scaled to [0, 1]
-    "data.std": per_channel(above=0),  # divides
-    "data.large_crop_size": integer(1),
-    "data.small_crop_size": integer(1),
-    "data.large_crop_scale": crop_scale(),
-    "data.small_crop_scale": crop_scale(),
-    "data.flip": boolean(),
-    "data.color_jitter_prob": probability(),
-    # Hue jitter is 0.2 x strength of a full turn, and a hue shift beyond half a turn wraps around.
-    "data.color_jitter_strength": number(at_least=0, at_most=2.5),
-    "data.solarize_prob": probability(),
-    "data.equalize_prob": probability(),
-    "model.depth": wide_resnet_depth(),
-    "model.width": integer(1),
-    "model.hidden_dim": integer(1),
-    "model.projection_dim": integer(1),
-    "model.prediction_head": boolean(),
-    "model.prediction_hidden_dim": integer(1),
-    "pretrain.epochs": integer(1),
-    "pretrain.warmup_epochs": integer(0, below_field="pretrain.epochs"),
-    "pretrain.batch_size": integer(1),
-    "pretrain.multicrop": integer(0),  # 0 = no small crops (METHOD.md section 4)
-    "pretrain.classes_per_batch": integer(1),
-    "pretrain.images_per_class": integer(1),
-    "pretrain.support_views": integer(1),
-    "pretrain.label_smoothing": number(at_least=0, below=1),  # 1 would make every label uniform
-    "pretrain.tau": number(above=0),
-    "pretrain.sharpen_T": number(above=0),
-    "pretrain.me_max": boolean(),
-    "pretrain.start_lr": number(at_least=0),
-    "pretrain.lr": number(at_least=0),
-    "pretrain.final_lr": number(at_least=0),
-    "pretrain.momentum": number(at_least=0, below=1),
-    "pretrain.weight_decay": number(at_least=0),
-    "pretrain.lars_eta": number(above=0),  # scales the trust ratio: 0 would freeze every LARS-adapted weight
-    "finetune.epochs": integer(1),
-    "finetune.classes_per_batch": integer(1),
-    "finetune.images_per_class": integer(1),
-    "finetune.views": integer(1),
-    "finetune.tau": number(above=0),
-    "finetune.lr": number(at_least=0),
-    "finetune.final_lr": number(at_least=0),
-    "finetune.momentum": number(at_least=0, below=1),
-    "finetune.weight_decay": number(at_least=0),
-    "finetune.lars_eta": number(above=0),
-    "eval.tau": number(above=0),
-    "eval.batch_size": integer(1),
-    "run.precision": one_of(PRECISIONS),
-    "run.jit_compile": one_of(JIT_COMPILE_SETTINGS),
-    "run.distribution": one_of(DISTRIBUTIONS),
-    # 0 = off; N >= 2 logical CPU devices to rehearse a multi-replica run (1 would split nothing).
-    "run.cpu_replicas": Rule("0 (off) or an integer >= 2", _is_integer, lambda value, config: value == 0 or value >= 2),
-    "run.steps_per_loop": integer(1),
-    "run.log_every": integer(1),
-    "run.checkpoint_every": integer(1),
-    "run.keep_checkpoints": integer(1),
+  "name": text(),
+  "seed": integer(0, 2**32 - 1),  # NumPy's global seed takes 32 bits
+  "data.dataset": one_of(DATASETS),
+  "data.image_size": integer(1),
+  "data.labeled_per_class": integer(1),
+  "data.label_seed": integer(0),
+  "data.mean": per_channel(at_least=0, at_most=1),  # of pixel values scaled to [0, 1]
+  "data.std": per_channel(above=0),  # divides
+  "data.large_crop_size": integer(1),
+  "data.small_crop_size": integer(1),
+  "data.large_crop_scale": crop_scale(),
+  "data.small_crop_scale": crop_scale(),
+  "data.flip": boolean(),
+  "data.color_jitter_prob": probability(),
+  # Hue jitter is 0.2 x strength of a full turn, and a hue shift beyond half a turn wraps around.
+  "data.color_jitter_strength": number(at_least=0, at_most=2.5),
+  "data.solarize_prob": probability(),
+  "data.equalize_prob": probability(),
+  "model.depth": wide_resnet_depth(),
+  "model.width": integer(1),
+  "model.hidden_dim": integer(1),
+  "model.projection_dim": integer(1),
+  "model.prediction_head": boolean(),
+  "model.prediction_hidden_dim": integer(1),
+  "pretrain.epochs": integer(1),
+  "pretrain.warmup_epochs": integer(0, below_field="pretrain.epochs"),
+  "pretrain.batch_size": integer(1),
+  "pretrain.multicrop": integer(0),  # 0 = no small crops (METHOD.md section 4)
+  "pretrain.classes_per_batch": integer(1),
+  "pretrain.images_per_class": integer(1),
+  "pretrain.support_views": integer(1),
+  "pretrain.label_smoothing": number(at_least=0, below=1),  # 1 would make every label uniform
+  "pretrain.tau": number(above=0),
+  "pretrain.sharpen_T": number(above=0),
+  "pretrain.me_max": boolean(),
+  "pretrain.start_lr": number(at_least=0),
+  "pretrain.lr": number(at_least=0),
+  "pretrain.final_lr": number(at_least=0),
+  "pretrain.momentum": number(at_least=0, below=1),
+  "pretrain.weight_decay": number(at_least=0),
+  "pretrain.lars_eta": number(above=0),  # scales the trust ratio: 0 would freeze every LARS-adapted weight
+  "finetune.epochs": integer(1),
+  "finetune.classes_per_batch": integer(1),
+  "finetune.images_per_class": integer(1),
+  "finetune.views": integer(1),
+  "finetune.tau": number(above=0),
+  "finetune.lr": number(at_least=0),
+  "finetune.final_lr": number(at_least=0),
+  "finetune.momentum": number(at_least=0, below=1),
+  "finetune.weight_decay": number(at_least=0),
+  "finetune.lars_eta": number(above=0),
+  "eval.tau": number(above=0),
+  "eval.batch_size": integer(1),
+  "run.precision": one_of(PRECISIONS),
+  "run.jit_compile": one_of(JIT_COMPILE_SETTINGS),
+  "run.distribution": one_of(DISTRIBUTIONS),
+  # 0 = off; N >= 2 logical CPU devices to rehearse a multi-replica run (1 would split nothing).
+  "run.cpu_replicas": Rule("0 (off) or an integer >= 2", _is_integer, lambda value, config: value == 0 or value >= 2),
+  "run.steps_per_loop": integer(1),
+  "run.log_every": integer(1),
+  "run.checkpoint_every": integer(1),
+  "run.keep_checkpoints": integer(1),
 }
 
 _MISSING = object()
@@ -243,8 +260,7 @@ def config_problems(config):
 def validate_config(config):
   """Raises UserError naming every invalid field, its value and the allowed range, all on one line."""
   if not isinstance(config, ml_collections.ConfigDict):
-    raise UserError(f"the config is not a ConfigDict but {type(config).__name__}; "
-                    "pass --config=config.py:PRESET")
+    raise UserError(f"the config is not a ConfigDict but {type(config).__name__}; pass --config=config.py:PRESET")
   problems = config_problems(config)
   if problems:
     raise UserError("; ".join(problems) + "; set valid values with --config.FIELD=VALUE")
@@ -343,8 +359,9 @@ def _overrides(argv, config_flag):
 def _unknown_field_message(error, argv, flag_values, config_flag):
   """The first override naming a field the config lacks, with ml_collections' close matches or the valid names."""
   # ml_collections' KeyError text: "'precison'\nDid you mean "precision" instead of "precison"?"
-  suggestions = dict((wrong, right) for right, wrong in
-                     re.findall(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(error)))
+  suggestions = dict(
+    (wrong, right) for right, wrong in re.findall(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(error))
+  )
   config_argument = _flag_argument(argv, config_flag)
   if config_argument is None and config_flag in flag_values and isinstance(flag_values[config_flag].default, str):
     config_argument = flag_values[config_flag].default
@@ -381,5 +398,7 @@ def _load_config(argument):
 def _config_file_message(error, argv, config_flag):
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   reason = lines[-1] if lines else str(error)
-  return (f"cannot load the config file of --{config_flag}={_flag_argument(argv, config_flag)} ({reason}); "
-          f"pass --{config_flag}=config.py:PRESET")
+  return (
+    f"cannot load the config file of --{config_flag}={_flag_argument(argv, config_flag)} ({reason}); "
+    f"pass --{config_flag}=config.py:PRESET"
+  )

@@ -9,7 +9,6 @@ import pytest
 from tests import scriptrun
 from utils import datasets, training
 
-
 # Five epochs: enough for the encoder to beat a random one clearly (random initialisations score 20-31 %,
 # chance is 10 %; this setting reached 68 % here), still about half a minute of CPU.
 ARGS = [*scriptrun.TINY, "--config.pretrain.epochs=5"]

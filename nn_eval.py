@@ -7,7 +7,9 @@ queries = the whole test set, projection-head embeddings, tau from the config,
 in float32 whatever precision trained the encoder (as the reference).
 Evaluates the fine-tuned encoder when the workdir has one, else the
 pre-trained one (or the one --encoder names). Writes eval.json, a confusion
-matrix and a PCA projection of the test embeddings into the workdir.
+matrix and a PCA projection of the test embeddings into the workdir. With
+--export=DIR it also saves the encoder and supports as a SavedModel that
+classifies raw images (utils/export.py; README, Using the trained model).
 """
 
 import os
@@ -16,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 from absl import flags
 
-from utils import datasets, evaluation, plots, runtime
+from utils import datasets, evaluation, export, plots, runtime
 from utils.errors import UserError
 
 _CONFIG = runtime.define_config_flag("config.py:digits")
@@ -28,6 +30,9 @@ _ENCODER = flags.DEFINE_enum(
   list(evaluation.ENCODER_CHOICES),
   "Which encoder of the workdir to evaluate (auto: fine-tuned if present).",
 )
+_EXPORT = flags.DEFINE_string(
+  "export", None, "Also save the evaluated model as a SavedModel in this folder (README, Using the trained model)."
+)
 
 
 def main(argv):
@@ -37,6 +42,8 @@ def main(argv):
   if not workdir or not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist; run paws_train.py with this --workdir first")
   runtime.prepare_workdir(workdir)
+  if _EXPORT.value:
+    export.check_export_directory(_EXPORT.value)  # before the evaluation, which can take minutes
 
   # --- Encoder (first: a missing one is the commonest mistake): fine-tuned if present, float32 ----
   choice, directory, written_by = evaluation.encoder_directory(workdir, _ENCODER.value)
@@ -72,6 +79,19 @@ def main(argv):
     f"{metrics['num_test']} test images): {metrics['top1']:.2f} %"
   )
   print(f"results in {os.path.join(workdir, 'eval.json')}")
+
+  # --- Export: the same encoder and supports, tau = eval.tau, as a SavedModel (utils/export.py) ------
+  if _EXPORT.value:
+    export.export_model(
+      _EXPORT.value,
+      encoder,
+      config.data,
+      config.eval,
+      train_images[labeled],
+      train_labels[labeled],
+      class_names=export.dataset_class_names(config.data.dataset),
+    )
+    print(f"SavedModel (signature {export.SIGNATURE_NAME}) and {export.CLASS_NAMES_FILE} in {_EXPORT.value}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ def base_config():
   c.data.equalize_prob = 0.2
 
   c.model = ml_collections.ConfigDict()
+  # Trunk: "wrn" (WideResNet-depth-width) or "resnet50" (the paper's ImageNet ResNet-50, torchvision layout,
+  # 2048-d; depth and width unused; the ImageNet heads are hidden_dim = projection_dim = 2048,
+  # prediction_hidden_dim = 512 with prediction_head on).
+  c.model.name = "wrn"
   c.model.depth = 28
   c.model.width = 2
   c.model.hidden_dim = 128

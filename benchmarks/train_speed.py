@@ -8,7 +8,10 @@ Measures, at the paper's CIFAR-10 shapes reduced to 32 unlabeled images and
   * a plain tf.function forward+backward of the encoder on the same crops (no
     loss, no optimizer): the floor the train step should stay close to;
   * the input pipeline (utils/pipeline.pretrain_dataset, full colour
-    distortion) at the paper's full batch: 256 images x 8 views + 1280 supports.
+    distortion) at the paper's full batch: 256 images x 8 views + 1280 supports;
+  * the PAWS train step of the ImageNet model (ResNet-50, 2048-d heads) at a small batch: 4 unlabeled
+    images x (2 x 224 px + 6 x 96 px views) + 15 classes x 1 support at 224 px (47 crops per step), in
+    float32, and in mixed_bfloat16 only on CPUs with AMX (utils/runtime.cpu_has_amx).
 Each measurement runs in a fresh process: the precision policy is process-wide.
 
   python benchmarks/train_speed.py [--steps 10] [--output misc/speed.md]
@@ -34,6 +37,8 @@ MEASUREMENTS = [  # (what, precision)
   ("forward_backward", "float32"),
   ("forward_backward", "mixed_bfloat16"),
   ("pipeline", "float32"),
+  ("resnet50", "float32"),
+  ("resnet50", "mixed_bfloat16"),  # skipped without AMX
 ]
 DESCRIPTIONS = {
   "compiled": "PAWS train step, tf.function",
@@ -41,7 +46,9 @@ DESCRIPTIONS = {
   "eager": "PAWS train step, eager",
   "forward_backward": "encoder forward+backward only, tf.function",
   "pipeline": "input pipeline (full paper batch)",
+  "resnet50": "ResNet-50 PAWS train step, tf.function (ImageNet shapes, small batch)",
 }
+RESNET50_UNLABELED = 4  # unlabeled images per ResNet-50 step
 
 
 def reduced_config(precision):
@@ -51,6 +58,18 @@ def reduced_config(precision):
   config.pretrain.batch_size = 32
   config.pretrain.images_per_class = 8
   config.run.precision = precision
+  return config
+
+
+def resnet50_config(precision):
+  """The ImageNet model and view sizes at a batch a CPU can step: 4 images, 15 classes x 1 support."""
+  config = reduced_config(precision)
+  m, d, p = config.model, config.data, config.pretrain
+  m.name, m.hidden_dim, m.projection_dim = "resnet50", 2048, 2048
+  m.prediction_head, m.prediction_hidden_dim = True, 512
+  d.image_size, d.large_crop_size, d.small_crop_size = 224, 224, 96
+  p.batch_size, p.multicrop = RESNET50_UNLABELED, 6
+  p.classes_per_batch, p.images_per_class, p.support_views = 15, 1, 1
   return config
 
 
@@ -117,7 +136,7 @@ def measure(what, precision, num_steps):
     import config as presets
 
     return time_pipeline(num_steps), benchmark.crops_per_step(presets.get_config("cifar10").pretrain)
-  config = reduced_config(precision)
+  config = resnet50_config(precision) if what == "resnet50" else reduced_config(precision)
   runtime.set_precision(config)
   crops = benchmark.crops_per_step(config.pretrain)
   if what == "forward_backward":
@@ -139,7 +158,11 @@ def main():
     print(f"RESULT {seconds} {crops}")
     return
   rows = {}
+  from utils import runtime
+
   for what, precision in MEASUREMENTS:
+    if what == "resnet50" and precision == "mixed_bfloat16" and not runtime.cpu_has_amx():
+      continue  # as run.precision=auto: bf16 only with AMX (utils/runtime.resolve_precision)
     result = subprocess.run(
       [sys.executable, os.path.abspath(__file__), "--one", what, precision, "--steps", str(args.steps)],
       capture_output=True,
@@ -165,6 +188,11 @@ def main():
     f"- compiled float32 step / plain forward+backward: {compiled['float32'] / floor:.2f}",
     f"- compiled over eager, float32: {rows['eager', 'float32'][0] / compiled['float32']:.2f}x",
   ]
+  notes += [
+    f"- ResNet-50 step, {precision}: {RESNET50_UNLABELED / seconds:.2f} unlabeled images/s"
+    for (what, precision), (seconds, _) in rows.items()
+    if what == "resnet50"
+  ]
   from utils.benchmark import machine_description
 
   text = (
@@ -172,7 +200,9 @@ def main():
     f"--steps {args.steps}` on {time.strftime('%Y-%m-%d')}, machine otherwise idle.\n\n"
     "Train-step rows: WRN-28-2, 32 unlabeled images x (2 x 32 px + 6 x 18 px views) + "
     "10 classes x 8 supports x 2 views = 416 crops per step. Pipeline row: the paper's full batch "
-    "(256 x 8 views + 1280 supports = 3328 crops per step) with full colour distortion.\n\n"
+    "(256 x 8 views + 1280 supports = 3328 crops per step) with full colour distortion. ResNet-50 rows: "
+    "the ImageNet model (ResNet-50, heads 2048-2048-2048 and 2048-512-2048), 4 unlabeled images x "
+    "(2 x 224 px + 6 x 96 px views) + 15 classes x 1 support at 224 px = 47 crops per step.\n\n"
     + "\n".join(lines)
     + "\n\n"
     + "\n".join(notes)

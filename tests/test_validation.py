@@ -37,6 +37,7 @@ BAD = {
   "data.color_jitter_strength": [-0.5, 2.51],
   "data.solarize_prob": [1.5],
   "data.equalize_prob": [-1.0],
+  "model.name": ["resnet18", "WRN", "", 50],
   "model.depth": [29, 4, 9, 0, 27],
   "model.width": [0],
   "model.hidden_dim": [0],

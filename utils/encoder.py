@@ -1,4 +1,8 @@
-"""Pre-activation WideResNet trunk with PAWS projection and prediction heads (METHOD.md section 3)."""
+"""Trunks (pre-activation WideResNet; ResNet-50 in utils/resnet.py) with PAWS projection and prediction heads.
+
+METHOD.md section 3. `model.name` in config.py picks the trunk: "wrn" (CIFAR-10, digits) or "resnet50" (the
+paper's ImageNet network); the heads take their input width from the trunk's output.
+"""
 
 import os
 
@@ -6,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from utils import runtime
+from utils import resnet, runtime
 from utils.errors import UserError
 
 # PyTorch's BatchNorm momentum m updates moving = (1 - m) * moving + m * batch;
@@ -167,15 +171,32 @@ def mlp_head(layer_dims, batch_norm_first, synchronized, name):
   return tf_keras.Sequential(layers, name=name)
 
 
+# config.py `model.name` values (utils/validation.py MODELS lists the same names).
+TRUNKS = ("wrn", "resnet50")
+
+
+def build_trunk(model_name, depth, width, synchronized_bn):
+  """The trunk `model_name` names: "wrn" (WRN-depth-width) or "resnet50" (depth and width unused)."""
+  if model_name == "wrn":
+    return WideResNet(depth, width, synchronized_bn, name="trunk")
+  if model_name == "resnet50":
+    return resnet.resnet50(synchronized_bn, name="trunk")
+  raise ValueError(f"unknown model name {model_name!r}; choose one of {', '.join(TRUNKS)}")
+
+
 class Encoder(tf_keras.Model):
   """Trunk + projection head (+ optional prediction head).
 
   Calling it returns (h, z): h is the projection-head output, z the
   prediction-head output (z = h without a prediction head; METHOD.md section 2).
+  The trunk follows the global precision policy; the heads are float32. The
+  first Dense of the projection head takes the trunk's output width
+  (`trunk.output_dim`: 128 for WRN-28-2, 2048 for ResNet-50).
   """
 
   def __init__(
     self,
+    model_name="wrn",
     depth=28,
     width=2,
     projection_dim=128,
@@ -186,7 +207,7 @@ class Encoder(tf_keras.Model):
     **kwargs,
   ):
     super().__init__(**kwargs)
-    self.trunk = WideResNet(depth, width, synchronized_bn, name="trunk")
+    self.trunk = build_trunk(model_name, depth, width, synchronized_bn)
     self.projection = mlp_head([hidden_dim, hidden_dim, projection_dim], False, synchronized_bn, "projection")
     self.prediction = None
     if prediction_head:
@@ -201,6 +222,8 @@ class Encoder(tf_keras.Model):
 def build_encoder(model_config, image_size, synchronized_bn=False):
   """Builds an Encoder from the config's `model` section and creates its variables."""
   encoder = Encoder(
+    # A model section without `name` (configs written before it existed) means the WRN.
+    model_name=model_config.get("name", "wrn"),
     depth=model_config.depth,
     width=model_config.width,
     projection_dim=model_config.projection_dim,

@@ -21,6 +21,7 @@ DATASETS = ("cifar10", "digits")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE_SETTINGS = ("auto", "true", "false")
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker")
+MODELS = ("wrn", "resnet50")  # utils/encoder.py TRUNKS
 
 
 class Rule:
@@ -173,6 +174,7 @@ RULES = {
   "data.color_jitter_strength": number(at_least=0, at_most=2.5),
   "data.solarize_prob": probability(),
   "data.equalize_prob": probability(),
+  "model.name": one_of(MODELS),
   "model.depth": wide_resnet_depth(),
   "model.width": integer(1),
   "model.hidden_dim": integer(1),

@@ -115,11 +115,15 @@ class Loop:
 
 
 class MetricsLog:
-  """Appends one JSON object per line (flushed, so a crash loses nothing) and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per line (flushed, so a crash loses nothing) and mirrors scalars to TensorBoard.
+
+  Through tf.io.gfile, so the workdir may be gs://...; there a flush uploads the whole file again, which
+  costs little at one line per `run.log_every` steps.
+  """
 
   def __init__(self, workdir, name):
     self.path = os.path.join(workdir, f"{name}_log.jsonl")
-    self.file = open(self.path, "a")  # noqa: SIM115 (open for the whole run, closed by close())
+    self.file = tf.io.gfile.GFile(self.path, "a")
     self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
 
   def write(self, record, step):
@@ -137,7 +141,7 @@ class MetricsLog:
 
 def read_log(path, kind):
   """The records of one kind ('step' or 'epoch') from a metrics log."""
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     return [r for r in map(json.loads, f) if r.get("kind") == kind]
 
 

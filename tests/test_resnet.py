@@ -168,18 +168,37 @@ def test_bn_moving_mean_follows_pytorch_momentum():
 
 
 def test_lars_excludes_exactly_the_batch_norm_parameters_and_biases(small_encoder):
-  optimizer = optim.build_lars(0.1, 0.9, 1e-6, 0.001)
   bn_variables = {id(v) for bn in batch_norms(small_encoder) for v in (bn.gamma, bn.beta)}
-  counts = {True: 0, False: 0}
-  for variable in small_encoder.trainable_variables:
-    expected_excluded = id(variable) in bn_variables or re.search(r"/bias:0$", variable.name) is not None
-    # The optimizer's own tests (what its update uses), on the variable names the update sees.
-    assert optimizer._use_weight_decay(variable.name) == (not expected_excluded), variable.name
-    assert optimizer._do_layer_adaptation(variable.name) == (not expected_excluded), variable.name
-    counts[expected_excluded] += 1
+  # By variable (the two heads repeat names such as dense1/kernel:0).
+  excluded = {id(v): id(v) in bn_variables or v.name.endswith("/bias:0") for v in small_encoder.trainable_variables}
   # Trunk: 53 BN x (gamma, beta) excluded, 53 conv kernels adapted; heads: 5 Dense (kernel adapted, bias
   # excluded) and 4 BN.
-  assert counts == {True: 2 * 53 + 5 + 2 * 4, False: 53 + 5}
+  assert list(excluded.values()).count(True) == 2 * 53 + 5 + 2 * 4
+  assert list(excluded.values()).count(False) == 53 + 5
+  # One LARS update on copies (same names, so the same exclusions) of the stem, a block with a shortcut and
+  # the prediction head: every BN/bias variable takes -lr * g, every other the trust-ratio step with decay.
+  chosen = [
+    v
+    for v in small_encoder.trainable_variables
+    if "/stem_" in v.name or "/bn_stem/" in v.name or "/stage2_block1/" in v.name or "trunk" not in v.name
+  ]
+  names = {re.sub(r"^encoder/trunk/stage2_block1/|^encoder/trunk/", "", v.name) for v in chosen}
+  assert {"bn_stem/gamma:0", "bn_shortcut/beta:0", "bn3/gamma:0", "bn_in/gamma:0", "dense1/bias:0"} <= names
+  copies = [tf.Variable(v.numpy(), name=v.name.split(":")[0]) for v in chosen]
+  assert [c.name for c in copies] == [v.name for v in chosen]
+  rng = np.random.default_rng(0)
+  gradients = [rng.normal(size=v.shape).astype(np.float32) for v in chosen]
+  learning_rate, weight_decay, eta = 0.5, 0.1, 0.001
+  optimizer = optim.build_lars(learning_rate, 0.9, weight_decay, eta)
+  optimizer.apply_gradients(zip([tf.constant(g) for g in gradients], copies))  # momentum slots start at 0
+  for copy, original, gradient in zip(copies, chosen, gradients):
+    weights = original.numpy().astype(np.float64)
+    if excluded[id(original)]:
+      expected = weights - learning_rate * gradient
+    else:
+      decayed = gradient + weight_decay * weights
+      expected = weights - learning_rate * eta * np.linalg.norm(weights) / np.linalg.norm(decayed) * decayed
+    np.testing.assert_allclose(copy.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=copy.name)
 
 
 def test_model_name_selects_the_trunk():

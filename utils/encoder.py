@@ -285,8 +285,8 @@ def count_parameters(layer):
 
 
 def save_encoder(encoder, config, directory, step):
-  """Writes the encoder weights and the model config fine_tune.py / nn_eval.py need."""
-  os.makedirs(directory, exist_ok=True)
+  """Writes the encoder weights and the model config fine_tune.py / nn_eval.py need (any tf.io.gfile path)."""
+  tf.io.gfile.makedirs(directory)
   tf.train.Checkpoint(encoder=encoder).write(os.path.join(directory, "weights"))
   runtime.write_json(
     os.path.join(directory, "encoder.json"),

@@ -40,6 +40,11 @@ def base_config():
   c.data.color_jitter_strength = 0.5
   c.data.solarize_prob = 0.2
   c.data.equalize_prob = 0.2
+  # The ImageNet recipe's RandomGrayscale (p 0.2) and GaussianBlur (p 0.5, PIL radius ~ U[0.1, 2.0]),
+  # after the colour jitter; not used on CIFAR-10 (METHOD.md section 4).
+  c.data.grayscale_prob = 0.0
+  c.data.blur_prob = 0.0
+  c.data.blur_radius = (0.1, 2.0)
 
   c.model = ml_collections.ConfigDict()
   # Trunk: "wrn" (WideResNet-depth-width) or "resnet50" (the paper's ImageNet ResNet-50, torchvision layout,

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 from official.vision.ops import augment as model_garden
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 import pytest
 import tensorflow as tf
 
@@ -454,3 +454,159 @@ def test_flip_and_normalize_run_in_dataset_map():
   dataset = tf.data.Dataset.from_tensors(SEED).map(pipeline)
   np.testing.assert_array_equal(next(dataset.as_numpy_iterator()), eager)
   assert eager.shape == (8, 6, 6, 3)
+
+
+# ---- ImageNet recipe: RandomGrayscale and GaussianBlur as PIL computes them (METHOD.md section 4) ----
+
+IMAGENET = dict(ONLY, color_jitter_strength=1.0)
+
+
+def natural_uint8(count, height, width, seed):
+  """Smooth colour gradients, a flat disc with a sharp edge and a little noise: photo-like content."""
+  rng = np.random.default_rng(seed)
+  rows, columns = np.mgrid[0:height, 0:width] / max(height, width)
+  images = []
+  for _ in range(count):
+    frequencies = rng.uniform(0.5, 5, (3, 3))
+    image = 127 + 100 * np.sin(
+      2 * np.pi * (frequencies[:, 0] * columns[..., None] + frequencies[:, 1] * rows[..., None])
+    )
+    centre_row, centre_column, radius = rng.uniform(0, 1, 3)
+    disc = (rows - centre_row) ** 2 + (columns - centre_column) ** 2 < (0.4 * radius) ** 2
+    image[disc] = rng.uniform(0, 255, 3)
+    image += rng.normal(0, rng.uniform(0, 15), image.shape)
+    images.append(np.clip(np.round(image), 0, 255).astype(np.uint8))
+  return np.stack(images)
+
+
+def pil_blur(image, radius):
+  return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(float(radius))))
+
+
+def pil_gray(image):
+  return np.repeat(np.asarray(Image.fromarray(image).convert("L"))[..., None], 3, axis=2)
+
+
+def levels(views):
+  """float [0, 1] -> grey levels as float64 (exact levels stay within 1e-3 of a whole number)."""
+  return np.asarray(views, np.float64) * 255
+
+
+def test_grayscale_equals_pil_convert_l():
+  # 2^18 random colours plus the ones where decimal weights and PIL's fixed point disagree (e.g. (0, 5, 127)).
+  colours = random_uint8((512, 512, 3), seed=11)
+  colours[0, :4] = [[0, 5, 127], [255, 255, 255], [0, 0, 0], [1, 0, 0]]
+  ours = levels(augment._grayscale(tf.constant(colours[None], tf.float32) * (1 / 255)))[0]
+  np.testing.assert_allclose(ours, pil_gray(colours), atol=1e-3)
+
+
+@pytest.mark.parametrize("height, width", [(19, 23), (1, 9), (6, 2)])
+def test_blur_equals_pil_at_random_radii(height, width):
+  # Narrow images: every output is near an edge, where PIL repeats the border pixels.
+  images = np.concatenate([random_uint8((24, height, width, 3), seed=height), natural_uint8(24, height, width, width)])
+  parameters = augment._sample_blur(SEED + height, len(images), 1.0, (0.1, 2.0))
+  blurred = levels(augment._gaussian_blur(tf.constant(images, tf.float32) * (1 / 255), parameters))
+  for image, radius, ours in zip(images, parameters["radius"].numpy(), blurred):
+    np.testing.assert_allclose(ours, pil_blur(image, radius), atol=1e-3, err_msg=f"radius {radius}")
+
+
+@pytest.mark.parametrize("radius", [0.1, 0.5, 1.0, 1.5, 2.0])
+def test_blur_equals_pil_at_round_radii(radius):
+  # Simple weights (2/3 and 1/6 at radius 1) make exact ties common: PIL's fixed-point weights decide
+  # them, and exact weights would round some of them the other way (up to 3 levels off after 6 passes).
+  images = random_uint8((6, 17, 21, 3), seed=12)
+  parameters = augment._blur_parameters(tf.fill([6], radius), tf.ones([6], tf.bool), 2.0)
+  blurred = levels(augment._gaussian_blur(tf.constant(images, tf.float32) * (1 / 255), parameters))
+  for image, ours in zip(images, blurred):
+    np.testing.assert_allclose(ours, pil_blur(image, radius), atol=1e-3)
+
+
+def test_blur_equals_pil_for_larger_radii():
+  # Up to radius 10 (the config's limit) the boxes have up to 21 taps and the fixed-point sums stay exact.
+  images = natural_uint8(8, 30, 26, seed=13)
+  parameters = augment._sample_blur(SEED, 8, 1.0, (2.0, 10.0))
+  assert parameters["high"].shape[1] == 21
+  blurred = levels(augment._gaussian_blur(tf.constant(images, tf.float32) * (1 / 255), parameters))
+  for image, radius, ours in zip(images, parameters["radius"].numpy(), blurred):
+    np.testing.assert_allclose(ours, pil_blur(image, radius), atol=1e-3)
+
+
+def test_augment_batch_grayscale_and_blur_match_pil():
+  # Full-image boxes (exact copies), no jitter: the view is PIL's blur(convert("L")) where each coin says so.
+  images = np.concatenate([random_uint8((48, 13, 13, 3), seed=14), natural_uint8(48, 13, 13, 15)])
+  options = dict(ONLY, grayscale_prob=0.5, blur_prob=0.5)
+  views = levels(unnormalize(augment.augment_batch(images, SEED, 13, **options)))
+  # The two new ops draw from sub-seeds 5 and 6 of 7; the first five stay those of the other ops.
+  grayscale_seed, blur_seed = tf.random.experimental.stateless_split(SEED, 7)[5:]
+  gray = augment._coins(grayscale_seed, 96, 0.5).numpy()
+  blur = augment._sample_blur(blur_seed, 96, 0.5, (0.1, 2.0))
+  assert 0 < gray.sum() < 96 and 0 < blur["apply"].numpy().sum() < 96
+  for image, view, to_gray, to_blur, radius in zip(images, views, gray, blur["apply"].numpy(), blur["radius"].numpy()):
+    expected = pil_gray(image) if to_gray else image
+    expected = pil_blur(expected, radius) if to_blur else expected
+    np.testing.assert_allclose(view, expected, atol=2e-3)
+
+
+def test_grayscale_and_blur_rates_and_radius_distribution():
+  # A colourful image with a white dot: it comes out grey iff converted, and radii >= 1 always dim the dot.
+  images = np.broadcast_to(np.array([200, 30, 90], np.uint8), (4000, 5, 5, 3)).copy()
+  images[:, 2, 2] = 255
+  options = {**ONLY, "grayscale_prob": 0.2, "blur_prob": 0.5, "blur_radius": (1.0, 2.0)}
+  views = unnormalize(augment.augment_batch(images, SEED, 5, **options))
+  gray = np.abs(views - views[..., :1]).max(axis=(1, 2, 3)) < 1e-4
+  blurred = views[:, 2, 2, 0] < 1 - 1e-4
+  assert_rate(gray, 0.2)
+  assert_rate(blurred, 0.5)
+  assert_rate(gray & blurred, 0.1)  # independent coins
+  np.testing.assert_allclose(views[~gray & ~blurred], images[~gray & ~blurred] / 255, atol=1e-5)
+  # Radii ~ U[0.1, 2.0) per image (Kolmogorov-Smirnov, critical value 1.95 at 0.1 %); coins at rate 0.5.
+  parameters = augment._sample_blur(SEED, 4000, 0.5, (0.1, 2.0))
+  radii = np.sort(parameters["radius"].numpy())
+  assert radii.min() >= 0.1 and radii.max() < 2.0
+  uniform_cdf = (radii - 0.1) / 1.9
+  assert math.sqrt(4000) * np.abs(np.arange(1, 4001) / 4000 - uniform_cdf).max() < 1.95
+  assert_rate(parameters["apply"].numpy(), 0.5)
+
+
+def test_strength_one_jitter_is_the_imagenet_one():
+  # Constant grey images: contrast, saturation and hue leave them as they are, so out / in is the
+  # brightness factor, U[1 - 0.8 s, 1 + 0.8 s] = U[0.2, 1.8] at s = 1 (grey 0.5 never clips).
+  # (Shapes as in test_augment_batch_color_jitter_rate: one XLA compilation for both.)
+  grey = np.full((4000, 4, 4, 3), 128, np.uint8)
+  views = unnormalize(augment.augment_batch(grey, SEED, 4, **{**IMAGENET, "color_jitter_prob": 0.8}))
+  factor = views[:, 0, 0, 0] / (128 / 255)
+  unchanged = np.abs(factor - 1) < 1e-5
+  assert_rate(~unchanged, 0.8)
+  assert factor.min() >= 0.2 - 1e-4 and factor.max() <= 1.8 + 1e-4
+  assert factor.min() < 0.22 and factor.max() > 1.78
+
+
+# ImageNet-like views of small images; the two tests below share their XLA compilations.
+IMAGENET_IMAGES = natural_uint8(16, 24, 24, seed=17)
+IMAGENET_VIEW = dict(ratio=RATIO, color_jitter_strength=1.0, solarize_prob=0, equalize_prob=0, mean=MEAN, std=STD)
+
+
+def imagenet_view(seed, **options):
+  return augment.augment_batch(IMAGENET_IMAGES, seed, 16, (0.14, 1.0), **IMAGENET_VIEW, **options)
+
+
+def test_new_ops_leave_the_other_draws_unchanged():
+  # With the two ops in the graph but (almost) never applied, every other draw and pixel is the same.
+  without = imagenet_view(SEED).numpy()
+  np.testing.assert_array_equal(imagenet_view(SEED, grayscale_prob=1e-9, blur_prob=1e-9).numpy(), without)
+  np.testing.assert_array_equal(imagenet_view(SEED, grayscale_prob=0, blur_prob=0).numpy(), without)
+  assert not np.allclose(imagenet_view(SEED, grayscale_prob=0.2, blur_prob=0.5).numpy(), without)
+
+
+def test_imagenet_views_are_deterministic_in_tf_function_and_dataset():
+  def view(seed):
+    return imagenet_view(seed, grayscale_prob=0.2, blur_prob=0.5)
+
+  eager = view(SEED).numpy()
+  assert eager.shape == (16, 16, 16, 3)
+  np.testing.assert_array_equal(view(SEED).numpy(), eager)
+  np.testing.assert_array_equal(tf.function(view)(SEED).numpy(), eager)
+  seeds = tf.data.Dataset.from_tensor_slices(tf.stack([SEED + 1, SEED]))
+  from_data = list(seeds.map(view, num_parallel_calls=2).as_numpy_iterator())
+  np.testing.assert_array_equal(from_data[1], eager)
+  np.testing.assert_array_equal(from_data[0], view(SEED + 1).numpy())

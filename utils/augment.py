@@ -9,8 +9,10 @@ additionally runs the pixel work as one XLA-compiled function.
 
 The ops follow the reference, which works on PIL uint8 images: crops are
 resized with PIL's bilinear filter (a triangle widened by the scale factor when
-shrinking, i.e. antialiased), and Solarize draws a new threshold in [0, 256)
-for each image it solarizes.
+shrinking, i.e. antialiased), Solarize draws a new threshold in [0, 256)
+for each image it solarizes, and the ImageNet recipe's RandomGrayscale and
+GaussianBlur reproduce PIL's convert("L") and ImageFilter.GaussianBlur,
+including their rounding to uint8.
 
 Randomness is stateless: each function takes a `seed` (int32 or int64 tensor
 of shape [2]) and derives sub-seeds with `stateless_split`, so a stream is
@@ -395,6 +397,173 @@ def _equalize_selected(images, mask):
   return indices, _equalize_all(tf.gather_nd(images, indices))
 
 
+# PIL's convert("L"): L = R 299/1000 + G 587/1000 + B 114/1000 with the weights
+# rounded to 16-bit fixed point, then rounded half up. An exhaustive comparison
+# over all 2^24 colours matches these integer weights exactly; the decimal
+# weights themselves round differently for 9 040 colours.
+_LUMA_WEIGHTS_16BIT = (19595, 38470, 7471)
+
+# PIL's GaussianBlur(radius) runs this many extended box filters along each
+# axis, all horizontal passes before the vertical ones.
+_BLUR_PASSES = 3
+# Its box weights are fixed-point fractions of 2^24 (see _box_weights).
+_BLUR_ONE = 2.0**24
+
+
+def _levels(images):
+  """Float [0, 1] -> grey levels 0..255 as whole float32 numbers (PIL works on uint8)."""
+  return tf.floor(images * 255.0 + 0.5)
+
+
+def _grayscale(images):
+  """PIL's convert("L") replicated to 3 channels, on float [N, H, W, 3] images in [0, 1].
+
+  The images are rounded to grey levels first, as PIL holds them. Every
+  intermediate is a whole number below 2^24, so float32 computes PIL's integer
+  arithmetic exactly: outputs equal PIL's on every uint8 input.
+  """
+  levels = _levels(images)
+  weighted = (
+    _LUMA_WEIGHTS_16BIT[0] * levels[..., 0:1]
+    + _LUMA_WEIGHTS_16BIT[1] * levels[..., 1:2]
+    + _LUMA_WEIGHTS_16BIT[2] * levels[..., 2:3]
+  )
+  luma = tf.floor((weighted + 32768.0) * (1.0 / 65536.0))
+  return tf.concat([luma, luma, luma], axis=-1) * _INVERSE_255
+
+
+def _box_radius(radii):
+  """The extended box radius l + alpha of one pass, for Gaussians of std `radii` (PIL's radius).
+
+  Extended box filtering (Gwosdek et al., SSVM 2011, which Pillow's
+  documentation cites): `_BLUR_PASSES` passes of a box of variance
+  radius^2 / passes. A box of integer radius l has 2 l + 1 taps of weight 1;
+  the extension adds taps of weight alpha in [0, 1) at +-(l + 1), with l and
+  alpha solving for the variance exactly. Works on floats or tensors.
+  """
+  variance = radii * radii * (1.0 / _BLUR_PASSES)
+  inner = 0.5 * (12.0 * variance + 1.0) ** 0.5 - 0.5
+  inner = math.floor(inner) if isinstance(inner, float) else tf.floor(inner)
+  extension = (2.0 * inner + 1.0) * (inner * (inner + 1.0) - 3.0 * variance) / (6.0 * (variance - (inner + 1.0) ** 2))
+  return inner + extension
+
+
+def _blur_taps(max_radius):
+  """Taps of one box pass for Gaussian radii up to `max_radius` (Python float): 2 (l + 1) + 1.
+
+  The margin covers a float32 box radius rounded up to the next integer.
+  """
+  return 2 * (math.floor(_box_radius(float(max_radius)) + 1e-4) + 1) + 1
+
+
+def _box_weights(radii, taps):
+  """Per-image fixed-point weights of one extended box pass, as PIL computes them.
+
+  Derived by comparing with Pillow (one-row images, where the vertical passes
+  do nothing): with box radius R = l + alpha (float32), the inner taps weigh
+  w = trunc(2^24 / (2 R + 1)) computed in float32, the two extension taps
+  weigh (2^24 - (2 l + 1) w) // 2, and each output is
+  (sum of weight x level + 2^23) >> 24. This reproduces Pillow's output
+  exactly, including its rounding of near-ties, which exact weights
+  (1 / (2 R + 1), alpha / (2 R + 1)) do not (up to 3 levels off at radius 1).
+
+  Args:
+    radii: float32 [N], the Gaussian's standard deviation per image.
+    taps: odd Python int, from _blur_taps.
+
+  Returns:
+    float32 [N, taps], whole numbers summing to at most 2^24.
+  """
+  box_radius = tf.cast(_box_radius(tf.cast(radii, tf.float64)), tf.float32)
+  inner = tf.floor(box_radius)
+  inner_weight = tf.floor(_BLUR_ONE / (2.0 * box_radius + 1.0))
+  edge_weight = tf.floor((_BLUR_ONE - (2.0 * inner + 1.0) * inner_weight) * 0.5)
+  half_width = (taps - 1) // 2
+  offsets = tf.abs(tf.range(-half_width, half_width + 1, dtype=tf.float32))[None, :]
+  inner, inner_weight, edge_weight = inner[:, None], inner_weight[:, None], edge_weight[:, None]
+  return tf.where(offsets <= inner, inner_weight, tf.where(offsets == inner + 1.0, edge_weight, 0.0))
+
+
+def _low_bits(taps):
+  """Bits of the weights' low part: keeps every sum in _box_pass a whole number below 2^24."""
+  return math.floor(math.log2(2.0**23 / (255 * taps)))
+
+
+def _blur_parameters(radii, apply, max_radius):
+  """GaussianBlur parameters for given radii [N] and coins [N] (radii <= max_radius, a Python float).
+
+  Returns:
+    dict of apply [N] bool, radius [N] float32, and the weights of
+    _box_weights split as high * 2^b + low (b = _low_bits; high, low float32
+    [N, taps]).
+  """
+  taps = _blur_taps(max_radius)
+  weights = _box_weights(radii, taps)
+  unit = 2.0 ** _low_bits(taps)
+  high = tf.floor(weights * (1.0 / unit))
+  return {"apply": apply, "radius": radii, "high": high, "low": weights - high * unit}
+
+
+def _sample_blur(seed, num_images, prob, radius):
+  """Per-image GaussianBlur coins and radii ~ U[radius[0], radius[1]), as _blur_parameters.
+
+  Computed outside the compiled pixel function, so XLA does not recompute
+  them for every pixel.
+  """
+  apply_seed, radius_seed = _split(seed, 2)
+  radii = tf.random.stateless_uniform([num_images], radius_seed, radius[0], radius[1])
+  return _blur_parameters(radii, _coins(apply_seed, num_images, prob), radius[1])
+
+
+def _shifted(images, axis, start, length):
+  """images[:, start:start + length] along `axis` (1 rows, 2 columns)."""
+  begin = [0, 0, 0, 0]
+  begin[axis] = start
+  size = [-1, -1, -1, -1]
+  size[axis] = length
+  return tf.slice(images, begin, size)
+
+
+def _box_pass(levels, high, low, axis, fence=_unfenced):
+  """One extended box pass along `axis` on grey levels, with PIL's fixed-point rounding.
+
+  The image is extended by repeating its edge pixels (PIL clamps at the
+  border). The extended image is fenced: XLA would otherwise evaluate the
+  concatenation, with its branches, inside the loop for every tap of every
+  output (about 30 times slower at 224 px). PIL's sum of weight x level reaches 2^32, beyond float32's exact
+  integers (2^24), so the weights come split into high * 2^b + low: both
+  partial sums stay exact, and so does
+  (sum + 2^23) >> 24 = floor((high sum + floor((low sum + 2^23) / 2^b)) / 2^(24 - b)).
+  """
+  taps = high.shape[1]
+  unit_bits = _low_bits(taps)
+  half_width = (taps - 1) // 2
+  length = tf.shape(levels)[axis]
+  first = _shifted(levels, axis, 0, 1)
+  last = _shifted(levels, axis, length - 1, 1)
+  padded = fence(tf.concat([first] * half_width + [levels] + [last] * half_width, axis=axis))
+  windows = [_shifted(padded, axis, tap, length) for tap in range(taps)]
+  high_sum = tf.add_n([_per_image(high[:, tap]) * window for tap, window in enumerate(windows)])
+  low_sum = tf.add_n([_per_image(low[:, tap]) * window for tap, window in enumerate(windows)])
+  carry = tf.floor((low_sum + 2.0**23) * 2.0**-unit_bits)
+  return tf.floor((high_sum + carry) * 2.0 ** (unit_bits - 24))
+
+
+def _gaussian_blur(images, parameters, fence=_unfenced):
+  """PIL's ImageFilter.GaussianBlur on float [N, H, W, C] images in [0, 1], per-image radius.
+
+  `_BLUR_PASSES` horizontal then as many vertical extended box passes with
+  the weights of _sample_blur, on grey levels: the images are rounded to
+  levels first and every pass rounds like PIL, so uint8 inputs give PIL's
+  output exactly. Images whose coin is False are returned unchanged.
+  """
+  levels = _levels(images)
+  for axis in (2, 1):
+    for _ in range(_BLUR_PASSES):
+      levels = _box_pass(levels, parameters["high"], parameters["low"], axis, fence)
+  return _select(parameters["apply"], levels * _INVERSE_255, images)
+
+
 def normalize(images, mean, std):
   """(x - mean) / std per channel (METHOD.md section 4).
 
@@ -415,11 +584,19 @@ def normalize(images, mean, std):
 # the compiled function: inside it, XLA fuses the per-image Philox draws into
 # every per-pixel loop and recomputes them for each pixel.
 @tf.function(jit_compile=True, autograph=False)
-def _augment_pixels(images, boxes, flip, jitter, solarize_thresholds, size, mean, std):
-  """Crop, flip, jitter, solarize; returns the [0, 1] and normalised views."""
+def _augment_pixels(images, boxes, flip, jitter, solarize_thresholds, size, mean, std, grayscale=None, blur=None):
+  """Crop, flip, jitter, grayscale, blur, solarize; returns the [0, 1] and normalised views.
+
+  grayscale: optional bool [N], the images converted; blur: optional
+  _sample_blur parameters.
+  """
   views = _xla_fence(_crop_to_unit_range(images, boxes, size, flip))
   if jitter is not None:
     views = _jitter(views, jitter, _xla_fence)
+  if grayscale is not None:
+    views = _select(grayscale, _grayscale(views), views)
+  if blur is not None:
+    views = _gaussian_blur(views, blur, _xla_fence)
   if solarize_thresholds is not None:
     views = _solarize(views, solarize_thresholds)
   return views, normalize(views, mean, std)
@@ -439,15 +616,21 @@ def augment_batch(
   *,
   mean,
   std,
+  grayscale_prob=0.0,
+  blur_prob=0.0,
+  blur_radius=(0.1, 2.0),
 ):
   """One PAWS view of every image in a batch (METHOD.md section 4).
 
   RandomResizedCrop (PIL bilinear resize) -> horizontal flip (p = 0.5) ->
   ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) with p = color_jitter_prob ->
-  Solarize (threshold ~ U[0, 256) per image) -> Equalize -> Normalize. Ops
-  whose probability or strength is 0 are left out of the graph. The pixel
-  work runs as one XLA-compiled function (compiled once per input shape and
-  configuration).
+  RandomGrayscale (PIL convert("L")) -> GaussianBlur (PIL, radius ~
+  U[blur_radius] per image) -> Solarize (threshold ~ U[0, 256) per image) ->
+  Equalize -> Normalize. The CIFAR-10 recipe uses jitter, solarize and
+  equalize; the ImageNet recipe (s = 1) jitter, grayscale (p = 0.2) and blur
+  (p = 0.5). Ops whose probability or strength is 0 are left out of the
+  graph. The pixel work runs as one XLA-compiled function (compiled once per
+  input shape and configuration).
 
   Args:
     images: [N, H, W, 3] uint8 or float in [0, 1].
@@ -460,6 +643,10 @@ def augment_batch(
     solarize_prob, equalize_prob: per-image probabilities.
     mean, std: per-channel normalisation constants (required: the config's
       data.mean and data.std).
+    grayscale_prob: RandomGrayscale probability per image.
+    blur_prob: GaussianBlur probability per image.
+    blur_radius: (min, max) of the blur radius (PIL's radius, the Gaussian's
+      standard deviation), 0 < min <= max.
 
   Returns:
     float32 [N, size, size, 3], normalised.
@@ -477,6 +664,9 @@ def augment_batch(
     float(equalize_prob),
     tuple(mean),
     tuple(std),
+    float(grayscale_prob),
+    float(blur_prob),
+    tuple(float(value) for value in blur_radius),
   )
 
 
@@ -497,6 +687,9 @@ def _augment_batch_graph(
   equalize_prob,
   mean,
   std,
+  grayscale_prob,
+  blur_prob,
+  blur_radius,
 ):
   """augment_batch with hashable Python arguments."""
   crop_seed, flip_seed, jitter_seed, solarize_seed, equalize_seed = _split(seed, 5)
@@ -511,7 +704,18 @@ def _augment_batch_graph(
       jitter_seed, num_images, strength, strength, strength, 0.2 * color_jitter_strength, color_jitter_prob
     )
   solarize_thresholds = _sample_solarize(solarize_seed, num_images, solarize_prob) if solarize_prob > 0 else None
-  views, normalized = _augment_pixels(images, boxes, flip_mask, jitter, solarize_thresholds, size, mean, std)
+  grayscale = blur = None
+  if grayscale_prob > 0 or blur_prob > 0:
+    # Two more sub-seeds, drawn only here so that settings without these ops
+    # keep their graph and their bits.
+    grayscale_seed, blur_seed = _split(seed, 7)[5:]
+    if grayscale_prob > 0:
+      grayscale = _coins(grayscale_seed, num_images, grayscale_prob)
+    if blur_prob > 0:
+      blur = _sample_blur(blur_seed, num_images, blur_prob, blur_radius)
+  views, normalized = _augment_pixels(
+    images, boxes, flip_mask, jitter, solarize_thresholds, size, mean, std, grayscale, blur
+  )
   if equalize_prob > 0:
     indices, equalized = _equalize_selected(views, _coins(equalize_seed, num_images, equalize_prob))
     normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, mean, std))

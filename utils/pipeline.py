@@ -99,6 +99,10 @@ def _augment_views(batch, seeds, size, scale, data):
       equalize_prob=data.equalize_prob,
       mean=data.mean,
       std=data.std,
+      # The ImageNet recipe's ops; data sections built by hand (tests, benchmarks) may leave them out.
+      grayscale_prob=data.get("grayscale_prob", 0.0),
+      blur_prob=data.get("blur_prob", 0.0),
+      blur_radius=data.get("blur_radius", (0.1, 2.0)),
     )
     for view_seed in seeds
   ]

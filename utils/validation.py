@@ -174,6 +174,14 @@ RULES = {
   "data.color_jitter_strength": number(at_least=0, at_most=2.5),
   "data.solarize_prob": probability(),
   "data.equalize_prob": probability(),
+  "data.grayscale_prob": probability(),
+  "data.blur_prob": probability(),
+  # (low, high) of the Gaussian's standard deviation in pixels; the box filters grow with it.
+  "data.blur_radius": Rule(
+    "(low, high) with 0 < low <= high <= 10",
+    lambda value: isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value)),
+    lambda value, config: 0 < value[0] <= value[1] <= 10,
+  ),
   "model.name": one_of(MODELS),
   "model.depth": wide_resnet_depth(),
   "model.width": integer(1),

@@ -152,6 +152,12 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--output", default=os.path.join(ROOT, "misc", "speed.md"))
   parser.add_argument("--one", nargs=2, metavar=("WHAT", "PRECISION"), help=argparse.SUPPRESS)
+  parser.add_argument(
+    "--only",
+    nargs="+",
+    metavar="WHAT:PRECISION",
+    help="measure only these rows, e.g. compiled:float32 pipeline:float32 (default: all)",
+  )
   args = parser.parse_args()
   if args.one:  # child process: one measurement, printed for the parent
     seconds, crops = measure(*args.one, args.steps)
@@ -160,7 +166,8 @@ def main():
   rows = {}
   from utils import runtime
 
-  for what, precision in MEASUREMENTS:
+  chosen = [tuple(item.split(":")) for item in args.only] if args.only else MEASUREMENTS
+  for what, precision in chosen:
     if what == "resnet50" and precision == "mixed_bfloat16" and not runtime.cpu_has_amx():
       continue  # as run.precision=auto: bf16 only with AMX (utils/runtime.resolve_precision)
     result = subprocess.run(
@@ -181,12 +188,16 @@ def main():
     lines.append(
       f"| {DESCRIPTIONS[what]} | {shown_precision} | {1 / seconds:.2f} | {crops / seconds:.0f} | {1000 * seconds:.0f} |"
     )
-  compiled = {p: rows["compiled", p][0] for p in ("float32", "mixed_bfloat16")}
-  floor = rows["forward_backward", "float32"][0]
+  seconds = {key: value[0] for key, value in rows.items()}
+  ratios = [  # (note, numerator row, denominator row): shown when both rows were measured
+    ("mixed_bfloat16 over float32, compiled step", ("compiled", "float32"), ("compiled", "mixed_bfloat16"), "x"),
+    ("compiled float32 step / plain forward+backward", ("compiled", "float32"), ("forward_backward", "float32"), ""),
+    ("compiled over eager, float32", ("eager", "float32"), ("compiled", "float32"), "x"),
+  ]
   notes = [
-    f"- mixed_bfloat16 over float32, compiled step: {compiled['float32'] / compiled['mixed_bfloat16']:.2f}x",
-    f"- compiled float32 step / plain forward+backward: {compiled['float32'] / floor:.2f}",
-    f"- compiled over eager, float32: {rows['eager', 'float32'][0] / compiled['float32']:.2f}x",
+    f"- {note}: {seconds[top] / seconds[bottom]:.2f}{unit}"
+    for note, top, bottom, unit in ratios
+    if top in seconds and bottom in seconds
   ]
   notes += [
     f"- ResNet-50 step, {precision}: {RESNET50_UNLABELED / seconds:.2f} unlabeled images/s"
@@ -197,7 +208,8 @@ def main():
 
   text = (
     f"# Pre-training speed\n\nMachine: {machine_description()}. Written by `python benchmarks/train_speed.py "
-    f"--steps {args.steps}` on {time.strftime('%Y-%m-%d')}, machine otherwise idle.\n\n"
+    f"--steps {args.steps}{' --only ' + ' '.join(args.only) if args.only else ''}` on {time.strftime('%Y-%m-%d')}, "
+    "machine otherwise idle.\n\n"
     "Train-step rows: WRN-28-2, 32 unlabeled images x (2 x 32 px + 6 x 18 px views) + "
     "10 classes x 8 supports x 2 views = 416 crops per step. Pipeline row: the paper's full batch "
     "(256 x 8 views + 1280 supports = 3328 crops per step) with full colour distortion. ResNet-50 rows: "

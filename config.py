@@ -25,7 +25,10 @@ def base_config():
   c.seed = 0  # augmentation and initialisation stream
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "cifar10"
+  c.data.dataset = "cifar10"  # or digits; or "folder" / "tfrecord" with --data_dir (README, Your own data)
+  # tfrecord: globs of the training and validation files, relative to --data_dir (Model Garden's names).
+  c.data.train_files = "train-*"
+  c.data.val_files = "validation-*"
   c.data.image_size = 32
   c.data.labeled_per_class = 400  # 4000 labels (METHOD.md section 4)
   c.data.label_seed = 152

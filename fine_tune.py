@@ -20,13 +20,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 from absl import flags
 import numpy as np
 
-from utils import augment, datasets, optim, pipeline, plots, runtime, steps, training
+from utils import datasets, optim, plots, runtime, sources, steps, training
 from utils import encoder as encoder_lib
 from utils.errors import UserError
 
 _CONFIG = runtime.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pre-training run; results go to WORKDIR/finetuned.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 offline folder, as for paws_train.py.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "As for paws_train.py: CIFAR-10 offline, or the images' folder.")
 _FORCE = flags.DEFINE_bool("force", False, "Reuse a fine-tuning folder whose saved config differs.")
 _FROM_SCRATCH = flags.DEFINE_bool(
   "from_scratch", False, "Supervised-only baseline: random init, labeled subset drawn by data.label_seed."
@@ -45,16 +45,21 @@ def main(argv):
 
   # --- Data: the labeled subset only -------------------------------------------
   workdir = _WORKDIR.value
-  train_images, train_labels, _, _ = datasets.load_dataset(config.data.dataset, _DATA_DIR.value)
+  source = sources.open_source(config.data, _DATA_DIR.value)  # arrays, or files streamed from --data_dir
+  train_labels = source.train_labels
   if _FROM_SCRATCH.value:
     runtime.prepare_workdir(workdir)
     labeled = datasets.select_labeled_indices(train_labels, config.data.labeled_per_class, config.data.label_seed)
+    source.check_images(labeled)
     datasets.write_split_files(workdir, labeled)
+    source.write_labeled_names(workdir, labeled)
   else:
     index_path = os.path.join(workdir, "labeled_indices.txt")
     if not os.path.exists(index_path):
       raise UserError(f"{index_path} not found; run paws_train.py with this --workdir first")
     labeled = datasets.read_split_file(index_path, len(train_labels))
+    source.check_labeled_names(workdir, labeled)  # files: still the images paws_train.py labeled
+    source.check_images(labeled)
   if f.images_per_class % strategy.num_replicas_in_sync:
     raise UserError(f"finetune.images_per_class must divide by the {strategy.num_replicas_in_sync} replicas")
   per_class = int(np.bincount(train_labels[labeled]).min())
@@ -82,14 +87,8 @@ def main(argv):
   )
 
   # --- Loop ------------------------------------------------------------------
-  dataset = pipeline.finetune_dataset(
-    train_images[labeled],
-    train_labels[labeled],
-    f,
-    config.data,
-    start_step=start_step,
-    total_steps=total_steps,
-    seed=config.seed,
+  dataset = source.finetune_dataset(
+    labeled, f, config.data, start_step=start_step, total_steps=total_steps, seed=config.seed
   )
   train_steps = steps.suncet_steps(
     config, strategy, state.encoder, state.optimizer, jit_compile, bn_training=_FROM_SCRATCH.value
@@ -97,15 +96,14 @@ def main(argv):
   loop = training.Loop(
     "finetune", total_steps, steps_per_epoch, f.views * f.images_per_class * f.classes_per_batch, schedule
   )
-  log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, output)
+  with source.stream_errors(lambda: int(state.step.numpy()), config.run.steps_per_loop):
+    log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, output)
 
   # --- Results -----------------------------------------------------------------
   if _FROM_SCRATCH.value:
     # Trained with batch statistics: its moving averages must be re-estimated before
     # inference-mode evaluation (on the clean labeled images; the test set is never used).
-    encoder_lib.reestimate_batch_norm(
-      state.encoder, augment.normalize(train_images[labeled], config.data.mean, config.data.std)
-    )
+    encoder_lib.reestimate_batch_norm(state.encoder, source.labeled_images(labeled, config.data))
   encoder_lib.save_encoder(state.encoder, config, output, total_steps)
   plots.loss_curves(
     training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"), ("loss",), "SuNCEt fine-tuning"

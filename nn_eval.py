@@ -18,12 +18,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 from absl import flags
 
-from utils import datasets, evaluation, export, plots, runtime
+from utils import datasets, evaluation, export, plots, runtime, sources
 from utils.errors import UserError
 
 _CONFIG = runtime.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pre-training (and fine-tuning) run.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 offline folder, as for paws_train.py.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "As for paws_train.py: CIFAR-10 offline, or the images' folder.")
 _ENCODER = flags.DEFINE_enum(
   "encoder",
   "auto",
@@ -50,15 +50,20 @@ def main(argv):
   encoder = evaluation.load_float32_encoder(directory, config, written_by)
 
   # --- Data: the labeled subset saved by pre-training (supports) and the test set (queries) --------
-  train_images, train_labels, test_images, test_labels = datasets.load_dataset(config.data.dataset, _DATA_DIR.value)
+  # Arrays, or files streamed from --data_dir: supports from train/, queries from val/ (or data.val_files).
+  source = sources.open_source(config.data, _DATA_DIR.value, evaluation=True)
   index_path = os.path.join(workdir, "labeled_indices.txt")
   if not os.path.exists(index_path):
     raise UserError(f"{index_path} not found; run paws_train.py with this --workdir first")
-  labeled = datasets.read_split_file(index_path, len(train_labels))
+  labeled = datasets.read_split_file(index_path, len(source.train_labels))
+  source.check_labeled_names(workdir, labeled)
+  support_images, support_labels, test_images, test_labels = source.evaluation_sets(
+    labeled, config.data, config.eval.batch_size
+  )
 
   # --- Evaluate and report -------------------------------------------------------
   metrics, embeddings, confusion = evaluation.evaluate(
-    encoder, config.data, config.eval, train_images[labeled], train_labels[labeled], test_images, test_labels
+    encoder, config.data, config.eval, support_images, support_labels, test_images, test_labels
   )
   metrics.update(
     {
@@ -87,9 +92,9 @@ def main(argv):
       encoder,
       config.data,
       config.eval,
-      train_images[labeled],
-      train_labels[labeled],
-      class_names=export.dataset_class_names(config.data.dataset),
+      support_images,
+      support_labels,
+      class_names=export.dataset_class_names(config.data.dataset) or source.class_names,
     )
     print(f"SavedModel (signature {export.SIGNATURE_NAME}) and {export.CLASS_NAMES_FILE} in {_EXPORT.value}")
 

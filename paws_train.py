@@ -15,17 +15,23 @@ import time
 from absl import flags
 import numpy as np
 
-from utils import benchmark, datasets, optim, pipeline, plots, runtime, steps, training
+from utils import benchmark, datasets, optim, plots, runtime, sources, steps, training
 from utils import encoder as encoder_lib
 from utils.errors import UserError
 
 _CONFIG = runtime.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and the trained encoder.")
 _DATA_DIR = flags.DEFINE_string(
-  "data_dir", None, "CIFAR-10 offline: folder with cifar-10-python.tar.gz or cifar-10-batches-py/."
+  "data_dir",
+  None,
+  "CIFAR-10 offline: folder with cifar-10-python.tar.gz or cifar-10-batches-py/; data.dataset=folder or "
+  "tfrecord: the folder of the images (README, Your own data).",
 )
 _SPLIT_FILE = flags.DEFINE_string(
-  "split_file", None, "Labeled subset as a reference split file (one training index per line)."
+  "split_file",
+  None,
+  "Labeled subset as a split file: one training index per line (the reference's format), or for folder "
+  "and tfrecord data one file name per line.",
 )
 _FORCE = flags.DEFINE_bool("force", False, "Reuse a workdir whose saved config differs.")
 _BENCHMARK = flags.DEFINE_integer("benchmark", 0, "If > 0: time this many steps on random data and exit.")
@@ -34,14 +40,11 @@ _BENCHMARK = flags.DEFINE_integer("benchmark", 0, "If > 0: time this many steps 
 RUN_SECTIONS = ("data", "model", "pretrain")
 
 
-def choose_labeled(train_labels, config, split_file):
-  """The labeled subset: read from a split file, or drawn by the label seed."""
-  num_classes = len(np.unique(train_labels))
+def choose_labeled(source, config, split_file):
+  """The labeled subset (indices into source.train_labels): read from a split file, or drawn by the label seed."""
   if split_file:
-    return datasets.read_split_file(
-      split_file, len(train_labels), labels=train_labels, expected_count=config.data.labeled_per_class * num_classes
-    )
-  return datasets.select_labeled_indices(train_labels, config.data.labeled_per_class, config.data.label_seed)
+    return source.read_split_file(split_file, expected_count=config.data.labeled_per_class * source.num_classes)
+  return datasets.select_labeled_indices(source.train_labels, config.data.labeled_per_class, config.data.label_seed)
 
 
 def save_labeled(workdir, indices, force):
@@ -85,15 +88,19 @@ def main(argv):
 
   # --- Data --------------------------------------------------------------------
   workdir = runtime.prepare_workdir(_WORKDIR.value)
-  train_images, train_labels, _, _ = datasets.load_dataset(config.data.dataset, _DATA_DIR.value)
-  num_classes = len(np.unique(train_labels))
-  check_batch_shapes(config, len(train_images), num_classes, strategy.num_replicas_in_sync)
-  labeled = choose_labeled(train_labels, config, _SPLIT_FILE.value)
+  # In-memory arrays (cifar10, digits) or image files streamed from --data_dir (folder, tfrecord).
+  source = sources.open_source(config.data, _DATA_DIR.value)
+  check_batch_shapes(config, source.num_unlabeled, source.num_classes, strategy.num_replicas_in_sync)
+  labeled = choose_labeled(source, config, _SPLIT_FILE.value)
+  source.check_images(labeled)  # files: every labeled image decodes
+  if not _FORCE.value:
+    source.check_labeled_names(workdir, labeled)  # files: resuming on the images this workdir labeled
   # Everything is validated before the first file is written.
   runtime.check_config(config, os.path.join(workdir, "config.json"), RUN_SECTIONS, _FORCE.value)
   save_labeled(workdir, labeled, _FORCE.value)
+  source.write_labeled_names(workdir, labeled)
   p = config.pretrain
-  steps_per_epoch = len(train_images) // p.batch_size
+  steps_per_epoch = source.num_unlabeled // p.batch_size
   total_steps = p.epochs * steps_per_epoch
 
   # --- Model, optimizer, checkpoint ------------------------------------------------
@@ -112,20 +119,14 @@ def main(argv):
   print(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
 
   # --- Loop: the input stream from start_step ------------------------------------
-  dataset = pipeline.pretrain_dataset(
-    train_images,
-    labeled,
-    train_labels[labeled],
-    config.data,
-    p,
-    start_step=start_step,
-    total_steps=total_steps,
-    seed=config.seed,
+  dataset = source.pretrain_dataset(
+    labeled, config.data, p, start_step=start_step, total_steps=total_steps, seed=config.seed
   )
   train_steps = steps.paws_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
   loop = training.Loop("pretrain", total_steps, steps_per_epoch, benchmark.crops_per_step(p), schedule)
   started = time.time()
-  log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, workdir)
+  with source.stream_errors(lambda: int(state.step.numpy()), config.run.steps_per_loop):
+    log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, workdir)
   print(f"pre-training done: {total_steps} steps, {time.time() - started:.1f} s this run")
 
   # --- Results -----------------------------------------------------------------

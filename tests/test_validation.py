@@ -23,6 +23,8 @@ BAD = {
   "name": ["", "  ", 3],
   "seed": [-1, 2**32, 1.5, True],
   "data.dataset": ["imagenet", "CIFAR10", ""],
+  "data.train_files": ["", "  ", 3],
+  "data.val_files": [""],
   "data.image_size": [0, -32],
   "data.labeled_per_class": [0],
   "data.label_seed": [-1],

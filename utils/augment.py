@@ -720,3 +720,101 @@ def _augment_batch_graph(
     indices, equalized = _equalize_selected(views, _coins(equalize_seed, num_images, equalize_prob))
     normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, mean, std))
   return normalized
+
+
+def color_and_normalize(
+  views,
+  seed,
+  color_jitter_prob=0.8,
+  color_jitter_strength=0.5,
+  solarize_prob=0.2,
+  equalize_prob=0.2,
+  *,
+  mean,
+  std,
+  grayscale_prob=0.0,
+  blur_prob=0.0,
+  blur_radius=(0.1, 2.0),
+):
+  """The colour stage of augment_batch, for views cropped, resized and flipped elsewhere (METHOD.md section 4).
+
+  Streamed images (utils/pipeline.py) differ in size, so their crops are cut and resized one image at a
+  time; this runs the rest of augment_batch on the batch of crops. With the same `seed` it makes the
+  draws augment_batch makes (crop and flip use the first two of its five sub-seeds, this the others), so
+  augment_batch(images, seed, ...) equals color_and_normalize(crops, seed, ...) when `crops` are
+  augment_batch's crops of the same images.
+
+  Args:
+    views: float32 [N, S, S, 3] in [0, 1].
+    seed: int32/int64 tensor of shape [2], the view's seed as augment_batch takes it.
+    Other arguments: as augment_batch.
+
+  Returns:
+    float32 [N, S, S, 3], normalised.
+  """
+  return _color_graph(
+    views,
+    seed,
+    float(color_jitter_prob),
+    float(color_jitter_strength),
+    float(solarize_prob),
+    float(equalize_prob),
+    tuple(mean),
+    tuple(std),
+    float(grayscale_prob),
+    float(blur_prob),
+    tuple(float(value) for value in blur_radius),
+  )
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _color_pixels(views, jitter, solarize_thresholds, mean, std, grayscale=None, blur=None):
+  """_augment_pixels after its crop: jitter, grayscale, blur, solarize; the [0, 1] and normalised views."""
+  views = _xla_fence(views)
+  if jitter is not None:
+    views = _jitter(views, jitter, _xla_fence)
+  if grayscale is not None:
+    views = _select(grayscale, _grayscale(views), views)
+  if blur is not None:
+    views = _gaussian_blur(views, blur, _xla_fence)
+  if solarize_thresholds is not None:
+    views = _solarize(views, solarize_thresholds)
+  return views, normalize(views, mean, std)
+
+
+@tf.function(autograph=False, reduce_retracing=True)
+def _color_graph(
+  views,
+  seed,
+  color_jitter_prob,
+  color_jitter_strength,
+  solarize_prob,
+  equalize_prob,
+  mean,
+  std,
+  grayscale_prob,
+  blur_prob,
+  blur_radius,
+):
+  """color_and_normalize with hashable Python arguments; the draws of _augment_batch_graph."""
+  _, _, jitter_seed, solarize_seed, equalize_seed = _split(seed, 5)
+  num_images = tf.shape(views)[0]
+  jitter = None
+  if color_jitter_prob > 0 and color_jitter_strength > 0:
+    strength = 0.8 * color_jitter_strength
+    jitter = _sample_jitter(
+      jitter_seed, num_images, strength, strength, strength, 0.2 * color_jitter_strength, color_jitter_prob
+    )
+  solarize_thresholds = _sample_solarize(solarize_seed, num_images, solarize_prob) if solarize_prob > 0 else None
+  grayscale = blur = None
+  if grayscale_prob > 0 or blur_prob > 0:
+    grayscale_seed, blur_seed = _split(seed, 7)[5:]
+    if grayscale_prob > 0:
+      grayscale = _coins(grayscale_seed, num_images, grayscale_prob)
+    if blur_prob > 0:
+      blur = _sample_blur(blur_seed, num_images, blur_prob, blur_radius)
+  views, normalized = _color_pixels(tf.cast(views, tf.float32), jitter, solarize_thresholds, mean, std, grayscale, blur)
+  if equalize_prob > 0:
+    indices, equalized = _equalize_selected(views, _coins(equalize_seed, num_images, equalize_prob))
+    normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, mean, std))
+  return normalized

@@ -35,7 +35,10 @@ DOWNLOAD_TIMEOUT_SECONDS = 60  # per blocking socket operation, not for the whol
 # Read in this order so training indices match the official order the split files index into.
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{number}" for number in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
-DATASET_NAMES = ("cifar10", "digits")
+# Loaded into memory here; "folder" and "tfrecord" are streamed from files by utils/sources.py.
+IN_MEMORY_DATASETS = ("cifar10", "digits")
+DATASET_NAMES = IN_MEMORY_DATASETS + ("folder", "tfrecord")
+
 
 _numpy_core = getattr(np, "_core", None) or np.core
 # The only globals an official CIFAR pickle refers to (numpy 1 and numpy 2 module spellings).
@@ -322,11 +325,18 @@ def load_digits(test_fraction=0.25, split_seed=0, image_size=16):
 
 
 def load_dataset(name, data_dir=None):
-  """Loads "cifar10" or "digits" (which ignores data_dir); returns the 4-tuple."""
+  """Loads "cifar10" or "digits" (which ignores data_dir); returns the 4-tuple.
+
+  "folder" and "tfrecord" data is never loaded whole: utils.sources.open_source streams it.
+  """
   if name == "cifar10":
     return load_cifar10(data_dir)
   if name == "digits":
     return load_digits()
+  if name in DATASET_NAMES:
+    raise UserError(
+      f"data.dataset={name} is streamed from its files, not loaded into memory; use utils.sources.open_source"
+    )
   raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
 
 

@@ -41,8 +41,13 @@ def load_float32_encoder(directory, config, written_by):
 
 
 def embed(encoder, images, batch_size, mean, std):
-  """Projection-head embeddings of images in batches (memory flat in len(images))."""
-  parts = [encoder(batch, training=False)[0] for batch in pipeline.eval_dataset(images, batch_size, mean, std)]
+  """Projection-head embeddings of images in batches (memory flat in len(images)).
+
+  `images`: uint8 [N, H, W, 3], or a tf.data.Dataset of normalised batches (streamed files, utils/sources.py).
+  """
+  batches = images if isinstance(images, tf.data.Dataset) else pipeline.eval_dataset(images, batch_size, mean, std)
+  parts = [encoder(batch, training=False)[0] for batch in batches]
+
   return tf.cast(tf.concat(parts, axis=0), tf.float32)
 
 

@@ -6,6 +6,8 @@ no iterator state needs checkpointing. Augmentations are stateless and seeded
 by (seed, step), so parallel `map` does not change the result either.
 """
 
+import math
+
 import numpy as np
 import tensorflow as tf
 
@@ -198,4 +200,364 @@ def eval_dataset(images, batch_size, mean, std):
   """Un-augmented, normalised batches in order (METHOD.md section 7: no crop)."""
   dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
   dataset = dataset.map(lambda x: augment.normalize(x, mean, std), num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# --- Streamed images (utils/sources.py): decoded, cropped and resized inside the pipeline ------------------
+#
+# The in-memory functions above gather uint8 arrays. Images read from files differ in size, so here each
+# image is read, decoded and cut into its views on its own (a parallel map over the images of a step), and
+# the batched colour stage of augment.py runs on the batch of crops. Which images a step uses and every
+# random draw are those of the in-memory path: the same images in the same order give the same batches
+# (tests/test_sources.py), and a stream restarted at step s is the stream that was cut at s.
+
+# What augment_batch crops with (augment.sample_crop_boxes' defaults).
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 10
+# Decoding a crop window of a chroma-subsampled JPEG upsamples the chroma at the window's edges differently
+# from a full decode; a window widened to 16-pixel blocks plus one block on each side decodes the crop
+# inside it exactly as a full decode does (tests/test_sources.py checks 4:4:4, 4:2:2, 4:2:0, progressive).
+_JPEG_BLOCK = 16
+
+
+def _split_seed(seed, count):
+  return tf.unstack(tf.random.experimental.stateless_split(seed, count))
+
+
+def crop_draws(view_seeds, num_images, scale, flip):
+  """The random numbers augment_batch draws for the crop and flip of each view, per image.
+
+  augment_batch(images, view_seed, ...) splits view_seed into (crop, flip, jitter, solarize, equalize)
+  seeds, and sample_crop_boxes splits the crop seed into (area, ratio, top, left). These are the same
+  draws, before any image size is known, so each image can turn them into its own boxes
+  (`crop_boxes`) once it is decoded.
+
+  Args:
+    view_seeds: list of V seeds, one per view.
+    num_images: images in the batch (the first dimension of every draw).
+    scale: (min, max) crop area fraction.
+    flip: whether the views are flipped with probability 0.5.
+  Returns:
+    dict of area [N, V, attempts] (fraction of the image area), aspect [N, V, attempts] (width / height),
+    top, left [N, V] (uniform in [0, 1)) and flip [N, V] bool.
+  """
+  shape = tf.stack([num_images, CROP_ATTEMPTS])
+  draws = {"area": [], "aspect": [], "top": [], "left": [], "flip": []}
+  for view_seed in view_seeds:
+    crop_seed, flip_seed = _split_seed(view_seed, 5)[:2]
+    area_seed, ratio_seed, top_seed, left_seed = _split_seed(crop_seed, 4)
+    draws["area"].append(tf.random.stateless_uniform(shape, area_seed, scale[0], scale[1]))
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    draws["aspect"].append(tf.exp(tf.random.stateless_uniform(shape, ratio_seed, log_ratio[0], log_ratio[1])))
+    draws["top"].append(tf.random.stateless_uniform([num_images], top_seed))
+    draws["left"].append(tf.random.stateless_uniform([num_images], left_seed))
+    coins = tf.random.stateless_uniform([num_images], flip_seed) < 0.5
+    draws["flip"].append(coins if flip else tf.zeros([num_images], tf.bool))
+  if not view_seeds:  # no views in this group (e.g. pretrain.multicrop = 0)
+    shapes = {"area": [num_images, 0, CROP_ATTEMPTS], "aspect": [num_images, 0, CROP_ATTEMPTS]}
+    return {key: tf.zeros(shapes.get(key, [num_images, 0]), tf.bool if key == "flip" else tf.float32) for key in draws}
+  return {key: tf.stack(values, axis=1) for key, values in draws.items()}
+
+
+def crop_boxes(draws, height, width):
+  """augment.sample_crop_boxes' arithmetic on the draws of one image (crop_draws), for its own size.
+
+  Args:
+    draws: one image's crop_draws: area, aspect [V, attempts]; top, left [V].
+    height, width: the image's size (scalar int tensors).
+  Returns:
+    int32 [V, 4] of (top, left, crop_height, crop_width), the boxes sample_crop_boxes gives a batch of
+    images of this size for the same seeds (operation for operation, so bit for bit).
+  """
+  attempts = CROP_ATTEMPTS
+  height_float = tf.cast(height, tf.float32)
+  width_float = tf.cast(width, tf.float32)
+  area = height_float * width_float * draws["area"]
+  aspect = draws["aspect"]
+  crop_widths = tf.round(tf.sqrt(area * aspect))
+  crop_heights = tf.round(tf.sqrt(area / aspect))
+  valid = (crop_widths > 0) & (crop_widths <= width_float) & (crop_heights > 0) & (crop_heights <= height_float)
+  first_valid = tf.reduce_min(tf.where(valid, tf.range(attempts)[None, :], attempts), axis=1)
+  any_valid = first_valid < attempts
+  first_valid = tf.minimum(first_valid, attempts - 1)
+  crop_height = tf.gather(crop_heights, first_valid, batch_dims=1)
+  crop_width = tf.gather(crop_widths, first_valid, batch_dims=1)
+  image_ratio = width_float / height_float
+  min_ratio, max_ratio = min(CROP_RATIO), max(CROP_RATIO)
+  fallback_height = tf.where(image_ratio < min_ratio, tf.round(width_float * (1.0 / min_ratio)), height_float)
+  fallback_width = tf.where(image_ratio > max_ratio, tf.round(height_float * max_ratio), width_float)
+  crop_height = tf.where(any_valid, crop_height, fallback_height)
+  crop_width = tf.where(any_valid, crop_width, fallback_width)
+  top = tf.floor(draws["top"] * (height_float - crop_height + 1))
+  left = tf.floor(draws["left"] * (width_float - crop_width + 1))
+  top = tf.where(any_valid, tf.minimum(top, height_float - crop_height), tf.floor((height_float - crop_height) * 0.5))
+  left = tf.where(any_valid, tf.minimum(left, width_float - crop_width), tf.floor((width_float - crop_width) * 0.5))
+  return tf.cast(tf.stack([top, left, crop_height, crop_width], axis=1), tf.int32)
+
+
+def resize_box(image, box, size):
+  """One box of a uint8 [H, W, 3] image resized to size x size with PIL's bilinear filter, float32 in [0, 1].
+
+  tf.image.resize's antialiased bilinear is PIL's filter (a triangle widened by the scale factor when
+  shrinking, normalised over the pixels inside the box), the filter augment.augment_batch applies with
+  per-image weight matrices. Its kernel runs over the few non-zero taps only: 2-3x faster per crop than a
+  gather-based version of those matrices, which took a plain decode + crop + resize pipeline's speed down
+  to 0.2x (benchmarks/stream_speed.py). It computes the weights in float32 rather than from integers: the
+  two differ by at most 3e-6 of the [0, 1] range (tests/test_sources.py); a box of the output size is
+  copied exactly.
+  """
+  crop = tf.cast(image[box[0] : box[0] + box[2], box[1] : box[1] + box[3]], tf.float32)
+  return tf.image.resize(crop, [size, size], "bilinear", antialias=True) * (1.0 / 255.0)
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+UNDECODABLE = "is not a JPEG or PNG image"  # in the assertion message a bad stream ends with (sources.py)
+
+
+def _is_jpeg(encoded):
+  return tf.strings.substr(encoded, 0, len(_JPEG_MAGIC)) == _JPEG_MAGIC
+
+
+def _check_format(encoded, description):
+  """Fails with the image's name unless the bytes start like a JPEG or a PNG."""
+  known = _is_jpeg(encoded) | (tf.strings.substr(encoded, 0, len(_PNG_MAGIC)) == _PNG_MAGIC)
+  return tf.debugging.Assert(known, [description, UNDECODABLE], name="check_image_format")
+
+
+def decode_image(encoded, description):
+  """uint8 [H, W, 3] of JPEG or PNG bytes, as PIL's Image.open(...).convert("RGB").
+
+  JPEGs are decoded with libjpeg's accurate integer DCT, which PIL uses (TensorFlow's default, the fast
+  DCT, is up to 5 levels off).
+  """
+  with tf.control_dependencies([_check_format(encoded, description)]):
+    return tf.cond(
+      _is_jpeg(encoded),
+      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_png(encoded, channels=3),
+    )
+
+
+def _decode_one_box(encoded, description, draws):
+  """Decodes only the part of a JPEG its single view needs (the crop box, widened as _JPEG_BLOCK says).
+
+  Returns (uint8 pixels, int32 [1, 4] box within them). A PNG is decoded whole.
+  """
+
+  def jpeg_window():
+    shape = tf.image.extract_jpeg_shape(encoded)
+    box = crop_boxes(draws, shape[0], shape[1])[0]
+    low = tf.maximum(box[:2] // _JPEG_BLOCK * _JPEG_BLOCK - _JPEG_BLOCK, 0)
+    high = tf.minimum(-(-(box[:2] + box[2:]) // _JPEG_BLOCK) * _JPEG_BLOCK + _JPEG_BLOCK, shape[:2])
+    window = tf.concat([low, high - low], axis=0)
+    pixels = tf.image.decode_and_crop_jpeg(encoded, window, channels=3, dct_method="INTEGER_ACCURATE")
+    return pixels, tf.concat([box[:2] - low, box[2:]], axis=0)[None]
+
+  def whole():
+    pixels = tf.io.decode_png(encoded, channels=3)
+    shape = tf.shape(pixels)
+    return pixels, crop_boxes(draws, shape[0], shape[1])
+
+  with tf.control_dependencies([_check_format(encoded, description)]):
+    return tf.cond(_is_jpeg(encoded), jpeg_window, whole)
+
+
+def _cut_views(encoded, description, draws, size):
+  """The V views of one image: a list of float32 [size, size, 3] in [0, 1], cropped, resized and flipped."""
+  num_views = draws["flip"].shape[0]
+  if num_views == 1:
+    pixels, boxes = _decode_one_box(encoded, description, draws)
+  else:
+    pixels = decode_image(encoded, description)
+    shape = tf.shape(pixels)
+    boxes = crop_boxes(draws, shape[0], shape[1])
+  views = []
+  for view in range(num_views):
+    crop = resize_box(pixels, boxes[view], size)
+    views.append(tf.where(draws["flip"][view], tf.reverse(crop, axis=[1]), crop))
+  return views
+
+
+def _color_options(data):
+  """augment.color_and_normalize's keyword arguments from the config's `data` section."""
+  options = {
+    "color_jitter_prob": data.color_jitter_prob,
+    "color_jitter_strength": data.color_jitter_strength,
+    "solarize_prob": data.solarize_prob,
+    "equalize_prob": data.equalize_prob,
+    "mean": data.mean,
+    "std": data.std,
+  }
+  for key in ("grayscale_prob", "blur_prob", "blur_radius"):  # the ImageNet recipe's, where the config has them
+    if key in data:
+      options[key] = data[key]
+  return options
+
+
+def streamed_views(images, index_batches, batch_size, view_groups, seed, data):
+  """Per-step batches of augmented views of images read from files.
+
+  Args:
+    images: a sources.ImageFiles (read(index) -> encoded bytes, describe(index) -> name for errors).
+    index_batches: callable returning an iterator of (step, int64 [batch_size] image indices).
+    batch_size: images per step.
+    view_groups: list of (first view, number of views, size, scale): views first .. first + number - 1 of
+      the step's view seeds, cut at `size` with crop `scale`.
+    seed: the sampling seed; a step's view seeds are those of pretrain_dataset.
+    data: the config's `data` section.
+  Returns:
+    Dataset of tuples of float32 [batch_size, size, size, 3] views, the groups' views in order.
+  """
+  num_seeds = max(first + count for first, count, _, _ in view_groups)
+
+  def view_seeds(step):
+    return _split_seed(_step_seed(seed, step, 1), num_seeds)
+
+  def draw(step, indices):
+    seeds = view_seeds(step)
+    groups = tuple(
+      crop_draws(seeds[first : first + count], batch_size, scale, data.flip) for first, count, _, scale in view_groups
+    )
+    return tf.fill([batch_size], step), indices, groups
+
+  def cut(step, index, groups):
+    encoded, description = images.read(index), images.describe(index)
+    views = []
+    for draws, (_, _, size, _) in zip(groups, view_groups):
+      views += _cut_views(encoded, description, draws, size)
+    return step, tuple(views)
+
+  def colour(steps, views):
+    seeds = view_seeds(steps[0])
+    view_seed_list = [seeds[first + view] for first, count, _, _ in view_groups for view in range(count)]
+    options = _color_options(data)
+    return tuple(augment.color_and_normalize(batch, seed, **options) for batch, seed in zip(views, view_seed_list))
+
+  signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([batch_size], tf.int64))
+  dataset = tf.data.Dataset.from_generator(index_batches, output_signature=signature)
+  dataset = dataset.map(draw).unbatch()
+  dataset = dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.batch(batch_size, drop_remainder=True)
+  return dataset.map(colour, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def stream_pretrain_dataset(images, labeled_indices, labeled_labels, data, pretrain, *, start_step, total_steps, seed):
+  """pretrain_dataset for images read from files (sources.ImageFiles): the same steps, views and supports.
+
+  Each image's crop boxes come from its own height and width with the draws augment_batch makes for its
+  position in the batch, on the original image (a JPEG support view decodes only its crop's window);
+  crops are resized with augment_batch's PIL filter, then the batch gets augment_batch's colour stage.
+  Only the images of the step are in memory.
+
+  Args:
+    images: sources.ImageFiles, all unlabeled training images (labeled ones included).
+    labeled_indices, labeled_labels: the labeled subset (indices into images).
+    Other arguments: as pretrain_dataset.
+  Returns:
+    tf.data.Dataset of (views, supports) as pretrain_dataset.
+  """
+  p = pretrain
+  labeled_indices = np.asarray(labeled_indices, np.int64)
+  large, small = data.large_crop_size, data.small_crop_size
+  num_support = p.classes_per_batch * p.images_per_class
+
+  def unlabeled_batches():
+    for step in range(start_step, total_steps):
+      yield step, unlabeled_indices(len(images), p.batch_size, step, seed)
+
+  def support_indices():
+    for step, positions in support_batches(
+      labeled_labels, p.classes_per_batch, p.images_per_class, seed, start_step, total_steps
+    ):
+      yield step, labeled_indices[positions]
+
+  unlabeled = streamed_views(
+    images,
+    unlabeled_batches,
+    p.batch_size,
+    [(0, 2, large, data.large_crop_scale), (2, p.multicrop, small, data.small_crop_scale)],
+    seed,
+    data,
+  )
+  supports = streamed_views(
+    images, support_indices, num_support, [(2 + p.multicrop, p.support_views, large, data.large_crop_scale)], seed, data
+  )
+
+  def arrange(views, support_views):
+    shape = [p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3]
+    return views, tf.reshape(tf.stack(support_views), shape)
+
+  dataset = tf.data.Dataset.zip(unlabeled, supports).map(arrange)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def centre_box(height, width):
+  """int32 [4]: the largest centred square of a height x width image, as (top, left, side, side)."""
+  side = tf.minimum(height, width)
+  return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
+
+
+def whole_image_loader(images, size):
+  """index -> float32 [size, size, 3] in [0, 1]: the image's centred square, resized (in a tf.data map).
+
+  Evaluation and fine-tuning use whole images (METHOD.md sections 6, 7); files of any shape become the
+  encoder's size as Resize(shorter side) + CenterCrop would make them, in one PIL-bilinear resampling (an
+  image already size x size is returned exactly).
+  """
+
+  def load(index):
+    pixels = decode_image(images.read(index), images.describe(index))
+    shape = tf.shape(pixels)
+    return resize_box(pixels, centre_box(shape[0], shape[1]), size)
+
+  return load
+
+
+def stream_finetune_dataset(images, labeled_indices, labeled_labels, finetune, data, *, start_step, total_steps, seed):
+  """finetune_dataset for images read from files: whole images at data.image_size, flip-only views.
+
+  Args:
+    images: sources.ImageFiles.
+    labeled_indices, labeled_labels: the labeled subset (indices into images).
+    Other arguments: as finetune_dataset.
+  Returns:
+    A dataset of float32 [views, images_per_class, classes_per_batch, image_size, image_size, 3].
+  """
+  f = finetune
+  size = data.image_size
+  labeled_indices = np.asarray(labeled_indices, np.int64)
+  num_support = f.classes_per_batch * f.images_per_class
+
+  def index_stream():
+    for step, positions in support_batches(
+      labeled_labels, f.classes_per_batch, f.images_per_class, seed, start_step, total_steps
+    ):
+      for index in labeled_indices[positions]:
+        yield step, index
+
+  def make_views(steps, batch):
+    seeds = tf.random.experimental.stateless_split(_step_seed(seed, steps[0], 2), f.views)
+    flipped = [
+      augment.normalize(augment.random_flip(batch, seeds[v]) if data.flip else batch, data.mean, data.std)
+      for v in range(f.views)
+    ]
+    return tf.reshape(tf.stack(flipped), [f.views, f.images_per_class, f.classes_per_batch, size, size, 3])
+
+  load = whole_image_loader(images, size)
+  signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64))
+  dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
+  dataset = dataset.map(
+    lambda step, index: (step, load(index)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+  )
+  dataset = dataset.batch(num_support, drop_remainder=True)
+  dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def stream_eval_dataset(images, indices, batch_size, size, mean, std):
+  """eval_dataset for images read from files: images[indices] in order, whole, at size x size, normalised."""
+  dataset = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
+  dataset = dataset.map(whole_image_loader(images, size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.batch(batch_size).map(lambda x: augment.normalize(x, mean, std))
   return dataset.prefetch(tf.data.AUTOTUNE)

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from utils.errors import UserError
 
-DATASETS = ("cifar10", "digits")
+DATASETS = ("cifar10", "digits", "folder", "tfrecord")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE_SETTINGS = ("auto", "true", "false")
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker")
@@ -159,6 +159,8 @@ RULES = {
   "name": text(),
   "seed": integer(0, 2**32 - 1),  # NumPy's global seed takes 32 bits
   "data.dataset": one_of(DATASETS),
+  "data.train_files": text(),  # tfrecord: glob of the training files, relative to --data_dir
+  "data.val_files": text(),
   "data.image_size": integer(1),
   "data.labeled_per_class": integer(1),
   "data.label_seed": integer(0),

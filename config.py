@@ -103,6 +103,9 @@ def base_config():
   c.run.precision = "auto"
   c.run.jit_compile = "auto"  # auto = on with a GPU, off on CPU (XLA is ~2x slower on CPU here)
   c.run.distribution = "auto"  # auto / one_device / mirrored / multi_worker
+  # N >= 2: split the CPU into N logical devices and mirror over them, a rehearsal of a multi-GPU run on a
+  # laptop or CI (README, Before a long GPU run); 0 = off.
+  c.run.cpu_replicas = 0
   c.run.steps_per_loop = 1
   c.run.log_every = 10
   c.run.checkpoint_every = 500  # steps; also at every epoch end

@@ -41,9 +41,10 @@ NUM_STEPS = 2
 METRICS = ("loss", "ce", "me_max")
 # Seed of the random global batch. Chosen so that no BatchNorm output (every BN
 # of the encoder feeds a ReLU) lies within 1e-5 of 0 in either step (the
-# smallest are 1.9e-5 and 1.05e-5); see relu_margin. The initial weights come
-# from config.seed.
-DATA_SEED = 5
+# smallest are 1.15e-5 and 1.78e-5); see relu_margin. The initial weights come
+# from config.seed (and utils/encoder.py's initialisers: changing them needs a
+# new seed).
+DATA_SEED = 1
 
 
 def tiny_config():

@@ -36,20 +36,30 @@ def exit_on_user_error(main):
 
 
 def prepare_workdir(workdir):
-  """Creates the workdir, checks it is writable and locks it (lock_workdir) before any work starts."""
+  """Creates the workdir, checks it is writable and locks it (lock_workdir) before any work starts.
+
+  Any file system tf.io.gfile knows works (local, gs://, ...): every run output goes through it.
+  """
   if not workdir:
     raise UserError("--workdir is required: the folder where checkpoints, logs and results go")
   try:
-    os.makedirs(workdir, exist_ok=True)
+    tf.io.gfile.makedirs(workdir)
     probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w") as f:
+    with tf.io.gfile.GFile(probe, "w") as f:
       f.write("ok")
-    os.remove(probe)
-  except OSError as error:
-    raise UserError(f"workdir {workdir} is not writable ({error.strerror}); "
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as error:
+    raise UserError(f"workdir {workdir} is not writable ({_reason(error)}); "
                     "choose another --workdir or fix its permissions") from None
   lock_workdir(workdir)
   return workdir
+
+
+def _reason(error):
+  """The short cause of a failed file operation: the OS's words, or the first line of TensorFlow's message."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return str(getattr(error, "message", error)).strip().splitlines()[0][:200]
 
 
 def config_to_dict(config):
@@ -64,8 +74,8 @@ def check_config(config, path, sections, force=False):
   experiments. `force` overwrites the saved config instead.
   """
   current = config_to_dict(config)
-  if os.path.exists(path) and not force:
-    with open(path) as f:
+  if tf.io.gfile.exists(path) and not force:
+    with tf.io.gfile.GFile(path) as f:
       saved = json.load(f)
     changed = [f"{section}.{key}" for section in sections
                for key in sorted(set(saved.get(section, {})) | set(current.get(section, {})))
@@ -79,18 +89,30 @@ def check_config(config, path, sections, force=False):
   return current
 
 
-def write_json(path, value):
-  """Writes JSON atomically (temp file + rename), so a crash leaves the old file."""
+def write_file(path, contents):
+  """Writes bytes or text to any tf.io.gfile path (local, gs://, ...) atomically: temp file + rename.
+
+  A crash leaves the old file whole; on object stores (gs://) the rename is a copy then a delete, so a
+  reader never sees a half-written file either. A temp file left by a crash is removed first: TensorFlow's
+  ram:// file system appends to an existing file even in "w" mode.
+  """
   temporary = path + ".tmp"
-  with open(temporary, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(temporary, path)
+  if tf.io.gfile.exists(temporary):
+    tf.io.gfile.remove(temporary)
+  with tf.io.gfile.GFile(temporary, "wb" if isinstance(contents, bytes) else "w") as f:
+    f.write(contents)
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def write_json(path, value):
+  """Writes JSON atomically (write_file), so a crash leaves the old file."""
+  write_file(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def read_json(path, what):
-  if not os.path.exists(path):
+  if not tf.io.gfile.exists(path):
     raise UserError(f"{path} not found: {what}")
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     return json.load(f)
 
 
@@ -109,8 +131,59 @@ def use_xla(setting):
   raise UserError(f"run.jit_compile must be one of auto, true, false, got {setting!r}")
 
 
-def make_strategy(setting):
-  """Single device by default, MirroredStrategy with several GPUs, multi-worker from TF_CONFIG."""
+def configure_cpu_replicas(count):
+  """Splits the physical CPU into `count` logical devices (run.cpu_replicas), so a laptop runs the multi-replica path.
+
+  Must run before TensorFlow initialises its devices (anything that places a tensor does). 0 leaves the
+  CPU as it is; 1 is refused (one device is what the CPU already is, and one replica never runs the
+  multi-replica code). Calling it again with the count already in place does nothing.
+  """
+  if count == 0:
+    return
+  if count < 0 or count == 1:
+    raise UserError(f"run.cpu_replicas={count} splits nothing: use 0 (off) or 2 or more logical CPU devices")
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  current = tf.config.get_logical_device_configuration(cpu)
+  if current is not None and len(current) == count:
+    return
+  try:
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+  except RuntimeError:
+    raise UserError(f"run.cpu_replicas={count}: TensorFlow's devices are already initialised in this "
+                    "process; set it before anything runs TensorFlow (a fresh process, e.g. restart the "
+                    "notebook kernel)") from None
+
+
+def replicas_compile_with_xla(strategy):
+  """Whether XLA can compile this strategy's per-replica step, collectives included (README, Before a long GPU run).
+
+  One replica has no collectives. Several replicas compile only on whole GPUs: there MirroredStrategy runs
+  one XLA program per replica with NCCL collectives. On CPU devices (run.cpu_replicas, CPU workers) XLA
+  refuses collectives ("Collectives are not yet implemented for CPU devices when compiling with XLA"), and
+  GPUs split into logical devices use ring collectives, which XLA refuses too ("Only compiling NCCL/auto
+  collective is supported").
+  """
+  if strategy.num_replicas_in_sync == 1:
+    return True
+  whole_gpus = len(tf.config.list_logical_devices("GPU")) == len(tf.config.list_physical_devices("GPU"))
+  return whole_gpus and all(tf.DeviceSpec.from_string(d).device_type == "GPU"
+                            for d in strategy.extended.worker_devices)
+
+
+def make_strategy(setting, cpu_replicas=0):
+  """Single device by default, MirroredStrategy with several GPUs, multi-worker from TF_CONFIG.
+
+  With cpu_replicas (configure_cpu_replicas done), MirroredStrategy over the logical CPU devices: the
+  one-machine multi-GPU path, rehearsed on a CPU.
+  """
+  if cpu_replicas:
+    if setting == "auto" and not os.environ.get("TF_CONFIG"):
+      setting = "mirrored"
+    if setting != "mirrored":
+      shown = "multi_worker (TF_CONFIG is set)" if setting == "auto" else setting
+      raise UserError(f"run.cpu_replicas={cpu_replicas} rehearses a one-machine multi-GPU run and needs "
+                      f"run.distribution=auto or mirrored, got {shown}; set run.cpu_replicas=0 or change it")
+    return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
   if setting == "auto":
     if os.environ.get("TF_CONFIG"):
       setting = "multi_worker"
@@ -161,13 +234,26 @@ def resolve_precision(setting):
 def setup_training(config):
   """Precision policy, seeded initialisation, device strategy and XLA choice for a training script.
 
-  Resolves config.run.precision in place (so the saved config says what ran).
+  Resolves config.run.precision in place (so the saved config says what ran). XLA asked for (or 'auto'
+  on a GPU) is turned off, with a printed reason, where it cannot compile the replicas' collectives
+  (replicas_compile_with_xla).
   Returns (strategy, jit_compile).
   """
+  runs = config.run
+  configure_cpu_replicas(runs.cpu_replicas)  # first: before anything initialises TensorFlow's devices
   set_precision(config)
   # Python, NumPy and TensorFlow seeds: the initial weights follow config.seed.
   tf_keras.utils.set_random_seed(config.seed)
-  return make_strategy(config.run.distribution), use_xla(config.run.jit_compile)
+  strategy = make_strategy(runs.distribution, runs.cpu_replicas)
+  jit_compile = use_xla(runs.jit_compile)
+  if runs.cpu_replicas:
+    print(f"cpu_replicas: MirroredStrategy over {strategy.num_replicas_in_sync} logical CPU devices "
+          "(rehearsal of a multi-GPU run)")
+  if jit_compile and not replicas_compile_with_xla(strategy):
+    print(f"xla: off: XLA cannot compile the collectives of {strategy.num_replicas_in_sync} replicas on "
+          "these devices (whole GPUs only); the step runs as a plain tf.function")
+    jit_compile = False
+  return strategy, jit_compile
 
 
 def set_precision(config):
@@ -209,18 +295,27 @@ def run_script(main, workdir_flag="workdir"):
   A bad command line (unknown preset, unknown config field, wrong type, unknown flag) is one `error:` line
   and exit 2 (validation.parse_flags); then, before main, the config is checked field by field
   (validation.validate_config) and the --workdir, if it exists, is locked for this process (lock_workdir;
-  prepare_workdir locks one it creates). --help still prints the usage.
+  prepare_workdir locks one it creates; one on gs:// or another non-local file system runs unlocked).
+  --help still prints the usage.
   """
 
   @functools.wraps(main)
   def checked_main(argv):
     validation.validate_config(flags.FLAGS["config"].value)
     workdir = flags.FLAGS[workdir_flag].value if workdir_flag in flags.FLAGS else None
-    if workdir and os.path.isdir(workdir):
+    if workdir and _is_directory(workdir):
       lock_workdir(workdir)
     return main(argv)
 
   app.run(exit_on_user_error(checked_main), flags_parser=_parse_flags_or_exit)
+
+
+def _is_directory(path):
+  """tf.io.gfile.isdir, False where the file system cannot answer (no access to a bucket, say)."""
+  try:
+    return tf.io.gfile.isdir(path)
+  except tf.errors.OpError:  # prepare_workdir then names the reason, or the script says the workdir is missing
+    return False
 
 
 def _parse_flags_or_exit(argv):
@@ -232,7 +327,7 @@ def _parse_flags_or_exit(argv):
 
 
 LOCK_FILE = ".lock"
-_LOCKS = {}  # real path of each workdir this process holds -> its open lock file (closing it would release)
+_LOCKS = {}  # real path of each workdir this process holds -> its open lock file (None: not lockable, warned)
 
 
 def lock_workdir(workdir):
@@ -243,13 +338,26 @@ def lock_workdir(workdir):
   host and command for the message; a normal exit removes it. A folder inside a workdir this process
   already holds is covered by that lock (fine_tune.py writes WORKDIR/finetuned).
 
+  flock needs a local file system: a workdir on another one (gs://, any tf.io.gfile scheme but file://)
+  runs unlocked, with a one-line warning.
+
   Returns:
     The open lock file; the lock lasts as long as it stays open (this module keeps a reference).
+    None for an unlocked workdir.
   """
-  path = os.path.realpath(workdir)
+  local = _local_path(workdir)
+  path = os.path.realpath(local) if local is not None else workdir.rstrip("/")
   for locked, handle in _LOCKS.items():
     if path == locked or path.startswith(locked + os.sep):
       return handle
+  if local is None:
+    print(
+      f"warning: workdir {workdir} is not on a local file system and cannot be locked; "
+      "make sure no other run uses it",
+      file=sys.stderr,
+    )
+    _LOCKS[path] = None  # warned once; folders inside it (WORKDIR/finetuned) are covered
+    return None
   lock_path = os.path.join(path, LOCK_FILE)
   while True:
     try:
@@ -282,6 +390,14 @@ def lock_workdir(workdir):
   _LOCKS[path] = handle
   atexit.register(_release_lock, lock_path, handle)
   return handle
+
+
+def _local_path(path):
+  """The local path behind `path` ("file://" stripped), or None for another file system (gs://, ram://, ...)."""
+  scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", path)
+  if scheme is None:
+    return path
+  return path[len(scheme.group(0)) :] if scheme.group(1).lower() == "file" else None
 
 
 def _same_file(handle, path):

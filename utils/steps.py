@@ -32,6 +32,20 @@ def compile_steps(strategy, step_fn, metric_names, jit_compile):
   return train_steps
 
 
+def all_gather(replica, value):
+  """replica.all_gather(value, axis=0), as an all-reduce: it compiles inside the per-replica XLA step on GPUs.
+
+  ReplicaContext.all_gather always goes through merge_call, which TensorFlow refuses inside the XLA
+  function MirroredStrategy runs per GPU; all_reduce has a collective path there. Each replica puts its
+  rows at its offset in a block of zeros and the blocks are summed: adding zeros is exact, and the
+  gradient (all-reduced, then this replica's rows) is that of all_gather.
+  """
+  index, count = replica.replica_id_in_sync_group, replica.num_replicas_in_sync
+  rows = value.shape[0]
+  padded = tf.pad(value, [[index * rows, (count - 1 - index) * rows]] + [[0, 0]] * (value.shape.rank - 1))
+  return tf.ensure_shape(replica.all_reduce("SUM", padded), [count * rows] + value.shape[1:].as_list())
+
+
 def paws_steps(config, strategy, encoder, optimizer, jit_compile):
   """The compiled PAWS update: forward by resolution, PAWS loss, LARS step."""
   p = config.pretrain
@@ -57,8 +71,8 @@ def paws_steps(config, strategy, encoder, optimizer, jit_compile):
       z = tf.cast(z, tf.float32)
       h_support, z_support = h[:num_support], z[:num_support]
       if num_replicas > 1:
-        h_support = replica.all_gather(h_support, axis=0)
-        z_support = replica.all_gather(z_support, axis=0)
+        h_support = all_gather(replica, h_support)
+        z_support = all_gather(replica, z_support)
       large = h[num_support:num_support + 2 * local_batch]
       targets = tf.concat([large[local_batch:], large[:local_batch]], axis=0)
       ce, me_max = losses.paws_loss(
@@ -90,7 +104,7 @@ def suncet_steps(config, strategy, encoder, optimizer, jit_compile, bn_training)
       _, z = encoder(batch, training=bn_training)
       z = tf.cast(z, tf.float32)
       if num_replicas > 1:
-        z = replica.all_gather(z, axis=0)
+        z = all_gather(replica, z)
       loss = losses.suncet_loss(z, labels, f.tau)
       replica_share = loss / num_replicas  # inside the tape, or it has no gradient
     optimizer.minimize(replica_share, encoder.trainable_variables, tape=tape)

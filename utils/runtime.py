@@ -36,30 +36,20 @@ def exit_on_user_error(main):
 
 
 def prepare_workdir(workdir):
-  """Creates the workdir, checks it is writable and locks it (lock_workdir) before any work starts.
-
-  Any file system tf.io.gfile knows works (local, gs://, ...): every run output goes through it.
-  """
+  """Creates the workdir, checks it is writable and locks it (lock_workdir) before any work starts."""
   if not workdir:
     raise UserError("--workdir is required: the folder where checkpoints, logs and results go")
   try:
-    tf.io.gfile.makedirs(workdir)
+    os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, ".write_test")
-    with tf.io.gfile.GFile(probe, "w") as f:
+    with open(probe, "w") as f:
       f.write("ok")
-    tf.io.gfile.remove(probe)
-  except (OSError, tf.errors.OpError) as error:
-    raise UserError(f"workdir {workdir} is not writable ({_reason(error)}); "
+    os.remove(probe)
+  except OSError as error:
+    raise UserError(f"workdir {workdir} is not writable ({error.strerror}); "
                     "choose another --workdir or fix its permissions") from None
   lock_workdir(workdir)
   return workdir
-
-
-def _reason(error):
-  """The short cause of a failed file operation: the OS's words, or the first line of TensorFlow's message."""
-  if isinstance(error, OSError) and error.strerror:
-    return error.strerror
-  return str(getattr(error, "message", error)).strip().splitlines()[0][:200]
 
 
 def config_to_dict(config):
@@ -74,8 +64,8 @@ def check_config(config, path, sections, force=False):
   experiments. `force` overwrites the saved config instead.
   """
   current = config_to_dict(config)
-  if tf.io.gfile.exists(path) and not force:
-    with tf.io.gfile.GFile(path) as f:
+  if os.path.exists(path) and not force:
+    with open(path) as f:
       saved = json.load(f)
     changed = [f"{section}.{key}" for section in sections
                for key in sorted(set(saved.get(section, {})) | set(current.get(section, {})))
@@ -89,30 +79,18 @@ def check_config(config, path, sections, force=False):
   return current
 
 
-def write_file(path, contents):
-  """Writes bytes or text to any tf.io.gfile path (local, gs://, ...) atomically: temp file + rename.
-
-  A crash leaves the old file whole; on object stores (gs://) the rename is a copy then a delete, so a
-  reader never sees a half-written file either. A temp file left by a crash is removed first: TensorFlow's
-  ram:// file system appends to an existing file even in "w" mode.
-  """
-  temporary = path + ".tmp"
-  if tf.io.gfile.exists(temporary):
-    tf.io.gfile.remove(temporary)
-  with tf.io.gfile.GFile(temporary, "wb" if isinstance(contents, bytes) else "w") as f:
-    f.write(contents)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
 def write_json(path, value):
-  """Writes JSON atomically (write_file), so a crash leaves the old file."""
-  write_file(path, json.dumps(value, indent=2, sort_keys=True))
+  """Writes JSON atomically (temp file + rename), so a crash leaves the old file."""
+  temporary = path + ".tmp"
+  with open(temporary, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(temporary, path)
 
 
 def read_json(path, what):
-  if not tf.io.gfile.exists(path):
+  if not os.path.exists(path):
     raise UserError(f"{path} not found: {what}")
-  with tf.io.gfile.GFile(path) as f:
+  with open(path) as f:
     return json.load(f)
 
 
@@ -295,27 +273,18 @@ def run_script(main, workdir_flag="workdir"):
   A bad command line (unknown preset, unknown config field, wrong type, unknown flag) is one `error:` line
   and exit 2 (validation.parse_flags); then, before main, the config is checked field by field
   (validation.validate_config) and the --workdir, if it exists, is locked for this process (lock_workdir;
-  prepare_workdir locks one it creates; one on gs:// or another non-local file system runs unlocked).
-  --help still prints the usage.
+  prepare_workdir locks one it creates). --help still prints the usage.
   """
 
   @functools.wraps(main)
   def checked_main(argv):
     validation.validate_config(flags.FLAGS["config"].value)
     workdir = flags.FLAGS[workdir_flag].value if workdir_flag in flags.FLAGS else None
-    if workdir and _is_directory(workdir):
+    if workdir and os.path.isdir(workdir):
       lock_workdir(workdir)
     return main(argv)
 
   app.run(exit_on_user_error(checked_main), flags_parser=_parse_flags_or_exit)
-
-
-def _is_directory(path):
-  """tf.io.gfile.isdir, False where the file system cannot answer (no access to a bucket, say)."""
-  try:
-    return tf.io.gfile.isdir(path)
-  except tf.errors.OpError:  # prepare_workdir then names the reason, or the script says the workdir is missing
-    return False
 
 
 def _parse_flags_or_exit(argv):
@@ -327,7 +296,7 @@ def _parse_flags_or_exit(argv):
 
 
 LOCK_FILE = ".lock"
-_LOCKS = {}  # real path of each workdir this process holds -> its open lock file (None: not lockable, warned)
+_LOCKS = {}  # real path of each workdir this process holds -> its open lock file (closing it would release)
 
 
 def lock_workdir(workdir):
@@ -338,26 +307,13 @@ def lock_workdir(workdir):
   host and command for the message; a normal exit removes it. A folder inside a workdir this process
   already holds is covered by that lock (fine_tune.py writes WORKDIR/finetuned).
 
-  flock needs a local file system: a workdir on another one (gs://, any tf.io.gfile scheme but file://)
-  runs unlocked, with a one-line warning.
-
   Returns:
     The open lock file; the lock lasts as long as it stays open (this module keeps a reference).
-    None for an unlocked workdir.
   """
-  local = _local_path(workdir)
-  path = os.path.realpath(local) if local is not None else workdir.rstrip("/")
+  path = os.path.realpath(workdir)
   for locked, handle in _LOCKS.items():
     if path == locked or path.startswith(locked + os.sep):
       return handle
-  if local is None:
-    print(
-      f"warning: workdir {workdir} is not on a local file system and cannot be locked; "
-      "make sure no other run uses it",
-      file=sys.stderr,
-    )
-    _LOCKS[path] = None  # warned once; folders inside it (WORKDIR/finetuned) are covered
-    return None
   lock_path = os.path.join(path, LOCK_FILE)
   while True:
     try:
@@ -390,14 +346,6 @@ def lock_workdir(workdir):
   _LOCKS[path] = handle
   atexit.register(_release_lock, lock_path, handle)
   return handle
-
-
-def _local_path(path):
-  """The local path behind `path` ("file://" stripped), or None for another file system (gs://, ram://, ...)."""
-  scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", path)
-  if scheme is None:
-    return path
-  return path[len(scheme.group(0)) :] if scheme.group(1).lower() == "file" else None
 
 
 def _same_file(handle, path):

@@ -19,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 from absl import flags
 import numpy as np
+import tensorflow as tf
 
 from utils import datasets, optim, plots, runtime, sources, steps, training
 from utils import encoder as encoder_lib
@@ -55,7 +56,7 @@ def main(argv):
     source.write_labeled_names(workdir, labeled)
   else:
     index_path = os.path.join(workdir, "labeled_indices.txt")
-    if not os.path.exists(index_path):
+    if not tf.io.gfile.exists(index_path):
       raise UserError(f"{index_path} not found; run paws_train.py with this --workdir first")
     labeled = datasets.read_split_file(index_path, len(train_labels))
     source.check_labeled_names(workdir, labeled)  # files: still the images paws_train.py labeled

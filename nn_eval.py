@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
 
 from absl import flags
+import tensorflow as tf
 
 from utils import datasets, evaluation, export, plots, runtime, sources
 from utils.errors import UserError
@@ -39,7 +40,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   workdir = _WORKDIR.value
-  if not workdir or not os.path.isdir(workdir):
+  if not workdir or not tf.io.gfile.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist; run paws_train.py with this --workdir first")
   runtime.prepare_workdir(workdir)
   if _EXPORT.value:
@@ -53,7 +54,7 @@ def main(argv):
   # Arrays, or files streamed from --data_dir: supports from train/, queries from val/ (or data.val_files).
   source = sources.open_source(config.data, _DATA_DIR.value, evaluation=True)
   index_path = os.path.join(workdir, "labeled_indices.txt")
-  if not os.path.exists(index_path):
+  if not tf.io.gfile.exists(index_path):
     raise UserError(f"{index_path} not found; run paws_train.py with this --workdir first")
   labeled = datasets.read_split_file(index_path, len(source.train_labels))
   source.check_labeled_names(workdir, labeled)

@@ -10,10 +10,12 @@ Re-running the same command resumes from the newest intact checkpoint in the wor
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
+import io
 import time
 
 from absl import flags
 import numpy as np
+import tensorflow as tf
 
 from utils import benchmark, datasets, optim, plots, runtime, sources, steps, training
 from utils import encoder as encoder_lib
@@ -50,13 +52,19 @@ def choose_labeled(source, config, split_file):
 def save_labeled(workdir, indices, force):
   """Saves the labeled indices; refuses to resume a run in this workdir with another subset."""
   saved_path = os.path.join(workdir, "labeled_indices.npy")
-  if os.path.exists(saved_path) and not force and not np.array_equal(np.load(saved_path), indices):
+  if tf.io.gfile.exists(saved_path) and not force and not np.array_equal(_load_npy(saved_path), indices):
     raise UserError(
       f"{saved_path} holds another labeled subset (other --split_file or label seed); "
       "use a new --workdir, the same subset, or pass --force to overwrite"
     )
   npy_path, txt_path = datasets.write_split_files(workdir, indices)
   print(f"labeled subset: {len(indices)} images, saved to {npy_path} and {txt_path}")
+
+
+def _load_npy(path):
+  """np.load of a file on any tf.io.gfile file system (local, gs://, ...)."""
+  with tf.io.gfile.GFile(path, "rb") as file:
+    return np.load(io.BytesIO(file.read()))
 
 
 def check_batch_shapes(config, num_train, num_classes, num_replicas):

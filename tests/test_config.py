@@ -132,3 +132,21 @@ def test_unwritable_workdir_is_a_one_line_error(tmp_path):
   result = scriptrun.run("paws_train.py", "--config=config.py:digits", f"--workdir={blocker}/w")
   assert result.returncode == 2
   assert "not writable" in scriptrun.error_line(result)
+
+
+def test_digits_preset_is_what_the_readme_states():
+  """The README's description of the digits demo (and the spread it reports) follows the preset."""
+  c = config.get_config("digits")
+  with open(os.path.join(scriptrun.ROOT, "README.md")) as f:
+    readme = f.read()
+  section = readme[readme.index("## The digits demo") : readme.index("## Parameter counts")]
+  stated = [
+    f"{c.data.labeled_per_class} labeled images per class (label seed {c.data.label_seed})",
+    f"a WRN-{c.model.depth}-{c.model.width}",
+    f"2 large {c.data.large_crop_size} px views and {c.pretrain.multicrop} small {c.data.small_crop_size} px views",
+    f"{c.pretrain.batch_size} unlabeled images per step, {c.pretrain.epochs} epochs",
+    f"fine-tuning for {c.finetune.epochs} epochs with {c.finetune.views} view",
+    f"learning rate {c.finetune.lr} → {c.finetune.final_lr}",
+  ]
+  for phrase in stated:
+    assert phrase in section, phrase

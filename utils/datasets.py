@@ -7,6 +7,7 @@ images uint8 [N, H, W, 3], labels int64 [N].
 import contextlib
 import hashlib
 import http.client
+import io
 import os
 import pickle
 import socket
@@ -21,6 +22,7 @@ from sklearn import datasets as sklearn_datasets
 from sklearn import model_selection
 import tensorflow as tf
 
+from utils import runtime
 from utils.errors import UserError
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -38,7 +40,6 @@ CIFAR10_TEST_BATCH = "test_batch"
 # Loaded into memory here; "folder" and "tfrecord" are streamed from files by utils/sources.py.
 IN_MEMORY_DATASETS = ("cifar10", "digits")
 DATASET_NAMES = IN_MEMORY_DATASETS + ("folder", "tfrecord")
-
 
 _numpy_core = getattr(np, "_core", None) or np.core
 # The only globals an official CIFAR pickle refers to (numpy 1 and numpy 2 module spellings).
@@ -69,7 +70,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _file_md5(path, chunk_size=1 << 20):
   digest = hashlib.md5()
-  with open(path, "rb") as file:
+  with tf.io.gfile.GFile(path, "rb") as file:
     for chunk in iter(lambda: file.read(chunk_size), b""):
       digest.update(chunk)
   return digest.hexdigest()
@@ -88,6 +89,7 @@ def _parse_batch(file, source_name):
     IndexError,
     KeyError,
     OSError,
+    tf.errors.OpError,
     zlib.error,
     tarfile.TarError,
   ) as error:
@@ -118,7 +120,8 @@ def _parse_batch(file, source_name):
 def _read_batches_from_archive(archive_path):
   batches = {}
   try:
-    with tarfile.open(archive_path, "r:gz") as archive:
+    # Members are read in archive order, so the gzip stream is never rewound on a remote file.
+    with tf.io.gfile.GFile(archive_path, "rb") as file, tarfile.open(fileobj=file, mode="r:gz") as archive:
       for batch_name in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,):
         member_name = f"{CIFAR10_FOLDER}/{batch_name}"
         try:
@@ -130,7 +133,7 @@ def _read_batches_from_archive(archive_path):
             f"{archive_path}: member {member_name} is missing; re-download {CIFAR10_ARCHIVE} from {CIFAR10_URL}"
           )
         batches[batch_name] = _parse_batch(member, f"{archive_path}:{member_name}")
-  except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+  except (tarfile.TarError, EOFError, zlib.error, OSError, tf.errors.OpError) as error:
     raise UserError(
       f"{archive_path}: truncated or unreadable archive ({error}); re-download {CIFAR10_ARCHIVE} from {CIFAR10_URL}"
     ) from None
@@ -141,13 +144,18 @@ def _read_batches_from_folder(folder):
   batches = {}
   for batch_name in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,):
     path = os.path.join(folder, batch_name)
-    if not os.path.isfile(path):
+    if not _is_file(path):
       raise UserError(
         f"{path} is missing; re-extract {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) into {os.path.dirname(folder)}"
       )
-    with open(path, "rb") as file:
+    with tf.io.gfile.GFile(path, "rb") as file:
       batches[batch_name] = _parse_batch(file, path)
   return batches
+
+
+def _is_file(path):
+  """A file (not a folder) on any file system tf.io.gfile knows (local, gs://, ...)."""
+  return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
 
 
 def default_cache_dir():
@@ -266,7 +274,7 @@ def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5, url=None, cache_dir=No
   Args:
     data_dir: None to download the official archive (download_cifar10, into cache_dir); else a
       directory holding `cifar-10-python.tar.gz` or the extracted `cifar-10-batches-py/` folder, or
-      that folder itself.
+      that folder itself, on any file system tf.io.gfile knows (local, gs://, ...).
     expected_md5: MD5 the archive must have before it is opened.
     url, cache_dir: of the download when data_dir is None (see download_cifar10).
   Returns:
@@ -277,11 +285,11 @@ def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5, url=None, cache_dir=No
     return _assemble(_read_batches_from_archive(download_cifar10(url, cache_dir, expected_md5)))
 
   how_to_get = f"download {CIFAR10_ARCHIVE} from {CIFAR10_URL} into {data_dir}, or omit --data_dir to download it"
-  if not os.path.isdir(data_dir):
+  if not tf.io.gfile.isdir(data_dir):
     raise UserError(f"data directory {data_dir} does not exist; {how_to_get}")
   archive_path = os.path.join(data_dir, CIFAR10_ARCHIVE)
   extracted_folder = os.path.join(data_dir, CIFAR10_FOLDER)
-  if os.path.isfile(archive_path):
+  if _is_file(archive_path):
     # Checked before opening: unpickling a tampered archive could run arbitrary code.
     if _file_md5(archive_path) != expected_md5:
       raise UserError(
@@ -289,10 +297,10 @@ def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5, url=None, cache_dir=No
         f"corrupted or another file; it was not opened); re-download it from {CIFAR10_URL}"
       )
     batches = _read_batches_from_archive(archive_path)
-  elif os.path.isdir(extracted_folder):
+  elif tf.io.gfile.isdir(extracted_folder):
     batches = _read_batches_from_folder(extracted_folder)
   elif os.path.basename(os.path.normpath(data_dir)) == CIFAR10_FOLDER or any(
-    os.path.exists(os.path.join(data_dir, name)) for name in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,)
+    tf.io.gfile.exists(os.path.join(data_dir, name)) for name in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,)
   ):
     batches = _read_batches_from_folder(data_dir)
   else:
@@ -377,10 +385,10 @@ def read_split_file(path, num_train, labels=None, expected_count=None):
   Returns:
     Sorted int64 indices.
   """
-  if not os.path.isfile(path):
+  if not _is_file(path):
     raise UserError(f"split file {path} does not exist; check the path")
   indices, seen_at = [], {}
-  with open(path) as file:
+  with tf.io.gfile.GFile(path) as file:
     for line_number, line in enumerate(file, start=1):
       text = line.strip()
       if not text:
@@ -420,14 +428,17 @@ def read_split_file(path, num_train, labels=None, expected_count=None):
 def write_split_files(directory, indices):
   """Writes `labeled_indices.npy` and `labeled_indices.txt` (one index per line) into directory.
 
+  Any tf.io.gfile path (local, gs://, ...); each file is replaced atomically (runtime.write_file).
+
   Returns:
     (npy_path, txt_path).
   """
-  os.makedirs(directory, exist_ok=True)
+  tf.io.gfile.makedirs(directory)
   indices = np.sort(np.asarray(indices, dtype=np.int64))
   npy_path = os.path.join(directory, "labeled_indices.npy")
   txt_path = os.path.join(directory, "labeled_indices.txt")
-  np.save(npy_path, indices)
-  with open(txt_path, "w") as file:
-    file.writelines(f"{index}\n" for index in indices)
+  npy_bytes = io.BytesIO()
+  np.save(npy_bytes, indices)
+  runtime.write_file(npy_path, npy_bytes.getvalue())
+  runtime.write_file(txt_path, "".join(f"{index}\n" for index in indices))
   return npy_path, txt_path

@@ -18,7 +18,7 @@ def encoder_directory(workdir, choice="auto"):
   'auto' is the fine-tuned encoder when the workdir has one, else the pre-trained one.
   """
   if choice == "auto":
-    choice = "finetuned" if os.path.exists(os.path.join(workdir, "finetuned", "encoder.json")) else "pretrained"
+    choice = "finetuned" if tf.io.gfile.exists(os.path.join(workdir, "finetuned", "encoder.json")) else "pretrained"
   if choice == "finetuned":
     return choice, os.path.join(workdir, "finetuned"), "fine_tune.py"
   return choice, os.path.join(workdir, "encoder"), "paws_train.py"
@@ -47,7 +47,6 @@ def embed(encoder, images, batch_size, mean, std):
   """
   batches = images if isinstance(images, tf.data.Dataset) else pipeline.eval_dataset(images, batch_size, mean, std)
   parts = [encoder(batch, training=False)[0] for batch in batches]
-
   return tf.cast(tf.concat(parts, axis=0), tf.float32)
 
 

@@ -2,9 +2,21 @@
 
 # Figure objects render to files without pyplot, so importing this module never
 # switches the backend of a notebook or needs a display on a server.
+import io
+
 from matplotlib.figure import Figure
 import numpy as np
 from sklearn.decomposition import PCA
+
+from utils import runtime
+
+
+def _write_png(figure, path):
+  """Renders the figure to PNG in memory and writes it through tf.io.gfile (matplotlib writes local files only)."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=120)
+  runtime.write_file(path, buffer.getvalue())
+  return path
 
 
 def loss_curves(epoch_metrics, path, keys, title):
@@ -20,8 +32,7 @@ def loss_curves(epoch_metrics, path, keys, title):
   axis.grid(alpha=0.3)
   axis.legend()
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  return path
+  return _write_png(figure, path)
 
 
 def confusion_matrix(matrix, path, title):
@@ -46,8 +57,7 @@ def confusion_matrix(matrix, path, title):
   axis.set_yticks(range(len(matrix)))
   axis.set_title(title)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  return path
+  return _write_png(figure, path)
 
 
 def pca_projection(embeddings, labels, path, title):
@@ -61,5 +71,4 @@ def pca_projection(embeddings, labels, path, title):
   axis.set_ylabel("PC 2")
   axis.set_title(title)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  return path
+  return _write_png(figure, path)

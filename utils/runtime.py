@@ -1,4 +1,5 @@
 """What the three entry scripts share around the model: errors, workdir, config, devices, precision."""
+
 import atexit
 import fcntl
 import functools
@@ -36,20 +37,31 @@ def exit_on_user_error(main):
 
 
 def prepare_workdir(workdir):
-  """Creates the workdir, checks it is writable and locks it (lock_workdir) before any work starts."""
+  """Creates the workdir, checks it is writable and locks it (lock_workdir) before any work starts.
+
+  Any file system tf.io.gfile knows works (local, gs://, ...): every run output goes through it.
+  """
   if not workdir:
     raise UserError("--workdir is required: the folder where checkpoints, logs and results go")
   try:
-    os.makedirs(workdir, exist_ok=True)
+    tf.io.gfile.makedirs(workdir)
     probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w") as f:
+    with tf.io.gfile.GFile(probe, "w") as f:
       f.write("ok")
-    os.remove(probe)
-  except OSError as error:
-    raise UserError(f"workdir {workdir} is not writable ({error.strerror}); "
-                    "choose another --workdir or fix its permissions") from None
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as error:
+    raise UserError(
+      f"workdir {workdir} is not writable ({_reason(error)}); choose another --workdir or fix its permissions"
+    ) from None
   lock_workdir(workdir)
   return workdir
+
+
+def _reason(error):
+  """The short cause of a failed file operation: the OS's words, or the first line of TensorFlow's message."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return str(getattr(error, "message", error)).strip().splitlines()[0][:200]
 
 
 def config_to_dict(config):
@@ -64,33 +76,49 @@ def check_config(config, path, sections, force=False):
   experiments. `force` overwrites the saved config instead.
   """
   current = config_to_dict(config)
-  if os.path.exists(path) and not force:
-    with open(path) as f:
+  if tf.io.gfile.exists(path) and not force:
+    with tf.io.gfile.GFile(path) as f:
       saved = json.load(f)
-    changed = [f"{section}.{key}" for section in sections
-               for key in sorted(set(saved.get(section, {})) | set(current.get(section, {})))
-               if saved.get(section, {}).get(key) != current.get(section, {}).get(key)]
+    changed = [
+      f"{section}.{key}"
+      for section in sections
+      for key in sorted(set(saved.get(section, {})) | set(current.get(section, {})))
+      if saved.get(section, {}).get(key) != current.get(section, {}).get(key)
+    ]
     if changed:
       raise UserError(
-          f"{path} was written with other settings ({', '.join(changed[:5])}); "
-          "use a new --workdir, restore those values, or pass --force to overwrite")
+        f"{path} was written with other settings ({', '.join(changed[:5])}); "
+        "use a new --workdir, restore those values, or pass --force to overwrite"
+      )
   else:
     write_json(path, current)
   return current
 
 
-def write_json(path, value):
-  """Writes JSON atomically (temp file + rename), so a crash leaves the old file."""
+def write_file(path, contents):
+  """Writes bytes or text to any tf.io.gfile path (local, gs://, ...) atomically: temp file + rename.
+
+  A crash leaves the old file whole; on object stores (gs://) the rename is a copy then a delete, so a
+  reader never sees a half-written file either. A temp file left by a crash is removed first: TensorFlow's
+  ram:// file system appends to an existing file even in "w" mode.
+  """
   temporary = path + ".tmp"
-  with open(temporary, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(temporary, path)
+  if tf.io.gfile.exists(temporary):
+    tf.io.gfile.remove(temporary)
+  with tf.io.gfile.GFile(temporary, "wb" if isinstance(contents, bytes) else "w") as f:
+    f.write(contents)
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def write_json(path, value):
+  """Writes JSON atomically (write_file), so a crash leaves the old file."""
+  write_file(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def read_json(path, what):
-  if not os.path.exists(path):
+  if not tf.io.gfile.exists(path):
     raise UserError(f"{path} not found: {what}")
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     return json.load(f)
 
 
@@ -127,9 +155,11 @@ def configure_cpu_replicas(count):
   try:
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
   except RuntimeError:
-    raise UserError(f"run.cpu_replicas={count}: TensorFlow's devices are already initialised in this "
-                    "process; set it before anything runs TensorFlow (a fresh process, e.g. restart the "
-                    "notebook kernel)") from None
+    raise UserError(
+      f"run.cpu_replicas={count}: TensorFlow's devices are already initialised in this "
+      "process; set it before anything runs TensorFlow (a fresh process, e.g. restart the "
+      "notebook kernel)"
+    ) from None
 
 
 def replicas_compile_with_xla(strategy):
@@ -144,8 +174,7 @@ def replicas_compile_with_xla(strategy):
   if strategy.num_replicas_in_sync == 1:
     return True
   whole_gpus = len(tf.config.list_logical_devices("GPU")) == len(tf.config.list_physical_devices("GPU"))
-  return whole_gpus and all(tf.DeviceSpec.from_string(d).device_type == "GPU"
-                            for d in strategy.extended.worker_devices)
+  return whole_gpus and all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in strategy.extended.worker_devices)
 
 
 def make_strategy(setting, cpu_replicas=0):
@@ -159,8 +188,10 @@ def make_strategy(setting, cpu_replicas=0):
       setting = "mirrored"
     if setting != "mirrored":
       shown = "multi_worker (TF_CONFIG is set)" if setting == "auto" else setting
-      raise UserError(f"run.cpu_replicas={cpu_replicas} rehearses a one-machine multi-GPU run and needs "
-                      f"run.distribution=auto or mirrored, got {shown}; set run.cpu_replicas=0 or change it")
+      raise UserError(
+        f"run.cpu_replicas={cpu_replicas} rehearses a one-machine multi-GPU run and needs "
+        f"run.distribution=auto or mirrored, got {shown}; set run.cpu_replicas=0 or change it"
+      )
     return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
   if setting == "auto":
     if os.environ.get("TF_CONFIG"):
@@ -225,11 +256,15 @@ def setup_training(config):
   strategy = make_strategy(runs.distribution, runs.cpu_replicas)
   jit_compile = use_xla(runs.jit_compile)
   if runs.cpu_replicas:
-    print(f"cpu_replicas: MirroredStrategy over {strategy.num_replicas_in_sync} logical CPU devices "
-          "(rehearsal of a multi-GPU run)")
+    print(
+      f"cpu_replicas: MirroredStrategy over {strategy.num_replicas_in_sync} logical CPU devices "
+      "(rehearsal of a multi-GPU run)"
+    )
   if jit_compile and not replicas_compile_with_xla(strategy):
-    print(f"xla: off: XLA cannot compile the collectives of {strategy.num_replicas_in_sync} replicas on "
-          "these devices (whole GPUs only); the step runs as a plain tf.function")
+    print(
+      f"xla: off: XLA cannot compile the collectives of {strategy.num_replicas_in_sync} replicas on "
+      "these devices (whole GPUs only); the step runs as a plain tf.function"
+    )
     jit_compile = False
   return strategy, jit_compile
 
@@ -263,8 +298,14 @@ def define_config_flag(default="config.py:digits", flag_values=flags.FLAGS, argv
   command_line = sys.argv if argv is None else argv
   if not any(re.match(r"^--?(config|flagfile)(=|$)", arg) for arg in command_line[1:]):
     command_line.insert(1, f"--config={default}")
-  return config_flags.DEFINE_config_file("config", default, "Preset and overrides.", flag_values=flag_values,
-                                         lock_config=True, sys_argv=None if argv is None else argv)
+  return config_flags.DEFINE_config_file(
+    "config",
+    default,
+    "Preset and overrides.",
+    flag_values=flag_values,
+    lock_config=True,
+    sys_argv=None if argv is None else argv,
+  )
 
 
 def run_script(main, workdir_flag="workdir"):
@@ -273,18 +314,27 @@ def run_script(main, workdir_flag="workdir"):
   A bad command line (unknown preset, unknown config field, wrong type, unknown flag) is one `error:` line
   and exit 2 (validation.parse_flags); then, before main, the config is checked field by field
   (validation.validate_config) and the --workdir, if it exists, is locked for this process (lock_workdir;
-  prepare_workdir locks one it creates). --help still prints the usage.
+  prepare_workdir locks one it creates; one on gs:// or another non-local file system runs unlocked).
+  --help still prints the usage.
   """
 
   @functools.wraps(main)
   def checked_main(argv):
     validation.validate_config(flags.FLAGS["config"].value)
     workdir = flags.FLAGS[workdir_flag].value if workdir_flag in flags.FLAGS else None
-    if workdir and os.path.isdir(workdir):
+    if workdir and _is_directory(workdir):
       lock_workdir(workdir)
     return main(argv)
 
   app.run(exit_on_user_error(checked_main), flags_parser=_parse_flags_or_exit)
+
+
+def _is_directory(path):
+  """tf.io.gfile.isdir, False where the file system cannot answer (no access to a bucket, say)."""
+  try:
+    return tf.io.gfile.isdir(path)
+  except tf.errors.OpError:  # prepare_workdir then names the reason, or the script says the workdir is missing
+    return False
 
 
 def _parse_flags_or_exit(argv):
@@ -296,7 +346,7 @@ def _parse_flags_or_exit(argv):
 
 
 LOCK_FILE = ".lock"
-_LOCKS = {}  # real path of each workdir this process holds -> its open lock file (closing it would release)
+_LOCKS = {}  # real path of each workdir this process holds -> its open lock file (None: not lockable, warned)
 
 
 def lock_workdir(workdir):
@@ -307,31 +357,46 @@ def lock_workdir(workdir):
   host and command for the message; a normal exit removes it. A folder inside a workdir this process
   already holds is covered by that lock (fine_tune.py writes WORKDIR/finetuned).
 
+  flock needs a local file system: a workdir on another one (gs://, any tf.io.gfile scheme but file://)
+  runs unlocked, with a one-line warning.
+
   Returns:
     The open lock file; the lock lasts as long as it stays open (this module keeps a reference).
+    None for an unlocked workdir.
   """
-  path = os.path.realpath(workdir)
+  local = _local_path(workdir)
+  path = os.path.realpath(local) if local is not None else workdir.rstrip("/")
   for locked, handle in _LOCKS.items():
     if path == locked or path.startswith(locked + os.sep):
       return handle
+  if local is None:
+    print(
+      f"warning: workdir {workdir} is not on a local file system and cannot be locked; make sure no other run uses it",
+      file=sys.stderr,
+    )
+    _LOCKS[path] = None  # warned once; folders inside it (WORKDIR/finetuned) are covered
+    return None
   lock_path = os.path.join(path, LOCK_FILE)
   while True:
     try:
       handle = open(lock_path, "a+")
     except OSError as error:
-      raise UserError(f"workdir {workdir} is not writable ({error.strerror}); "
-                      "choose another --workdir or fix its permissions") from None
+      raise UserError(
+        f"workdir {workdir} is not writable ({error.strerror}); choose another --workdir or fix its permissions"
+      ) from None
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       handle.seek(0)
       holder = _describe_holder(handle.read())
       handle.close()
-      raise UserError(f"workdir {workdir} is in use by {holder}; wait for it to end or stop it, "
-                      "or use another --workdir") from None
+      raise UserError(
+        f"workdir {workdir} is in use by {holder}; wait for it to end or stop it, or use another --workdir"
+      ) from None
     except OSError as error:  # a file system without flock (some network mounts): run unlocked
-      print(f"warning: cannot lock workdir {workdir} ({error.strerror}); make sure no other run uses it",
-            file=sys.stderr)
+      print(
+        f"warning: cannot lock workdir {workdir} ({error.strerror}); make sure no other run uses it", file=sys.stderr
+      )
       handle.close()
       return None
     # A holder that just exited may have removed the file after we opened it: hold the file at the path.
@@ -340,12 +405,26 @@ def lock_workdir(workdir):
     handle.close()
   handle.seek(0)
   handle.truncate()
-  json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]}, handle)
+  json.dump(
+    {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300],
+    },
+    handle,
+  )
   handle.flush()
   _LOCKS[path] = handle
   atexit.register(_release_lock, lock_path, handle)
   return handle
+
+
+def _local_path(path):
+  """The local path behind `path` ("file://" stripped), or None for another file system (gs://, ram://, ...)."""
+  scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", path)
+  if scheme is None:
+    return path
+  return path[len(scheme.group(0)) :] if scheme.group(1).lower() == "file" else None
 
 
 def _same_file(handle, path):

@@ -90,12 +90,33 @@ def sample_crop_boxes(seed, num_images, height, width, scale, ratio, attempts=10
     int32 tensor [num_images, 4] of (top, left, crop_height, crop_width).
   """
   area_seed, ratio_seed, top_seed, left_seed = _split(seed, 4)
+  shape = tf.stack([num_images, attempts])
+  area_fraction = tf.random.stateless_uniform(shape, area_seed, scale[0], scale[1])
+  aspect = tf.exp(tf.random.stateless_uniform(shape, ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
+  top = tf.random.stateless_uniform([num_images], top_seed)
+  left = tf.random.stateless_uniform([num_images], left_seed)
+  return crop_boxes_from_draws(area_fraction, aspect, top, left, height, width, ratio)
+
+
+def crop_boxes_from_draws(area_fraction, aspect, top, left, height, width, ratio):
+  """RandomResizedCrop boxes from their random draws, for images of one size.
+
+  The arithmetic half of sample_crop_boxes, shared with the streamed pipeline, which draws before it
+  knows an image's size (utils/pipeline.crop_draws) and makes the boxes once the image is decoded.
+
+  Args:
+    area_fraction, aspect: float32 [N, attempts]: crop area as a fraction of the image's, width / height.
+    top, left: float32 [N], uniform in [0, 1): the offsets within the free range.
+    height, width: image size in pixels (int or scalar tensor).
+    ratio: (min, max) aspect ratio, for the centre-crop fallback.
+
+  Returns:
+    int32 tensor [N, 4] of (top, left, crop_height, crop_width).
+  """
+  attempts = tf.shape(area_fraction)[1]
   height_float = tf.cast(height, tf.float32)
   width_float = tf.cast(width, tf.float32)
-  shape = tf.stack([num_images, attempts])
-
-  area = height_float * width_float * tf.random.stateless_uniform(shape, area_seed, scale[0], scale[1])
-  aspect = tf.exp(tf.random.stateless_uniform(shape, ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
+  area = height_float * width_float * area_fraction
   # tf.round rounds half to even, like Python's round() in torchvision.
   crop_widths = tf.round(tf.sqrt(area * aspect))
   crop_heights = tf.round(tf.sqrt(area / aspect))
@@ -117,8 +138,8 @@ def sample_crop_boxes(seed, num_images, height, width, scale, ratio, attempts=10
   crop_width = tf.where(any_valid, crop_width, fallback_width)
 
   # Uniform integer offsets in 0..H-h; floor(u * count) is uniform over count.
-  top = tf.floor(tf.random.stateless_uniform([num_images], top_seed) * (height_float - crop_height + 1))
-  left = tf.floor(tf.random.stateless_uniform([num_images], left_seed) * (width_float - crop_width + 1))
+  top = tf.floor(top * (height_float - crop_height + 1))
+  left = tf.floor(left * (width_float - crop_width + 1))
   top = tf.where(any_valid, tf.minimum(top, height_float - crop_height), tf.floor((height_float - crop_height) * 0.5))
   left = tf.where(any_valid, tf.minimum(left, width_float - crop_width), tf.floor((width_float - crop_width) * 0.5))
   return tf.cast(tf.stack([top, left, crop_height, crop_width], axis=1), tf.int32)

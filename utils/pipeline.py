@@ -260,39 +260,18 @@ def crop_draws(view_seeds, num_images, scale, flip):
 
 
 def crop_boxes(draws, height, width):
-  """augment.sample_crop_boxes' arithmetic on the draws of one image (crop_draws), for its own size.
+  """augment.sample_crop_boxes' boxes from the draws of one image (crop_draws), for its own size.
 
   Args:
     draws: one image's crop_draws: area, aspect [V, attempts]; top, left [V].
     height, width: the image's size (scalar int tensors).
   Returns:
     int32 [V, 4] of (top, left, crop_height, crop_width), the boxes sample_crop_boxes gives a batch of
-    images of this size for the same seeds (operation for operation, so bit for bit).
+    images of this size for the same seeds (the same function on the same draws, so bit for bit).
   """
-  attempts = CROP_ATTEMPTS
-  height_float = tf.cast(height, tf.float32)
-  width_float = tf.cast(width, tf.float32)
-  area = height_float * width_float * draws["area"]
-  aspect = draws["aspect"]
-  crop_widths = tf.round(tf.sqrt(area * aspect))
-  crop_heights = tf.round(tf.sqrt(area / aspect))
-  valid = (crop_widths > 0) & (crop_widths <= width_float) & (crop_heights > 0) & (crop_heights <= height_float)
-  first_valid = tf.reduce_min(tf.where(valid, tf.range(attempts)[None, :], attempts), axis=1)
-  any_valid = first_valid < attempts
-  first_valid = tf.minimum(first_valid, attempts - 1)
-  crop_height = tf.gather(crop_heights, first_valid, batch_dims=1)
-  crop_width = tf.gather(crop_widths, first_valid, batch_dims=1)
-  image_ratio = width_float / height_float
-  min_ratio, max_ratio = min(CROP_RATIO), max(CROP_RATIO)
-  fallback_height = tf.where(image_ratio < min_ratio, tf.round(width_float * (1.0 / min_ratio)), height_float)
-  fallback_width = tf.where(image_ratio > max_ratio, tf.round(height_float * max_ratio), width_float)
-  crop_height = tf.where(any_valid, crop_height, fallback_height)
-  crop_width = tf.where(any_valid, crop_width, fallback_width)
-  top = tf.floor(draws["top"] * (height_float - crop_height + 1))
-  left = tf.floor(draws["left"] * (width_float - crop_width + 1))
-  top = tf.where(any_valid, tf.minimum(top, height_float - crop_height), tf.floor((height_float - crop_height) * 0.5))
-  left = tf.where(any_valid, tf.minimum(left, width_float - crop_width), tf.floor((width_float - crop_width) * 0.5))
-  return tf.cast(tf.stack([top, left, crop_height, crop_width], axis=1), tf.int32)
+  return augment.crop_boxes_from_draws(
+    draws["area"], draws["aspect"], draws["top"], draws["left"], height, width, CROP_RATIO
+  )
 
 
 def resize_box(image, box, size):

@@ -26,8 +26,9 @@ process-wide.
 Float32 tolerances, as in tests/test_distributed.py (which explains the update check and why the inputs must
 keep every BatchNorm output away from the ReLU kink, see MIN_RELU_MARGIN): metrics relative 1e-5 (loss
 relative to |ce| + |me_max|); weights rtol 1e-5, atol 1e-5, and their updates rtol 1e-4 with atol 1e-4 x the
-largest update + 1e-6. Observed: metrics 20x below; weights after step 1 at most 1/17 of the tolerance,
-after step 3 (differences grow step by step) up to 1/3 for the PAWS updates.
+largest update + 1e-6, after step 3 three times wider (differences grow with every step). Observed (PAWS;
+SuNCEt is 10x closer): metrics 1.1e-6, 20x below; weights after step 1 at most 1/6 of the tolerance, after
+step 3 at most 1/6 of the wider one.
 """
 import contextlib
 import io
@@ -513,13 +514,16 @@ def assert_metrics_close(actual, expected, metrics, message):
                                err_msg=f"{metric} {message}")
 
 
-def assert_weights_close(actual, expected, initial, message):
-  """Values within rtol/atol 1e-5 and updates (after - initial) within rtol 1e-4 (tests/test_distributed.py)."""
+def assert_weights_close(actual, expected, initial, message, factor=1):
+  """Values within rtol/atol 1e-5 and updates (after - initial) within rtol 1e-4 (tests/test_distributed.py).
+
+  factor widens every tolerance (after several steps).
+  """
   assert len(actual) == len(expected) == len(initial) > 0
   for index, (a, e, i) in enumerate(zip(actual, expected, initial)):
-    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5, err_msg=f"variable {index} {message}")
+    np.testing.assert_allclose(a, e, rtol=1e-5 * factor, atol=1e-5 * factor, err_msg=f"variable {index} {message}")
     update = e - i
-    np.testing.assert_allclose(a - i, update, rtol=1e-4, atol=1e-4 * np.abs(update).max() + 1e-6,
+    np.testing.assert_allclose(a - i, update, rtol=1e-4 * factor, atol=(1e-4 * np.abs(update).max() + 1e-6) * factor,
                                err_msg=f"update of variable {index} {message}")
 
 
@@ -611,7 +615,8 @@ def test_xla_step_equals_the_plain_step_in_float32(results, kind):
                        weights_of(results, f"{kind}/float32/plain/step1/weights"), initial, "after step 1")
   # Steps 2 and 3 in one compiled call against one call per step.
   assert_weights_close(weights_of(results, f"{kind}/float32/xla/step3/weights"),
-                       weights_of(results, f"{kind}/float32/plain/step3/weights"), initial, "after step 3")
+                       weights_of(results, f"{kind}/float32/plain/step3/weights"), initial, "after step 3",
+                       factor=3)
   assert int(results[f"{kind}/float32/xla/iterations"]) == int(results[f"{kind}/float32/plain/iterations"]) == 3
 
 

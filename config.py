@@ -15,6 +15,7 @@ is locked: an unknown field or a value of the wrong type is an error.
            three scripts finish on a 2-core CPU in minutes (README: measured
            accuracy and time).
 """
+
 import ml_collections
 
 

@@ -14,6 +14,7 @@ recompute or fuse activations: an estimate, not a measurement.
 
 On one GPU the whole global batch is one replica's; with N replicas divide the activations by N.
 """
+
 import argparse
 import collections
 import os
@@ -30,7 +31,7 @@ import tf_keras
 import config as presets  # pylint: disable=g-import-not-at-top
 from utils import encoder as encoder_lib
 
-GIB = 2.0 ** 30
+GIB = 2.0**30
 # Outputs of these ops are weights, constants or shapes, not activations.
 NOT_ACTIVATIONS = {"ReadVariableOp", "Const", "Shape", "VarHandleOp", "Placeholder", "Identity"}
 # Forward-pass side effects (BatchNorm moving averages) that read per-channel statistics, not activations.
@@ -78,8 +79,13 @@ def saved_activations(config, precision):
       continue
     for tensor in operation.inputs:
       producer = tensor.op
-      if (producer.name not in forward or producer.type in NOT_ACTIVATIONS or tensor.dtype == tf.resource
-          or tensor.name in saved or not tensor.shape.is_fully_defined()):
+      if (
+        producer.name not in forward
+        or producer.type in NOT_ACTIVATIONS
+        or tensor.dtype == tf.resource
+        or tensor.name in saved
+        or not tensor.shape.is_fully_defined()
+      ):
         continue
       saved.add(tensor.name)
       size = tensor.shape.num_elements() * tensor.dtype.size
@@ -103,9 +109,13 @@ def estimate(config, precision):
   inputs = sum(n * size * size * 3 * 4 for n, size in step_shapes(config))
   # float32 weights, their gradients and the LARS momentum; a 16-bit copy of the weights under mixed precision
   weights = parameters * 4 * 3 + (parameters * 2 if precision != "float32" else 0)
-  rows = {"saved activations": activations, "backward buffers (2 x largest activation)": 2 * largest,
-          "input batch (float32)": inputs, "weights, gradients, momentum": weights,
-          "PAWS loss matrices": loss_bytes(config)}
+  rows = {
+    "saved activations": activations,
+    "backward buffers (2 x largest activation)": 2 * largest,
+    "input batch (float32)": inputs,
+    "weights, gradients, momentum": weights,
+    "PAWS loss matrices": loss_bytes(config),
+  }
   return rows, by_type
 
 
@@ -124,16 +134,22 @@ def main():
     print(f"\n{precision}: estimated peak {total / GIB:.1f} GiB")
     for name, size in rows.items():
       print(f"  {name:45s} {size / GIB:6.2f} GiB")
-    print("  saved activations by producing op: " + ", ".join(
-        f"{op} {size / GIB:.2f}" for op, size in by_type.most_common(6)))
+    print(
+      "  saved activations by producing op: "
+      + ", ".join(f"{op} {size / GIB:.2f}" for op, size in by_type.most_common(6))
+    )
     # utils/encoder.Conv2D pads explicitly (symmetric, as the reference) before a 'valid' conv: the padded
     # copies are kept for the backward pass unless a compiler folds the zero padding into the convolution
     # (XLA's algebraic simplifier does), which would save them.
-    print(f"  without the padded copies (if XLA folds the pads into the convolutions): "
-          f"{(total - by_type['Pad']) / GIB:.1f} GiB")
-  print(f"\nAn estimate from the traced graph (batch {p.batch_size}, {p.images_per_class} supports x "
-        f"{p.classes_per_batch} classes x {p.support_views} views): cuDNN workspaces, allocator "
-        "fragmentation and XLA's fusions are not counted.")
+    print(
+      f"  without the padded copies (if XLA folds the pads into the convolutions): "
+      f"{(total - by_type['Pad']) / GIB:.1f} GiB"
+    )
+  print(
+    f"\nAn estimate from the traced graph (batch {p.batch_size}, {p.images_per_class} supports x "
+    f"{p.classes_per_batch} classes x {p.support_views} views): cuDNN workspaces, allocator "
+    "fragmentation and XLA's fusions are not counted."
+  )
 
 
 if __name__ == "__main__":

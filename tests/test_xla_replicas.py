@@ -30,6 +30,7 @@ largest update + 1e-6, after step 3 three times wider (differences grow with eve
 SuNCEt is 10x closer): metrics 1.1e-6, 20x below; weights after step 1 at most 1/6 of the tolerance, after
 step 3 at most 1/6 of the wider one.
 """
+
 import contextlib
 import io
 import os
@@ -48,10 +49,7 @@ if __name__ == "__main__":  # the subprocess: the repository root must be import
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from utils import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
-from utils import optim
-from utils import runtime
-from utils import steps
-from utils import training
+from utils import optim, runtime, steps, training
 from utils.errors import UserError
 
 PRECISIONS = ("float32", "mixed_float16")
@@ -66,7 +64,7 @@ WEIGHTS_SEED = 0  # initial_weights
 PAWS_SEED = 33
 SUNCET_SEED = 4
 MIN_RELU_MARGIN = 5e-6
-OVERFLOW_SCALE = 2.0 ** 40  # scaled gradients overflow float16 (max 65504) for about 20 halvings
+OVERFLOW_SCALE = 2.0**40  # scaled gradients overflow float16 (max 65504) for about 20 halvings
 
 
 # --- The subprocess ---------------------------------------------------------------------------------
@@ -79,8 +77,11 @@ def gpu_route():
   TensorFlow picks the route by device type (mirrored_run._is_gpu_device, and mirrored_strategy's copy for
   merge_call); the only other reader counts GPUs when a strategy is built, which happens outside this.
   """
-  from tensorflow.python.distribute import mirrored_run  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.distribute import mirrored_strategy  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.distribute import (
+    mirrored_run,  # pylint: disable=g-import-not-at-top
+    mirrored_strategy,  # pylint: disable=g-import-not-at-top
+  )
+
   saved = mirrored_run._is_gpu_device, mirrored_strategy._is_gpu_device  # pylint: disable=protected-access
   # pylint: disable=protected-access
   mirrored_run._is_gpu_device = mirrored_strategy._is_gpu_device = lambda device: True
@@ -135,8 +136,7 @@ def paws_batch(config, check):
 def suncet_batch(config):
   f, size = config.finetune, config.data.image_size
   rng = np.random.default_rng(SUNCET_SEED)
-  return tf.constant(rng.standard_normal([f.views, f.images_per_class, f.classes_per_batch, size, size, 3]),
-                     tf.float32)
+  return tf.constant(rng.standard_normal([f.views, f.images_per_class, f.classes_per_batch, size, size, 3]), tf.float32)
 
 
 def relu_margin(config, weights, inputs, training_mode):
@@ -147,10 +147,12 @@ def relu_margin(config, weights, inputs, training_mode):
   smallest = []
   for layer in encoder.submodules:
     if isinstance(layer, tf_keras.layers.BatchNormalization):
+
       def recording_call(x, *args, _call=layer.call, **kwargs):
         outputs = _call(x, *args, **kwargs)
         smallest.append(float(tf.reduce_min(tf.abs(outputs))))
         return outputs
+
       layer.call = recording_call
   encoder_lib.embed_views(encoder, inputs, training=training_mode)
   return min(smallest)
@@ -173,14 +175,20 @@ def build_state(config, strategy, weights, loss_scale=None):
   p = config.pretrain
   if loss_scale is None:
     state = training.create_train_state(
-        strategy, lambda: encoder_lib.build_encoder(config.model, config.data.image_size,
-                                                    synchronized_bn=strategy.num_replicas_in_sync > 1),
-        schedule, p, config.run.precision)
+      strategy,
+      lambda: encoder_lib.build_encoder(
+        config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1
+      ),
+      schedule,
+      p,
+      config.run.precision,
+    )
   else:
     with strategy.scope():
       encoder = encoder_lib.build_encoder(config.model, config.data.image_size)
       optimizer = tf_keras.mixed_precision.LossScaleOptimizer(
-          optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta), initial_scale=loss_scale)
+        optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta), initial_scale=loss_scale
+      )
       optimizer._create_all_weights(encoder.trainable_variables)  # pylint: disable=protected-access
       state = training.TrainState(encoder, optimizer, tf.Variable(0, dtype=tf.int64, name="step"))
   state.encoder.set_weights(weights)
@@ -232,9 +240,11 @@ def gpu_route_traces(check, results):
       xla = [f for f in library if f.attr["_XlaMustCompile"].b]
       results[f"{key}/xla_functions"] = np.array(len(xla))
       results[f"{key}/collectives_per_xla_function"] = np.array(
-          [sum(node.op == "CollectiveReduceV2" for node in f.node_def) for f in xla])
+        [sum(node.op == "CollectiveReduceV2" for node in f.node_def) for f in xla]
+      )
       results[f"{key}/collective_gathers"] = np.array(
-          sum(node.op == "CollectiveGatherV2" for f in library for node in f.node_def))
+        sum(node.op == "CollectiveGatherV2" for f in library for node in f.node_def)
+      )
   # Running a step compiles it: the last one traced, once (XLA compiles the two replicas the same way).
   before = [v.numpy() for v in state.encoder.trainable_variables]
   try:
@@ -242,18 +252,19 @@ def gpu_route_traces(check, results):
     results["gpu_route/run_error"] = np.array("")
   except tf.errors.OpError as error:
     results["gpu_route/run_error"] = np.array(f"{type(error).__name__}: {first_line(error, 'ollective', 'compil')}")
-  results["gpu_route/unchanged"] = np.array(all(
-      np.array_equal(b, v.numpy()) for b, v in zip(before, state.encoder.trainable_variables)))
+  results["gpu_route/unchanged"] = np.array(
+    all(np.array_equal(b, v.numpy()) for b, v in zip(before, state.encoder.trainable_variables))
+  )
 
 
 def gather_checks(results):
   """ReplicaContext.all_gather against utils.steps.all_gather: on the GPU route, and values and gradients."""
   tf_keras.mixed_precision.set_global_policy("float32")
   mirrored = two_replicas()
-  for name, gather in (("tensorflow", lambda replica, x: replica.all_gather(x, axis=0)),
-                       ("steps", steps.all_gather)):
-    step_fn = tf.function(lambda x, _gather=gather: _gather(tf.distribute.get_replica_context(), x) * 2.0,
-                          jit_compile=True)
+  for name, gather in (("tensorflow", lambda replica, x: replica.all_gather(x, axis=0)), ("steps", steps.all_gather)):
+    step_fn = tf.function(
+      lambda x, _gather=gather: _gather(tf.distribute.get_replica_context(), x) * 2.0, jit_compile=True
+    )
     call = tf.function(lambda x, _step=step_fn: mirrored.run(_step, args=(x,)))
     try:
       with gpu_route():
@@ -263,7 +274,8 @@ def gather_checks(results):
       results[f"gather/{name}/gpu_route"] = np.array(f"{type(error).__name__}: {first_line(error, 'merge_call')}")
 
   rows = mirrored.experimental_distribute_values_from_function(
-      lambda context: tf.reshape(tf.range(6, dtype=tf.float32), [3, 2]) * (context.replica_id_in_sync_group + 1.5))
+    lambda context: tf.reshape(tf.range(6, dtype=tf.float32), [3, 2]) * (context.replica_id_in_sync_group + 1.5)
+  )
   weights = tf.constant(np.random.default_rng(0).standard_normal([6, 2]), tf.float32)
   results["gather/weights"] = weights.numpy()
 
@@ -279,6 +291,7 @@ def gather_checks(results):
           objective = tf.reduce_sum(gathered * weights) * tf.cast(replica.replica_id_in_sync_group + 1, tf.float32)
         outputs += [gathered, tape.gradient(objective, value)]
       return outputs
+
     return mirrored.run(replica_fn, args=(x,))
 
   for index, value in enumerate(gathered_and_gradient(rows)):
@@ -318,7 +331,8 @@ def xla_float32(kind, check, results):
     results[f"{kind}/initial/{index:03d}"] = value
   inputs = pretrain_groups(config, batch) if kind == "paws" else [[tf.reshape(batch, [-1, 8, 8, 3])]]
   results[f"{kind}/float32/relu_margin"] = np.array(
-      [relu_margin(config, w, inputs, kind == "paws") for w in [weights] + plain_weights])
+    [relu_margin(config, w, inputs, kind == "paws") for w in [weights] + plain_weights]
+  )
 
 
 def xla_float16(kind, check, results, checkpoint_dir):
@@ -350,15 +364,18 @@ def xla_float16(kind, check, results, checkpoint_dir):
     results[f"{kind}/mixed_float16/xla/step1/{metric}"] = np.array(value)
   results[f"{kind}/overflow/scale_after"] = np.array(loss_scale(state.optimizer))
   results[f"{kind}/overflow/iterations_after"] = np.array(int(state.optimizer.iterations.numpy()))
-  results[f"{kind}/overflow/trainable_unchanged"] = np.array(all(
-      np.array_equal(b, v.numpy()) for b, v in zip(trainable_before, state.encoder.trainable_variables)))
+  results[f"{kind}/overflow/trainable_unchanged"] = np.array(
+    all(np.array_equal(b, v.numpy()) for b, v in zip(trainable_before, state.encoder.trainable_variables))
+  )
   results[f"{kind}/overflow/slots_unchanged"] = np.array(
-      bool(slots_before) and all(np.array_equal(b, a) for b, a in zip(slots_before, slots())))
+    bool(slots_before) and all(np.array_equal(b, a) for b, a in zip(slots_before, slots()))
+  )
   later = {k: float(v) for k, v in train_steps(iterator, tf.constant(30)).items()}
   results[f"{kind}/overflow/scale_after_31"] = np.array(loss_scale(state.optimizer))
   results[f"{kind}/overflow/loss_after_31"] = np.array(later["loss"])
-  results[f"{kind}/overflow/moved_after_31"] = np.array(max(
-      np.abs(b - v.numpy()).max() for b, v in zip(trainable_before, state.encoder.trainable_variables)))
+  results[f"{kind}/overflow/moved_after_31"] = np.array(
+    max(np.abs(b - v.numpy()).max() for b, v in zip(trainable_before, state.encoder.trainable_variables))
+  )
   if kind == "suncet":
     continue_checkpoint(config, state, train_steps, batch, checkpoint_dir, results)
 
@@ -384,7 +401,8 @@ def two_replica_checkpoint(check, results, checkpoint_dir):
   results["checkpoint/scale"] = np.array(loss_scale(state.optimizer))
   record_weights(results, "checkpoint/weights", state.encoder)
   results["checkpoint/slots"] = np.concatenate(
-      [v.numpy().ravel() for v in state.optimizer.variables() if "momentum" in v.name])
+    [v.numpy().ravel() for v in state.optimizer.variables() if "momentum" in v.name]
+  )
   third = {k: float(v) for k, v in train_steps(iterator, tf.constant(1)).items()}
   for metric, value in third.items():
     results[f"checkpoint/two_replicas/step3/{metric}"] = np.array(value)
@@ -404,13 +422,15 @@ def continue_checkpoint(config, state, train_steps, batch, checkpoint_dir, resul
   results["checkpoint/restored_iterations"] = np.array(int(state.optimizer.iterations.numpy()))
   record_weights(results, "checkpoint/restored_weights", state.encoder)
   results["checkpoint/restored_slots"] = np.concatenate(
-      [v.numpy().ravel() for v in state.optimizer.variables() if "momentum" in v.name])
+    [v.numpy().ravel() for v in state.optimizer.variables() if "momentum" in v.name]
+  )
   before = [v.numpy() for v in state.encoder.trainable_variables]
   third = run_calls(train_steps, batch, [1])[0]
   for metric, value in third.items():
     results[f"checkpoint/one_replica_xla/step3/{metric}"] = np.array(value)
-  results["checkpoint/moved"] = np.array(max(
-      np.abs(b - v.numpy()).max() for b, v in zip(before, state.encoder.trainable_variables)))
+  results["checkpoint/moved"] = np.array(
+    max(np.abs(b - v.numpy()).max() for b, v in zip(before, state.encoder.trainable_variables))
+  )
 
 
 def runtime_checks(results):
@@ -422,6 +442,7 @@ def runtime_checks(results):
   except UserError as error:
     results["runtime/reconfigure_error"] = np.array(str(error))
   import config as presets  # pylint: disable=g-import-not-at-top
+
   config = presets.get_config("digits")
   config.run.cpu_replicas, config.run.jit_compile, config.run.precision = 2, "true", "float32"
   printed = io.StringIO()
@@ -432,7 +453,8 @@ def runtime_checks(results):
   results["runtime/jit_compile"] = np.array(jit_compile)
   results["runtime/printed"] = np.array(printed.getvalue())
   results["runtime/one_device_compiles"] = np.array(
-      runtime.replicas_compile_with_xla(tf.distribute.OneDeviceStrategy("/cpu:0")))
+    runtime.replicas_compile_with_xla(tf.distribute.OneDeviceStrategy("/cpu:0"))
+  )
 
 
 READY = "written"  # marker file: the 2-replica checkpoint is complete
@@ -447,6 +469,7 @@ def main(part, output, checkpoint_dir):
   """
   runtime.configure_cpu_replicas(2)  # the API under test, before TensorFlow initialises
   from tests import distributed_train_check as check  # pylint: disable=g-import-not-at-top
+
   results, printed = {}, set()
 
   def write_checkpoint():
@@ -454,22 +477,33 @@ def main(part, output, checkpoint_dir):
     open(os.path.join(checkpoint_dir, READY), "w").close()
 
   sections = {
-      "replicas": [("gather", lambda: gather_checks(results)),  # initialises TensorFlow's devices
-                   ("runtime", lambda: runtime_checks(results)),
-                   ("checkpoint", write_checkpoint),
-                   # Last: running a step on the GPU route aborts this process's collective executor.
-                   ("gpu_route", lambda: gpu_route_traces(check, results))],
-      "xla": [("paws_float32", lambda: xla_float32("paws", check, results)),
-              ("suncet_float32", lambda: xla_float32("suncet", check, results)),
-              ("paws_float16", lambda: xla_float16("paws", check, results, checkpoint_dir)),
-              ("suncet_float16", lambda: xla_float16("suncet", check, results, checkpoint_dir))]}[part]
+    "replicas": [
+      ("gather", lambda: gather_checks(results)),  # initialises TensorFlow's devices
+      ("runtime", lambda: runtime_checks(results)),
+      ("checkpoint", write_checkpoint),
+      # Last: running a step on the GPU route aborts this process's collective executor.
+      ("gpu_route", lambda: gpu_route_traces(check, results)),
+    ],
+    "xla": [
+      ("paws_float32", lambda: xla_float32("paws", check, results)),
+      ("suncet_float32", lambda: xla_float32("suncet", check, results)),
+      ("paws_float16", lambda: xla_float16("paws", check, results, checkpoint_dir)),
+      ("suncet_float16", lambda: xla_float16("suncet", check, results, checkpoint_dir)),
+    ],
+  }[part]
   for name, section in sections:
     start = time.perf_counter()
     section()
     results[f"seconds/section/{name}"] = np.array(time.perf_counter() - start)
-    print(f"{name}: {time.perf_counter() - start:.1f} s " + ", ".join(
-        f"{k[len('seconds/'):]} {float(v):.1f}" for k, v in results.items() if k.startswith("seconds/") and
-        "/section/" not in k and k not in printed), flush=True)
+    print(
+      f"{name}: {time.perf_counter() - start:.1f} s "
+      + ", ".join(
+        f"{k[len('seconds/') :]} {float(v):.1f}"
+        for k, v in results.items()
+        if k.startswith("seconds/") and "/section/" not in k and k not in printed
+      ),
+      flush=True,
+    )
     printed.update(results)
   np.savez(output, **results)
 
@@ -482,10 +516,17 @@ def results(tmp_path_factory):
   folder = tmp_path_factory.mktemp("xla_replicas")
   environment = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
   environment.pop("TF_CONFIG", None)
-  parts = {part: subprocess.Popen(
+  parts = {
+    part: subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), part, str(folder / f"{part}.npz"), str(folder)],
-      cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for part in ("replicas", "xla")}
+      cwd=ROOT,
+      env=environment,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for part in ("replicas", "xla")
+  }
   merged = {}
   try:
     for part, process in parts.items():
@@ -508,10 +549,12 @@ def weights_of(results, prefix):
 def assert_metrics_close(actual, expected, metrics, message):
   for metric in metrics:
     # loss = ce + me_max nearly cancel: its tolerance is relative to the size of the terms.
-    scale = abs(expected["ce"]) + abs(expected["me_max"]) if metric == "loss" and "ce" in expected else abs(
-        expected[metric])
-    np.testing.assert_allclose(actual[metric], expected[metric], rtol=0, atol=1e-5 * scale,
-                               err_msg=f"{metric} {message}")
+    scale = (
+      abs(expected["ce"]) + abs(expected["me_max"]) if metric == "loss" and "ce" in expected else abs(expected[metric])
+    )
+    np.testing.assert_allclose(
+      actual[metric], expected[metric], rtol=0, atol=1e-5 * scale, err_msg=f"{metric} {message}"
+    )
 
 
 def assert_weights_close(actual, expected, initial, message, factor=1):
@@ -523,8 +566,13 @@ def assert_weights_close(actual, expected, initial, message, factor=1):
   for index, (a, e, i) in enumerate(zip(actual, expected, initial)):
     np.testing.assert_allclose(a, e, rtol=1e-5 * factor, atol=1e-5 * factor, err_msg=f"variable {index} {message}")
     update = e - i
-    np.testing.assert_allclose(a - i, update, rtol=1e-4 * factor, atol=(1e-4 * np.abs(update).max() + 1e-6) * factor,
-                               err_msg=f"update of variable {index} {message}")
+    np.testing.assert_allclose(
+      a - i,
+      update,
+      rtol=1e-4 * factor,
+      atol=(1e-4 * np.abs(update).max() + 1e-6) * factor,
+      err_msg=f"update of variable {index} {message}",
+    )
 
 
 def metrics_of(results, prefix, kind):
@@ -553,8 +601,14 @@ def test_cpu_replicas_errors():
 
 def test_cpu_replicas_error_through_the_command_line(tmp_path):
   from tests import scriptrun  # pylint: disable=g-import-not-at-top
-  result = scriptrun.run("paws_train.py", "--config=config.py:digits", "--config.run.cpu_replicas=2",
-                         "--config.run.distribution=one_device", f"--workdir={tmp_path}/work")
+
+  result = scriptrun.run(
+    "paws_train.py",
+    "--config=config.py:digits",
+    "--config.run.cpu_replicas=2",
+    "--config.run.distribution=one_device",
+    f"--workdir={tmp_path}/work",
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   assert "run.cpu_replicas=2 rehearses a one-machine multi-GPU run" in scriptrun.error_line(result)
   assert not os.path.exists(tmp_path / "work")
@@ -574,10 +628,12 @@ def test_all_gather_equals_tensorflow_all_gather(results):
     for name in ("tf", "steps"):
       np.testing.assert_array_equal(results[f"gather/values/{name}/{replica}"], expected)
       # d/dx_r of sum over replicas r' of (r' + 1) * sum(gathered * weights) = (1 + 2) * weights[rows of r]
-      np.testing.assert_allclose(results[f"gather/values/{name}_grad/{replica}"],
-                                 3 * weights[3 * replica:3 * replica + 3], rtol=1e-6)
-    np.testing.assert_array_equal(results[f"gather/values/steps_grad/{replica}"],
-                                  results[f"gather/values/tf_grad/{replica}"])
+      np.testing.assert_allclose(
+        results[f"gather/values/{name}_grad/{replica}"], 3 * weights[3 * replica : 3 * replica + 3], rtol=1e-6
+      )
+    np.testing.assert_array_equal(
+      results[f"gather/values/steps_grad/{replica}"], results[f"gather/values/tf_grad/{replica}"]
+    )
 
 
 @pytest.mark.parametrize("kind", ["paws", "suncet"])
@@ -611,12 +667,20 @@ def test_xla_step_equals_the_plain_step_in_float32(results, kind):
   plain = metrics_of(results, f"{kind}/float32/plain/step1", kind)
   assert_metrics_close(metrics_of(results, f"{kind}/float32/xla/step1", kind), plain, METRICS[kind], "after step 1")
   initial = weights_of(results, f"{kind}/initial")
-  assert_weights_close(weights_of(results, f"{kind}/float32/xla/step1/weights"),
-                       weights_of(results, f"{kind}/float32/plain/step1/weights"), initial, "after step 1")
+  assert_weights_close(
+    weights_of(results, f"{kind}/float32/xla/step1/weights"),
+    weights_of(results, f"{kind}/float32/plain/step1/weights"),
+    initial,
+    "after step 1",
+  )
   # Steps 2 and 3 in one compiled call against one call per step.
-  assert_weights_close(weights_of(results, f"{kind}/float32/xla/step3/weights"),
-                       weights_of(results, f"{kind}/float32/plain/step3/weights"), initial, "after step 3",
-                       factor=3)
+  assert_weights_close(
+    weights_of(results, f"{kind}/float32/xla/step3/weights"),
+    weights_of(results, f"{kind}/float32/plain/step3/weights"),
+    initial,
+    "after step 3",
+    factor=3,
+  )
   assert int(results[f"{kind}/float32/xla/iterations"]) == int(results[f"{kind}/float32/plain/iterations"]) == 3
 
 
@@ -636,7 +700,7 @@ def test_loss_scale_overflow_inside_the_xla_step_skips_the_update_and_halves_the
   # tf_keras counts a skipped step as an optimizer iteration (so the learning-rate schedule moves on).
   assert int(results[f"{kind}/overflow/iterations_after"]) == 1
   # 30 more steps in one call: the scale comes down until the gradients fit float16, then it trains.
-  assert 1 <= float(results[f"{kind}/overflow/scale_after_31"]) < OVERFLOW_SCALE / 2 ** 10
+  assert 1 <= float(results[f"{kind}/overflow/scale_after_31"]) < OVERFLOW_SCALE / 2**10
   assert np.isfinite(float(results[f"{kind}/overflow/loss_after_31"]))
   assert float(results[f"{kind}/overflow/moved_after_31"]) > 0
 
@@ -652,7 +716,8 @@ def test_checkpoint_of_two_replicas_continues_on_one_replica_with_xla(results):
   np.testing.assert_array_equal(results["checkpoint/restored_slots"], results["checkpoint/slots"])
   # Step 3 from the same state: one replica with XLA against the two replicas, within the float16 tolerance.
   assert float(results["checkpoint/one_replica_xla/step3/loss"]) == pytest.approx(
-      float(results["checkpoint/two_replicas/step3/loss"]), rel=0.05, abs=0.02)
+    float(results["checkpoint/two_replicas/step3/loss"]), rel=0.05, abs=0.02
+  )
   assert float(results["checkpoint/moved"]) > 0
 
 

@@ -9,9 +9,7 @@ import re
 import socket
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 import tensorflow as tf
 import tf_keras
@@ -379,7 +377,7 @@ def lock_workdir(workdir):
   lock_path = os.path.join(path, LOCK_FILE)
   while True:
     try:
-      handle = open(lock_path, "a+")
+      handle = open(lock_path, "a+")  # noqa: SIM115 (held open for the process lifetime: closing releases the lock)
     except OSError as error:
       raise UserError(
         f"workdir {workdir} is not writable ({error.strerror}); choose another --workdir or fix its permissions"

@@ -6,6 +6,7 @@ of the last step's metrics. Global batches arrive whole; every replica slices
 its own part by replica id, so the input pipeline is the same for any number
 of replicas.
 """
+
 import tensorflow as tf
 
 from utils import encoder as encoder_lib
@@ -55,29 +56,38 @@ def paws_steps(config, strategy, encoder, optimizer, jit_compile):
   num_support = p.support_views * local_per_class * p.classes_per_batch
   # Row i of the gathered support batch has class i mod K (every replica's block is a multiple of K).
   support_labels = losses.make_labels_matrix(
-      p.classes_per_batch, p.support_views * p.images_per_class, 1, p.label_smoothing)
+    p.classes_per_batch, p.support_views * p.images_per_class, 1, p.label_smoothing
+  )
 
   def step_fn(views, supports):
     replica = tf.distribute.get_replica_context()
     index = replica.replica_id_in_sync_group
-    own = lambda x: x[index * local_batch:(index + 1) * local_batch]
+    own = lambda x: x[index * local_batch : (index + 1) * local_batch]
     views = [own(v) for v in views]
-    supports = supports[:, index * local_per_class:(index + 1) * local_per_class]
+    supports = supports[:, index * local_per_class : (index + 1) * local_per_class]
     supports = tf.reshape(supports, [num_support] + supports.shape[-3:].as_list())
     with tf.GradientTape() as tape:
-      h, z = encoder_lib.embed_views(
-          encoder, [[supports, views[0], views[1]], views[2:]], training=True)
+      h, z = encoder_lib.embed_views(encoder, [[supports, views[0], views[1]], views[2:]], training=True)
       h = tf.cast(h, tf.float32)
       z = tf.cast(z, tf.float32)
       h_support, z_support = h[:num_support], z[:num_support]
       if num_replicas > 1:
         h_support = all_gather(replica, h_support)
         z_support = all_gather(replica, z_support)
-      large = h[num_support:num_support + 2 * local_batch]
+      large = h[num_support : num_support + 2 * local_batch]
       targets = tf.concat([large[local_batch:], large[:local_batch]], axis=0)
       ce, me_max = losses.paws_loss(
-          z[num_support:], z_support, support_labels, targets, h_support, support_labels,
-          tau=p.tau, T=p.sharpen_T, multicrop=p.multicrop, me_max=p.me_max)
+        z[num_support:],
+        z_support,
+        support_labels,
+        targets,
+        h_support,
+        support_labels,
+        tau=p.tau,
+        T=p.sharpen_T,
+        multicrop=p.multicrop,
+        me_max=p.me_max,
+      )
       replica_share = (ce + me_max) / num_replicas  # summed over replicas by apply_gradients
     # Under a LossScaleOptimizer (mixed_float16) minimize scales the loss on the tape, unscales the
     # gradients and skips the update (halving the scale) when they overflow.
@@ -97,7 +107,7 @@ def suncet_steps(config, strategy, encoder, optimizer, jit_compile, bn_training)
   def step_fn(batch):
     replica = tf.distribute.get_replica_context()
     index = replica.replica_id_in_sync_group
-    batch = batch[:, index * local_per_class:(index + 1) * local_per_class]
+    batch = batch[:, index * local_per_class : (index + 1) * local_per_class]
     batch = tf.reshape(batch, [-1] + batch.shape[-3:].as_list())
     with tf.GradientTape() as tape:
       # training=False keeps BatchNorm on its moving statistics; gamma/beta still get gradients.

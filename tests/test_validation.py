@@ -50,7 +50,7 @@ BAD = {
   "model.prediction_head": ["false", 0],
   "model.prediction_hidden_dim": [0],
   "pretrain.epochs": [0, -1],
-  "pretrain.warmup_epochs": [-1, EPOCHS, lambda c: c.pretrain.epochs + 5],
+  "pretrain.warmup_epochs": [-1, lambda c: c.pretrain.epochs + 1, lambda c: c.pretrain.epochs + 5],
   "pretrain.batch_size": [0, -256],
   "pretrain.multicrop": [-1],
   "pretrain.classes_per_batch": [0],
@@ -97,7 +97,7 @@ GOOD = {
   "data.blur_radius": [(0.1, 2.0), (1.0, 1.0), [1e-3, 10]],
   "model.depth": [10, 16, 22, 28, 40],
   "pretrain.multicrop": [0],
-  "pretrain.warmup_epochs": [0, lambda c: c.pretrain.epochs - 1],
+  "pretrain.warmup_epochs": [0, EPOCHS],
   "pretrain.label_smoothing": [0.0, 0.999],
   "pretrain.momentum": [0.0],
   "pretrain.lr": [0.0, 5],  # an int where a float is expected is the same rate
@@ -181,9 +181,9 @@ def test_messages_as_printed():
   c.pretrain.tau = 0.0
   assert validation.config_problems(c) == ["pretrain.tau=0.0 is out of range: must be > 0"]
   c = editable("digits")
-  c.pretrain.warmup_epochs = 30
+  c.pretrain.warmup_epochs = 31
   assert validation.config_problems(c) == [
-    "pretrain.warmup_epochs=30 is out of range: must be an integer >= 0 and < pretrain.epochs=30"
+    "pretrain.warmup_epochs=31 is out of range: must be an integer >= 0 and <= pretrain.epochs=30"
   ]
   c = editable("digits")
   c.run.precision = "float64"

@@ -227,6 +227,7 @@ def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=Tr
           if current % run_config.log_every < num_steps or current == epoch_end:
             log.write({"kind": "step", "step": current, "epoch": epoch + 1, **shown}, current)
           if signals.received is not None:
+            print(flush=True)  # end the progress bar's line: the message below gets a line of its own
             path = save(state)
             name = signal.Signals(signals.received).name
             raise Interrupted(

@@ -81,25 +81,25 @@ def _within(value, above, at_least, below, at_most):
   )
 
 
-def integer(minimum, maximum=None, below_field=None):
-  """An int >= minimum (and <= maximum, and < the value of `below_field`)."""
+def integer(minimum, maximum=None, at_most_field=None):
+  """An int >= minimum (and <= maximum, and <= the value of `at_most_field`)."""
 
   def requirement(config):
     text = f"an integer >= {minimum}"
     if maximum is not None:
       text += f" and <= {maximum}"
-    if below_field:
-      text += f" and < {below_field}={_get(config, below_field)}"
+    if at_most_field:
+      text += f" and <= {at_most_field}={_get(config, at_most_field)}"
     return text
 
   def in_range(value, config):
     return (
       value >= minimum
       and (maximum is None or value <= maximum)
-      and (below_field is None or value < _get(config, below_field))
+      and (at_most_field is None or value <= _get(config, at_most_field))
     )
 
-  return Rule(requirement, _is_integer, in_range, depends_on=(below_field,) if below_field else ())
+  return Rule(requirement, _is_integer, in_range, depends_on=(at_most_field,) if at_most_field else ())
 
 
 def number(above=None, at_least=None, below=None, at_most=None):
@@ -192,7 +192,8 @@ RULES = {
   "model.prediction_head": boolean(),
   "model.prediction_hidden_dim": integer(1),
   "pretrain.epochs": integer(1),
-  "pretrain.warmup_epochs": integer(0, below_field="pretrain.epochs"),
+  # A warm-up as long as the run is allowed (a short smoke run keeps the preset's warm-up in bounds).
+  "pretrain.warmup_epochs": integer(0, at_most_field="pretrain.epochs"),
   "pretrain.batch_size": integer(1),
   "pretrain.multicrop": integer(0),  # 0 = no small crops (METHOD.md section 4)
   "pretrain.classes_per_batch": integer(1),

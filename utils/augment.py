@@ -691,6 +691,35 @@ def augment_batch(
   )
 
 
+def _sample_colour(
+  seed, num_images, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius
+):
+  """The per-image colour draws of one view, from sub-seeds 2 and 3 of 5 (and 5, 6 of 7) of its seed.
+
+  Shared by augment_batch and color_and_normalize, so both make the same draws for the same seed.
+  Returns (jitter parameters, solarize thresholds, grayscale coins, blur parameters); None for an op that
+  is off, which then stays out of the graph.
+  """
+  _, _, jitter_seed, solarize_seed, _ = _split(seed, 5)
+  jitter = None
+  if color_jitter_prob > 0 and color_jitter_strength > 0:
+    strength = 0.8 * color_jitter_strength
+    jitter = _sample_jitter(
+      jitter_seed, num_images, strength, strength, strength, 0.2 * color_jitter_strength, color_jitter_prob
+    )
+  solarize_thresholds = _sample_solarize(solarize_seed, num_images, solarize_prob) if solarize_prob > 0 else None
+  grayscale = blur = None
+  if grayscale_prob > 0 or blur_prob > 0:
+    # Two more sub-seeds, drawn only here so that settings without these ops
+    # keep their graph and their bits.
+    grayscale_seed, blur_seed = _split(seed, 7)[5:]
+    if grayscale_prob > 0:
+      grayscale = _coins(grayscale_seed, num_images, grayscale_prob)
+    if blur_prob > 0:
+      blur = _sample_blur(blur_seed, num_images, blur_prob, blur_radius)
+  return jitter, solarize_thresholds, grayscale, blur
+
+
 # Always a graph, even when called eagerly: the random draws then cost no
 # per-op dispatch, and eager, tf.function and tf.data share one XLA
 # compilation and produce the same bits.
@@ -713,27 +742,14 @@ def _augment_batch_graph(
   blur_radius,
 ):
   """augment_batch with hashable Python arguments."""
-  crop_seed, flip_seed, jitter_seed, solarize_seed, equalize_seed = _split(seed, 5)
+  crop_seed, flip_seed, _, _, equalize_seed = _split(seed, 5)
   shape = tf.shape(images)
   num_images = shape[0]
   boxes = sample_crop_boxes(crop_seed, num_images, shape[1], shape[2], scale, ratio)
   flip_mask = _coins(flip_seed, num_images, 0.5) if flip else None
-  jitter = None
-  if color_jitter_prob > 0 and color_jitter_strength > 0:
-    strength = 0.8 * color_jitter_strength
-    jitter = _sample_jitter(
-      jitter_seed, num_images, strength, strength, strength, 0.2 * color_jitter_strength, color_jitter_prob
-    )
-  solarize_thresholds = _sample_solarize(solarize_seed, num_images, solarize_prob) if solarize_prob > 0 else None
-  grayscale = blur = None
-  if grayscale_prob > 0 or blur_prob > 0:
-    # Two more sub-seeds, drawn only here so that settings without these ops
-    # keep their graph and their bits.
-    grayscale_seed, blur_seed = _split(seed, 7)[5:]
-    if grayscale_prob > 0:
-      grayscale = _coins(grayscale_seed, num_images, grayscale_prob)
-    if blur_prob > 0:
-      blur = _sample_blur(blur_seed, num_images, blur_prob, blur_radius)
+  jitter, solarize_thresholds, grayscale, blur = _sample_colour(
+    seed, num_images, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius
+  )
   views, normalized = _augment_pixels(
     images, boxes, flip_mask, jitter, solarize_thresholds, size, mean, std, grayscale, blur
   )
@@ -818,22 +834,11 @@ def _color_graph(
   blur_radius,
 ):
   """color_and_normalize with hashable Python arguments; the draws of _augment_batch_graph."""
-  _, _, jitter_seed, solarize_seed, equalize_seed = _split(seed, 5)
+  equalize_seed = _split(seed, 5)[4]
   num_images = tf.shape(views)[0]
-  jitter = None
-  if color_jitter_prob > 0 and color_jitter_strength > 0:
-    strength = 0.8 * color_jitter_strength
-    jitter = _sample_jitter(
-      jitter_seed, num_images, strength, strength, strength, 0.2 * color_jitter_strength, color_jitter_prob
-    )
-  solarize_thresholds = _sample_solarize(solarize_seed, num_images, solarize_prob) if solarize_prob > 0 else None
-  grayscale = blur = None
-  if grayscale_prob > 0 or blur_prob > 0:
-    grayscale_seed, blur_seed = _split(seed, 7)[5:]
-    if grayscale_prob > 0:
-      grayscale = _coins(grayscale_seed, num_images, grayscale_prob)
-    if blur_prob > 0:
-      blur = _sample_blur(blur_seed, num_images, blur_prob, blur_radius)
+  jitter, solarize_thresholds, grayscale, blur = _sample_colour(
+    seed, num_images, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius
+  )
   views, normalized = _color_pixels(tf.cast(views, tf.float32), jitter, solarize_thresholds, mean, std, grayscale, blur)
   if equalize_prob > 0:
     indices, equalized = _equalize_selected(views, _coins(equalize_seed, num_images, equalize_prob))

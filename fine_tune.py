@@ -70,9 +70,7 @@ def main(argv):
   # --- Model, optimizer, checkpoint: newest intact checkpoint, else the pre-trained encoder --------
   schedule = optim.warmup_cosine_schedule(0.0, f.lr, f.final_lr, 0, total_steps)
   if _FROM_SCRATCH.value:
-    make_encoder = lambda: encoder_lib.build_encoder(
-      config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1
-    )
+    make_encoder = lambda: encoder_lib.build_for_strategy(config, strategy)
   else:
     make_encoder = lambda: encoder_lib.load_encoder(os.path.join(workdir, "encoder"), config, "paws_train.py")[0]
   state = training.create_train_state(strategy, make_encoder, schedule, f, config.run.precision)

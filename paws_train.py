@@ -115,9 +115,7 @@ def main(argv):
   schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, p.warmup_epochs * steps_per_epoch, total_steps)
   state = training.create_train_state(
     strategy,
-    lambda: encoder_lib.build_encoder(
-      config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1
-    ),
+    lambda: encoder_lib.build_for_strategy(config, strategy),
     schedule,
     p,
     config.run.precision,

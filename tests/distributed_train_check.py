@@ -119,9 +119,7 @@ def run(config, strategy, initial_weights, batch, unfused=False):
   schedule = optim.warmup_cosine_schedule(0.05, 0.2, 0.02, 1, 4)
 
   def make_encoder():
-    encoder = encoder_lib.build_encoder(
-      config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1
-    )
+    encoder = encoder_lib.build_for_strategy(config, strategy)
     encoder.set_weights(initial_weights)
     return encoder
 

@@ -176,9 +176,7 @@ def build_state(config, strategy, weights, loss_scale=None):
   if loss_scale is None:
     state = training.create_train_state(
       strategy,
-      lambda: encoder_lib.build_encoder(
-        config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1
-      ),
+      lambda: encoder_lib.build_for_strategy(config, strategy),
       schedule,
       p,
       config.run.precision,

@@ -31,9 +31,7 @@ def time_train_steps(config, strategy, jit_compile, num_steps):
   schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, 10, 1000)
   state = training.create_train_state(
     strategy,
-    lambda: encoder_lib.build_encoder(
-      config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1
-    ),
+    lambda: encoder_lib.build_for_strategy(config, strategy),
     schedule,
     p,
     config.run.precision,

@@ -237,6 +237,11 @@ def build_encoder(model_config, image_size, synchronized_bn=False):
   return encoder
 
 
+def build_for_strategy(config, strategy):
+  """build_encoder for the config's model and image size, with synchronised BatchNorm across replicas."""
+  return build_encoder(config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1)
+
+
 def embed_views(encoder, view_groups, training):
   """Embeds groups of same-resolution view batches, one encoder call per group.
 

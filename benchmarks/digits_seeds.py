@@ -12,6 +12,7 @@ in misc/ (config, labeled indices, logs, plots, eval.json, console log).
 
   python benchmarks/digits_seeds.py [--seeds 152 321 ...] [--precision auto] [--runs runs/seeds]
                                    [--output misc/digits_results.md] [--no-baselines]
+                                   [--set pretrain.support_views=4 ...]
 
 The table gives every seed, then mean, standard deviation, min and max of each column.
 """
@@ -94,7 +95,15 @@ def main():
     action="store_false",
     help="skip the supervised-only baseline (the slowest part)",
   )
+  parser.add_argument(
+    "--set",
+    nargs="+",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="config overrides for all three scripts, to compare a candidate recipe with the preset",
+  )
   args = parser.parse_args()
+  overrides = [f"--config.{item}" for item in args.set]
   os.makedirs(args.runs, exist_ok=True)
   default_seed = presets.get_config("digits").data.label_seed
   train_images, train_labels, test_images, test_labels = datasets.load_digits()
@@ -104,6 +113,7 @@ def main():
       "--config=config.py:digits",
       f"--config.data.label_seed={seed}",
       f"--config.run.precision={args.precision}",
+      *overrides,
     ]
     paws_dir = os.path.join(args.runs, f"paws_{seed}")
     shutil.rmtree(paws_dir, ignore_errors=True)
@@ -118,7 +128,7 @@ def main():
       run("fine_tune.py", *config, f"--workdir={paws_dir}", log=log)
       run("nn_eval.py", *config, f"--workdir={paws_dir}", log=log)
       seconds = pretrain_seconds + time.time() - start_rest
-    if seed == default_seed and args.output == os.path.join(MISC, "digits_results.md"):
+    if seed == default_seed and not overrides and args.output == os.path.join(MISC, "digits_results.md"):
       refresh_misc(paws_dir, console_log)
     supervised = float("nan")
     if args.baselines:
@@ -155,7 +165,8 @@ def main():
   text = (
     f"# Digits demo over label seeds\n\nMachine: {machine}; run.precision={args.precision} "
     f"(resolved: {precision}). Written by `python benchmarks/digits_seeds.py --seeds "
-    f"{' '.join(map(str, args.seeds))} --precision {args.precision}` on {time.strftime('%Y-%m-%d')}.\n\n"
+    f"{' '.join(map(str, args.seeds))} --precision {args.precision}"
+    f"{' --set ' + ' '.join(args.set) if args.set else ''}` on {time.strftime('%Y-%m-%d')}.\n\n"
     "PAWS = the README's quick start with the label seed changed. "
     f"Supervised-only = `fine_tune.py --from_scratch {' '.join(SUPERVISED)}`: the same network trained "
     "with SuNCEt on the 40 labeled images alone (no augmentation: the digits preset has no flip), "

@@ -70,6 +70,10 @@ def base_config():
   c.pretrain.classes_per_batch = 10
   c.pretrain.images_per_class = 64  # support images per class, all replicas
   c.pretrain.support_views = 2
+  # False: every replica draws the same classes_per_batch classes (the gathered support set is what one
+  # device would draw). True: each replica draws its own classes_per_batch classes, different from the
+  # other replicas' in the same step, as the reference does on ImageNet (its unique_classes_per_rank).
+  c.pretrain.unique_classes_per_replica = False
   c.pretrain.label_smoothing = 0.1
   c.pretrain.tau = 0.1
   c.pretrain.sharpen_T = 0.25
@@ -99,8 +103,8 @@ def base_config():
 
   # How the step runs; none of these change the maths.
   c.run = ml_collections.ConfigDict()
-  # auto: mixed_float16 on GPU (as the reference's fp16 autocast), mixed_bfloat16 on CPUs with bf16
-  # instructions, else float32; or name one of the three.
+  # auto: mixed_float16 on GPU (as the reference's fp16 autocast), mixed_bfloat16 on CPUs with AMX (where
+  # it was measured faster), else float32; or name one of the three (README, Speed).
   c.run.precision = "auto"
   c.run.jit_compile = "auto"  # auto = on with a GPU, off on CPU (XLA is ~2x slower on CPU here)
   c.run.distribution = "auto"  # auto / one_device / mirrored / multi_worker

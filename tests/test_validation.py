@@ -60,6 +60,7 @@ BAD = {
   "pretrain.tau": [0.0, -0.1, math.nan, math.inf],
   "pretrain.sharpen_T": [0.0, -1.0],
   "pretrain.me_max": ["true"],
+  "pretrain.unique_classes_per_replica": [1],
   "pretrain.start_lr": [-0.1],
   "pretrain.lr": [-1.0, math.inf],
   "pretrain.final_lr": [-1e-3],

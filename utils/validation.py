@@ -199,6 +199,7 @@ RULES = {
   "pretrain.classes_per_batch": integer(1),
   "pretrain.images_per_class": integer(1),
   "pretrain.support_views": integer(1),
+  "pretrain.unique_classes_per_replica": boolean(),
   "pretrain.label_smoothing": number(at_least=0, below=1),  # 1 would make every label uniform
   "pretrain.tau": number(above=0),
   "pretrain.sharpen_T": number(above=0),

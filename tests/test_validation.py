@@ -77,6 +77,8 @@ BAD = {
   "finetune.momentum": [1.0],
   "finetune.weight_decay": [-0.1],
   "finetune.lars_eta": [0.0],
+  "finetune.mode": ["linear", "Classifier", "", 1],
+  "finetune.batch_size": [0, -1024, 1.5],
   "eval.tau": [0.0, -0.1],
   "eval.batch_size": [0],
   "run.precision": ["float64", "bfloat16", ""],
@@ -257,8 +259,8 @@ def test_valid_command_line_applies_the_overrides():
 
 def test_unknown_preset():
   message = parse_error(f"--config={CONFIG}:nosuch")
-  assert (
-    message == f"invalid value --config={CONFIG}:nosuch: unknown preset 'nosuch'; choose one of ['cifar10', 'digits']"
+  assert message == (
+    f"invalid value --config={CONFIG}:nosuch: unknown preset 'nosuch'; choose one of ['cifar10', 'digits', 'imagenet']"
   )
 
 

@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE_SETTINGS = ("auto", "true", "false")
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker")
 MODELS = ("wrn", "resnet50")  # utils/encoder.py TRUNKS
+FINETUNE_MODES = ("suncet", "classifier")  # utils/classifier.py MODES
 
 
 class Rule:
@@ -220,6 +221,10 @@ RULES = {
   "finetune.momentum": number(at_least=0, below=1),
   "finetune.weight_decay": number(at_least=0),
   "finetune.lars_eta": number(above=0),
+  # suncet: SuNCEt on class-stratified batches (CIFAR-10); classifier: trunk + first projection block + a
+  # linear classifier trained with cross-entropy (ImageNet; utils/classifier.py).
+  "finetune.mode": one_of(FINETUNE_MODES),
+  "finetune.batch_size": integer(1),  # classifier mode: labeled images per step, all replicas
   "eval.tau": number(above=0),
   "eval.batch_size": integer(1),
   "run.precision": one_of(PRECISIONS),

@@ -2,6 +2,7 @@
 linear classifier, cross-entropy, SGD Nesterov), its input stream, Resize + CenterCrop and top-1/top-5; the
 imagenet preset's values."""
 
+import collections
 import os
 
 import numpy as np
@@ -121,7 +122,13 @@ def test_save_and_load_round_trip(tmp_path):
   directory = str(tmp_path / "finetuned")
   classifier.save(model, c, directory, step=11)
   assert classifier.exists(directory)
-  loaded, meta = classifier.load(directory, c)
+  tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    loaded, meta = classifier.load(directory, c)
+    assert tf_keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+  finally:
+    tf_keras.mixed_precision.set_global_policy("float32")
+  assert loaded.trunk.compute_dtype == "float32"  # evaluated in float32 whatever trained it
   assert (meta["num_classes"], meta["finetune_step"], meta["image_size"]) == (CLASSES, 11, SIZE)
   np.testing.assert_array_equal(loaded(images, training=False).numpy(), model(images, training=False).numpy())
   other = tiny_config()
@@ -236,6 +243,25 @@ def test_dataset_draws_epochs_of_the_labeled_subset_and_splits_replicas():
     make(replica=(0, 3))
   with pytest.raises(UserError, match="larger than the 9 labeled images"):
     classifier.steps_per_epoch(9, 16)
+
+
+def test_a_pipeline_feeding_several_replicas_emits_their_batches_in_turn():
+  images, labels = small_arrays()
+  source = sources.ArraySource("arrays", images, labels, images[:3], labels[:3])
+  c = tiny_config(batch_size=6)
+  with c.unlocked():
+    c.data.flip = False
+  labeled = np.arange(12)
+  steps = dict(start_step=1, total_steps=3, seed=2)
+  Replicas = collections.namedtuple("Replicas", "ids total")
+  both = batches(classifier.replicas_dataset(source, labeled, c, Replicas((1, 2), 3), **steps))
+  alone = [batches(classifier.source_dataset(source, labeled, c, replica=(r, 3), **steps)) for r in (1, 2)]
+  expected = [alone[r][step] for step in range(2) for r in range(2)]
+  assert len(both) == len(expected) == 4
+  for (x, y), (xe, ye) in zip(both, expected):
+    np.testing.assert_array_equal(x, xe)
+    np.testing.assert_array_equal(y, ye)
+  np.testing.assert_array_equal(both[0][1], labels[classifier.batch_positions(12, 6, 1, 2)][2:4])
 
 
 def test_streamed_files_give_the_in_memory_batches(tmp_path):

@@ -106,7 +106,12 @@ def exists(directory):
 
 
 def load(directory, config):
-  """Rebuilds the classifier save() wrote; one-line errors when missing, from another model config or unreadable."""
+  """Rebuilds the classifier save() wrote, in float32, for evaluation; one-line errors when missing, from another
+  model config or unreadable.
+
+  Float32 whatever precision trained it, as the reference evaluates outside its fp16 autocast; the weights
+  are float32 variables under every policy. The global policy is set back to what it was.
+  """
   meta = runtime.read_json(
     os.path.join(directory, META_FILE), "no fine-tuned classifier there; run fine_tune.py first with this --workdir"
   )
@@ -119,7 +124,12 @@ def load(directory, config):
       f"the classifier in {directory} was trained with another config ({', '.join(changed)} differ); "
       "use the same --config as for fine_tune.py"
     )
-  model = build(config, meta["num_classes"])
+  policy = tf_keras.mixed_precision.global_policy()
+  tf_keras.mixed_precision.set_global_policy("float32")
+  try:
+    model = build(config, meta["num_classes"])
+  finally:
+    tf_keras.mixed_precision.set_global_policy(policy)
   try:
     tf.train.Checkpoint(classifier=model).read(os.path.join(directory, WEIGHTS)).assert_existing_objects_matched()
   except (tf.errors.OpError, AssertionError) as error:
@@ -311,6 +321,30 @@ def source_dataset(source, labeled, config, *, start_step, total_steps, seed, re
     seed=seed,
     replica=replica,
   )
+
+
+def replicas_dataset(source, labeled, config, replicas, *, start_step, total_steps, seed):
+  """source_dataset for the replicas one input pipeline feeds, for strategy.distribute_datasets_from_function.
+
+  `replicas` has `ids` (the pipeline's replica ids, in the order it feeds them) and `total` (replicas in
+  sync). The pipeline emits step 0 of each of its replicas in turn, then step 1, ...: tf.distribute gives
+  a worker's devices consecutive elements of its dataset.
+  """
+  streams = [
+    source_dataset(
+      source,
+      labeled,
+      config,
+      start_step=start_step,
+      total_steps=total_steps,
+      seed=seed,
+      replica=(index, replicas.total),
+    )
+    for index in replicas.ids
+  ]
+  if len(streams) == 1:
+    return streams[0]
+  return tf.data.Dataset.choose_from_datasets(streams, tf.data.Dataset.range(len(streams)).repeat())
 
 
 # --- Evaluation ------------------------------------------------------------------------------------------

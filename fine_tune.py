@@ -21,7 +21,7 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from utils import datasets, optim, plots, runtime, sources, steps, training
+from utils import datasets, optim, pipeline, plots, runtime, sources, steps, training
 from utils import encoder as encoder_lib
 from utils.errors import UserError
 
@@ -86,8 +86,11 @@ def main(argv):
   )
 
   # --- Loop ------------------------------------------------------------------
-  dataset = source.finetune_dataset(
-    labeled, f, config.data, start_step=start_step, total_steps=total_steps, seed=config.seed
+  dataset = pipeline.distribute(
+    strategy,
+    lambda replicas: source.finetune_dataset(
+      labeled, f, config.data, start_step=start_step, total_steps=total_steps, seed=config.seed, replicas=replicas
+    ),
   )
   train_steps = steps.suncet_steps(
     config, strategy, state.encoder, state.optimizer, jit_compile, bn_training=_FROM_SCRATCH.value

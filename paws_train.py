@@ -17,7 +17,7 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from utils import benchmark, datasets, optim, plots, runtime, sources, steps, training
+from utils import benchmark, datasets, optim, pipeline, plots, runtime, sources, steps, training
 from utils import encoder as encoder_lib
 from utils.errors import UserError
 
@@ -82,6 +82,11 @@ def check_batch_shapes(config, num_train, num_classes, num_replicas):
     )
   if p.batch_size % num_replicas or p.images_per_class % num_replicas:
     raise UserError(f"pretrain.batch_size and pretrain.images_per_class must divide by the {num_replicas} replicas")
+  if p.unique_classes_per_replica and p.classes_per_batch * num_replicas > num_classes:
+    raise UserError(
+      f"pretrain.unique_classes_per_replica: {num_replicas} replicas x classes_per_batch={p.classes_per_batch} "
+      f"different classes, but the data has {num_classes}; lower classes_per_batch or turn it off"
+    )
 
 
 def main(argv):
@@ -125,8 +130,12 @@ def main(argv):
   print(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
 
   # --- Loop: the input stream from start_step ------------------------------------
-  dataset = source.pretrain_dataset(
-    labeled, config.data, p, start_step=start_step, total_steps=total_steps, seed=config.seed
+  # Each worker builds only its replicas' batches, prefetched to their devices.
+  dataset = pipeline.distribute(
+    strategy,
+    lambda replicas: source.pretrain_dataset(
+      labeled, config.data, p, start_step=start_step, total_steps=total_steps, seed=config.seed, replicas=replicas
+    ),
   )
   train_steps = steps.paws_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
   loop = training.Loop("pretrain", total_steps, steps_per_epoch, benchmark.crops_per_step(p), schedule)

@@ -34,6 +34,7 @@ _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import config as config_lib  # pylint: disable=g-import-not-at-top
+from tests import replica_input
 from utils import encoder as encoder_lib
 from utils import optim, runtime, steps, training
 
@@ -132,9 +133,8 @@ def run(config, strategy, initial_weights, batch, unfused=False):
       layer.fused = False  # read at call time; the variables are the same either way
   trainable = {id(v) for v in encoder.trainable_weights}
   train_steps = steps.paws_steps(config, strategy, encoder, optimizer, jit_compile=False)
-  # The step slices its own share of the global batch, so every strategy
-  # reads a plain (not distributed) iterator.
-  iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+  # Every replica gets its share of the global batch, as from the input pipeline.
+  iterator = replica_input.repeated(strategy, batch)
   records = []
   for _ in range(NUM_STEPS):
     metrics = train_steps(iterator, tf.constant(1))

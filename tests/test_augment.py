@@ -610,3 +610,24 @@ def test_imagenet_views_are_deterministic_in_tf_function_and_dataset():
   from_data = list(seeds.map(view, num_parallel_calls=2).as_numpy_iterator())
   np.testing.assert_array_equal(from_data[1], eager)
   np.testing.assert_array_equal(from_data[0], view(SEED + 1).numpy())
+
+
+def test_rows_of_a_batch_get_the_draws_of_the_whole_batch():
+  """rows=(start, total): one replica's images are augmented exactly as those rows of the global batch."""
+  rng = np.random.default_rng(5)
+  images = tf.constant(rng.integers(0, 256, [8, 20, 20, 3]), tf.uint8)
+  seed = tf.constant([3, 4], tf.int64)
+  options = dict(mean=(0.5,) * 3, std=(0.2,) * 3, grayscale_prob=0.3, blur_prob=0.5)
+  whole = augment.augment_batch(images, seed, 12, (0.3, 1.0), **options).numpy()
+  for start in (0, 2, 6):
+    part = augment.augment_batch(images[start : start + 2], seed, 12, (0.3, 1.0), rows=(start, 8), **options)
+    np.testing.assert_array_equal(part.numpy(), whole[start : start + 2])
+  # without rows, the same two images get other draws
+  alone = augment.augment_batch(images[2:4], seed, 12, (0.3, 1.0), **options).numpy()
+  assert not np.array_equal(alone, whole[2:4])
+  crops = tf.random.stateless_uniform([8, 6, 6, 3], [1, 2])
+  coloured = augment.color_and_normalize(crops, seed, **options).numpy()
+  part = augment.color_and_normalize(crops[4:8], seed, rows=(4, 8), **options)
+  np.testing.assert_array_equal(part.numpy(), coloured[4:8])
+  flipped = augment.random_flip(crops, seed).numpy()
+  np.testing.assert_array_equal(augment.random_flip(crops[3:5], seed, rows=(3, 8)).numpy(), flipped[3:5])

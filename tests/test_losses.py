@@ -144,7 +144,7 @@ def test_snn_ignores_embedding_scale():
 
 
 def test_make_labels_matrix_smoothing_and_interleaving():
-  labels = losses.make_labels_matrix(10, 4, num_views=2, smoothing=0.1)
+  labels = losses.make_labels_matrix(10, 4, num_blocks=2, smoothing=0.1)
   assert labels.dtype == tf.float32
   assert labels.shape == (80, 10)
   labels = labels.numpy()
@@ -160,6 +160,16 @@ def test_make_labels_matrix_smoothing_and_interleaving():
 def test_make_labels_matrix_one_hot_default():
   labels = losses.make_labels_matrix(3, 2).numpy()
   np.testing.assert_array_equal(labels, np.eye(3)[[0, 1, 2, 0, 1, 2]])
+
+
+def test_make_labels_matrix_unique_blocks():
+  """Each replica's block has its own classes: block b's row i has class b*K + i mod K of R*K, smoothed over R*K."""
+  labels = losses.make_labels_matrix(2, 2, num_blocks=3, smoothing=0.3, unique_blocks=True).numpy()
+  classes = [0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5]
+  expected = np.full([12, 6], 0.3 / 6) + (1 - 0.3) * np.eye(6)[classes]
+  np.testing.assert_allclose(labels, expected, rtol=1e-6)
+  shared = losses.make_labels_matrix(2, 2, num_blocks=3).numpy()  # without: every block the same 2 classes
+  np.testing.assert_array_equal(shared, np.eye(2)[[0, 1] * 6])
 
 
 # ---- paws_loss ----

@@ -112,7 +112,7 @@ def test_unlabeled_indices_epoch_permutation_drops_last_partial_batch():
   assert not np.array_equal(next_epoch, seen[:3])
 
 
-def small_pretrain_dataset(start_step, total_steps=4):
+def small_pretrain_dataset(start_step, total_steps=4, replicas=pipeline.ONE_DEVICE, unique_classes=False):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=[20, 8, 8, 3], dtype=np.uint8)
   labels = np.repeat(np.arange(4), 5)
@@ -133,10 +133,25 @@ def small_pretrain_dataset(start_step, total_steps=4):
     )
   )
   pretrain = ml_collections.ConfigDict(
-    dict(batch_size=4, multicrop=2, classes_per_batch=4, images_per_class=2, support_views=2)
+    dict(
+      batch_size=4,
+      multicrop=2,
+      classes_per_batch=2 if unique_classes else 4,
+      images_per_class=2,
+      support_views=2,
+      unique_classes_per_replica=unique_classes,
+    )
   )
   return pipeline.pretrain_dataset(
-    images, labeled, labels[labeled], data, pretrain, start_step=start_step, total_steps=total_steps, seed=7
+    images,
+    labeled,
+    labels[labeled],
+    data,
+    pretrain,
+    start_step=start_step,
+    total_steps=total_steps,
+    seed=7,
+    replicas=replicas,
   )
 
 
@@ -155,6 +170,52 @@ def test_pretrain_dataset_shapes_and_exact_resume():
       np.testing.assert_array_equal(a.numpy(), b.numpy())
   # the two large views of one step are different augmentations
   assert not np.array_equal(full[0][0][0].numpy(), full[0][0][1].numpy())
+
+
+def test_pretrain_replicas_get_their_rows_of_the_one_device_batch():
+  """Two replicas: elements alternate replica 0, 1 per step, and their rows make up the one-device batch."""
+  one_device = list(small_pretrain_dataset(0, total_steps=3))
+  both = list(small_pretrain_dataset(0, total_steps=3, replicas=pipeline.Replicas((0, 1), 2)))
+  second_worker = list(small_pretrain_dataset(0, total_steps=3, replicas=pipeline.Replicas((1,), 2)))
+  assert len(both) == 6 and len(second_worker) == 3
+  for step, (views, supports) in enumerate(one_device):
+    (views_0, supports_0), (views_1, supports_1) = both[2 * step], both[2 * step + 1]
+    assert supports_0.shape == (2, 1, 4, 8, 8, 3)
+    np.testing.assert_array_equal(np.concatenate([supports_0, supports_1], axis=1), supports)
+    for whole, part_0, part_1 in zip(views, views_0, views_1, strict=True):
+      assert part_0.shape[0] == 2
+      np.testing.assert_array_equal(np.concatenate([part_0, part_1]), whole)
+    # a worker feeding only replica 1 builds exactly replica 1's batches
+    for a, b in zip(second_worker[step][0], views_1, strict=True):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(second_worker[step][1], supports_1)
+
+
+def test_unique_classes_give_each_replica_its_own_classes():
+  labels = np.repeat(np.arange(6), 4)
+  sampler = pipeline.SupportSampler(labels, 2, 4, seed=3, num_replicas=2, unique_classes=True)
+  shared = pipeline.SupportSampler(labels, 2, 4, seed=3, num_replicas=2)
+  one_replica = pipeline.SupportSampler(labels, 2, 4, seed=3, num_replicas=1, unique_classes=True)
+  np.testing.assert_array_equal(one_replica.batch(0), shared.batch(0))  # one replica: the usual draw
+  class_pairs = set()
+  for step in range(50):
+    blocks = labels[sampler.batch(step)].reshape(2, 2, 2)  # [replica, image, class position]
+    assert len(set(sampler.batch(step))) == 8  # no image twice
+    for block in blocks:
+      assert (block == block[0]).all()  # interleaved by class: column j is one class
+    assert not set(blocks[0, 0]) & set(blocks[1, 0])  # the two replicas' classes differ
+    class_pairs.add(tuple(sorted(blocks[0, 0])))
+    shared_blocks = labels[shared.batch(step)].reshape(2, 2, 2)
+    np.testing.assert_array_equal(shared_blocks[0, 0], shared_blocks[1, 0])  # without: the same classes
+  assert len(class_pairs) > 5  # classes re-drawn every step
+  with pytest.raises(UserError, match="3 classes.*lower classes_per_batch"):
+    pipeline.SupportSampler(np.repeat(np.arange(3), 4), 2, 4, seed=0, num_replicas=2, unique_classes=True)
+
+
+def test_unique_classes_pipeline_blocks():
+  both = list(small_pretrain_dataset(0, total_steps=2, replicas=pipeline.Replicas((0, 1), 2), unique_classes=True))
+  assert both[0][1].shape == (2, 1, 2, 8, 8, 3)  # [support views, per class, K, ...]
+  assert not np.array_equal(both[0][1], both[1][1])
 
 
 def _finetune_batch(flip):
@@ -188,3 +249,17 @@ def test_finetune_dataset_without_flip_gives_the_images_themselves():
     # 4 per class interleaved by class: every labeled image exactly once per view
     matched = sorted(int(np.flatnonzero([np.allclose(image, o) for o in originals])[0]) for image in view)
     assert matched == list(range(8))
+
+
+def test_finetune_replicas_get_their_rows_of_the_one_device_batch():
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, size=[12, 6, 6, 3], dtype=np.uint8)
+  labels = np.repeat(np.arange(3), 4)
+  finetune = ml_collections.ConfigDict(dict(classes_per_batch=3, images_per_class=4, views=2))
+  data = ml_collections.ConfigDict(dict(flip=True, mean=(0.0,) * 3, std=(1.0,) * 3))
+  steps = dict(start_step=0, total_steps=3, seed=4)
+  one_device = list(pipeline.finetune_dataset(images, labels, finetune, data, **steps))
+  both = list(pipeline.finetune_dataset(images, labels, finetune, data, replicas=pipeline.Replicas((0, 1), 2), **steps))
+  for step, batch in enumerate(one_device):
+    assert both[2 * step].shape == (2, 2, 3, 6, 6, 3)
+    np.testing.assert_array_equal(np.concatenate([both[2 * step], both[2 * step + 1]], axis=1), batch)

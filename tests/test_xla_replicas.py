@@ -48,6 +48,7 @@ if __name__ == "__main__":  # the subprocess: the repository root must be import
   sys.path.insert(0, ROOT)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tests import replica_input  # pylint: disable=g-import-not-at-top
 from utils import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
 from utils import optim, runtime, steps, training
 from utils.errors import UserError
@@ -199,9 +200,9 @@ def make_steps(kind, config, strategy, state, jit_compile):
   return steps.suncet_steps(config, strategy, state.encoder, state.optimizer, jit_compile, bn_training=False)
 
 
-def run_calls(train_steps, batch, calls):
+def run_calls(train_steps, strategy, batch, calls):
   """Calls train_steps once per entry of `calls` (steps per call) on a repeated batch; returns the metrics."""
-  iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+  iterator = replica_input.repeated(strategy, batch)
   return [{k: float(v) for k, v in train_steps(iterator, tf.constant(n)).items()} for n in calls]
 
 
@@ -230,7 +231,7 @@ def gpu_route_traces(check, results):
       state = build_state(config, mirrored, weights)
       train_steps = make_steps(kind, config, mirrored, state, jit_compile=True)
       batch = paws_batch(config, check) if kind == "paws" else suncet_batch(config)
-      iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+      iterator = replica_input.repeated(mirrored, batch)
       key = f"gpu_route/{kind}/{precision}"
       with gpu_route():
         concrete = train_steps.get_concrete_function(iterator, tf.constant(1))
@@ -308,7 +309,7 @@ def xla_float32(kind, check, results):
   for jit in (False, True):
     state = build_state(config, one, weights)
     train_steps = make_steps(kind, config, one, state, jit_compile=jit)
-    iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+    iterator = replica_input.repeated(one, batch)
     name = "xla" if jit else "plain"
     start = time.perf_counter()
     first = {k: float(v) for k, v in train_steps(iterator, tf.constant(1)).items()}
@@ -347,12 +348,12 @@ def xla_float16(kind, check, results, checkpoint_dir):
   one = tf.distribute.OneDeviceStrategy("/cpu:0")
 
   plain = build_state(config, one, weights)
-  for metric, value in run_calls(make_steps(kind, config, one, plain, False), batch, [1])[0].items():
+  for metric, value in run_calls(make_steps(kind, config, one, plain, False), one, batch, [1])[0].items():
     results[f"{kind}/mixed_float16/plain/step1/{metric}"] = np.array(value)
 
   state = build_state(config, one, weights, loss_scale=OVERFLOW_SCALE)
   train_steps = make_steps(kind, config, one, state, jit_compile=True)
-  iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+  iterator = replica_input.repeated(one, batch)
   slots = lambda: [v.numpy() for v in state.optimizer.variables() if "momentum" in v.name]
   trainable_before, slots_before = [v.numpy() for v in state.encoder.trainable_variables], slots()
   start = time.perf_counter()
@@ -375,7 +376,7 @@ def xla_float16(kind, check, results, checkpoint_dir):
     max(np.abs(b - v.numpy()).max() for b, v in zip(trainable_before, state.encoder.trainable_variables))
   )
   if kind == "suncet":
-    continue_checkpoint(config, state, train_steps, batch, checkpoint_dir, results)
+    continue_checkpoint(config, one, state, train_steps, batch, checkpoint_dir, results)
 
 
 def two_replica_checkpoint(check, results, checkpoint_dir):
@@ -392,7 +393,7 @@ def two_replica_checkpoint(check, results, checkpoint_dir):
   state = build_state(config, mirrored, weights)
   training.restore(state, checkpoint_dir, keep=2)
   train_steps = make_steps("suncet", config, mirrored, state, jit_compile=False)
-  iterator = iter(tf.data.Dataset.from_tensors(suncet_batch(config)).repeat())
+  iterator = replica_input.repeated(mirrored, suncet_batch(config))
   train_steps(iterator, tf.constant(2))
   state.step.assign(2)
   results["checkpoint/path"] = np.array(training.save(state))
@@ -406,7 +407,7 @@ def two_replica_checkpoint(check, results, checkpoint_dir):
     results[f"checkpoint/two_replicas/step3/{metric}"] = np.array(value)
 
 
-def continue_checkpoint(config, state, train_steps, batch, checkpoint_dir, results):
+def continue_checkpoint(config, strategy, state, train_steps, batch, checkpoint_dir, results):
   """Restores the 2-replica checkpoint into the 1-replica XLA state and takes one step."""
   deadline = time.time() + 600
   while not os.path.exists(os.path.join(checkpoint_dir, READY)):
@@ -423,7 +424,7 @@ def continue_checkpoint(config, state, train_steps, batch, checkpoint_dir, resul
     [v.numpy().ravel() for v in state.optimizer.variables() if "momentum" in v.name]
   )
   before = [v.numpy() for v in state.encoder.trainable_variables]
-  third = run_calls(train_steps, batch, [1])[0]
+  third = run_calls(train_steps, strategy, batch, [1])[0]
   for metric, value in third.items():
     results[f"checkpoint/one_replica_xla/step3/{metric}"] = np.array(value)
   results["checkpoint/moved"] = np.array(

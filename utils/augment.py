@@ -232,18 +232,35 @@ def _select(mask, new_images, images):
   return tf.where(mask[:, None, None, None], new_images, images)
 
 
-def random_flip(images, seed, prob=0.5):
+def _draw_rows(num_images, rows):
+  """(number of images to draw for, function keeping this batch's rows of every draw).
+
+  rows=(start, total): the images are rows start .. start + num_images - 1 of a batch of `total`, as on
+  one replica of a global batch; the draws are made for the whole batch and these rows kept, so a
+  replica's images are augmented exactly as in the global batch. None: the batch is the whole batch.
+  """
+  if rows is None:
+    return num_images, lambda draws: draws
+  start, total = rows
+  return total, lambda draws: tf.nest.map_structure(
+    lambda t: None if t is None else t[start : start + num_images], draws
+  )
+
+
+def random_flip(images, seed, prob=0.5, rows=None):
   """Flips each image left-right with probability `prob` (METHOD.md section 4).
 
   Args:
     images: [N, H, W, C] tensor.
     seed: int32/int64 tensor of shape [2].
     prob: flip probability per image.
+    rows: optional (start, total): images are these rows of a batch of `total` (see _draw_rows).
 
   Returns:
     tensor like `images`.
   """
-  flip = _coins(seed, tf.shape(images)[0], prob)
+  num_draws, keep = _draw_rows(tf.shape(images)[0], rows)
+  flip = keep(_coins(seed, num_draws, prob))
   return _select(flip, tf.reverse(images, axis=[2]), images)
 
 
@@ -640,6 +657,7 @@ def augment_batch(
   grayscale_prob=0.0,
   blur_prob=0.0,
   blur_radius=(0.1, 2.0),
+  rows=None,
 ):
   """One PAWS view of every image in a batch (METHOD.md section 4).
 
@@ -668,6 +686,9 @@ def augment_batch(
     blur_prob: GaussianBlur probability per image.
     blur_radius: (min, max) of the blur radius (PIL's radius, the Gaussian's
       standard deviation), 0 < min <= max.
+    rows: optional (start, total): `images` are rows start .. start + N - 1 of
+      a batch of `total` (one replica's share); their draws are those of the
+      whole batch, so the views equal those rows of the whole batch's views.
 
   Returns:
     float32 [N, size, size, 3], normalised.
@@ -688,6 +709,7 @@ def augment_batch(
     float(grayscale_prob),
     float(blur_prob),
     tuple(float(value) for value in blur_radius),
+    None if rows is None else tuple(int(value) for value in rows),
   )
 
 
@@ -740,21 +762,24 @@ def _augment_batch_graph(
   grayscale_prob,
   blur_prob,
   blur_radius,
+  rows,
 ):
   """augment_batch with hashable Python arguments."""
   crop_seed, flip_seed, _, _, equalize_seed = _split(seed, 5)
   shape = tf.shape(images)
-  num_images = shape[0]
-  boxes = sample_crop_boxes(crop_seed, num_images, shape[1], shape[2], scale, ratio)
-  flip_mask = _coins(flip_seed, num_images, 0.5) if flip else None
-  jitter, solarize_thresholds, grayscale, blur = _sample_colour(
-    seed, num_images, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius
+  num_draws, keep = _draw_rows(shape[0], rows)
+  boxes = keep(sample_crop_boxes(crop_seed, num_draws, shape[1], shape[2], scale, ratio))
+  flip_mask = keep(_coins(flip_seed, num_draws, 0.5)) if flip else None
+  jitter, solarize_thresholds, grayscale, blur = keep(
+    _sample_colour(
+      seed, num_draws, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius
+    )
   )
   views, normalized = _augment_pixels(
     images, boxes, flip_mask, jitter, solarize_thresholds, size, mean, std, grayscale, blur
   )
   if equalize_prob > 0:
-    indices, equalized = _equalize_selected(views, _coins(equalize_seed, num_images, equalize_prob))
+    indices, equalized = _equalize_selected(views, keep(_coins(equalize_seed, num_draws, equalize_prob)))
     normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, mean, std))
   return normalized
 
@@ -772,6 +797,7 @@ def color_and_normalize(
   grayscale_prob=0.0,
   blur_prob=0.0,
   blur_radius=(0.1, 2.0),
+  rows=None,
 ):
   """The colour stage of augment_batch, for views cropped, resized and flipped elsewhere (METHOD.md section 4).
 
@@ -801,6 +827,7 @@ def color_and_normalize(
     float(grayscale_prob),
     float(blur_prob),
     tuple(float(value) for value in blur_radius),
+    None if rows is None else tuple(int(value) for value in rows),
   )
 
 
@@ -832,15 +859,18 @@ def _color_graph(
   grayscale_prob,
   blur_prob,
   blur_radius,
+  rows,
 ):
   """color_and_normalize with hashable Python arguments; the draws of _augment_batch_graph."""
   equalize_seed = _split(seed, 5)[4]
-  num_images = tf.shape(views)[0]
-  jitter, solarize_thresholds, grayscale, blur = _sample_colour(
-    seed, num_images, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius
+  num_draws, keep = _draw_rows(tf.shape(views)[0], rows)
+  jitter, solarize_thresholds, grayscale, blur = keep(
+    _sample_colour(
+      seed, num_draws, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius
+    )
   )
   views, normalized = _color_pixels(tf.cast(views, tf.float32), jitter, solarize_thresholds, mean, std, grayscale, blur)
   if equalize_prob > 0:
-    indices, equalized = _equalize_selected(views, _coins(equalize_seed, num_images, equalize_prob))
+    indices, equalized = _equalize_selected(views, keep(_coins(equalize_seed, num_draws, equalize_prob)))
     normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, mean, std))
   return normalized

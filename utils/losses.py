@@ -59,27 +59,37 @@ def snn(query, supports, support_labels, tau):
   return tf.matmul(weights, support_labels)
 
 
-def make_labels_matrix(num_classes, images_per_class, num_views=1, smoothing=0.0):
+def make_labels_matrix(num_classes, images_per_class, num_blocks=1, smoothing=0.0, unique_blocks=False):
   """Label rows of a class-interleaved support batch (METHOD.md section 2).
 
-  Row i has class i mod num_classes; the block of num_classes *
-  images_per_class rows repeats once per support view. Smoothing eps gives the
-  on-value 1 - eps + eps / K and the off-value eps / K.
+  The batch is num_blocks blocks (support views, or replicas' shares) of
+  num_classes * images_per_class rows; row i of a block has its class i mod K.
+  Every block has the same K classes, or with unique_blocks (each replica
+  drawing its own classes) block b has classes b*K .. b*K + K - 1 of
+  num_blocks * K. Smoothing eps gives the on-value 1 - eps + eps / C and the
+  off-value eps / C over the C columns.
 
   Args:
-    num_classes: K.
-    images_per_class: support images per class in one view.
-    num_views: number of support views (blocks).
+    num_classes: K, classes per block.
+    images_per_class: support images per class in one block.
+    num_blocks: number of blocks.
     smoothing: label smoothing eps.
+    unique_blocks: whether each block has its own classes.
 
   Returns:
-    float32 tensor [num_views * num_classes * images_per_class, num_classes].
+    float32 tensor [num_blocks * num_classes * images_per_class, C], C = num_classes, or
+    num_blocks * num_classes with unique_blocks.
   """
-  num_rows = num_views * num_classes * images_per_class
-  off_value = smoothing / num_classes
+  block_rows = num_classes * images_per_class
+  rows = tf.range(num_blocks * block_rows)
+  classes = rows % num_classes
+  num_columns = num_classes
+  if unique_blocks:
+    classes += rows // block_rows * num_classes
+    num_columns *= num_blocks
+  off_value = smoothing / num_columns
   on_value = 1.0 - smoothing + off_value
-  classes = tf.range(num_rows) % num_classes
-  return tf.one_hot(classes, num_classes, on_value=on_value, off_value=off_value, dtype=tf.float32)
+  return tf.one_hot(classes, num_columns, on_value=on_value, off_value=off_value, dtype=tf.float32)
 
 
 def _mean_across_replicas(value):

@@ -4,15 +4,70 @@ All sampling of indices happens in NumPy from seeds that depend only on the
 step, so a stream restarted at step s is exactly the stream that was cut at s;
 no iterator state needs checkpointing. Augmentations are stateless and seeded
 by (seed, step), so parallel `map` does not change the result either.
+
+Every pipeline feeds replicas (README, Before a long GPU run): given a
+`Replicas`, it emits for each step one batch per replica it serves, in turn,
+each holding only that replica's rows of the global batch, with the random
+draws those rows have in the global batch. tf.distribute's
+distribute_datasets_from_function hands consecutive elements to a worker's
+devices in turn and prefetches them there (`distribute`), so no device
+receives, and no worker builds, more than its own share.
 """
 
+import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from utils import augment
 from utils.errors import UserError
+
+
+class Replicas(NamedTuple):
+  """The replicas one input pipeline feeds.
+
+  ids: their replica ids (replica_id_in_sync_group), in the order the pipeline emits their batches;
+  total: the number of replicas in sync (all workers). The default is a single device.
+  """
+
+  ids: tuple = (0,)
+  total: int = 1
+
+
+ONE_DEVICE = Replicas()
+
+
+def replicas_for(strategy, input_context):
+  """The Replicas of one worker's input pipeline under distribute_datasets_from_function.
+
+  Worker w (input pipeline w) of a strategy with L devices per worker runs replicas w*L .. w*L + L - 1,
+  and tf.distribute gives its devices consecutive elements of its dataset in turn.
+  """
+  local = strategy.num_replicas_in_sync // input_context.num_input_pipelines
+  first = input_context.input_pipeline_id * local
+  return Replicas(tuple(range(first, first + local)), strategy.num_replicas_in_sync)
+
+
+def distribute(strategy, make_dataset):
+  """The distributed dataset of make_dataset(replicas): each worker builds only its replicas' batches.
+
+  distribute_datasets_from_function prefetches each batch to its device (fetch-to-device is on by default),
+  so the host-to-device copy is off the step's critical path.
+  """
+  return strategy.distribute_datasets_from_function(
+    lambda input_context: make_dataset(replicas_for(strategy, input_context))
+  )
+
+
+def _round_robin(replica_dataset, replicas):
+  """replica_dataset(replica id) for each of replicas.ids, taken in turn: step 0 of each, then step 1, ..."""
+  datasets = [replica_dataset(replica) for replica in replicas.ids]
+  if len(datasets) == 1:
+    return datasets[0]
+  choice = tf.data.Dataset.range(len(datasets)).repeat()
+  return tf.data.Dataset.choose_from_datasets(datasets, choice)
 
 
 class SupportSampler:
@@ -28,38 +83,55 @@ class SupportSampler:
   other (an image is in each batch with probability images_per_class / class
   size, whatever came before). Batch `step` is a function of (seed, step)
   only: a stream resumed at any step needs no replay.
+
+  With R replicas the batch is cut into R consecutive blocks, one per replica,
+  of images_per_class / R images of each class. Without unique classes these
+  are the rows of the one-device batch (its images of a class split between
+  the replicas); with `unique_classes` (the reference's ImageNet setting),
+  replica r gets classes r*K .. r*K + K - 1 of the permutation, so the R
+  replicas support R*K different classes.
   """
 
   # A trailing non-zero word keeps these generators apart from unlabeled_indices'
   # default_rng([seed, epoch]): numpy's SeedSequence ignores trailing zero words.
   STREAM = 1
 
-  def __init__(self, labels, classes_per_batch, images_per_class, seed):
+  def __init__(self, labels, classes_per_batch, images_per_class, seed, num_replicas=1, unique_classes=False):
     labels = np.asarray(labels)
     self.classes = np.unique(labels)
-    if classes_per_batch > len(self.classes):
+    num_classes = classes_per_batch * (num_replicas if unique_classes else 1)
+    if num_classes > len(self.classes):
+      per_replica = f" x {num_replicas} replicas (unique_classes_per_replica)" if unique_classes else ""
       raise UserError(
-        f"classes_per_batch={classes_per_batch} but the labeled set has only "
+        f"classes_per_batch={classes_per_batch}{per_replica} but the labeled set has only "
         f"{len(self.classes)} classes; lower classes_per_batch"
       )
+    if images_per_class % num_replicas:
+      raise UserError(f"images_per_class={images_per_class} must divide by the {num_replicas} replicas")
     self.members = [np.flatnonzero(labels == c) for c in self.classes]
     smallest = min(len(m) for m in self.members)
-    if images_per_class > smallest:
+    per_class = images_per_class // num_replicas if unique_classes else images_per_class
+    if per_class > smallest:
       raise UserError(
         f"images_per_class={images_per_class} support images per class but a class has only "
         f"{smallest} labeled images; lower images_per_class or label more images per class"
       )
-    self.classes_per_batch = classes_per_batch
-    self.images_per_class = images_per_class
+    self.num_classes = num_classes
+    self.per_class = per_class
+    self.num_replicas = num_replicas
+    self.unique_classes = unique_classes
     self.seed = seed
     self.step = 0
 
   def batch(self, step):
-    """Returns the int64 [images_per_class * classes_per_batch] indices of batch `step`, interleaved by class."""
+    """The int64 indices of batch `step`: R blocks (one per replica) of images x classes, interleaved by class."""
     rng = np.random.default_rng([self.seed, step, self.STREAM])
-    chosen = rng.permutation(len(self.classes))[: self.classes_per_batch]
-    columns = [rng.permutation(self.members[c])[: self.images_per_class] for c in chosen]
-    return np.stack(columns, axis=1).reshape(-1).astype(np.int64)
+    chosen = rng.permutation(len(self.classes))[: self.num_classes]
+    columns = [rng.permutation(self.members[c])[: self.per_class] for c in chosen]
+    batch = np.stack(columns, axis=1)  # [per_class, num_classes]
+    if self.unique_classes:  # replica r's block: its K columns
+      batch = batch.reshape(self.per_class, self.num_replicas, -1).transpose(1, 0, 2)
+    return batch.reshape(-1).astype(np.int64)
 
   def next_batch(self):
     """The batch of the next step (0, 1, ... since construction)."""
@@ -71,13 +143,23 @@ def unlabeled_indices(num_images, batch_size, step, seed):
   """Indices of the unlabeled batch at `step`: a fresh permutation per epoch, last partial batch dropped."""
   steps_per_epoch = num_images // batch_size
   epoch, position = divmod(step, steps_per_epoch)
+  return _epoch_order(num_images, seed, epoch)[position * batch_size : (position + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_images, seed, epoch):
+  """One epoch's permutation, computed once per epoch, not per step (1.3 M images: ~30 ms each time)."""
   order = np.random.default_rng([seed, epoch]).permutation(num_images)
-  return order[position * batch_size : (position + 1) * batch_size]
+  order.flags.writeable = False  # shared by every step of the epoch
+  return order
 
 
-def support_batches(labels, classes_per_batch, images_per_class, seed, start_step, total_steps):
-  """Yields (step, support indices) for steps [start_step, total_steps); each batch depends on (seed, step) only."""
-  sampler = SupportSampler(labels, classes_per_batch, images_per_class, seed)
+def support_batches(labels, classes_per_batch, images_per_class, seed, start_step, total_steps, **replicas):
+  """Yields (step, support indices) for steps [start_step, total_steps); each batch depends on (seed, step) only.
+
+  replicas: SupportSampler's num_replicas and unique_classes.
+  """
+  sampler = SupportSampler(labels, classes_per_batch, images_per_class, seed, **replicas)
   for step in range(start_step, total_steps):
     yield step, sampler.batch(step)
 
@@ -86,8 +168,11 @@ def _step_seed(seed, step, stream):
   return tf.stack([tf.cast(seed, tf.int64) * 1000 + stream, tf.cast(step, tf.int64)])
 
 
-def _augment_views(batch, seeds, size, scale, data):
-  """One augmented view of `batch` per seed, with the config's `data` augmentation settings."""
+def _augment_views(batch, seeds, size, scale, data, rows):
+  """One augmented view of `batch` per seed, with the config's `data` augmentation settings.
+
+  rows: (start, total), the batch's rows in the global batch (augment.augment_batch).
+  """
   return [
     augment.augment_batch(
       batch,
@@ -105,95 +190,136 @@ def _augment_views(batch, seeds, size, scale, data):
       grayscale_prob=data.get("grayscale_prob", 0.0),
       blur_prob=data.get("blur_prob", 0.0),
       blur_radius=data.get("blur_radius", (0.1, 2.0)),
+      rows=rows,
     )
     for view_seed in seeds
   ]
 
 
-def pretrain_dataset(images, labeled_indices, labeled_labels, data, pretrain, *, start_step, total_steps, seed):
-  """Per-step batches for PAWS pre-training (METHOD.md section 4).
+def pretrain_supports(labels, pretrain, seed, num_replicas):
+  """The SupportSampler of pre-training: pretrain.images_per_class over num_replicas replicas."""
+  p = pretrain
+  return dict(
+    labels=labels,
+    classes_per_batch=p.classes_per_batch,
+    images_per_class=p.images_per_class,
+    seed=seed,
+    num_replicas=num_replicas,
+    unique_classes=p.unique_classes_per_replica,
+  )
+
+
+def pretrain_dataset(
+  images, labeled_indices, labeled_labels, data, pretrain, *, start_step, total_steps, seed, replicas=ONE_DEVICE
+):
+  """Per-step, per-replica batches for PAWS pre-training (METHOD.md section 4).
 
   Args:
     images: uint8 [N, H, W, 3], the whole unlabeled training set.
     labeled_indices, labeled_labels: the labeled subset (indices into images).
     data: the config's `data` section (crop sizes and scales, augmentation, mean/std).
     pretrain: the config's `pretrain` section (batch_size, multicrop, classes_per_batch,
-      images_per_class, support_views).
+      images_per_class, support_views, unique_classes_per_replica), sizes over all replicas.
     start_step, total_steps: the stream covers steps [start_step, total_steps).
     seed: augmentation and sampling seed.
+    replicas: the Replicas this pipeline feeds (default: one device).
   Returns:
-    tf.data.Dataset of (views, supports): views is a tuple of 2 + multicrop
-    float32 batches [batch_size, S, S, 3] (two large, then small crops);
-    supports is float32 [support_views, images_per_class, classes_per_batch,
-    S, S, 3] so replicas can slice their own images per class.
+    tf.data.Dataset of (views, supports), one element per step and replica (in the order of
+    replicas.ids): views is a tuple of 2 + multicrop float32 batches [batch_size / R, S, S, 3]
+    (two large, then small crops), the replica's rows of the global batch; supports is float32
+    [support_views, images_per_class / R, classes_per_batch, S, S, 3], its block of the support batch.
   """
   p = pretrain
   images = tf.constant(images)
   labeled_images = tf.gather(images, labeled_indices)
   large = data.large_crop_size
+  local_batch = p.batch_size // replicas.total
+  local_per_class = p.images_per_class // replicas.total
+  local_support = local_per_class * p.classes_per_batch
+  sampler = pretrain_supports(labeled_labels, p, seed, replicas.total)
 
   def index_stream():
-    for step, support in support_batches(
-      labeled_labels, p.classes_per_batch, p.images_per_class, seed, start_step, total_steps
-    ):
+    for step, support in support_batches(start_step=start_step, total_steps=total_steps, **sampler):
       yield step, unlabeled_indices(len(images), p.batch_size, step, seed), support
 
-  def make_views(step, batch_indices, support_indices):
-    batch = tf.gather(images, batch_indices)
-    seeds = tf.unstack(
-      tf.random.experimental.stateless_split(_step_seed(seed, step, 1), 2 + p.multicrop + p.support_views)
-    )
-    views = _augment_views(batch, seeds[:2], large, data.large_crop_scale, data) + _augment_views(
-      batch, seeds[2 : 2 + p.multicrop], data.small_crop_size, data.small_crop_scale, data
-    )
-    support = tf.gather(labeled_images, support_indices)
-    supports = _augment_views(support, seeds[2 + p.multicrop :], large, data.large_crop_scale, data)
-    supports = tf.reshape(
-      tf.stack(supports), [p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3]
-    )
-    return tuple(views), supports
+  def replica_dataset(replica):
+    rows, support_rows = slice(replica * local_batch, (replica + 1) * local_batch), replica * local_support
 
-  signature = (
-    tf.TensorSpec([], tf.int64),
-    tf.TensorSpec([p.batch_size], tf.int64),
-    tf.TensorSpec([p.classes_per_batch * p.images_per_class], tf.int64),
-  )
-  dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
-  dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return dataset.prefetch(tf.data.AUTOTUNE)
+    def make_views(step, batch_indices, support_indices):
+      batch = tf.gather(images, batch_indices[rows])
+      seeds = tf.unstack(
+        tf.random.experimental.stateless_split(_step_seed(seed, step, 1), 2 + p.multicrop + p.support_views)
+      )
+      place = (rows.start, p.batch_size)
+      views = _augment_views(batch, seeds[:2], large, data.large_crop_scale, data, place) + _augment_views(
+        batch, seeds[2 : 2 + p.multicrop], data.small_crop_size, data.small_crop_scale, data, place
+      )
+      support = tf.gather(labeled_images, support_indices[support_rows : support_rows + local_support])
+      place = (support_rows, replicas.total * local_support)
+      supports = _augment_views(support, seeds[2 + p.multicrop :], large, data.large_crop_scale, data, place)
+      shape = [p.support_views, local_per_class, p.classes_per_batch, large, large, 3]
+      return tuple(views), tf.reshape(tf.stack(supports), shape)
+
+    signature = (
+      tf.TensorSpec([], tf.int64),
+      tf.TensorSpec([p.batch_size], tf.int64),
+      tf.TensorSpec([replicas.total * local_support], tf.int64),
+    )
+    dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
+    return dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  return _round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
 
 
-def finetune_dataset(labeled_images, labeled_labels, finetune, data, *, start_step, total_steps, seed):
-  """Class-stratified flip-only batches for fine-tuning (METHOD.md section 6).
+def finetune_dataset(
+  labeled_images, labeled_labels, finetune, data, *, start_step, total_steps, seed, replicas=ONE_DEVICE
+):
+  """Class-stratified flip-only batches for fine-tuning (METHOD.md section 6), one per step and replica.
 
   Args:
     labeled_images, labeled_labels: the labeled subset.
-    finetune: the config's `finetune` section (classes_per_batch, images_per_class, views).
+    finetune: the config's `finetune` section (classes_per_batch, images_per_class over all replicas, views).
     data: the config's `data` section (flip, mean, std). With flip off (data that is not
       mirror-symmetric, e.g. digits) the views are the un-augmented images.
+    replicas: the Replicas this pipeline feeds (default: one device).
   Returns:
-    A dataset of float32 [views, images_per_class, classes_per_batch, H, W, 3].
+    A dataset of float32 [views, images_per_class / R, classes_per_batch, H, W, 3]: each replica's block
+    of the step's batch, in the order of replicas.ids.
   """
   f = finetune
   labeled_images = tf.constant(labeled_images)
   height, width = labeled_images.shape[1:3]
+  local_per_class = f.images_per_class // replicas.total
+  local_batch = local_per_class * f.classes_per_batch
 
   def index_stream():
-    return support_batches(labeled_labels, f.classes_per_batch, f.images_per_class, seed, start_step, total_steps)
+    return support_batches(
+      labeled_labels,
+      f.classes_per_batch,
+      f.images_per_class,
+      seed,
+      start_step,
+      total_steps,
+      num_replicas=replicas.total,
+    )
 
-  def make_views(step, support_indices):
-    batch = tf.gather(labeled_images, support_indices)
-    seeds = tf.random.experimental.stateless_split(_step_seed(seed, step, 2), f.views)
-    flipped = [
-      augment.normalize(augment.random_flip(batch, seeds[v]) if data.flip else batch, data.mean, data.std)
-      for v in range(f.views)
-    ]
-    return tf.reshape(tf.stack(flipped), [f.views, f.images_per_class, f.classes_per_batch, height, width, 3])
+  def replica_dataset(replica):
+    rows = (replica * local_batch, replicas.total * local_batch)
 
-  signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([f.classes_per_batch * f.images_per_class], tf.int64))
-  dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
-  dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return dataset.prefetch(tf.data.AUTOTUNE)
+    def make_views(step, support_indices):
+      batch = tf.gather(labeled_images, support_indices[rows[0] : rows[0] + local_batch])
+      seeds = tf.random.experimental.stateless_split(_step_seed(seed, step, 2), f.views)
+      flipped = [
+        augment.normalize(augment.random_flip(batch, seeds[v], rows=rows) if data.flip else batch, data.mean, data.std)
+        for v in range(f.views)
+      ]
+      return tf.reshape(tf.stack(flipped), [f.views, local_per_class, f.classes_per_batch, height, width, 3])
+
+    signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([rows[1]], tf.int64))
+    dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
+    return dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  return _round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(images, batch_size, mean, std):
@@ -374,21 +500,25 @@ def _color_options(data):
   return options
 
 
-def streamed_views(images, index_batches, batch_size, view_groups, seed, data):
+def streamed_views(images, index_batches, batch_size, view_groups, seed, data, rows=None):
   """Per-step batches of augmented views of images read from files.
 
   Args:
     images: a sources.ImageFiles (read(index) -> encoded bytes, describe(index) -> name for errors).
     index_batches: callable returning an iterator of (step, int64 [batch_size] image indices).
-    batch_size: images per step.
+    batch_size: images per step (the global batch).
     view_groups: list of (first view, number of views, size, scale): views first .. first + number - 1 of
       the step's view seeds, cut at `size` with crop `scale`.
     seed: the sampling seed; a step's view seeds are those of pretrain_dataset.
     data: the config's `data` section.
+    rows: optional (start, count): only rows start .. start + count - 1 of each batch (one replica's), with
+      the draws they have in the whole batch; only their images are read.
   Returns:
-    Dataset of tuples of float32 [batch_size, size, size, 3] views, the groups' views in order.
+    Dataset of tuples of float32 [count, size, size, 3] views, the groups' views in order.
   """
   num_seeds = max(first + count for first, count, _, _ in view_groups)
+  start, count = rows or (0, batch_size)
+  keep = lambda draws: tf.nest.map_structure(lambda t: t[start : start + count], draws)
 
   def view_seeds(step):
     return _split_seed(_step_seed(seed, step, 1), num_seeds)
@@ -396,9 +526,9 @@ def streamed_views(images, index_batches, batch_size, view_groups, seed, data):
   def draw(step, indices):
     seeds = view_seeds(step)
     groups = tuple(
-      crop_draws(seeds[first : first + count], batch_size, scale, data.flip) for first, count, _, scale in view_groups
+      keep(crop_draws(seeds[first : first + n], batch_size, scale, data.flip)) for first, n, _, scale in view_groups
     )
-    return tf.fill([batch_size], step), indices, groups
+    return tf.fill([count], step), keep(indices), groups
 
   def cut(step, index, groups):
     encoded, description = images.read(index), images.describe(index)
@@ -411,23 +541,28 @@ def streamed_views(images, index_batches, batch_size, view_groups, seed, data):
     seeds = view_seeds(steps[0])
     view_seed_list = [seeds[first + view] for first, count, _, _ in view_groups for view in range(count)]
     options = _color_options(data)
-    return tuple(augment.color_and_normalize(batch, seed, **options) for batch, seed in zip(views, view_seed_list))
+    return tuple(
+      augment.color_and_normalize(batch, seed, rows=(start, batch_size), **options)
+      for batch, seed in zip(views, view_seed_list)
+    )
 
   signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([batch_size], tf.int64))
   dataset = tf.data.Dataset.from_generator(index_batches, output_signature=signature)
   dataset = dataset.map(draw).unbatch()
   dataset = dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  dataset = dataset.batch(batch_size, drop_remainder=True)
+  dataset = dataset.batch(count, drop_remainder=True)
   return dataset.map(colour, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def stream_pretrain_dataset(images, labeled_indices, labeled_labels, data, pretrain, *, start_step, total_steps, seed):
+def stream_pretrain_dataset(
+  images, labeled_indices, labeled_labels, data, pretrain, *, start_step, total_steps, seed, replicas=ONE_DEVICE
+):
   """pretrain_dataset for images read from files (sources.ImageFiles): the same steps, views and supports.
 
   Each image's crop boxes come from its own height and width with the draws augment_batch makes for its
   position in the batch, on the original image (a JPEG support view decodes only its crop's window);
   crops are resized with augment_batch's PIL filter, then the batch gets augment_batch's colour stage.
-  Only the images of the step are in memory.
+  Only the images of the step's replicas are read and held in memory.
 
   Args:
     images: sources.ImageFiles, all unlabeled training images (labeled ones included).
@@ -439,36 +574,46 @@ def stream_pretrain_dataset(images, labeled_indices, labeled_labels, data, pretr
   p = pretrain
   labeled_indices = np.asarray(labeled_indices, np.int64)
   large, small = data.large_crop_size, data.small_crop_size
-  num_support = p.classes_per_batch * p.images_per_class
+  local_batch = p.batch_size // replicas.total
+  local_per_class = p.images_per_class // replicas.total
+  local_support = local_per_class * p.classes_per_batch
+  sampler = pretrain_supports(labeled_labels, p, seed, replicas.total)
 
   def unlabeled_batches():
     for step in range(start_step, total_steps):
       yield step, unlabeled_indices(len(images), p.batch_size, step, seed)
 
   def support_indices():
-    for step, positions in support_batches(
-      labeled_labels, p.classes_per_batch, p.images_per_class, seed, start_step, total_steps
-    ):
+    for step, positions in support_batches(start_step=start_step, total_steps=total_steps, **sampler):
       yield step, labeled_indices[positions]
 
-  unlabeled = streamed_views(
-    images,
-    unlabeled_batches,
-    p.batch_size,
-    [(0, 2, large, data.large_crop_scale), (2, p.multicrop, small, data.small_crop_scale)],
-    seed,
-    data,
-  )
-  supports = streamed_views(
-    images, support_indices, num_support, [(2 + p.multicrop, p.support_views, large, data.large_crop_scale)], seed, data
-  )
+  def replica_dataset(replica):
+    unlabeled = streamed_views(
+      images,
+      unlabeled_batches,
+      p.batch_size,
+      [(0, 2, large, data.large_crop_scale), (2, p.multicrop, small, data.small_crop_scale)],
+      seed,
+      data,
+      rows=(replica * local_batch, local_batch),
+    )
+    supports = streamed_views(
+      images,
+      support_indices,
+      replicas.total * local_support,
+      [(2 + p.multicrop, p.support_views, large, data.large_crop_scale)],
+      seed,
+      data,
+      rows=(replica * local_support, local_support),
+    )
 
-  def arrange(views, support_views):
-    shape = [p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3]
-    return views, tf.reshape(tf.stack(support_views), shape)
+    def arrange(views, support_views):
+      shape = [p.support_views, local_per_class, p.classes_per_batch, large, large, 3]
+      return views, tf.reshape(tf.stack(support_views), shape)
 
-  dataset = tf.data.Dataset.zip(unlabeled, supports).map(arrange)
-  return dataset.prefetch(tf.data.AUTOTUNE)
+    return tf.data.Dataset.zip(unlabeled, supports).map(arrange)
+
+  return _round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
 
 
 def centre_box(height, width):
@@ -493,7 +638,9 @@ def whole_image_loader(images, size):
   return load
 
 
-def stream_finetune_dataset(images, labeled_indices, labeled_labels, finetune, data, *, start_step, total_steps, seed):
+def stream_finetune_dataset(
+  images, labeled_indices, labeled_labels, finetune, data, *, start_step, total_steps, seed, replicas=ONE_DEVICE
+):
   """finetune_dataset for images read from files: whole images at data.image_size, flip-only views.
 
   Args:
@@ -501,37 +648,49 @@ def stream_finetune_dataset(images, labeled_indices, labeled_labels, finetune, d
     labeled_indices, labeled_labels: the labeled subset (indices into images).
     Other arguments: as finetune_dataset.
   Returns:
-    A dataset of float32 [views, images_per_class, classes_per_batch, image_size, image_size, 3].
+    A dataset of float32 [views, images_per_class / R, classes_per_batch, image_size, image_size, 3], as
+    finetune_dataset.
   """
   f = finetune
   size = data.image_size
   labeled_indices = np.asarray(labeled_indices, np.int64)
-  num_support = f.classes_per_batch * f.images_per_class
-
-  def index_stream():
-    for step, positions in support_batches(
-      labeled_labels, f.classes_per_batch, f.images_per_class, seed, start_step, total_steps
-    ):
-      for index in labeled_indices[positions]:
-        yield step, index
-
-  def make_views(steps, batch):
-    seeds = tf.random.experimental.stateless_split(_step_seed(seed, steps[0], 2), f.views)
-    flipped = [
-      augment.normalize(augment.random_flip(batch, seeds[v]) if data.flip else batch, data.mean, data.std)
-      for v in range(f.views)
-    ]
-    return tf.reshape(tf.stack(flipped), [f.views, f.images_per_class, f.classes_per_batch, size, size, 3])
-
+  local_per_class = f.images_per_class // replicas.total
+  local_batch = local_per_class * f.classes_per_batch
   load = whole_image_loader(images, size)
-  signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64))
-  dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
-  dataset = dataset.map(
-    lambda step, index: (step, load(index)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-  )
-  dataset = dataset.batch(num_support, drop_remainder=True)
-  dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return dataset.prefetch(tf.data.AUTOTUNE)
+
+  def replica_dataset(replica):
+    rows = (replica * local_batch, replicas.total * local_batch)
+
+    def index_stream():
+      for step, positions in support_batches(
+        labeled_labels,
+        f.classes_per_batch,
+        f.images_per_class,
+        seed,
+        start_step,
+        total_steps,
+        num_replicas=replicas.total,
+      ):
+        for index in labeled_indices[positions[rows[0] : rows[0] + local_batch]]:
+          yield step, index
+
+    def make_views(steps, batch):
+      seeds = tf.random.experimental.stateless_split(_step_seed(seed, steps[0], 2), f.views)
+      flipped = [
+        augment.normalize(augment.random_flip(batch, seeds[v], rows=rows) if data.flip else batch, data.mean, data.std)
+        for v in range(f.views)
+      ]
+      return tf.reshape(tf.stack(flipped), [f.views, local_per_class, f.classes_per_batch, size, size, 3])
+
+    signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64))
+    dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
+    dataset = dataset.map(
+      lambda step, index: (step, load(index)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    dataset = dataset.batch(local_batch, drop_remainder=True)
+    return dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  return _round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
 
 
 def stream_eval_dataset(images, indices, batch_size, size, mean, std):

@@ -511,31 +511,32 @@ class StreamSource(Source):
 
   # -- Pipelines ---------------------------------------------------------------------------
 
-  def pretrain_dataset(self, labeled, data, pretrain, *, start_step, total_steps, seed):
+  def pretrain_dataset(self, labeled, data, pretrain, *, replicas=pipeline.ONE_DEVICE, **steps):
     labeled = np.asarray(labeled, np.int64)
     labels = self.train_labels[labeled]
     p = pretrain
+    sampler = pipeline.SupportSampler(**pipeline.pretrain_supports(labels, p, steps["seed"], replicas.total))
 
-    def step_indices(step):
-      support = pipeline.SupportSampler(labels, p.classes_per_batch, p.images_per_class, seed).batch(step)
+    def step_indices(step):  # all the step's images (every replica's), to find an undecodable one
       return np.concatenate(
-        [pipeline.unlabeled_indices(len(self.unlabeled), p.batch_size, step, seed), labeled[support]]
+        [
+          pipeline.unlabeled_indices(len(self.unlabeled), p.batch_size, step, steps["seed"]),
+          labeled[sampler.batch(step)],
+        ]
       )
 
     self._step_images = (self.unlabeled, step_indices)
-    return pipeline.stream_pretrain_dataset(
-      self.unlabeled, labeled, labels, data, pretrain, start_step=start_step, total_steps=total_steps, seed=seed
-    )
+    return pipeline.stream_pretrain_dataset(self.unlabeled, labeled, labels, data, pretrain, replicas=replicas, **steps)
 
-  def finetune_dataset(self, labeled, finetune, data, *, start_step, total_steps, seed):
+  def finetune_dataset(self, labeled, finetune, data, *, replicas=pipeline.ONE_DEVICE, **steps):
     labeled = np.asarray(labeled, np.int64)
     labels = self.train_labels[labeled]
     f = finetune
-    sampler = pipeline.SupportSampler(labels, f.classes_per_batch, f.images_per_class, seed)
-    self._step_images = (self.train, lambda step: labeled[sampler.batch(step)])
-    return pipeline.stream_finetune_dataset(
-      self.train, labeled, labels, finetune, data, start_step=start_step, total_steps=total_steps, seed=seed
+    sampler = pipeline.SupportSampler(
+      labels, f.classes_per_batch, f.images_per_class, steps["seed"], num_replicas=replicas.total
     )
+    self._step_images = (self.train, lambda step: labeled[sampler.batch(step)])
+    return pipeline.stream_finetune_dataset(self.train, labeled, labels, finetune, data, replicas=replicas, **steps)
 
   def labeled_images(self, labeled, data):
     batches = pipeline.stream_eval_dataset(self.train, labeled, 256, data.image_size, data.mean, data.std)

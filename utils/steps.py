@@ -2,9 +2,10 @@
 
 Each builder returns train_steps(iterator, num_steps): one compiled call running
 num_steps updates under a tf.distribute strategy and returning the replica mean
-of the last step's metrics. Global batches arrive whole; every replica slices
-its own part by replica id, so the input pipeline is the same for any number
-of replicas.
+of the last step's metrics. Each replica receives its own share of the global
+batch (utils/pipeline.py emits one batch per replica, pipeline.distribute
+places them on their devices); supports are all-gathered so that the loss is
+that of the global batch.
 """
 
 import tensorflow as tf
@@ -54,17 +55,22 @@ def paws_steps(config, strategy, encoder, optimizer, jit_compile):
   local_batch = p.batch_size // num_replicas
   local_per_class = p.images_per_class // num_replicas
   num_support = p.support_views * local_per_class * p.classes_per_batch
-  # Row i of the gathered support batch has class i mod K (every replica's block is a multiple of K).
+  # Row i of a replica's support block has its class i mod K; the gathered batch is the replicas' blocks
+  # in turn. Unique classes: replica r's classes are columns r*K .. r*K + K - 1 of R*K.
   support_labels = losses.make_labels_matrix(
-    p.classes_per_batch, p.support_views * p.images_per_class, 1, p.label_smoothing
+    p.classes_per_batch,
+    p.support_views * local_per_class,
+    num_replicas,
+    p.label_smoothing,
+    unique_blocks=p.unique_classes_per_replica,
   )
 
   def step_fn(views, supports):
+    """views: this replica's 2 + multicrop batches; supports [support_views, per class, K, S, S, 3]."""
     replica = tf.distribute.get_replica_context()
-    index = replica.replica_id_in_sync_group
-    own = lambda x: x[index * local_batch : (index + 1) * local_batch]
-    views = [own(v) for v in views]
-    supports = supports[:, index * local_per_class : (index + 1) * local_per_class]
+    # Across workers tf.distribute leaves batch dimensions unknown (it allows partial batches); ours are whole.
+    views = [tf.ensure_shape(v, [local_batch, None, None, None]) for v in views]
+    supports = tf.ensure_shape(supports, [p.support_views, local_per_class, p.classes_per_batch, None, None, None])
     supports = tf.reshape(supports, [num_support] + supports.shape[-3:].as_list())
     with tf.GradientTape() as tape:
       h, z = encoder_lib.embed_views(encoder, [[supports, views[0], views[1]], views[2:]], training=True)
@@ -102,12 +108,12 @@ def suncet_steps(config, strategy, encoder, optimizer, jit_compile, bn_training)
   f = config.finetune
   num_replicas = strategy.num_replicas_in_sync
   local_per_class = f.images_per_class // num_replicas
-  labels = losses.make_labels_matrix(f.classes_per_batch, f.views * f.images_per_class, 1)
+  labels = losses.make_labels_matrix(f.classes_per_batch, f.views * local_per_class, num_replicas)
 
   def step_fn(batch):
+    """batch: this replica's [views, per class, K, H, W, 3]."""
     replica = tf.distribute.get_replica_context()
-    index = replica.replica_id_in_sync_group
-    batch = batch[:, index * local_per_class : (index + 1) * local_per_class]
+    batch = tf.ensure_shape(batch, [f.views, local_per_class, f.classes_per_batch, None, None, None])
     batch = tf.reshape(batch, [-1] + batch.shape[-3:].as_list())
     with tf.GradientTape() as tape:
       # training=False keeps BatchNorm on its moving statistics; gamma/beta still get gradients.

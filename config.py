@@ -95,6 +95,10 @@ def base_config():
   c.pretrain.lars_eta = 0.001
 
   c.finetune = ml_collections.ConfigDict()
+  # "suncet": SuNCEt on the whole encoder (the paper's CIFAR-10 fine-tuning, METHOD.md section 6);
+  # "classifier": the reference's ImageNet fine-tuning, a linear classifier (METHOD.md section 10).
+  c.finetune.mode = "suncet"
+  c.finetune.batch_size = 256  # classifier mode only: labeled images per step, all replicas
   c.finetune.epochs = 30
   c.finetune.classes_per_batch = 10
   c.finetune.images_per_class = 64
@@ -216,8 +220,7 @@ def imagenet_config():
   # Fine-tuning as the reference does it on ImageNet: trunk + the projection head's first block + a
   # zero-initialised linear classifier, cross-entropy on the labeled subset, RandomResizedCrop(224,
   # scale (0.08, 1)) + flip, SGD Nesterov 0.9 (no LARS), lr 0.02 cosine to 0, no weight decay, 50 epochs
-  # (utils/classifier.py). finetune.mode and finetune.batch_size exist in this preset only; other
-  # presets fine-tune with SuNCEt (mode "suncet").
+  # (utils/classifier.py).
   c.finetune.mode = "classifier"
   # The reference's fine-tuning loader takes 128 images per GPU; its GPU count is the launcher's choice,
   # not in the config, and its lr 0.02 is not scaled with it. 1024 = 128 x 8 GPUs.

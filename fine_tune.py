@@ -21,7 +21,7 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from utils import datasets, optim, pipeline, plots, runtime, sources, steps, training
+from utils import classifier, datasets, optim, pipeline, plots, runtime, sources, steps, training
 from utils import encoder as encoder_lib
 from utils.errors import UserError
 
@@ -34,6 +34,40 @@ _FROM_SCRATCH = flags.DEFINE_bool(
 )
 
 RUN_SECTIONS = ("data", "model", "finetune")
+
+
+def fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir):
+  """finetune.mode=classifier: the reference's ImageNet fine-tuning (utils/classifier.py, METHOD.md section 10)."""
+  f = config.finetune
+  if f.batch_size % strategy.num_replicas_in_sync:
+    raise UserError(f"finetune.batch_size={f.batch_size} must divide by the {strategy.num_replicas_in_sync} replicas")
+  steps_per_epoch = classifier.steps_per_epoch(len(labeled), f.batch_size)
+  total_steps = f.epochs * steps_per_epoch
+  schedule = optim.warmup_cosine_schedule(f.lr, f.lr, f.final_lr, 0, total_steps)  # cosine from step 0
+  encoder_dir = None if _FROM_SCRATCH.value else os.path.join(workdir, "encoder")
+  state = classifier.create_train_state(
+    strategy, lambda: classifier.build(config, source.num_classes, encoder_dir), schedule, f, config.run.precision
+  )
+  output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
+  runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
+  restored = training.restore(state, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
+  start_step = int(state.step.numpy())
+  print(f"resuming from {restored} at step {start_step}" if restored else "starting from the pre-trained encoder")
+  dataset = pipeline.distribute(
+    strategy,
+    lambda replicas: classifier.replicas_dataset(
+      source, labeled, config, replicas, start_step=start_step, total_steps=total_steps, seed=config.seed
+    ),
+  )
+  train_steps = classifier.classifier_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
+  loop = training.Loop("finetune", total_steps, steps_per_epoch, f.batch_size, schedule)
+  with source.stream_errors(lambda: int(state.step.numpy()), config.run.steps_per_loop):
+    log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, output)
+  classifier.save(state.encoder, config, output, total_steps)
+  plots.loss_curves(
+    training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"), ("loss",), "Classifier fine-tuning"
+  )
+  print(f"fine-tuning done: {total_steps} steps; classifier saved to {output} (nn_eval.py reports its top-1/top-5)")
 
 
 def main(argv):
@@ -61,6 +95,8 @@ def main(argv):
     labeled = datasets.read_split_file(index_path, len(train_labels))
     source.check_labeled_names(workdir, labeled)  # files: still the images paws_train.py labeled
     source.check_images(labeled)
+  if f.mode == "classifier":
+    return fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir)
   if f.images_per_class % strategy.num_replicas_in_sync:
     raise UserError(f"finetune.images_per_class must divide by the {strategy.num_replicas_in_sync} replicas")
   per_class = int(np.bincount(train_labels[labeled]).min())

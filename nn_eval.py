@@ -7,7 +7,9 @@ queries = the whole test set, projection-head embeddings, tau from the config,
 in float32 whatever precision trained the encoder (as the reference).
 Evaluates the fine-tuned encoder when the workdir has one, else the
 pre-trained one (or the one --encoder names). Writes eval.json, a confusion
-matrix and a PCA projection of the test embeddings into the workdir. With
+matrix and a PCA projection of the test embeddings into the workdir. After
+classifier fine-tuning (finetune.mode=classifier, the ImageNet recipe) it also
+reports the classifier's top-1 and top-5 (Resize + CenterCrop). With
 --export=DIR it also saves the encoder and supports as a SavedModel that
 classifies raw images (utils/export.py; README, Using the trained model).
 """
@@ -19,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 from absl import flags
 import tensorflow as tf
 
-from utils import datasets, evaluation, export, plots, runtime, sources
+from utils import classifier, datasets, evaluation, export, plots, runtime, sources
 from utils.errors import UserError
 
 _CONFIG = runtime.define_config_flag("config.py:digits")
@@ -75,6 +77,14 @@ def main(argv):
       "precision": "float32",
     }
   )
+  finetuned = os.path.join(workdir, "finetuned")
+  if classifier.exists(finetuned):  # finetune.mode=classifier: the classifier's own top-1 / top-5 as well
+    model, _ = classifier.load(finetuned, config)  # float32
+    queries, query_labels = classifier.evaluation_images(source, config.data, config.eval.batch_size)
+    scores = classifier.evaluate_classifier(
+      model, queries, query_labels, config.eval.batch_size, config.data.mean, config.data.std
+    )
+    metrics.update({"classifier_top1": scores["top1"], "classifier_top5": scores["top5"]})
   runtime.write_json(os.path.join(workdir, "eval.json"), metrics)
   title = f"{config.name}, {choice} encoder, top-1 {metrics['top1']:.2f} %"
   plots.confusion_matrix(confusion, os.path.join(workdir, "confusion_matrix.png"), title)
@@ -84,6 +94,11 @@ def main(argv):
     f"soft-NN top-1 ({choice} encoder, {metrics['num_support']} supports, "
     f"{metrics['num_test']} test images): {metrics['top1']:.2f} %"
   )
+  if "classifier_top1" in metrics:
+    print(
+      f"classifier top-1 {metrics['classifier_top1']:.2f} %, top-5 {metrics['classifier_top5']:.2f} % "
+      f"({metrics['num_test']} test images, Resize + CenterCrop {config.data.image_size})"
+    )
   print(f"results in {os.path.join(workdir, 'eval.json')}")
 
   # --- Export: the same encoder and supports, tau = eval.tau, as a SavedModel (utils/export.py) ------

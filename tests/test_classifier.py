@@ -75,10 +75,9 @@ def test_imagenet_preset_holds_the_reference_values():
   assert (p.multicrop, p.support_views, p.unique_classes_per_replica, p.label_smoothing) == (6, 1, True, 0.1)
   assert (p.start_lr, p.lr, p.final_lr, p.warmup_epochs, p.epochs, p.weight_decay) == (0.3, 6.4, 0.064, 10, 100, 1e-6)
   f = c.finetune
-  assert classifier.finetune_mode(c) == "classifier" and f.mode in classifier.MODES
+  assert f.mode == "classifier"
   assert (f.epochs, f.lr, f.final_lr, f.momentum, f.weight_decay) == (50, 0.02, 0.0, 0.9, 0.0)
-  assert classifier.finetune_mode(presets.get_config("cifar10")) == "suncet"
-  assert set(classifier.MODES) == set(validation.FINETUNE_MODES)
+  assert presets.get_config("cifar10").finetune.mode == "suncet"
 
 
 # --- Model ------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def test_presets_are_locked_and_hold_the_paper_values():
   assert c.data.labeled_per_class * 10 == 4000
   assert config.get_config("digits").data.dataset == "digits"
   with pytest.raises(ValueError, match="unknown preset"):
-    config.get_config("imagenet")
+    config.get_config("nosuch")
 
 
 @pytest.fixture

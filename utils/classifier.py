@@ -23,7 +23,6 @@ from utils import augment, optim, pipeline, runtime, steps, training
 from utils import encoder as encoder_lib
 from utils.errors import UserError
 
-MODES = ("suncet", "classifier")  # config.py finetune.mode; utils/validation.py FINETUNE_MODES
 # RandomResizedCrop scale of the reference's ImageNet fine-tuning (torchvision's default); flip on, no colour.
 CROP_SCALE = (0.08, 1.0)
 # Evaluation: Resize(shorter side to 256) + CenterCrop(224); other image sizes keep the ratio 256 / 224.
@@ -33,11 +32,6 @@ WEIGHTS = "classifier_weights"
 METRICS = ("loss", "accuracy")
 # The first block of the projection head (utils/encoder.py mlp_head's names) kept by the classifier.
 KEPT_BLOCK = ("dense1", "bn1")
-
-
-def finetune_mode(config):
-  """config.finetune.mode; configs without the field (presets other than imagenet) fine-tune with SuNCEt."""
-  return config.finetune.get("mode", "suncet")
 
 
 # --- Model ------------------------------------------------------------------------------------------------
@@ -330,8 +324,8 @@ def replicas_dataset(source, labeled, config, replicas, *, start_step, total_ste
   sync). The pipeline emits step 0 of each of its replicas in turn, then step 1, ...: tf.distribute gives
   a worker's devices consecutive elements of its dataset.
   """
-  streams = [
-    source_dataset(
+  return pipeline.round_robin(
+    lambda index: source_dataset(
       source,
       labeled,
       config,
@@ -339,12 +333,9 @@ def replicas_dataset(source, labeled, config, replicas, *, start_step, total_ste
       total_steps=total_steps,
       seed=seed,
       replica=(index, replicas.total),
-    )
-    for index in replicas.ids
-  ]
-  if len(streams) == 1:
-    return streams[0]
-  return tf.data.Dataset.choose_from_datasets(streams, tf.data.Dataset.range(len(streams)).repeat())
+    ),
+    replicas,
+  )
 
 
 # --- Evaluation ------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def distribute(strategy, make_dataset):
   )
 
 
-def _round_robin(replica_dataset, replicas):
+def round_robin(replica_dataset, replicas):
   """replica_dataset(replica id) for each of replicas.ids, taken in turn: step 0 of each, then step 1, ..."""
   datasets = [replica_dataset(replica) for replica in replicas.ids]
   if len(datasets) == 1:
@@ -268,7 +268,7 @@ def pretrain_dataset(
     dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
     return dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-  return _round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
+  return round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
 
 
 def finetune_dataset(
@@ -319,7 +319,7 @@ def finetune_dataset(
     dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
     return dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-  return _round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
+  return round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(images, batch_size, mean, std):
@@ -613,7 +613,7 @@ def stream_pretrain_dataset(
 
     return tf.data.Dataset.zip(unlabeled, supports).map(arrange)
 
-  return _round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
+  return round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
 
 
 def centre_box(height, width):
@@ -690,7 +690,7 @@ def stream_finetune_dataset(
     dataset = dataset.batch(local_batch, drop_remainder=True)
     return dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-  return _round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
+  return round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
 
 
 def stream_eval_dataset(images, indices, batch_size, size, mean, std):

@@ -22,7 +22,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE_SETTINGS = ("auto", "true", "false")
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker")
 MODELS = ("wrn", "resnet50")  # utils/encoder.py TRUNKS
-FINETUNE_MODES = ("suncet", "classifier")  # utils/classifier.py MODES
+FINETUNE_MODES = ("suncet", "classifier")  # SuNCEt, or the linear classifier of utils/classifier.py
 
 
 class Rule:

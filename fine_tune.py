@@ -84,6 +84,8 @@ def main(argv):
   train_labels = source.train_labels
   if _FROM_SCRATCH.value:
     runtime.prepare_workdir(workdir)
+    if not config.data.labeled_per_class:
+      raise UserError("--from_scratch draws its labeled subset by data.labeled_per_class; set it above 0")
     labeled = datasets.select_labeled_indices(train_labels, config.data.labeled_per_class, config.data.label_seed)
     source.check_images(labeled)
     datasets.write_split_files(workdir, labeled)

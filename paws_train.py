@@ -44,8 +44,13 @@ RUN_SECTIONS = ("data", "model", "pretrain")
 
 def choose_labeled(source, config, split_file):
   """The labeled subset (indices into source.train_labels): read from a split file, or drawn by the label seed."""
+  per_class = config.data.labeled_per_class
   if split_file:
-    return source.read_split_file(split_file, expected_count=config.data.labeled_per_class * source.num_classes)
+    # labeled_per_class = 0: the file decides (e.g. the reference's ImageNet 1 % / 10 % lists, unbalanced).
+    count = per_class * source.num_classes if per_class else None
+    return source.read_split_file(split_file, expected_count=count, check_balance=bool(per_class))
+  if not per_class:
+    raise UserError("data.labeled_per_class=0 means the labeled subset comes from --split_file; pass one")
   return datasets.select_labeled_indices(source.train_labels, config.data.labeled_per_class, config.data.label_seed)
 
 
@@ -75,10 +80,12 @@ def check_batch_shapes(config, num_train, num_classes, num_replicas):
     raise UserError(
       f"pretrain.classes_per_batch={p.classes_per_batch} but the data has {num_classes} classes; lower it"
     )
-  if p.images_per_class > config.data.labeled_per_class:
+  # Support images of one class in a step: on each replica with unique classes, else over all replicas.
+  per_class = p.images_per_class // num_replicas if p.unique_classes_per_replica else p.images_per_class
+  if config.data.labeled_per_class and per_class > config.data.labeled_per_class:
     raise UserError(
-      f"pretrain.images_per_class={p.images_per_class} exceeds data.labeled_per_class="
-      f"{config.data.labeled_per_class}; lower it or label more images"
+      f"pretrain.images_per_class={p.images_per_class} needs {per_class} labeled images per class but "
+      f"data.labeled_per_class={config.data.labeled_per_class}; lower it or label more images"
     )
   if p.batch_size % num_replicas or p.images_per_class % num_replicas:
     raise UserError(f"pretrain.batch_size and pretrain.images_per_class must divide by the {num_replicas} replicas")

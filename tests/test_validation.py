@@ -26,7 +26,7 @@ BAD = {
   "data.train_files": ["", "  ", 3],
   "data.val_files": [""],
   "data.image_size": [0, -32],
-  "data.labeled_per_class": [0],
+  "data.labeled_per_class": [-1, 2.5],
   "data.label_seed": [-1],
   "data.mean": [(0.5, 0.5), (0.5, 0.5, 1.01), (0.5, -0.01, 0.5), (0.5, math.nan, 0.5), "0.5"],
   "data.std": [(0.5, 0.5, 0.0), (0.2, 0.2, 0.2, 0.2), (-0.2, 0.2, 0.2), (0.2, math.inf, 0.2)],

@@ -163,7 +163,7 @@ RULES = {
   "data.train_files": text(),  # tfrecord: glob of the training files, relative to --data_dir
   "data.val_files": text(),
   "data.image_size": integer(1),
-  "data.labeled_per_class": integer(1),
+  "data.labeled_per_class": integer(0),  # 0: as many as --split_file lists (paws_train.py)
   "data.label_seed": integer(0),
   "data.mean": per_channel(at_least=0, at_most=1),  # of pixel values scaled to [0, 1]
   "data.std": per_channel(above=0),  # divides

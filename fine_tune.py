@@ -36,7 +36,7 @@ _FROM_SCRATCH = flags.DEFINE_bool(
 RUN_SECTIONS = ("data", "model", "finetune")
 
 
-def fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir):
+def fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir, chief):
   """finetune.mode=classifier: the reference's ImageNet fine-tuning (utils/classifier.py, METHOD.md section 10)."""
   f = config.finetune
   if f.batch_size % strategy.num_replicas_in_sync:
@@ -49,7 +49,8 @@ def fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir
     strategy, lambda: classifier.build(config, source.num_classes, encoder_dir), schedule, f, config.run.precision
   )
   output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
-  runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
+  if chief:
+    runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
   restored = training.restore(state, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(state.step.numpy())
   print(f"resuming from {restored} at step {start_step}" if restored else "starting from the pre-trained encoder")
@@ -62,11 +63,12 @@ def fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir
   train_steps = classifier.classifier_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
   loop = training.Loop("finetune", total_steps, steps_per_epoch, f.batch_size, schedule)
   with source.stream_errors(lambda: int(state.step.numpy()), config.run.steps_per_loop):
-    log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, output)
+    log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, output if chief else None)
   classifier.save(state.encoder, config, output, total_steps)
-  plots.loss_curves(
-    training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"), ("loss",), "Classifier fine-tuning"
-  )
+  if chief:
+    plots.loss_curves(
+      training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"), ("loss",), "Classifier fine-tuning"
+    )
   print(f"fine-tuning done: {total_steps} steps; classifier saved to {output} (nn_eval.py reports its top-1/top-5)")
 
 
@@ -79,7 +81,9 @@ def main(argv):
   strategy, jit_compile = runtime.setup_training(config)
 
   # --- Data: the labeled subset only -------------------------------------------
-  workdir = _WORKDIR.value
+  # In a cluster, each worker reads and writes its own folder (paws_train.py); only the chief logs and plots.
+  workdir = runtime.worker_directory(_WORKDIR.value)
+  chief = runtime.is_chief()
   source = sources.open_source(config.data, _DATA_DIR.value)  # arrays, or files streamed from --data_dir
   train_labels = source.train_labels
   if _FROM_SCRATCH.value:
@@ -98,7 +102,7 @@ def main(argv):
     source.check_labeled_names(workdir, labeled)  # files: still the images paws_train.py labeled
     source.check_images(labeled)
   if f.mode == "classifier":
-    return fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir)
+    return fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir, chief)
   if f.images_per_class % strategy.num_replicas_in_sync:
     raise UserError(f"finetune.images_per_class must divide by the {strategy.num_replicas_in_sync} replicas")
   per_class = int(np.bincount(train_labels[labeled]).min())
@@ -114,7 +118,8 @@ def main(argv):
   state = training.create_train_state(strategy, make_encoder, schedule, f, config.run.precision)
   # Written only now that the encoder and the config are known to fit.
   output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
-  runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
+  if chief:
+    runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
   restored = training.restore(state, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(state.step.numpy())
   print(
@@ -137,17 +142,18 @@ def main(argv):
     "finetune", total_steps, steps_per_epoch, f.views * f.images_per_class * f.classes_per_batch, schedule
   )
   with source.stream_errors(lambda: int(state.step.numpy()), config.run.steps_per_loop):
-    log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, output)
+    log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, output if chief else None)
 
   # --- Results -----------------------------------------------------------------
   if _FROM_SCRATCH.value:
     # Trained with batch statistics: its moving averages must be re-estimated before
     # inference-mode evaluation (on the clean labeled images; the test set is never used).
     encoder_lib.reestimate_batch_norm(state.encoder, source.labeled_images(labeled, config.data))
-  encoder_lib.save_encoder(state.encoder, config, output, total_steps)
-  plots.loss_curves(
-    training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"), ("loss",), "SuNCEt fine-tuning"
-  )
+  encoder_lib.save_encoder(state.encoder, config, output, total_steps)  # every worker (see paws_train.py)
+  if chief:
+    plots.loss_curves(
+      training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"), ("loss",), "SuNCEt fine-tuning"
+    )
   print(f"fine-tuning done: {total_steps} steps; encoder saved to {output}")
 
 

@@ -108,17 +108,22 @@ def main(argv):
 
   # --- Data --------------------------------------------------------------------
   workdir = runtime.prepare_workdir(_WORKDIR.value)
+  # In a cluster the chief writes the config, logs and plots into the workdir; every worker keeps its
+  # checkpoints, encoder and labeled subset in its own folder (the workdir itself on the chief).
+  own = runtime.prepare_workdir(runtime.worker_directory(workdir))
+  chief = own == workdir
   # In-memory arrays (cifar10, digits) or image files streamed from --data_dir (folder, tfrecord).
   source = sources.open_source(config.data, _DATA_DIR.value)
   check_batch_shapes(config, source.num_unlabeled, source.num_classes, strategy.num_replicas_in_sync)
   labeled = choose_labeled(source, config, _SPLIT_FILE.value)
   source.check_images(labeled)  # files: every labeled image decodes
   if not _FORCE.value:
-    source.check_labeled_names(workdir, labeled)  # files: resuming on the images this workdir labeled
+    source.check_labeled_names(own, labeled)  # files: resuming on the images this workdir labeled
   # Everything is validated before the first file is written.
-  runtime.check_config(config, os.path.join(workdir, "config.json"), RUN_SECTIONS, _FORCE.value)
-  save_labeled(workdir, labeled, _FORCE.value)
-  source.write_labeled_names(workdir, labeled)
+  if chief:
+    runtime.check_config(config, os.path.join(workdir, "config.json"), RUN_SECTIONS, _FORCE.value)
+  save_labeled(own, labeled, _FORCE.value)
+  source.write_labeled_names(own, labeled)
   p = config.pretrain
   steps_per_epoch = source.num_unlabeled // p.batch_size
   total_steps = p.epochs * steps_per_epoch
@@ -132,7 +137,7 @@ def main(argv):
     p,
     config.run.precision,
   )
-  restored = training.restore(state, os.path.join(workdir, "checkpoints"), config.run.keep_checkpoints)
+  restored = training.restore(state, os.path.join(own, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(state.step.numpy())
   print(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
 
@@ -148,11 +153,14 @@ def main(argv):
   loop = training.Loop("pretrain", total_steps, steps_per_epoch, benchmark.crops_per_step(p), schedule)
   started = time.time()
   with source.stream_errors(lambda: int(state.step.numpy()), config.run.steps_per_loop):
-    log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, workdir)
+    log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, workdir if chief else None)
   print(f"pre-training done: {total_steps} steps, {time.time() - started:.1f} s this run")
 
   # --- Results -----------------------------------------------------------------
-  directory = encoder_lib.save_encoder(state.encoder, config, os.path.join(workdir, "encoder"), total_steps)
+  # Every worker saves (reading the synchronised BatchNorm statistics is a collective); the chief plots.
+  directory = encoder_lib.save_encoder(state.encoder, config, os.path.join(own, "encoder"), total_steps)
+  if not chief:
+    return
   plot_path = plots.loss_curves(
     training.epoch_means(log_path),
     os.path.join(workdir, "pretrain_loss.png"),

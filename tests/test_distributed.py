@@ -1,9 +1,10 @@
 """Two mirrored replicas train exactly like one device on the global batch (METHOD.md section 2).
 
-utils.steps.paws_steps slices each replica's share of the global batch,
-all-gathers the support embeddings, all-reduces p-bar inside the PAWS loss,
-divides the loss by the number of replicas and uses synchronized BatchNorm. The
-update must then equal the single-device update on the whole batch.
+Each replica receives its share of the global batch (utils/pipeline.py; here
+tests/replica_input.py); utils.steps.paws_steps all-gathers the support
+embeddings, all-reduces p-bar inside the PAWS loss, divides the loss by the
+number of replicas and uses synchronized BatchNorm. The update must then equal
+the single-device update on the whole batch.
 
 tests/distributed_train_check.py runs, in a subprocess (the two logical CPUs
 must be configured before TensorFlow starts), two PAWS steps of a tiny
@@ -202,17 +203,19 @@ def free_ports(count):
 
 @pytest.mark.slow
 def test_two_worker_processes_train_in_lockstep(tmp_path):
-  """MultiWorkerMirroredStrategy from TF_CONFIG: two local processes, one replica each, each with its own
-  workdir. They must log the same losses and save the same encoder, and the first loss (before any update)
-  must be the single-process loss of the same global batch. Later steps are not compared: float noise at
-  ReLU kinks (see above) grows over several updates."""
+  """MultiWorkerMirroredStrategy from TF_CONFIG: two local processes, one replica each, one shared workdir.
+
+  The chief (worker 0) writes the config, log and plots and prints; worker 1 prints nothing and keeps only
+  its checkpoints, encoder and labeled subset in workdir/workers/worker1. Both must save the same encoder,
+  and the first loss (before any update) must be the single-process loss of the same global batch. Later
+  steps are not compared: float noise at ReLU kinks (see above) grows over several updates."""
   args = scriptrun.TINY + ["--config.pretrain.epochs=1", "--config.run.precision=float32"]
   cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
   workers = [
     scriptrun.start(
       "paws_train.py",
       *args,
-      f"--workdir={tmp_path}/worker{index}",
+      f"--workdir={tmp_path}/shared",
       log_path=str(tmp_path / f"worker{index}.log"),
       extra_env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})},
     )
@@ -223,15 +226,16 @@ def test_two_worker_processes_train_in_lockstep(tmp_path):
   for index, worker in enumerate(workers):
     assert worker.wait(timeout=600) == 0, (tmp_path / f"worker{index}.log").read_text()[-3000:]
   logs = [
-    [
-      (r["step"], r["loss"], r["ce"], r["me_max"])
-      for r in training.read_log(str(tmp_path / run / "pretrain_log.jsonl"), "step")
-    ]
-    for run in ("worker0", "worker1", "single")
+    [(r["step"], r["loss"], r["ce"], r["me_max"]) for r in training.read_log(str(path / "pretrain_log.jsonl"), "step")]
+    for path in (tmp_path / "shared", tmp_path / "single")
   ]
-  assert logs[0] == logs[1] and [r[0] for r in logs[0]] == list(range(1, 11))
-  np.testing.assert_allclose(logs[0][0][1:], logs[2][0][1:], rtol=1e-4)
-  readers = [tf.train.load_checkpoint(str(tmp_path / run / "encoder" / "weights")) for run in ("worker0", "worker1")]
+  assert [r[0] for r in logs[0]] == list(range(1, 11))
+  np.testing.assert_allclose(logs[0][0][1:], logs[1][0][1:], rtol=1e-4)
+  worker = tmp_path / "shared" / "workers" / "worker1"
+  assert sorted(os.listdir(worker)) == ["checkpoints", "encoder", "labeled_indices.npy", "labeled_indices.txt"]
+  assert "pre-training done" in (tmp_path / "worker0.log").read_text()
+  assert "pre-training done" not in (tmp_path / "worker1.log").read_text()  # printed once per job
+  readers = [tf.train.load_checkpoint(str(path / "encoder" / "weights")) for path in (tmp_path / "shared", worker)]
   keys = sorted(readers[0].get_variable_to_shape_map())
   assert keys == sorted(readers[1].get_variable_to_shape_map())
   for key in keys:

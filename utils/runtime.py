@@ -34,10 +34,44 @@ def exit_on_user_error(main):
   return wrapped
 
 
+def cluster_task():
+  """(task type, index) of this process in TF_CONFIG's cluster, or None when there is no TF_CONFIG."""
+  setting = os.environ.get("TF_CONFIG")
+  if not setting:
+    return None
+  task = json.loads(setting).get("task", {})
+  return task.get("type", "worker"), int(task.get("index", 0))
+
+
+def is_chief():
+  """Whether this process writes the job's logs, plots and config, and prints: always on one machine; in a
+  TF_CONFIG cluster the 'chief' task, or worker 0 when there is none (MultiWorkerMirroredStrategy's rule)."""
+  task = cluster_task()
+  if task is None:
+    return True
+  has_chief = "chief" in json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+  return task == ("chief", 0) if has_chief else task == ("worker", 0)
+
+
+def worker_directory(directory):
+  """Where this process keeps what every worker must write: `directory` on the chief, else
+  `directory/workers/<type><index>`.
+
+  With MultiWorkerMirroredStrategy every worker must save checkpoints and the encoder (reading the
+  BatchNorm statistics is a collective); other workers keep theirs, and their copy of the labeled subset,
+  there, so that each can resume and fine-tune on its own whether or not the workdir is shared (gs://).
+  """
+  if is_chief():
+    return directory
+  kind, index = cluster_task()
+  return os.path.join(directory, "workers", f"{kind}{index}")
+
+
 def prepare_workdir(workdir):
   """Creates the workdir, checks it is writable and locks it (lock_workdir) before any work starts.
 
-  Any file system tf.io.gfile knows works (local, gs://, ...): every run output goes through it.
+  Any file system tf.io.gfile knows works (local, gs://, ...): every run output goes through it. In a
+  cluster only the chief locks it (the other workers share it and write to their worker_directory).
   """
   if not workdir:
     raise UserError("--workdir is required: the folder where checkpoints, logs and results go")
@@ -51,7 +85,8 @@ def prepare_workdir(workdir):
     raise UserError(
       f"workdir {workdir} is not writable ({_reason(error)}); choose another --workdir or fix its permissions"
     ) from None
-  lock_workdir(workdir)
+  if is_chief():
+    lock_workdir(workdir)
   return workdir
 
 
@@ -320,7 +355,9 @@ def run_script(main, workdir_flag="workdir"):
   def checked_main(argv):
     validation.validate_config(flags.FLAGS["config"].value)
     workdir = flags.FLAGS[workdir_flag].value if workdir_flag in flags.FLAGS else None
-    if workdir and _is_directory(workdir):
+    if not is_chief():  # one job, one console output: the chief's (errors still reach stderr)
+      sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+    elif workdir and _is_directory(workdir):
       lock_workdir(workdir)
     return main(argv)
 

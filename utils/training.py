@@ -184,14 +184,14 @@ def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=Tr
     state: TrainState with a checkpoint manager (see `restore`).
     loop: Loop.
     run_config: the config's `run` section (steps_per_loop, log_every, checkpoint_every).
-    workdir: where the log and TensorBoard files go.
+    workdir: where the log and TensorBoard files go (None: no log, as on a cluster's other workers).
   Returns:
-    The path of the metrics log.
+    The path of the metrics log (None without a workdir).
   Raises:
     UserError when the loss stops being finite (the last good checkpoint on disk is left as it was);
     Interrupted after saving a checkpoint when SIGTERM or SIGINT arrived.
   """
-  log = MetricsLog(workdir, loop.name)
+  log = MetricsLog(workdir, loop.name) if workdir else None
   current = int(state.step.numpy())
   num_epochs = math.ceil(loop.total_steps / loop.steps_per_epoch)
   try:
@@ -224,7 +224,7 @@ def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=Tr
           epoch_count += 1
           shown = dict(metrics, **{"img/s": loop.images_per_step * num_steps / elapsed})
           progress.update(current - epoch_start, list(shown.items()))
-          if current % run_config.log_every < num_steps or current == epoch_end:
+          if log and (current % run_config.log_every < num_steps or current == epoch_end):
             log.write({"kind": "step", "step": current, "epoch": epoch + 1, **shown}, current)
           if signals.received is not None:
             print(flush=True)  # end the progress bar's line: the message below gets a line of its own
@@ -238,13 +238,20 @@ def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=Tr
           if current % run_config.checkpoint_every < num_steps and current != epoch_end:
             save(state)
         save(state)
-        log.write(
-          {"kind": "epoch", "step": current, "epoch": epoch + 1, **{k: v / epoch_count for k, v in epoch_sums.items()}},
-          current,
-        )
+        if log:
+          log.write(
+            {
+              "kind": "epoch",
+              "step": current,
+              "epoch": epoch + 1,
+              **{k: v / epoch_count for k, v in epoch_sums.items()},
+            },
+            current,
+          )
   finally:
-    log.close()
-  return log.path
+    if log:
+      log.close()
+  return log.path if log else None
 
 
 def epoch_means(path):

@@ -278,8 +278,8 @@ def classifier_dataset(
     images = tf.constant(images)
 
     def make_batch(step, indices):
-      batch = augment.augment_batch(
-        tf.gather(images, indices),
+      return augment.augment_batch(
+        tf.gather(images, indices[rows]),
         _view_seed(seed, step),
         size,
         CROP_SCALE,
@@ -289,14 +289,15 @@ def classifier_dataset(
         equalize_prob=0.0,
         mean=plain.mean,
         std=plain.std,
+        rows=(rows.start, batch_size),  # this replica's rows, with the global batch's draws
       )
-      return batch[rows]
 
     views = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
     views = views.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
-    views = pipeline.streamed_views(images, index_stream, batch_size, [(0, 1, size, CROP_SCALE)], seed, plain)
-    views = views.map(lambda *batch: batch[0][rows])  # one view per step
+    groups = [(0, 1, size, CROP_SCALE)]  # one view per step; only this replica's images are read
+    views = pipeline.streamed_views(images, index_stream, batch_size, groups, seed, plain, rows=(rows.start, local))
+    views = views.map(lambda view: view)  # (view,) -> view
   targets = tf.data.Dataset.from_generator(label_stream, output_signature=tf.TensorSpec([local], tf.int64))
   return tf.data.Dataset.zip(views, targets).prefetch(tf.data.AUTOTUNE)
 
@@ -304,12 +305,15 @@ def classifier_dataset(
 def source_dataset(source, labeled, config, *, start_step, total_steps, seed, replica=(0, 1)):
   """classifier_dataset of a utils/sources.py Source's labeled subset (arrays or files)."""
   images = source.train if source.streamed else source.train_images
+  labeled = np.asarray(labeled, np.int64)
+  batch_size = config.finetune.batch_size
+  source.watch_steps(images, lambda step: labeled[batch_positions(len(labeled), batch_size, step, seed)])
   return classifier_dataset(
     images,
     labeled,
-    source.train_labels[np.asarray(labeled, np.int64)],
+    source.train_labels[labeled],
     config.data,
-    config.finetune.batch_size,
+    batch_size,
     start_step=start_step,
     total_steps=total_steps,
     seed=seed,

@@ -329,6 +329,9 @@ class Source:
     """Streamed sources: an image that cannot be decoded during training becomes a UserError naming it."""
     yield
 
+  def watch_steps(self, images, step_indices):
+    """Streamed sources: step -> indices into `images` of the step's images, for stream_errors to search."""
+
 
 class ArraySource(Source):
   """cifar10 and digits: uint8 arrays, through pipeline.pretrain_dataset and friends."""
@@ -484,6 +487,9 @@ class StreamSource(Source):
         f"cannot decode labeled image {name} ({reason}); replace it by a readable JPEG or PNG, or remove it"
       ) from None
 
+  def watch_steps(self, images, step_indices):
+    self._step_images = (images, step_indices)
+
   @contextlib.contextmanager
   def stream_errors(self, current_step, steps_per_call):
     """An image that fails to decode while training stops the run with a UserError naming it.
@@ -525,7 +531,7 @@ class StreamSource(Source):
         ]
       )
 
-    self._step_images = (self.unlabeled, step_indices)
+    self.watch_steps(self.unlabeled, step_indices)
     return pipeline.stream_pretrain_dataset(self.unlabeled, labeled, labels, data, pretrain, replicas=replicas, **steps)
 
   def finetune_dataset(self, labeled, finetune, data, *, replicas=pipeline.ONE_DEVICE, **steps):
@@ -535,7 +541,7 @@ class StreamSource(Source):
     sampler = pipeline.SupportSampler(
       labels, f.classes_per_batch, f.images_per_class, steps["seed"], num_replicas=replicas.total
     )
-    self._step_images = (self.train, lambda step: labeled[sampler.batch(step)])
+    self.watch_steps(self.train, lambda step: labeled[sampler.batch(step)])
     return pipeline.stream_finetune_dataset(self.train, labeled, labels, finetune, data, replicas=replicas, **steps)
 
   def labeled_images(self, labeled, data):

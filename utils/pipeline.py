@@ -196,8 +196,20 @@ def _augment_views(batch, seeds, size, scale, data, rows):
   ]
 
 
+def finetune_supports(labels, finetune, seed, num_replicas):
+  """SupportSampler's arguments for fine-tuning's class-stratified batches over num_replicas replicas."""
+  f = finetune
+  return dict(
+    labels=labels,
+    classes_per_batch=f.classes_per_batch,
+    images_per_class=f.images_per_class,
+    seed=seed,
+    num_replicas=num_replicas,
+  )
+
+
 def pretrain_supports(labels, pretrain, seed, num_replicas):
-  """The SupportSampler of pre-training: pretrain.images_per_class over num_replicas replicas."""
+  """SupportSampler's arguments for pre-training's supports over num_replicas replicas."""
   p = pretrain
   return dict(
     labels=labels,
@@ -292,16 +304,10 @@ def finetune_dataset(
   local_per_class = f.images_per_class // replicas.total
   local_batch = local_per_class * f.classes_per_batch
 
+  sampler = finetune_supports(labeled_labels, f, seed, replicas.total)
+
   def index_stream():
-    return support_batches(
-      labeled_labels,
-      f.classes_per_batch,
-      f.images_per_class,
-      seed,
-      start_step,
-      total_steps,
-      num_replicas=replicas.total,
-    )
+    return support_batches(start_step=start_step, total_steps=total_steps, **sampler)
 
   def replica_dataset(replica):
     rows = (replica * local_batch, replicas.total * local_batch)
@@ -656,21 +662,14 @@ def stream_finetune_dataset(
   labeled_indices = np.asarray(labeled_indices, np.int64)
   local_per_class = f.images_per_class // replicas.total
   local_batch = local_per_class * f.classes_per_batch
+  sampler = finetune_supports(labeled_labels, f, seed, replicas.total)
   load = whole_image_loader(images, size)
 
   def replica_dataset(replica):
     rows = (replica * local_batch, replicas.total * local_batch)
 
     def index_stream():
-      for step, positions in support_batches(
-        labeled_labels,
-        f.classes_per_batch,
-        f.images_per_class,
-        seed,
-        start_step,
-        total_steps,
-        num_replicas=replicas.total,
-      ):
+      for step, positions in support_batches(start_step=start_step, total_steps=total_steps, **sampler):
         for index in labeled_indices[positions[rows[0] : rows[0] + local_batch]]:
           yield step, index
 

@@ -537,10 +537,7 @@ class StreamSource(Source):
   def finetune_dataset(self, labeled, finetune, data, *, replicas=pipeline.ONE_DEVICE, **steps):
     labeled = np.asarray(labeled, np.int64)
     labels = self.train_labels[labeled]
-    f = finetune
-    sampler = pipeline.SupportSampler(
-      labels, f.classes_per_batch, f.images_per_class, steps["seed"], num_replicas=replicas.total
-    )
+    sampler = pipeline.SupportSampler(**pipeline.finetune_supports(labels, finetune, steps["seed"], replicas.total))
     self.watch_steps(self.train, lambda step: labeled[sampler.batch(step)])
     return pipeline.stream_finetune_dataset(self.train, labeled, labels, finetune, data, replicas=replicas, **steps)
 

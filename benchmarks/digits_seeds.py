@@ -137,11 +137,12 @@ def main():
       run("fine_tune.py", *config, *SUPERVISED, f"--workdir={supervised_dir}", "--from_scratch")
       run("nn_eval.py", *config, *SUPERVISED, f"--workdir={supervised_dir}")
       supervised = top1(supervised_dir)
-    labeled = datasets.select_labeled_indices(train_labels, 4, seed)
+    with open(os.path.join(paws_dir, "config.json")) as f:
+      saved = json.load(f)  # the run's resolved config, --set overrides included
+    precision = saved["run"]["precision"]
+    labeled = datasets.select_labeled_indices(train_labels, saved["data"]["labeled_per_class"], seed)
     nearest = KNeighborsClassifier(1).fit(train_images[labeled].reshape(len(labeled), -1), train_labels[labeled])
     pixels = 100 * np.mean(nearest.predict(test_images.reshape(len(test_images), -1)) == test_labels)
-    with open(os.path.join(paws_dir, "config.json")) as f:
-      precision = json.load(f)["run"]["precision"]
     rows.append((seed, top1(paws_dir), pretrained, seconds, supervised, pixels))
     print(rows[-1], flush=True)
   columns = np.array([r[1:] for r in rows])
@@ -170,7 +171,7 @@ def main():
     "PAWS = the README's quick start with the label seed changed. "
     f"Supervised-only = `fine_tune.py --from_scratch {' '.join(SUPERVISED)}`: the same network trained "
     "with SuNCEt on the 40 labeled images alone (no augmentation: the digits preset has no flip), "
-    "BatchNorm statistics re-estimated on them. Raw-pixel 1-NN uses the same 40 labeled images. "
+    "BatchNorm statistics re-estimated on them. Raw-pixel 1-NN uses the same labeled images. "
     "sd is the sample standard deviation over the seeds.\n\n" + "\n".join(lines) + "\n"
   )
   with open(args.output, "w") as f:

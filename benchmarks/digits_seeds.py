@@ -3,7 +3,7 @@
 For each label seed: PAWS (the README's quick start: paws_train.py + fine_tune.py
 + nn_eval.py, timed; the pre-trained encoder is also evaluated, outside the
 timing), the supervised-only baseline (fine_tune.py --from_scratch: the same
-network trained with SuNCEt on the 40 labeled images alone, with a from-scratch
+network trained with SuNCEt on the labeled images alone, with a from-scratch
 schedule, BatchNorm statistics re-estimated on the clean labeled images) and
 1-nearest-neighbour on raw pixels with the same labeled images.
 
@@ -170,7 +170,7 @@ def main():
     f"{' --set ' + ' '.join(args.set) if args.set else ''}` on {time.strftime('%Y-%m-%d')}.\n\n"
     "PAWS = the README's quick start with the label seed changed. "
     f"Supervised-only = `fine_tune.py --from_scratch {' '.join(SUPERVISED)}`: the same network trained "
-    "with SuNCEt on the 40 labeled images alone (no augmentation: the digits preset has no flip), "
+    "with SuNCEt on the labeled images alone (no augmentation: the digits preset has no flip), "
     "BatchNorm statistics re-estimated on them. Raw-pixel 1-NN uses the same labeled images. "
     "sd is the sample standard deviation over the seeds.\n\n" + "\n".join(lines) + "\n"
   )

@@ -6,9 +6,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A smoke-sized digits run: 10 steps per epoch, a WRN-10-1 with small heads.
+# A smoke-sized digits run: 10 steps per epoch, a WRN-10-1 with small heads, 4 labels per class (40).
 TINY = [
   "--config=config.py:digits",
+  "--config.data.labeled_per_class=4",
+  "--config.pretrain.images_per_class=4",
+  "--config.finetune.images_per_class=4",
   "--config.model.hidden_dim=32",
   "--config.model.projection_dim=32",
   "--config.pretrain.batch_size=128",
@@ -84,7 +87,7 @@ ERRORS = {
   "split_unbalanced": "classes are unbalanced",
   "batch_too_large": "is larger than the",
   "too_many_classes": "classes; lower it",
-  "too_few_labels": "exceeds data.labeled_per_class",
+  "too_few_labels": "labeled images per class but data.labeled_per_class=",
   "replicas": "must divide by the",
   "non_finite": "loss became non-finite at step",
   "no_pretraining": "run paws_train.py with this --workdir first",

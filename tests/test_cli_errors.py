@@ -107,11 +107,12 @@ def digits_split(tmp_path, lines):
 
 
 def balanced_indices():
-  """A valid digits split (4 per class) and the digits training labels."""
+  """A valid digits split (the preset's labels per class) and the digits training labels."""
   from utils import datasets  # imported here: most tests in this module need no TensorFlow in-process
 
   labels = datasets.load_digits()[1]
-  return [int(i) for i in datasets.select_labeled_indices(labels, 4, seed=7)], labels
+  per_class = scriptrun.config_with().data.labeled_per_class
+  return [int(i) for i in datasets.select_labeled_indices(labels, per_class, seed=7)], labels
 
 
 @pytest.mark.parametrize(
@@ -132,12 +133,13 @@ def test_bad_split_file(edit, error, tmp_path, workdir):
 
 def test_unbalanced_split_file(tmp_path, workdir):
   indices, labels = balanced_indices()
-  spare_zeros = [i for i in range(DIGITS_TRAIN) if labels[i] == 0 and i not in indices][:4]
-  unbalanced = [i for i in indices if labels[i] != 1] + spare_zeros  # 40 indices: eight 0s, no 1
+  per_class = len(indices) // 10
+  spare_zeros = [i for i in range(DIGITS_TRAIN) if labels[i] == 0 and i not in indices][:per_class]
+  unbalanced = [i for i in indices if labels[i] != 1] + spare_zeros  # the right count: twice the 0s, no 1
   line = scriptrun.fails_cleanly(
     "paws_train.py", f"--split_file={digits_split(tmp_path, unbalanced)}", error="split_unbalanced", workdir=workdir
   )
-  assert "0: 8, 1: 0" in line
+  assert f"0: {2 * per_class}, 1: 0" in line
 
 
 def test_split_file_missing(tmp_path, workdir):

@@ -114,7 +114,7 @@ def test_validation_choices_are_the_ones_the_code_takes():
 @pytest.mark.parametrize(
   "override,message",
   [
-    ("--config.pretrain.images_per_class=5", "images_per_class=5"),
+    ("--config.pretrain.images_per_class=11", "images_per_class=11"),  # the preset labels 10 per class
     ("--config.pretrain.classes_per_batch=11", "classes_per_batch=11"),
     ("--config.pretrain.batch_size=5000", "batch_size=5000"),
   ],

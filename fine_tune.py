@@ -17,7 +17,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
 
-from absl import flags
+from absl import flags, logging
 import numpy as np
 import tensorflow as tf
 
@@ -53,7 +53,9 @@ def fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir
     runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
   restored = training.restore(state, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(state.step.numpy())
-  print(f"resuming from {restored} at step {start_step}" if restored else "starting from the pre-trained encoder")
+  logging.info(
+    f"resuming from {restored} at step {start_step}" if restored else "starting from the pre-trained encoder"
+  )
   dataset = pipeline.distribute(
     strategy,
     lambda replicas: classifier.replicas_dataset(
@@ -69,7 +71,9 @@ def fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir
     plots.loss_curves(
       training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"), ("loss",), "Classifier fine-tuning"
     )
-  print(f"fine-tuning done: {total_steps} steps; classifier saved to {output} (nn_eval.py reports its top-1/top-5)")
+  logging.info(
+    f"fine-tuning done: {total_steps} steps; classifier saved to {output} (nn_eval.py reports its top-1/top-5)"
+  )
 
 
 def main(argv):
@@ -122,7 +126,7 @@ def main(argv):
     runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
   restored = training.restore(state, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(state.step.numpy())
-  print(
+  logging.info(
     f"resuming from {restored} at step {start_step}"
     if restored
     else "starting from " + ("a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder")
@@ -154,7 +158,7 @@ def main(argv):
     plots.loss_curves(
       training.epoch_means(log_path), os.path.join(output, "finetune_loss.png"), ("loss",), "SuNCEt fine-tuning"
     )
-  print(f"fine-tuning done: {total_steps} steps; encoder saved to {output}")
+  logging.info(f"fine-tuning done: {total_steps} steps; encoder saved to {output}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
 
-from absl import flags
+from absl import flags, logging
 import tensorflow as tf
 
 from utils import classifier, datasets, evaluation, export, plots, runtime, sources
@@ -89,17 +89,17 @@ def main(argv):
   title = f"{config.name}, {choice} encoder, top-1 {metrics['top1']:.2f} %"
   plots.confusion_matrix(confusion, os.path.join(workdir, "confusion_matrix.png"), title)
   plots.pca_projection(embeddings, test_labels, os.path.join(workdir, "pca_projection.png"), title)
-  print("per-class top-1: " + ", ".join(f"{c}: {a:.1f}" for c, a in enumerate(metrics["per_class"])))
-  print(
+  logging.info("per-class top-1: " + ", ".join(f"{c}: {a:.1f}" for c, a in enumerate(metrics["per_class"])))
+  logging.info(
     f"soft-NN top-1 ({choice} encoder, {metrics['num_support']} supports, "
     f"{metrics['num_test']} test images): {metrics['top1']:.2f} %"
   )
   if "classifier_top1" in metrics:
-    print(
+    logging.info(
       f"classifier top-1 {metrics['classifier_top1']:.2f} %, top-5 {metrics['classifier_top5']:.2f} % "
       f"({metrics['num_test']} test images, Resize + CenterCrop {config.data.image_size})"
     )
-  print(f"results in {os.path.join(workdir, 'eval.json')}")
+  logging.info(f"results in {os.path.join(workdir, 'eval.json')}")
 
   # --- Export: the same encoder and supports, tau = eval.tau, as a SavedModel (utils/export.py) ------
   if _EXPORT.value:
@@ -112,7 +112,7 @@ def main(argv):
       support_labels,
       class_names=export.dataset_class_names(config.data.dataset) or source.class_names,
     )
-    print(f"SavedModel (signature {export.SIGNATURE_NAME}) and {export.CLASS_NAMES_FILE} in {_EXPORT.value}")
+    logging.info(f"SavedModel (signature {export.SIGNATURE_NAME}) and {export.CLASS_NAMES_FILE} in {_EXPORT.value}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 import io
 import time
 
-from absl import flags
+from absl import flags, logging
 import numpy as np
 import tensorflow as tf
 
@@ -63,7 +63,7 @@ def save_labeled(workdir, indices, force):
       "use a new --workdir, the same subset, or pass --force to overwrite"
     )
   npy_path, txt_path = datasets.write_split_files(workdir, indices)
-  print(f"labeled subset: {len(indices)} images, saved to {npy_path} and {txt_path}")
+  logging.info(f"labeled subset: {len(indices)} images, saved to {npy_path} and {txt_path}")
 
 
 def _load_npy(path):
@@ -103,7 +103,7 @@ def main(argv):
   # --- Devices and precision -------------------------------------------------
   strategy, jit_compile = runtime.setup_training(config)
   if _BENCHMARK.value:  # timing on random data only: no workdir, no dataset
-    print(benchmark.report(config, strategy, jit_compile, _BENCHMARK.value))
+    logging.info(benchmark.report(config, strategy, jit_compile, _BENCHMARK.value))
     return
 
   # --- Data --------------------------------------------------------------------
@@ -139,7 +139,7 @@ def main(argv):
   )
   restored = training.restore(state, os.path.join(own, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(state.step.numpy())
-  print(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
+  logging.info(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
 
   # --- Loop: the input stream from start_step ------------------------------------
   # Each worker builds only its replicas' batches, prefetched to their devices.
@@ -154,7 +154,7 @@ def main(argv):
   started = time.time()
   with source.stream_errors(lambda: int(state.step.numpy()), config.run.steps_per_loop):
     log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, workdir if chief else None)
-  print(f"pre-training done: {total_steps} steps, {time.time() - started:.1f} s this run")
+  logging.info(f"pre-training done: {total_steps} steps, {time.time() - started:.1f} s this run")
 
   # --- Results -----------------------------------------------------------------
   # Every worker saves (reading the synchronised BatchNorm statistics is a collective); the chief plots.
@@ -167,7 +167,7 @@ def main(argv):
     ("ce", "me_max", "loss"),
     "PAWS pre-training",
   )
-  print(f"encoder saved to {directory}; loss curves in {plot_path}")
+  logging.info(f"encoder saved to {directory}; loss curves in {plot_path}")
 
 
 if __name__ == "__main__":

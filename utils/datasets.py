@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 import zlib
 
+from absl import logging
 import numpy as np
 from sklearn import datasets as sklearn_datasets
 from sklearn import model_selection
@@ -190,7 +191,7 @@ def download_cifar10(url=None, cache_dir=None, expected_md5=CIFAR10_MD5, timeout
       if _file_md5(path) == expected_md5:
         return path
       if name == CIFAR10_ARCHIVE:
-        print(f"{path} is incomplete or corrupted (checksum mismatch); deleting it and downloading again")
+        logging.info(f"{path} is incomplete or corrupted (checksum mismatch); deleting it and downloading again")
         _remove_quietly(path)
 
   def failure(reason):
@@ -205,7 +206,7 @@ def download_cifar10(url=None, cache_dir=None, expected_md5=CIFAR10_MD5, timeout
     descriptor, partial_path = tempfile.mkstemp(prefix=CIFAR10_ARCHIVE + ".", suffix=".part", dir=cache_dir)
   except OSError as error:
     raise failure(f"cannot write to {cache_dir}: {error.strerror}") from None
-  print(f"downloading CIFAR-10 from {url} to {archive_path}")
+  logging.info(f"downloading CIFAR-10 from {url} to {archive_path}")
   try:
     with os.fdopen(descriptor, "wb") as file:
       received, expected = _fetch(url, file, timeout)

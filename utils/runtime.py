@@ -4,6 +4,7 @@ import atexit
 import fcntl
 import functools
 import json
+import logging as std_logging
 import os
 import re
 import socket
@@ -23,7 +24,6 @@ def exit_on_user_error(main):
 
   @functools.wraps(main)
   def wrapped(argv):
-    logging.set_verbosity(logging.WARNING)
     try:
       return main(argv)
     except UserError as error:
@@ -289,12 +289,12 @@ def setup_training(config):
   strategy = make_strategy(runs.distribution, runs.cpu_replicas)
   jit_compile = use_xla(runs.jit_compile)
   if runs.cpu_replicas:
-    print(
+    logging.info(
       f"cpu_replicas: MirroredStrategy over {strategy.num_replicas_in_sync} logical CPU devices "
       "(rehearsal of a multi-GPU run)"
     )
   if jit_compile and not replicas_compile_with_xla(strategy):
-    print(
+    logging.info(
       f"xla: off: XLA cannot compile the collectives of {strategy.num_replicas_in_sync} replicas on "
       "these devices (whole GPUs only); the step runs as a plain tf.function"
     )
@@ -310,7 +310,7 @@ def set_precision(config):
   """
   config.run.precision = resolve_precision(config.run.precision)
   tf_keras.mixed_precision.set_global_policy(config.run.precision)
-  print(f"precision: {config.run.precision}")
+  logging.info(f"precision: {config.run.precision}")
 
 
 # --- Entry point, config flag and workdir lock ----------------------------------------------------
@@ -341,6 +341,27 @@ def define_config_flag(default="config.py:digits", flag_values=flags.FLAGS, argv
   )
 
 
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def use_console_logging(chief):
+  """absl logging is the scripts' console: this project's INFO messages as plain lines on stdout, on the
+  chief only (once per job); other libraries' absl INFO chatter (Model Garden, ...) stays out, their
+  warnings and errors still show."""
+  handler = logging.get_absl_handler()
+  handler.python_handler.stream = sys.stdout
+  handler.setFormatter(std_logging.Formatter("%(message)s"))
+  for old in [f for f in handler.filters if isinstance(f, _ProjectOrWarnings)]:
+    handler.removeFilter(old)
+  handler.addFilter(_ProjectOrWarnings())
+  logging.set_verbosity(logging.INFO if chief else logging.WARNING)
+
+
+class _ProjectOrWarnings(std_logging.Filter):
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PROJECT_ROOT)
+
+
 def run_script(main, workdir_flag="workdir"):
   """Runs an entry script's main(argv) under absl, as `app.run(exit_on_user_error(main))` did, and more.
 
@@ -355,10 +376,12 @@ def run_script(main, workdir_flag="workdir"):
   def checked_main(argv):
     validation.validate_config(flags.FLAGS["config"].value)
     workdir = flags.FLAGS[workdir_flag].value if workdir_flag in flags.FLAGS else None
-    if not is_chief():  # one job, one console output: the chief's (errors still reach stderr)
+    chief = is_chief()
+    if not chief:  # one job, one console output: the chief's (errors still reach stderr)
       sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
     elif workdir and _is_directory(workdir):
       lock_workdir(workdir)
+    use_console_logging(chief)
     return main(argv)
 
   app.run(exit_on_user_error(checked_main), flags_parser=_parse_flags_or_exit)

@@ -31,6 +31,7 @@ import contextlib
 import os
 import threading
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -211,7 +212,7 @@ def list_class_folders(root, split, class_names=None):
     names += [os.path.relpath(path, split_folder) for path in images]
     labels += [class_names.index(folder)] * len(images)
   if ignored:
-    print(f"{split_folder}: ignored {ignored} files without a {'/'.join(IMAGE_EXTENSIONS)} extension")
+    logging.info(f"{split_folder}: ignored {ignored} files without a {'/'.join(IMAGE_EXTENSIONS)} extension")
   return class_names, FolderImages(paths, names, labels)
 
 
@@ -592,7 +593,7 @@ def open_folder(root):
   hint = f"{val_folder} not found: evaluation needs labeled images in {val_folder}/<class>/ ({LAYOUT_HELP})"
   counts = f"{len(train)} training images in {len(class_names)} classes"
   extra_count = len(unlabeled) - len(train)
-  print(
+  logging.info(
     f"folder {root}: {counts}"
     + (f", {extra_count} more unlabeled" if extra_count else "")
     + (f", {len(evaluation)} validation images" if evaluation is not None else "")
@@ -621,7 +622,7 @@ def open_records(root, train_files, val_files, evaluation=True):
   validation = None
   if evaluation:
     _, validation = _record_images(root, val_files, "data.val_files", class_values)
-  print(
+  logging.info(
     f"tfrecord {_join(root, train_files)}: {len(train)} training records in {len(class_values)} classes"
     + (f", {len(validation)} validation records" if validation is not None else "")
   )

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tf_keras
@@ -203,7 +204,7 @@ def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=Tr
         progress = tf_keras.utils.Progbar(
           epoch_end - epoch_start, stateful_metrics=["lr", "img/s"], verbose=1 if verbose else 0, unit_name="step"
         )
-        print(f"epoch {epoch + 1}/{num_epochs}")
+        logging.info(f"epoch {epoch + 1}/{num_epochs}")
         epoch_sums, epoch_count = {}, 0
         while current < epoch_end:
           num_steps = min(run_config.steps_per_loop, epoch_end - current)

@@ -145,6 +145,8 @@ def test_digits_preset_is_what_the_readme_states():
     f"a WRN-{c.model.depth}-{c.model.width}",
     f"2 large {c.data.large_crop_size} px views and {c.pretrain.multicrop} small {c.data.small_crop_size} px views",
     f"{c.pretrain.batch_size} unlabeled images per step, {c.pretrain.epochs} epochs",
+    f"with {c.pretrain.images_per_class} support images per class in each step",
+    f"{c.finetune.images_per_class} images per class per step",
     f"fine-tuning for {c.finetune.epochs} epochs with {c.finetune.views} view",
     f"learning rate {c.finetune.lr} → {c.finetune.final_lr}",
   ]

@@ -36,6 +36,21 @@ _FROM_SCRATCH = flags.DEFINE_bool(
 RUN_SECTIONS = ("data", "model", "finetune")
 
 
+def prepare_output(config, state, workdir, chief):
+  """WORKDIR/finetuned: its config checked (chief), the newest checkpoint restored. Returns (folder, start step)."""
+  output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
+  if chief:
+    runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
+  restored = training.restore(state, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
+  start_step = int(state.step.numpy())
+  logging.info(
+    f"resuming from {restored} at step {start_step}"
+    if restored
+    else "starting from " + ("a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder")
+  )
+  return output, start_step
+
+
 def fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir, chief):
   """finetune.mode=classifier: the reference's ImageNet fine-tuning (utils/classifier.py, METHOD.md section 10)."""
   f = config.finetune
@@ -48,14 +63,7 @@ def fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir
   state = classifier.create_train_state(
     strategy, lambda: classifier.build(config, source.num_classes, encoder_dir), schedule, f, config.run.precision
   )
-  output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
-  if chief:
-    runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
-  restored = training.restore(state, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
-  start_step = int(state.step.numpy())
-  logging.info(
-    f"resuming from {restored} at step {start_step}" if restored else "starting from the pre-trained encoder"
-  )
+  output, start_step = prepare_output(config, state, workdir, chief)
   dataset = pipeline.distribute(
     strategy,
     lambda replicas: classifier.replicas_dataset(
@@ -121,16 +129,7 @@ def main(argv):
     make_encoder = lambda: encoder_lib.load_encoder(os.path.join(workdir, "encoder"), config, "paws_train.py")[0]
   state = training.create_train_state(strategy, make_encoder, schedule, f, config.run.precision)
   # Written only now that the encoder and the config are known to fit.
-  output = runtime.prepare_workdir(os.path.join(workdir, "finetuned"))
-  if chief:
-    runtime.check_config(config, os.path.join(output, "config.json"), RUN_SECTIONS, _FORCE.value)
-  restored = training.restore(state, os.path.join(output, "checkpoints"), config.run.keep_checkpoints)
-  start_step = int(state.step.numpy())
-  logging.info(
-    f"resuming from {restored} at step {start_step}"
-    if restored
-    else "starting from " + ("a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder")
-  )
+  output, start_step = prepare_output(config, state, workdir, chief)
 
   # --- Loop ------------------------------------------------------------------
   dataset = pipeline.distribute(

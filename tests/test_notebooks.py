@@ -112,15 +112,16 @@ def test_data_prep_notebook(executed):
   get, _ = executed
   notebook = get("data_prep.ipynb")
   text = text_output(notebook)
-  # digits preset: 10 classes per batch, 4 images per class, 2 large + 4 small views.
+  # digits preset: 10 classes per batch, its support images per class, 2 large + small views of 4 images.
+  per_class = scriptrun.config_with().pretrain.images_per_class
   assert "views: [(4, 16, 16, 3), (4, 16, 16, 3), (4, 10, 10, 3)" in text
-  assert "supports: (2, 4, 10, 16, 16, 3)" in text
+  assert f"supports: (2, {per_class}, 10, 16, 16, 3)" in text
   rows = re.findall(r"^\s*(\d+) \|((?: +\d+){10}) \|((?: \d+){10})$", text, flags=re.MULTILINE)
   assert len(rows) == 4, text
   for _, counts, order in rows:
-    assert [int(n) for n in counts.split()] == [4] * 10
+    assert [int(n) for n in counts.split()] == [per_class] * 10
     assert sorted(int(c) for c in order.split()) == list(range(10))
-  assert "each class exactly 4 times per batch, interleaved by class: True" in text
+  assert f"each class exactly {per_class} times per batch, interleaved by class: True" in text
   assert len(image_outputs(notebook)) == 2  # the views grid and the support batch
 
 

@@ -92,6 +92,8 @@ def data_config(dataset="digits", **changes):
   with config.unlocked():
     config.data.dataset = dataset
     config.pretrain.multicrop = 2
+    # 4 labels per class, all of them supports in every step (as scriptrun.TINY): small batches
+    config.data.labeled_per_class = config.pretrain.images_per_class = config.finetune.images_per_class = 4
     for key, value in changes.items():
       setattr(config.data, key, value)
   return config

@@ -446,6 +446,7 @@ def runtime_checks(results):
   config.run.cpu_replicas, config.run.jit_compile, config.run.precision = 2, "true", "float32"
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
+    runtime.use_console_logging(chief=True)  # as run_script does: the console on this stdout
     strategy, jit_compile = runtime.setup_training(config)
   results["runtime/strategy"] = np.array(type(strategy).__name__)
   results["runtime/devices"] = np.array(list(strategy.extended.worker_devices))

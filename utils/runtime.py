@@ -345,21 +345,33 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def use_console_logging(chief):
-  """absl logging is the scripts' console: this project's INFO messages as plain lines on stdout, on the
-  chief only (once per job); other libraries' absl INFO chatter (Model Garden, ...) stays out, their
-  warnings and errors still show."""
-  handler = logging.get_absl_handler()
-  handler.python_handler.stream = sys.stdout
-  handler.setFormatter(std_logging.Formatter("%(message)s"))
-  for old in [f for f in handler.filters if isinstance(f, _ProjectOrWarnings)]:
-    handler.removeFilter(old)
-  handler.addFilter(_ProjectOrWarnings())
+  """absl logging is the scripts' console: this project's records as plain lines on the current stdout, on
+  the chief only (once per job); other libraries' absl records keep absl's own handler and format, and
+  its verbosity (INFO on the chief, WARNING elsewhere) keeps their INFO chatter at bay only where needed."""
+  absl_logger = logging.get_absl_logger()
+  for handler in [h for h in absl_logger.handlers if isinstance(h, _ConsoleHandler)]:
+    absl_logger.removeHandler(handler)
+  absl_logger.addHandler(_ConsoleHandler())
+  root_handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OtherLibraries) for f in root_handler.filters):
+    root_handler.addFilter(_OtherLibraries())  # this project's records are printed once, by _ConsoleHandler
   logging.set_verbosity(logging.INFO if chief else logging.WARNING)
 
 
-class _ProjectOrWarnings(std_logging.Filter):
+def _from_this_project(record):
+  return record.pathname.startswith(_PROJECT_ROOT)
+
+
+class _ConsoleHandler(std_logging.StreamHandler):
+  def __init__(self):
+    super().__init__(sys.stdout)
+    self.setFormatter(std_logging.Formatter("%(message)s"))
+    self.addFilter(_from_this_project)
+
+
+class _OtherLibraries(std_logging.Filter):
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PROJECT_ROOT)
+    return not _from_this_project(record) and record.levelno >= std_logging.WARNING
 
 
 def run_script(main, workdir_flag="workdir"):

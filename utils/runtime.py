@@ -356,10 +356,12 @@ def use_console_logging(chief):
   if not any(isinstance(f, _OtherLibraries) for f in root_handler.filters):
     root_handler.addFilter(_OtherLibraries())  # this project's records are printed once, by _ConsoleHandler
   logging.set_verbosity(logging.INFO if chief else logging.WARNING)
+  tf.get_logger().setLevel(std_logging.WARNING)  # TensorFlow's own INFO lines (strategy set-up) stay out
 
 
 def _from_this_project(record):
-  return record.pathname.startswith(_PROJECT_ROOT)
+  # A virtual environment inside the checkout (.venv) holds other libraries: their paths have site-packages.
+  return record.pathname.startswith(_PROJECT_ROOT) and "site-packages" not in record.pathname
 
 
 class _ConsoleHandler(std_logging.StreamHandler):

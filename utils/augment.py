@@ -232,7 +232,7 @@ def _select(mask, new_images, images):
   return tf.where(mask[:, None, None, None], new_images, images)
 
 
-def _draw_rows(num_images, rows):
+def draw_rows(num_images, rows):
   """(number of images to draw for, function keeping this batch's rows of every draw).
 
   rows=(start, total): the images are rows start .. start + num_images - 1 of a batch of `total`, as on
@@ -254,12 +254,12 @@ def random_flip(images, seed, prob=0.5, rows=None):
     images: [N, H, W, C] tensor.
     seed: int32/int64 tensor of shape [2].
     prob: flip probability per image.
-    rows: optional (start, total): images are these rows of a batch of `total` (see _draw_rows).
+    rows: optional (start, total): images are these rows of a batch of `total` (see draw_rows).
 
   Returns:
     tensor like `images`.
   """
-  num_draws, keep = _draw_rows(tf.shape(images)[0], rows)
+  num_draws, keep = draw_rows(tf.shape(images)[0], rows)
   flip = keep(_coins(seed, num_draws, prob))
   return _select(flip, tf.reverse(images, axis=[2]), images)
 
@@ -767,7 +767,7 @@ def _augment_batch_graph(
   """augment_batch with hashable Python arguments."""
   crop_seed, flip_seed, _, _, equalize_seed = _split(seed, 5)
   shape = tf.shape(images)
-  num_draws, keep = _draw_rows(shape[0], rows)
+  num_draws, keep = draw_rows(shape[0], rows)
   boxes = keep(sample_crop_boxes(crop_seed, num_draws, shape[1], shape[2], scale, ratio))
   flip_mask = keep(_coins(flip_seed, num_draws, 0.5)) if flip else None
   jitter, solarize_thresholds, grayscale, blur = keep(
@@ -863,7 +863,7 @@ def _color_graph(
 ):
   """color_and_normalize with hashable Python arguments; the draws of _augment_batch_graph."""
   equalize_seed = _split(seed, 5)[4]
-  num_draws, keep = _draw_rows(tf.shape(views)[0], rows)
+  num_draws, keep = draw_rows(tf.shape(views)[0], rows)
   jitter, solarize_thresholds, grayscale, blur = keep(
     _sample_colour(
       seed, num_draws, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius

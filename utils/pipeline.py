@@ -524,7 +524,7 @@ def streamed_views(images, index_batches, batch_size, view_groups, seed, data, r
   """
   num_seeds = max(first + count for first, count, _, _ in view_groups)
   start, count = rows or (0, batch_size)
-  keep = lambda draws: tf.nest.map_structure(lambda t: t[start : start + count], draws)
+  _, keep = augment.draw_rows(count, (start, batch_size))  # the rows' share of the whole batch's draws
 
   def view_seeds(step):
     return _split_seed(_step_seed(seed, step, 1), num_seeds)

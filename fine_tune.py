@@ -115,8 +115,9 @@ def main(argv):
     source.check_images(labeled)
   if f.mode == "classifier":
     return fine_tune_classifier(config, strategy, jit_compile, source, labeled, workdir, chief)
-  if f.images_per_class % strategy.num_replicas_in_sync:
-    raise UserError(f"finetune.images_per_class must divide by the {strategy.num_replicas_in_sync} replicas")
+  pipeline.support_rows_per_replica(
+    f.classes_per_batch, f.images_per_class, strategy.num_replicas_in_sync, section="finetune."
+  )
   per_class = int(np.bincount(train_labels[labeled]).min())
   steps_per_epoch = max(per_class // f.images_per_class, 1)
   total_steps = f.epochs * steps_per_epoch

@@ -87,8 +87,11 @@ def check_batch_shapes(config, num_train, num_classes, num_replicas):
       f"pretrain.images_per_class={p.images_per_class} needs {per_class} labeled images per class but "
       f"data.labeled_per_class={config.data.labeled_per_class}; lower it or label more images"
     )
-  if p.batch_size % num_replicas or p.images_per_class % num_replicas:
-    raise UserError(f"pretrain.batch_size and pretrain.images_per_class must divide by the {num_replicas} replicas")
+  if p.batch_size % num_replicas:
+    raise UserError(f"pretrain.batch_size={p.batch_size} must divide by the {num_replicas} replicas")
+  pipeline.support_rows_per_replica(
+    p.classes_per_batch, p.images_per_class, num_replicas, p.unique_classes_per_replica, section="pretrain."
+  )
   if p.unique_classes_per_replica and p.classes_per_batch * num_replicas > num_classes:
     raise UserError(
       f"pretrain.unique_classes_per_replica: {num_replicas} replicas x classes_per_batch={p.classes_per_batch} "

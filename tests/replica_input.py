@@ -1,7 +1,7 @@
 """Feeding a step test's global batch to the replicas as the input pipelines do: each replica its own share.
 
-utils/pipeline.py emits each replica's share of the global batch (unlabeled rows, support images per
-class); these are the same shares of a batch built whole by a test.
+utils/pipeline.py emits each replica's share of the global batch (its rows of the unlabeled views and of the
+support batch); these are the same shares of a batch built whole by a test.
 """
 
 import tensorflow as tf
@@ -12,8 +12,8 @@ from utils import pipeline
 def share(batch, replica, num_replicas):
   """Replica `replica`'s share of a global batch.
 
-  PAWS (views, supports): rows of every view, and images per class of [support views, images per class,
-  classes, ...]; SuNCEt [views, images per class, classes, ...]: images per class.
+  PAWS (views, supports): rows of every view, and rows of [support views, rows, ...]; SuNCEt
+  [views, rows, ...]: rows.
   """
 
   def rows(tensor, axis):

@@ -143,8 +143,8 @@ def test_snn_ignores_embedding_scale():
   )
 
 
-def test_make_labels_matrix_smoothing_and_interleaving():
-  labels = losses.make_labels_matrix(10, 4, num_blocks=2, smoothing=0.1)
+def test_support_labels_smoothing_and_interleaving():
+  labels = losses.support_labels(10, 4, views=2, smoothing=0.1)
   assert labels.dtype == tf.float32
   assert labels.shape == (80, 10)
   labels = labels.numpy()
@@ -157,18 +157,29 @@ def test_make_labels_matrix_smoothing_and_interleaving():
   np.testing.assert_array_equal(labels[:40], labels[40:])
 
 
-def test_make_labels_matrix_one_hot_default():
-  labels = losses.make_labels_matrix(3, 2).numpy()
+def test_support_labels_one_hot_default():
+  labels = losses.support_labels(3, 2).numpy()
   np.testing.assert_array_equal(labels, np.eye(3)[[0, 1, 2, 0, 1, 2]])
 
 
-def test_make_labels_matrix_unique_blocks():
-  """Each replica's block has its own classes: block b's row i has class b*K + i mod K of R*K, smoothed over R*K."""
-  labels = losses.make_labels_matrix(2, 2, num_blocks=3, smoothing=0.3, unique_blocks=True).numpy()
+def test_support_labels_of_rows_split_between_replicas():
+  """3 images of 2 classes over 2 replicas: replica 0 holds rows 0-2 (classes 0 1 0), replica 1 rows 3-5
+  (1 0 1), each in both views; gathered, the rows are [replica, view, row]."""
+  labels = losses.support_labels(2, 3, views=2, num_replicas=2).numpy()
+  classes = [0, 1, 0] * 2 + [1, 0, 1] * 2
+  np.testing.assert_array_equal(labels, np.eye(2)[classes])
+  # The same rows as one device's [view, row] batch, reordered: each class has 3 rows per view.
+  np.testing.assert_array_equal(labels.sum(axis=0), [6, 6])
+
+
+def test_support_labels_unique_classes():
+  """Each replica has its own classes: replica r's row i has class r*K + i mod K of R*K, smoothed over R*K."""
+  # 2 classes per replica, 3 replicas x 1 image per class, 2 views
+  labels = losses.support_labels(2, 3, views=2, num_replicas=3, smoothing=0.3, unique_classes=True).numpy()
   classes = [0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5]
   expected = np.full([12, 6], 0.3 / 6) + (1 - 0.3) * np.eye(6)[classes]
   np.testing.assert_allclose(labels, expected, rtol=1e-6)
-  shared = losses.make_labels_matrix(2, 2, num_blocks=3).numpy()  # without: every block the same 2 classes
+  shared = losses.support_labels(2, 3, views=2, num_replicas=3).numpy()  # without: every block the same 2 classes
   np.testing.assert_array_equal(shared, np.eye(2)[[0, 1] * 6])
 
 

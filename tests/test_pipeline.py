@@ -34,9 +34,8 @@ def test_sampler_batches_are_independent_draws():
   """Each batch takes images_per_class of a fresh per-class shuffle, whatever earlier batches took."""
   per_class, images_per_class, num_classes, num_batches = 10, 3, 10, 2000
   labels = make_labels(per_class, num_classes)
-  batches = list(
-    pipeline.support_batches(labels, num_classes, images_per_class, seed=5, start_step=0, total_steps=num_batches)
-  )
+  sampler = pipeline.SupportSampler(labels, num_classes, images_per_class, seed=5)
+  batches = [(step, sampler.batch(step)) for step in range(num_batches)]
   present = np.zeros([num_batches, len(labels)], bool)
   for step, batch in batches:
     present[step, batch] = True
@@ -66,21 +65,17 @@ def test_sampler_batches_are_independent_draws():
 @pytest.mark.parametrize("start_step", [1, 7, 30])
 def test_support_batches_resume_exactly_without_replay(start_step):
   labels = make_labels(7)
-  full = list(pipeline.support_batches(labels, 5, 3, seed=2, start_step=0, total_steps=40))
-  resumed = list(pipeline.support_batches(labels, 5, 3, seed=2, start_step=start_step, total_steps=40))
-  assert [step for step, _ in resumed] == list(range(start_step, 40))
-  for (step_a, batch_a), (step_b, batch_b) in zip(full[start_step:], resumed):
-    assert step_a == step_b
-    assert batch_a.dtype == np.int64
-    np.testing.assert_array_equal(batch_a, batch_b)
-  sampler = pipeline.SupportSampler(labels, 5, 3, seed=2)
-  for step in range(5):
-    np.testing.assert_array_equal(sampler.next_batch(), full[step][1])
+  full = pipeline.SupportSampler(labels, 5, 3, seed=2)
+  full = [full.next_batch() for _ in range(40)]
+  resumed = pipeline.SupportSampler(labels, 5, 3, seed=2)  # a new sampler, as a resumed run builds
+  for step in range(start_step, 40):
+    assert full[step].dtype == np.int64
+    np.testing.assert_array_equal(resumed.batch(step), full[step])
   # No replay: a step far away costs the same as the first one.
-  [(far_step, far_batch)] = pipeline.support_batches(labels, 5, 3, seed=2, start_step=10**12, total_steps=10**12 + 1)
-  assert far_step == 10**12 and len(np.unique(far_batch)) == 15
-  other_seed = list(pipeline.support_batches(labels, 5, 3, seed=3, start_step=0, total_steps=40))
-  assert not all(np.array_equal(a, b) for (_, a), (_, b) in zip(full, other_seed))
+  far_batch = resumed.batch(10**12)
+  assert len(np.unique(far_batch)) == 15
+  other_seed = pipeline.SupportSampler(labels, 5, 3, seed=3)
+  assert not all(np.array_equal(other_seed.batch(step), full[step]) for step in range(40))
 
 
 def test_sampler_subset_of_classes_per_batch():
@@ -105,6 +100,20 @@ def test_sampler_errors_on_too_few_images_or_classes():
     pipeline.SupportSampler(labels, 6, 2, seed=0)
 
 
+def test_support_rows_split_between_replicas():
+  # The K * images_per_class rows are shared; images_per_class itself need not divide by the replicas.
+  assert pipeline.support_rows_per_replica(10, 5, 2) == 25
+  assert pipeline.support_rows_per_replica(10, 5, 5) == 10
+  assert pipeline.SupportSampler(make_labels(6, 10), 10, 5, seed=0, num_replicas=2).rows_per_replica == 25
+  message = r"the 50 support images .*pretrain.classes_per_batch=10 x images_per_class=5.*3 replicas"
+  with pytest.raises(UserError, match=message):
+    pipeline.support_rows_per_replica(10, 5, 3, section="pretrain.")
+  # Unique classes: each replica draws images_per_class / R of its own classes.
+  assert pipeline.support_rows_per_replica(15, 448, 64, unique_classes=True) == 7 * 15
+  with pytest.raises(UserError, match="images_per_class=5 must divide by the 2 replicas with unique classes"):
+    pipeline.support_rows_per_replica(2, 5, 2, unique_classes=True)
+
+
 def test_unlabeled_indices_epoch_permutation_drops_last_partial_batch():
   seen = np.concatenate([pipeline.unlabeled_indices(10, 3, step, seed=0) for step in range(3)])
   assert len(np.unique(seen)) == 9  # one image of the 10 dropped this epoch
@@ -112,11 +121,13 @@ def test_unlabeled_indices_epoch_permutation_drops_last_partial_batch():
   assert not np.array_equal(next_epoch, seen[:3])
 
 
-def small_pretrain_dataset(start_step, total_steps=4, replicas=pipeline.ONE_DEVICE, unique_classes=False):
+def small_pretrain_dataset(
+  start_step, total_steps=4, replicas=pipeline.ONE_DEVICE, unique_classes=False, images_per_class=2
+):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=[20, 8, 8, 3], dtype=np.uint8)
   labels = np.repeat(np.arange(4), 5)
-  labeled = np.arange(20)[::2]  # 10 images; class counts 3,2,3,2
+  labeled = np.flatnonzero(np.arange(20) % 5 < 3)  # 3 labeled images per class
   data = ml_collections.ConfigDict(
     dict(
       flip=True,
@@ -137,7 +148,7 @@ def small_pretrain_dataset(start_step, total_steps=4, replicas=pipeline.ONE_DEVI
       batch_size=4,
       multicrop=2,
       classes_per_batch=2 if unique_classes else 4,
-      images_per_class=2,
+      images_per_class=images_per_class,
       support_views=2,
       unique_classes_per_replica=unique_classes,
     )
@@ -160,7 +171,7 @@ def test_pretrain_dataset_shapes_and_exact_resume():
   assert len(full) == 4
   views, supports = full[0]
   assert [tuple(v.shape) for v in views] == [(4, 8, 8, 3)] * 2 + [(4, 5, 5, 3)] * 2
-  assert supports.shape == (2, 2, 4, 8, 8, 3)
+  assert supports.shape == (2, 8, 8, 8, 3)  # [support views, K * images_per_class, ...]
   assert views[0].dtype == tf.float32
   resumed = list(small_pretrain_dataset(2))
   assert len(resumed) == 2
@@ -173,14 +184,18 @@ def test_pretrain_dataset_shapes_and_exact_resume():
 
 
 def test_pretrain_replicas_get_their_rows_of_the_one_device_batch():
-  """Two replicas: elements alternate replica 0, 1 per step, and their rows make up the one-device batch."""
-  one_device = list(small_pretrain_dataset(0, total_steps=3))
-  both = list(small_pretrain_dataset(0, total_steps=3, replicas=pipeline.Replicas((0, 1), 2)))
-  second_worker = list(small_pretrain_dataset(0, total_steps=3, replicas=pipeline.Replicas((1,), 2)))
+  """Two replicas: elements alternate replica 0, 1 per step, and their rows make up the one-device batch.
+
+  3 supports per class do not split per class between 2 replicas; the 12 rows split 6 and 6.
+  """
+  sizes = dict(total_steps=3, images_per_class=3)
+  one_device = list(small_pretrain_dataset(0, **sizes))
+  both = list(small_pretrain_dataset(0, replicas=pipeline.Replicas((0, 1), 2), **sizes))
+  second_worker = list(small_pretrain_dataset(0, replicas=pipeline.Replicas((1,), 2), **sizes))
   assert len(both) == 6 and len(second_worker) == 3
   for step, (views, supports) in enumerate(one_device):
     (views_0, supports_0), (views_1, supports_1) = both[2 * step], both[2 * step + 1]
-    assert supports_0.shape == (2, 1, 4, 8, 8, 3)
+    assert supports_0.shape == (2, 6, 8, 8, 3)
     np.testing.assert_array_equal(np.concatenate([supports_0, supports_1], axis=1), supports)
     for whole, part_0, part_1 in zip(views, views_0, views_1, strict=True):
       assert part_0.shape[0] == 2
@@ -214,7 +229,7 @@ def test_unique_classes_give_each_replica_its_own_classes():
 
 def test_unique_classes_pipeline_blocks():
   both = list(small_pretrain_dataset(0, total_steps=2, replicas=pipeline.Replicas((0, 1), 2), unique_classes=True))
-  assert both[0][1].shape == (2, 1, 2, 8, 8, 3)  # [support views, per class, K, ...]
+  assert both[0][1].shape == (2, 2, 8, 8, 3)  # [support views, 1 image x K = 2 classes, ...]
   assert not np.array_equal(both[0][1], both[1][1])
 
 
@@ -227,8 +242,8 @@ def _finetune_batch(flip):
   batch = next(
     iter(pipeline.finetune_dataset(images, labels, finetune, data, start_step=0, total_steps=1, seed=0))
   ).numpy()
-  assert batch.shape == (2, 4, 2, 6, 6, 3)
-  return images.astype(np.float32) / 255, batch.reshape(2, 8, 6, 6, 3)
+  assert batch.shape == (2, 8, 6, 6, 3)
+  return images.astype(np.float32) / 255, batch
 
 
 def test_finetune_dataset_is_flip_only():
@@ -255,11 +270,12 @@ def test_finetune_replicas_get_their_rows_of_the_one_device_batch():
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, size=[12, 6, 6, 3], dtype=np.uint8)
   labels = np.repeat(np.arange(3), 4)
-  finetune = ml_collections.ConfigDict(dict(classes_per_batch=3, images_per_class=4, views=2))
+  # 3 images of 2 classes: 6 rows, 3 for each of 2 replicas (not the same number of images of each class)
+  finetune = ml_collections.ConfigDict(dict(classes_per_batch=2, images_per_class=3, views=2))
   data = ml_collections.ConfigDict(dict(flip=True, mean=(0.0,) * 3, std=(1.0,) * 3))
   steps = dict(start_step=0, total_steps=3, seed=4)
   one_device = list(pipeline.finetune_dataset(images, labels, finetune, data, **steps))
   both = list(pipeline.finetune_dataset(images, labels, finetune, data, replicas=pipeline.Replicas((0, 1), 2), **steps))
   for step, batch in enumerate(one_device):
-    assert both[2 * step].shape == (2, 2, 3, 6, 6, 3)
+    assert both[2 * step].shape == (2, 3, 6, 6, 3)
     np.testing.assert_array_equal(np.concatenate([both[2 * step], both[2 * step + 1]], axis=1), batch)

@@ -243,7 +243,7 @@ def first_loss(model, views, supports, pretrain):
   supports = tf.reshape(supports, [-1] + supports.shape[-3:].as_list())
   h, z = encoder.embed_views(model, [[supports, views[0], views[1]], list(views[2:])], training=True)
   num_support = supports.shape[0]
-  labels = losses.make_labels_matrix(p.classes_per_batch, p.support_views * p.images_per_class, 1, p.label_smoothing)
+  labels = losses.support_labels(p.classes_per_batch, p.images_per_class, p.support_views, smoothing=p.label_smoothing)
   large = h[num_support : num_support + 2 * p.batch_size]
   targets = tf.concat([large[p.batch_size :], large[: p.batch_size]], axis=0)
   ce, me_max = losses.paws_loss(

@@ -33,7 +33,7 @@ def pretrain_batch(c, seed=0):
   views = tuple(rng.normal(size=[p.batch_size, large, large, 3]).astype(np.float32) for _ in range(2)) + tuple(
     rng.normal(size=[p.batch_size, small, small, 3]).astype(np.float32) for _ in range(p.multicrop)
   )
-  supports = rng.normal(size=[p.support_views, p.images_per_class, p.classes_per_batch, large, large, 3])
+  supports = rng.normal(size=[p.support_views, p.classes_per_batch * p.images_per_class, large, large, 3])
   return views, supports.astype(np.float32)
 
 
@@ -103,7 +103,7 @@ def test_suncet_step_with_loss_scaling_keeps_bn_statistics_frozen(tiny):
   moving = [v.numpy() for v in encoder.non_trainable_variables]
   trainable = [v.numpy() for v in encoder.trainable_variables]
   train_steps = steps.suncet_steps(tiny, strategy, encoder, optimizer, jit_compile=False, bn_training=False)
-  batch = tf.random.normal([f.views, f.images_per_class, f.classes_per_batch, 8, 8, 3], seed=4)
+  batch = tf.random.normal([f.views, f.classes_per_batch * f.images_per_class, 8, 8, 3], seed=4)
   loss = float(train_steps(iter(tf.data.Dataset.from_tensors(batch).repeat()), tf.constant(2))["loss"])
   assert np.isfinite(loss) and loss > 0
   for before, after in zip(moving, encoder.non_trainable_variables):

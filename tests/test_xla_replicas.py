@@ -59,10 +59,10 @@ METRICS = {"paws": ("loss", "ce", "me_max"), "suncet": ("loss",)}
 SCHEDULE = dict(start_lr=0.05, peak_lr=0.2, final_lr=0.02, warmup_steps=1, total_steps=40)
 WEIGHTS_SEED = 0  # initial_weights
 # Seeds of the random batches: from the weights of initial_weights(), every BatchNorm output stays at least
-# MIN_RELU_MARGIN away from the ReLU kink in steps 1 to 3 (smallest: PAWS 1.4e-5, SuNCEt 6.7e-6). XLA and
+# MIN_RELU_MARGIN away from the ReLU kink in steps 1 to 3 (smallest: PAWS 1.1e-5, SuNCEt 6.7e-6). XLA and
 # the plain kernels differ by float rounding (about 1e-7 here): an entry nearer the kink could take the
 # ReLU's other slope in one of them, which moves a tiny batch's gradients by percents.
-PAWS_SEED = 33
+PAWS_SEED = 22
 SUNCET_SEED = 4
 MIN_RELU_MARGIN = 5e-6
 OVERFLOW_SCALE = 2.0**40  # scaled gradients overflow float16 (max 65504) for about 20 halvings
@@ -137,7 +137,8 @@ def paws_batch(config, check):
 def suncet_batch(config):
   f, size = config.finetune, config.data.image_size
   rng = np.random.default_rng(SUNCET_SEED)
-  return tf.constant(rng.standard_normal([f.views, f.images_per_class, f.classes_per_batch, size, size, 3]), tf.float32)
+  shape = [f.views, f.classes_per_batch * f.images_per_class, size, size, 3]
+  return tf.constant(rng.standard_normal(shape), tf.float32)
 
 
 def relu_margin(config, weights, inputs, training_mode):

@@ -23,14 +23,14 @@ def time_train_steps(config, strategy, jit_compile, num_steps):
   """Seconds per compiled PAWS step on random inputs of the config's shapes, after a warm-up."""
   p = config.pretrain
   large, small = config.data.large_crop_size, config.data.small_crop_size
-  local_batch, local_per_class = (
-    p.batch_size // strategy.num_replicas_in_sync,
-    p.images_per_class // strategy.num_replicas_in_sync,
+  local_batch = p.batch_size // strategy.num_replicas_in_sync
+  local_support = pipeline.support_rows_per_replica(
+    p.classes_per_batch, p.images_per_class, strategy.num_replicas_in_sync, p.unique_classes_per_replica
   )
   views = tuple(tf.random.normal([local_batch, large, large, 3]) for _ in range(2)) + tuple(
     tf.random.normal([local_batch, small, small, 3]) for _ in range(p.multicrop)
   )
-  supports = tf.random.normal([p.support_views, local_per_class, p.classes_per_batch, large, large, 3])
+  supports = tf.random.normal([p.support_views, local_support, large, large, 3])
   # Every replica gets the same random batch, on its device as in training.
   dataset = pipeline.distribute(strategy, lambda _: tf.data.Dataset.from_tensors((views, supports)).repeat())
   schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, 10, 1000)

@@ -59,37 +59,37 @@ def snn(query, supports, support_labels, tau):
   return tf.matmul(weights, support_labels)
 
 
-def make_labels_matrix(num_classes, images_per_class, num_blocks=1, smoothing=0.0, unique_blocks=False):
-  """Label rows of a class-interleaved support batch (METHOD.md section 2).
+def support_labels(num_classes, images_per_class, views=1, num_replicas=1, smoothing=0.0, unique_classes=False):
+  """Label rows of the gathered support batch (METHOD.md section 2), as utils/pipeline.py lays it out.
 
-  The batch is num_blocks blocks (support views, or replicas' shares) of
-  num_classes * images_per_class rows; row i of a block has its class i mod K.
-  Every block has the same K classes, or with unique_blocks (each replica
-  drawing its own classes) block b has classes b*K .. b*K + K - 1 of
-  num_blocks * K. Smoothing eps gives the on-value 1 - eps + eps / C and the
-  off-value eps / C over the C columns.
+  One device's support batch is K * images_per_class rows interleaved by class (row i has class i mod K).
+  Replica r holds rows r*n .. r*n + n - 1 of it, n = K * images_per_class / R, in each of its `views`
+  augmented views; gathered, the rows are [replica, view, row]. With unique_classes each replica draws its
+  own K classes (n is then a multiple of K): replica r's classes are columns r*K .. r*K + K - 1 of R*K.
+  Smoothing eps gives the on-value 1 - eps + eps / C and the off-value eps / C over the C columns.
 
   Args:
-    num_classes: K, classes per block.
-    images_per_class: support images per class in one block.
-    num_blocks: number of blocks.
+    num_classes: K, classes per batch (per replica with unique_classes).
+    images_per_class: support images per class over all replicas.
+    views: augmented views of each support image.
+    num_replicas: R, replicas the batch is split between.
     smoothing: label smoothing eps.
-    unique_blocks: whether each block has its own classes.
+    unique_classes: whether each replica has its own classes.
 
   Returns:
-    float32 tensor [num_blocks * num_classes * images_per_class, C], C = num_classes, or
-    num_blocks * num_classes with unique_blocks.
+    float32 tensor [K * images_per_class * views, C], C = K, or R * K with unique_classes.
   """
-  block_rows = num_classes * images_per_class
-  rows = tf.range(num_blocks * block_rows)
-  classes = rows % num_classes
+  rows = num_classes * images_per_class // num_replicas
+  replica = tf.range(num_replicas)[:, None, None]
+  positions = replica * rows + tf.range(rows)[None, None, :]  # row in the one-device batch
+  classes = tf.broadcast_to(positions % num_classes, [num_replicas, views, rows])
   num_columns = num_classes
-  if unique_blocks:
-    classes += rows // block_rows * num_classes
-    num_columns *= num_blocks
+  if unique_classes:
+    classes += replica * num_classes
+    num_columns *= num_replicas
   off_value = smoothing / num_columns
   on_value = 1.0 - smoothing + off_value
-  return tf.one_hot(classes, num_columns, on_value=on_value, off_value=off_value, dtype=tf.float32)
+  return tf.one_hot(tf.reshape(classes, [-1]), num_columns, on_value=on_value, off_value=off_value, dtype=tf.float32)
 
 
 def _mean_across_replicas(value):

@@ -70,6 +70,27 @@ def round_robin(replica_dataset, replicas):
   return tf.data.Dataset.choose_from_datasets(datasets, choice)
 
 
+def support_rows_per_replica(classes_per_batch, images_per_class, num_replicas, unique_classes=False, section=""):
+  """Rows of the support batch each of num_replicas replicas holds: K * images_per_class / R.
+
+  Raises UserError when the batch cannot be shared evenly: its K * images_per_class rows by the replicas,
+  or with unique classes (each replica its own K classes) images_per_class by the replicas.
+  section: the config section the sizes come from ("pretrain."), for the message.
+  """
+  if unique_classes and images_per_class % num_replicas:
+    raise UserError(
+      f"{section}images_per_class={images_per_class} must divide by the {num_replicas} replicas with "
+      "unique classes per replica (each replica draws images_per_class / replicas images of its classes)"
+    )
+  rows = classes_per_batch * images_per_class
+  if rows % num_replicas:
+    raise UserError(
+      f"the {rows} support images per step ({section}classes_per_batch={classes_per_batch} x "
+      f"images_per_class={images_per_class}) must divide by the {num_replicas} replicas; change images_per_class"
+    )
+  return rows // num_replicas
+
+
 class SupportSampler:
   """Class-stratified index batches for the support set (METHOD.md section 4).
 
@@ -84,12 +105,14 @@ class SupportSampler:
   size, whatever came before). Batch `step` is a function of (seed, step)
   only: a stream resumed at any step needs no replay.
 
-  With R replicas the batch is cut into R consecutive blocks, one per replica,
-  of images_per_class / R images of each class. Without unique classes these
-  are the rows of the one-device batch (its images of a class split between
-  the replicas); with `unique_classes` (the reference's ImageNet setting),
-  replica r gets classes r*K .. r*K + K - 1 of the permutation, so the R
-  replicas support R*K different classes.
+  With R replicas the batch is cut into R consecutive blocks of
+  support_rows_per_replica rows, one per replica. Without unique classes these
+  are consecutive rows of the one-device batch (any images_per_class works as
+  long as the K * images_per_class rows divide by R; a block's classes then
+  follow from its rows' positions, losses.support_labels); with
+  `unique_classes` (the reference's ImageNet setting), replica r gets
+  images_per_class / R images of each of classes r*K .. r*K + K - 1 of the
+  permutation, so the R replicas support R*K different classes.
   """
 
   # A trailing non-zero word keeps these generators apart from unlabeled_indices'
@@ -106,8 +129,6 @@ class SupportSampler:
         f"classes_per_batch={classes_per_batch}{per_replica} but the labeled set has only "
         f"{len(self.classes)} classes; lower classes_per_batch"
       )
-    if images_per_class % num_replicas:
-      raise UserError(f"images_per_class={images_per_class} must divide by the {num_replicas} replicas")
     self.members = [np.flatnonzero(labels == c) for c in self.classes]
     smallest = min(len(m) for m in self.members)
     per_class = images_per_class // num_replicas if unique_classes else images_per_class
@@ -118,6 +139,7 @@ class SupportSampler:
       )
     self.num_classes = num_classes
     self.per_class = per_class
+    self.rows_per_replica = support_rows_per_replica(classes_per_batch, images_per_class, num_replicas, unique_classes)
     self.num_replicas = num_replicas
     self.unique_classes = unique_classes
     self.seed = seed
@@ -152,16 +174,6 @@ def _epoch_order(num_images, seed, epoch):
   order = np.random.default_rng([seed, epoch]).permutation(num_images)
   order.flags.writeable = False  # shared by every step of the epoch
   return order
-
-
-def support_batches(labels, classes_per_batch, images_per_class, seed, start_step, total_steps, **replicas):
-  """Yields (step, support indices) for steps [start_step, total_steps); each batch depends on (seed, step) only.
-
-  replicas: SupportSampler's num_replicas and unique_classes.
-  """
-  sampler = SupportSampler(labels, classes_per_batch, images_per_class, seed, **replicas)
-  for step in range(start_step, total_steps):
-    yield step, sampler.batch(step)
 
 
 def _step_seed(seed, step, stream):
@@ -239,20 +251,20 @@ def pretrain_dataset(
     tf.data.Dataset of (views, supports), one element per step and replica (in the order of
     replicas.ids): views is a tuple of 2 + multicrop float32 batches [batch_size / R, S, S, 3]
     (two large, then small crops), the replica's rows of the global batch; supports is float32
-    [support_views, images_per_class / R, classes_per_batch, S, S, 3], its block of the support batch.
+    [support_views, classes_per_batch * images_per_class / R, S, S, 3], its block of rows of the support
+    batch (SupportSampler).
   """
   p = pretrain
   images = tf.constant(images)
   labeled_images = tf.gather(images, labeled_indices)
   large = data.large_crop_size
   local_batch = p.batch_size // replicas.total
-  local_per_class = p.images_per_class // replicas.total
-  local_support = local_per_class * p.classes_per_batch
-  sampler = pretrain_supports(labeled_labels, p, seed, replicas.total)
+  sampler = SupportSampler(**pretrain_supports(labeled_labels, p, seed, replicas.total))
+  local_support = sampler.rows_per_replica
 
   def index_stream():
-    for step, support in support_batches(start_step=start_step, total_steps=total_steps, **sampler):
-      yield step, unlabeled_indices(len(images), p.batch_size, step, seed), support
+    for step in range(start_step, total_steps):
+      yield step, unlabeled_indices(len(images), p.batch_size, step, seed), sampler.batch(step)
 
   def replica_dataset(replica):
     rows, support_rows = slice(replica * local_batch, (replica + 1) * local_batch), replica * local_support
@@ -269,8 +281,7 @@ def pretrain_dataset(
       support = tf.gather(labeled_images, support_indices[support_rows : support_rows + local_support])
       place = (support_rows, replicas.total * local_support)
       supports = _augment_views(support, seeds[2 + p.multicrop :], large, data.large_crop_scale, data, place)
-      shape = [p.support_views, local_per_class, p.classes_per_batch, large, large, 3]
-      return tuple(views), tf.reshape(tf.stack(supports), shape)
+      return tuple(views), tf.stack(supports)
 
     signature = (
       tf.TensorSpec([], tf.int64),
@@ -295,19 +306,18 @@ def finetune_dataset(
       mirror-symmetric, e.g. digits) the views are the un-augmented images.
     replicas: the Replicas this pipeline feeds (default: one device).
   Returns:
-    A dataset of float32 [views, images_per_class / R, classes_per_batch, H, W, 3]: each replica's block
-    of the step's batch, in the order of replicas.ids.
+    A dataset of float32 [views, classes_per_batch * images_per_class / R, H, W, 3]: each replica's block
+    of rows of the step's batch (SupportSampler), in the order of replicas.ids.
   """
   f = finetune
   labeled_images = tf.constant(labeled_images)
   height, width = labeled_images.shape[1:3]
-  local_per_class = f.images_per_class // replicas.total
-  local_batch = local_per_class * f.classes_per_batch
-
-  sampler = finetune_supports(labeled_labels, f, seed, replicas.total)
+  sampler = SupportSampler(**finetune_supports(labeled_labels, f, seed, replicas.total))
+  local_batch = sampler.rows_per_replica
 
   def index_stream():
-    return support_batches(start_step=start_step, total_steps=total_steps, **sampler)
+    for step in range(start_step, total_steps):
+      yield step, sampler.batch(step)
 
   def replica_dataset(replica):
     rows = (replica * local_batch, replicas.total * local_batch)
@@ -319,7 +329,7 @@ def finetune_dataset(
         augment.normalize(augment.random_flip(batch, seeds[v], rows=rows) if data.flip else batch, data.mean, data.std)
         for v in range(f.views)
       ]
-      return tf.reshape(tf.stack(flipped), [f.views, local_per_class, f.classes_per_batch, height, width, 3])
+      return tf.stack(flipped)
 
     signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([rows[1]], tf.int64))
     dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
@@ -581,17 +591,16 @@ def stream_pretrain_dataset(
   labeled_indices = np.asarray(labeled_indices, np.int64)
   large, small = data.large_crop_size, data.small_crop_size
   local_batch = p.batch_size // replicas.total
-  local_per_class = p.images_per_class // replicas.total
-  local_support = local_per_class * p.classes_per_batch
-  sampler = pretrain_supports(labeled_labels, p, seed, replicas.total)
+  sampler = SupportSampler(**pretrain_supports(labeled_labels, p, seed, replicas.total))
+  local_support = sampler.rows_per_replica
 
   def unlabeled_batches():
     for step in range(start_step, total_steps):
       yield step, unlabeled_indices(len(images), p.batch_size, step, seed)
 
   def support_indices():
-    for step, positions in support_batches(start_step=start_step, total_steps=total_steps, **sampler):
-      yield step, labeled_indices[positions]
+    for step in range(start_step, total_steps):
+      yield step, labeled_indices[sampler.batch(step)]
 
   def replica_dataset(replica):
     unlabeled = streamed_views(
@@ -613,11 +622,7 @@ def stream_pretrain_dataset(
       rows=(replica * local_support, local_support),
     )
 
-    def arrange(views, support_views):
-      shape = [p.support_views, local_per_class, p.classes_per_batch, large, large, 3]
-      return views, tf.reshape(tf.stack(support_views), shape)
-
-    return tf.data.Dataset.zip(unlabeled, supports).map(arrange)
+    return tf.data.Dataset.zip(unlabeled, supports).map(lambda views, support_views: (views, tf.stack(support_views)))
 
   return round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
 
@@ -654,23 +659,22 @@ def stream_finetune_dataset(
     labeled_indices, labeled_labels: the labeled subset (indices into images).
     Other arguments: as finetune_dataset.
   Returns:
-    A dataset of float32 [views, images_per_class / R, classes_per_batch, image_size, image_size, 3], as
+    A dataset of float32 [views, classes_per_batch * images_per_class / R, image_size, image_size, 3], as
     finetune_dataset.
   """
   f = finetune
   size = data.image_size
   labeled_indices = np.asarray(labeled_indices, np.int64)
-  local_per_class = f.images_per_class // replicas.total
-  local_batch = local_per_class * f.classes_per_batch
-  sampler = finetune_supports(labeled_labels, f, seed, replicas.total)
+  sampler = SupportSampler(**finetune_supports(labeled_labels, f, seed, replicas.total))
+  local_batch = sampler.rows_per_replica
   load = whole_image_loader(images, size)
 
   def replica_dataset(replica):
     rows = (replica * local_batch, replicas.total * local_batch)
 
     def index_stream():
-      for step, positions in support_batches(start_step=start_step, total_steps=total_steps, **sampler):
-        for index in labeled_indices[positions[rows[0] : rows[0] + local_batch]]:
+      for step in range(start_step, total_steps):
+        for index in labeled_indices[sampler.batch(step)[rows[0] : rows[0] + local_batch]]:
           yield step, index
 
     def make_views(steps, batch):
@@ -679,7 +683,7 @@ def stream_finetune_dataset(
         augment.normalize(augment.random_flip(batch, seeds[v], rows=rows) if data.flip else batch, data.mean, data.std)
         for v in range(f.views)
       ]
-      return tf.reshape(tf.stack(flipped), [f.views, local_per_class, f.classes_per_batch, size, size, 3])
+      return tf.stack(flipped)
 
     signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64))
     dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)

@@ -13,7 +13,7 @@
 
 Streamed images are addressed by an index, as arrays are: a folder's training images in class then path
 order, a TFRecord set's records in file then record order (files sorted by name). Every step's images are
-the in-memory path's (pipeline.unlabeled_indices, pipeline.support_batches), so the order of a run is a
+the in-memory path's (pipeline.unlabeled_indices, pipeline.SupportSampler), so the order of a run is a
 function of (seed, step) and a resumed run reads exactly what the interrupted one would have. A TFRecord
 set is indexed once per script start (one sequential read of its files, in parallel over files: the byte
 offset, label and name of every record); training then reads records by offset.

@@ -11,7 +11,7 @@ that of the global batch.
 import tensorflow as tf
 
 from utils import encoder as encoder_lib
-from utils import losses
+from utils import losses, pipeline
 
 
 def compile_steps(strategy, step_fn, metric_names, jit_compile):
@@ -53,24 +53,26 @@ def paws_steps(config, strategy, encoder, optimizer, jit_compile):
   p = config.pretrain
   num_replicas = strategy.num_replicas_in_sync
   local_batch = p.batch_size // num_replicas
-  local_per_class = p.images_per_class // num_replicas
-  num_support = p.support_views * local_per_class * p.classes_per_batch
-  # Row i of a replica's support block has its class i mod K; the gathered batch is the replicas' blocks
-  # in turn. Unique classes: replica r's classes are columns r*K .. r*K + K - 1 of R*K.
-  support_labels = losses.make_labels_matrix(
+  local_support = pipeline.support_rows_per_replica(
+    p.classes_per_batch, p.images_per_class, num_replicas, p.unique_classes_per_replica
+  )
+  num_support = p.support_views * local_support
+  # The gathered supports are the replicas' blocks in turn, each its rows of every support view.
+  support_labels = losses.support_labels(
     p.classes_per_batch,
-    p.support_views * local_per_class,
+    p.images_per_class,
+    p.support_views,
     num_replicas,
     p.label_smoothing,
-    unique_blocks=p.unique_classes_per_replica,
+    unique_classes=p.unique_classes_per_replica,
   )
 
   def step_fn(views, supports):
-    """views: this replica's 2 + multicrop batches; supports [support_views, per class, K, S, S, 3]."""
+    """views: this replica's 2 + multicrop batches; supports: its support rows [support_views, n, S, S, 3]."""
     replica = tf.distribute.get_replica_context()
     # Across workers tf.distribute leaves batch dimensions unknown (it allows partial batches); ours are whole.
     views = [tf.ensure_shape(v, [local_batch, None, None, None]) for v in views]
-    supports = tf.ensure_shape(supports, [p.support_views, local_per_class, p.classes_per_batch, None, None, None])
+    supports = tf.ensure_shape(supports, [p.support_views, local_support, None, None, None])
     supports = tf.reshape(supports, [num_support] + supports.shape[-3:].as_list())
     with tf.GradientTape() as tape:
       h, z = encoder_lib.embed_views(encoder, [[supports, views[0], views[1]], views[2:]], training=True)
@@ -107,13 +109,13 @@ def suncet_steps(config, strategy, encoder, optimizer, jit_compile, bn_training)
   """The compiled SuNCEt update on one class-stratified batch."""
   f = config.finetune
   num_replicas = strategy.num_replicas_in_sync
-  local_per_class = f.images_per_class // num_replicas
-  labels = losses.make_labels_matrix(f.classes_per_batch, f.views * local_per_class, num_replicas)
+  local_batch = pipeline.support_rows_per_replica(f.classes_per_batch, f.images_per_class, num_replicas)
+  labels = losses.support_labels(f.classes_per_batch, f.images_per_class, f.views, num_replicas)
 
   def step_fn(batch):
-    """batch: this replica's [views, per class, K, H, W, 3]."""
+    """batch: this replica's rows of the class-stratified batch, [views, n, H, W, 3]."""
     replica = tf.distribute.get_replica_context()
-    batch = tf.ensure_shape(batch, [f.views, local_per_class, f.classes_per_batch, None, None, None])
+    batch = tf.ensure_shape(batch, [f.views, local_batch, None, None, None])
     batch = tf.reshape(batch, [-1] + batch.shape[-3:].as_list())
     with tf.GradientTape() as tape:
       # training=False keeps BatchNorm on its moving statistics; gamma/beta still get gradients.

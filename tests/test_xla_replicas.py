@@ -33,6 +33,7 @@ step 3 at most 1/6 of the wider one.
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -724,3 +725,50 @@ def test_checkpoint_of_two_replicas_continues_on_one_replica_with_xla(results):
 
 if __name__ == "__main__":
   main(*sys.argv[1:])
+
+
+def test_digits_rehearsal_through_the_three_scripts(tmp_path):
+  """The README's rehearsal command (digits preset, 2 CPU replicas, jit_compile=true), shrunk and in float32.
+
+  3 support images per class cannot be split per class between 2 replicas: each takes 15 of the 30 rows of
+  the support batch (and of fine-tuning's batch). mixed_float16 is emulated on CPUs (minutes per step at
+  the preset's size); its 2-replica steps are checked above.
+  """
+  from tests import scriptrun  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path / "rehearsal")
+  flags = [
+    "--config=config.py:digits",
+    "--config.run.cpu_replicas=2",
+    "--config.run.jit_compile=true",
+    "--config.run.precision=float32",
+    "--config.data.labeled_per_class=4",
+    "--config.pretrain.images_per_class=3",
+    "--config.finetune.images_per_class=3",
+    "--config.model.hidden_dim=32",
+    "--config.model.projection_dim=32",
+    "--config.pretrain.batch_size=448",
+    "--config.pretrain.multicrop=2",
+    "--config.pretrain.epochs=1",
+    "--config.pretrain.warmup_epochs=0",
+    "--config.finetune.epochs=2",
+    "--config.run.log_every=1",
+    f"--workdir={workdir}",
+  ]
+  outputs = {}
+  for script in ("paws_train.py", "fine_tune.py", "nn_eval.py"):
+    result = scriptrun.run(script, *flags, timeout=900)
+    assert result.returncode == 0, f"{script}: {result.stderr[-3000:]}"
+    outputs[script] = result.stdout
+  for script in ("paws_train.py", "fine_tune.py"):
+    assert "cpu_replicas: MirroredStrategy over 2 logical CPU devices" in outputs[script]
+    assert "xla: off: XLA cannot compile the collectives of 2 replicas" in outputs[script]
+  with open(os.path.join(workdir, "pretrain_log.jsonl")) as file:
+    log = [json.loads(line) for line in file]
+  steps_logged = [entry for entry in log if entry["kind"] == "step"]
+  assert [entry["step"] for entry in steps_logged] == [1, 2, 3]  # 1347 // 448 steps
+  assert all(np.isfinite(entry["loss"]) for entry in steps_logged)
+  with open(os.path.join(workdir, "eval.json")) as file:
+    metrics = json.load(file)
+  assert metrics["num_support"] == 40 and metrics["num_test"] == 450
+  assert 20 < metrics["top1"] <= 100, metrics  # chance is 10 %

@@ -83,6 +83,38 @@ def refresh_misc(workdir, console_log):
   shutil.copy(console_log, os.path.join(MISC, "logs.txt"))
 
 
+def results_table(rows, baselines):
+  """Markdown table lines: one row per seed (seed, fine-tuned, pre-trained, seconds, supervised, pixels), then
+  mean, sd, min and max; the supervised-only column only when the baselines ran."""
+  columns = [
+    ("PAWS top-1, fine-tuned (%)", ".2f"),
+    ("PAWS top-1, pre-trained only (%)", ".2f"),
+    ("wall time, 3 scripts (s)", ".0f"),
+    ("supervised-only top-1 (%)", ".2f"),
+    ("raw-pixel 1-NN top-1 (%)", ".2f"),
+  ]
+  kept = [i for i in range(len(columns)) if baselines or i != 3]  # 3: supervised-only
+  values = np.array([r[1:] for r in rows])[:, kept]
+  formats = [columns[i][1] for i in kept]
+
+  def table_row(name, numbers):
+    return f"| {name} | " + " | ".join(f"{x:{f}}" for x, f in zip(numbers, formats, strict=True)) + " |"
+
+  lines = [
+    "| label seed | " + " | ".join(columns[i][0] for i in kept) + " |",
+    "|---" * (len(kept) + 1) + "|",
+  ]
+  lines += [table_row(r[0], values[k]) for k, r in enumerate(rows)]
+  for name, reduce in (
+    ("mean", np.mean),
+    ("sd", lambda c, axis: np.std(c, axis=axis, ddof=1) if len(c) > 1 else np.full(c.shape[1], np.nan)),
+    ("min", np.min),
+    ("max", np.max),
+  ):
+    lines.append(table_row(f"**{name}**", reduce(values, axis=0)))
+  return lines
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS)
@@ -145,33 +177,23 @@ def main():
     pixels = 100 * np.mean(nearest.predict(test_images.reshape(len(test_images), -1)) == test_labels)
     rows.append((seed, top1(paws_dir), pretrained, seconds, supervised, pixels))
     print(rows[-1], flush=True)
-  columns = np.array([r[1:] for r in rows])
-  lines = [
-    "| label seed | PAWS top-1, fine-tuned (%) | PAWS top-1, pre-trained only (%) | wall time, 3 scripts (s) "
-    "| supervised-only top-1 (%) | raw-pixel 1-NN top-1 (%) |",
-    "|---|---|---|---|---|---|",
-  ]
-  lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.0f} | {r[4]:.2f} | {r[5]:.2f} |" for r in rows]
-  for name, reduce in (
-    ("mean", np.mean),
-    ("sd", lambda c, axis: np.std(c, axis=axis, ddof=1) if len(c) > 1 else np.full(c.shape[1], np.nan)),
-    ("min", np.min),
-    ("max", np.max),
-  ):
-    values = reduce(columns, axis=0)
-    lines.append(
-      f"| **{name}** | {values[0]:.2f} | {values[1]:.2f} | {values[2]:.0f} | {values[3]:.2f} | {values[4]:.2f} |"
-    )
+  lines = results_table(rows, args.baselines)
   machine = benchmark.machine_description()
   text = (
     f"# Digits demo over label seeds\n\nMachine: {machine}; run.precision={args.precision} "
     f"(resolved: {precision}). Written by `python benchmarks/digits_seeds.py --seeds "
     f"{' '.join(map(str, args.seeds))} --precision {args.precision}"
-    f"{' --set ' + ' '.join(args.set) if args.set else ''}` on {time.strftime('%Y-%m-%d')}.\n\n"
+    f"{' --set ' + ' '.join(args.set) if args.set else ''}{'' if args.baselines else ' --no-baselines'}` "
+    f"on {time.strftime('%Y-%m-%d')}.\n\n"
     "PAWS = the README's quick start with the label seed changed. "
-    f"Supervised-only = `fine_tune.py --from_scratch {' '.join(SUPERVISED)}`: the same network trained "
-    "with SuNCEt on the labeled images alone (no augmentation: the digits preset has no flip), "
-    "BatchNorm statistics re-estimated on them. Raw-pixel 1-NN uses the same labeled images. "
+    + (
+      f"Supervised-only = `fine_tune.py --from_scratch {' '.join(SUPERVISED)}`: the same network trained "
+      "with SuNCEt on the labeled images alone (no augmentation: the digits preset has no flip), "
+      "BatchNorm statistics re-estimated on them. "
+      if args.baselines
+      else ""
+    )
+    + "Raw-pixel 1-NN uses the same labeled images. "
     "sd is the sample standard deviation over the seeds.\n\n" + "\n".join(lines) + "\n"
   )
   with open(args.output, "w") as f:

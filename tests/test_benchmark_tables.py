@@ -1,0 +1,34 @@
+"""benchmarks/digits_seeds.py's results table: values, summary rows, and the supervised column only when run."""
+
+import numpy as np
+
+from benchmarks import digits_seeds
+
+ROWS = [
+  (152, 97.78, 96.44, 136.4, 94.0, 91.11),
+  (100, 98.0, 98.0, 231.0, 93.0, 90.0),
+  (101, 98.67, 97.0, 170, 95.0, 90.5),
+]
+
+
+def cells(line):
+  return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_results_table_with_baselines():
+  lines = digits_seeds.results_table(ROWS, baselines=True)
+  assert len(cells(lines[0])) == 6 and "supervised-only top-1 (%)" in lines[0]
+  assert cells(lines[2]) == ["152", "97.78", "96.44", "136", "94.00", "91.11"]
+  summary = {cells(line)[0]: cells(line)[1:] for line in lines[5:]}
+  values = np.array([row[1:] for row in ROWS])
+  assert summary["**mean**"][0] == f"{values[:, 0].mean():.2f}"
+  assert summary["**sd**"][3] == f"{values[:, 3].std(ddof=1):.2f}" == "1.00"
+  assert summary["**min**"][2] == "136" and summary["**max**"][2] == "231"
+
+
+def test_results_table_without_baselines_drops_the_supervised_column():
+  rows = [row[:4] + (float("nan"),) + row[5:] for row in ROWS]
+  lines = digits_seeds.results_table(rows, baselines=False)
+  assert "supervised" not in lines[0] and "nan" not in "\n".join(lines)
+  assert lines[1] == "|---|---|---|---|---|"
+  assert cells(lines[3]) == ["100", "98.00", "98.00", "231", "90.00"]

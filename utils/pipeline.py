@@ -120,6 +120,7 @@ class SupportSampler:
   STREAM = 1
 
   def __init__(self, labels, classes_per_batch, images_per_class, seed, num_replicas=1, unique_classes=False):
+    self.rows_per_replica = support_rows_per_replica(classes_per_batch, images_per_class, num_replicas, unique_classes)
     labels = np.asarray(labels)
     self.classes = np.unique(labels)
     num_classes = classes_per_batch * (num_replicas if unique_classes else 1)
@@ -139,14 +140,13 @@ class SupportSampler:
       )
     self.num_classes = num_classes
     self.per_class = per_class
-    self.rows_per_replica = support_rows_per_replica(classes_per_batch, images_per_class, num_replicas, unique_classes)
     self.num_replicas = num_replicas
     self.unique_classes = unique_classes
     self.seed = seed
     self.step = 0
 
   def batch(self, step):
-    """The int64 indices of batch `step`: R blocks (one per replica) of images x classes, interleaved by class."""
+    """The int64 indices of batch `step`, interleaved by class; replica r's are rows r*n .. r*n + n - 1."""
     rng = np.random.default_rng([self.seed, step, self.STREAM])
     chosen = rng.permutation(len(self.classes))[: self.num_classes]
     columns = [rng.permutation(self.members[c])[: self.per_class] for c in chosen]

@@ -450,6 +450,7 @@ def runtime_checks(results):
   with contextlib.redirect_stdout(printed):
     runtime.use_console_logging(chief=True)  # as run_script does: the console on this stdout
     strategy, jit_compile = runtime.setup_training(config)
+  tf.get_logger().warning(TF_WARNING)  # TensorFlow's warnings (e.g. mixed precision on a CPU) print once
   results["runtime/strategy"] = np.array(type(strategy).__name__)
   results["runtime/devices"] = np.array(list(strategy.extended.worker_devices))
   results["runtime/jit_compile"] = np.array(jit_compile)
@@ -460,6 +461,7 @@ def runtime_checks(results):
 
 
 READY = "written"  # marker file: the 2-replica checkpoint is complete
+TF_WARNING = "probe: a TensorFlow warning"
 
 
 def main(part, output, checkpoint_dir):
@@ -534,6 +536,7 @@ def results(tmp_path_factory):
     for part, process in parts.items():
       _, stderr = process.communicate(timeout=900)
       assert process.returncode == 0, f"{part}: {stderr[-3000:]}"
+      merged[f"stderr/{part}"] = stderr
       with np.load(folder / f"{part}.npz") as data:
         merged.update(data)
   finally:
@@ -590,6 +593,7 @@ def test_cpu_replicas_split_the_cpu_and_mirror_over_it(results):
   assert not results["runtime/jit_compile"] and "xla: off" in printed
   assert results["runtime/one_device_compiles"]
   assert "already initialised" in str(results["runtime/reconfigure_error"])
+  assert results["stderr/replicas"].count(TF_WARNING) == 1  # once, not again through absl's handler
 
 
 def test_cpu_replicas_errors():

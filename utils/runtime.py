@@ -356,7 +356,9 @@ def use_console_logging(chief):
   if not any(isinstance(f, _OtherLibraries) for f in root_handler.filters):
     root_handler.addFilter(_OtherLibraries())  # this project's records are printed once, by _ConsoleHandler
   logging.set_verbosity(logging.INFO if chief else logging.WARNING)
-  tf.get_logger().setLevel(std_logging.WARNING)  # TensorFlow's own INFO lines (strategy set-up) stay out
+  tf_logger = tf.get_logger()
+  tf_logger.setLevel(std_logging.WARNING)  # TensorFlow's own INFO lines (strategy set-up) stay out
+  tf_logger.propagate = False  # it has its own stderr handler; through absl's, each warning printed twice
 
 
 def _from_this_project(record):

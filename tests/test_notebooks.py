@@ -115,7 +115,7 @@ def test_data_prep_notebook(executed):
   # digits preset: 10 classes per batch, its support images per class, 2 large + small views of 4 images.
   per_class = scriptrun.config_with().pretrain.images_per_class
   assert "views: [(4, 16, 16, 3), (4, 16, 16, 3), (4, 10, 10, 3)" in text
-  assert f"supports: (2, {per_class}, 10, 16, 16, 3)" in text
+  assert f"supports: (2, {10 * per_class}, 16, 16, 3)" in text  # [views, rows interleaved by class, ...]
   rows = re.findall(r"^\s*(\d+) \|((?: +\d+){10}) \|((?: \d+){10})$", text, flags=re.MULTILINE)
   assert len(rows) == 4, text
   for _, counts, order in rows:

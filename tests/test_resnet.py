@@ -269,7 +269,7 @@ def test_train_steps_on_a_repeated_batch():
   views = tuple(rng.normal(size=[2, 64, 64, 3]).astype(np.float32) for _ in range(2)) + tuple(
     rng.normal(size=[2, 32, 32, 3]).astype(np.float32) for _ in range(2)
   )
-  supports = rng.normal(size=[1, 1, 2, 64, 64, 3]).astype(np.float32)
+  supports = rng.normal(size=[1, 2, 64, 64, 3]).astype(np.float32)  # [views, 2 classes x 1 image, ...]
   paws = steps.paws_steps(c, strategy, encoder, optimizer, jit_compile=False)
   before = [w.copy() for w in encoder.get_weights()]
   metrics = paws(iter(tf.data.Dataset.from_tensors((views, supports)).repeat()), tf.constant(1))
@@ -281,7 +281,7 @@ def test_train_steps_on_a_repeated_batch():
   with strategy.scope():
     # A tenth of the fine-tuning rate: small steps on 4 images make each update lower this loss.
     optimizer = optim.build_lars(f.lr / 10, f.momentum, f.weight_decay, f.lars_eta)
-  labeled = rng.normal(size=[1, 2, 2, 64, 64, 3]).astype(np.float32)  # [views, images per class, classes, ...]
+  labeled = rng.normal(size=[1, 4, 64, 64, 3]).astype(np.float32)  # [views, 2 images x 2 classes, ...]
   suncet = steps.suncet_steps(c, strategy, encoder, optimizer, jit_compile=False, bn_training=True)
   iterator = iter(tf.data.Dataset.from_tensors(labeled).repeat())
   losses = [float(suncet(iterator, tf.constant(1))["loss"]) for _ in range(3)]

@@ -727,10 +727,6 @@ def test_checkpoint_of_two_replicas_continues_on_one_replica_with_xla(results):
   assert float(results["checkpoint/moved"]) > 0
 
 
-if __name__ == "__main__":
-  main(*sys.argv[1:])
-
-
 def test_digits_rehearsal_through_the_three_scripts(tmp_path):
   """The README's rehearsal command (digits preset, 2 CPU replicas, jit_compile=true), shrunk and in float32.
 
@@ -776,3 +772,7 @@ def test_digits_rehearsal_through_the_three_scripts(tmp_path):
     metrics = json.load(file)
   assert metrics["num_support"] == 40 and metrics["num_test"] == 450
   assert 20 < metrics["top1"] <= 100, metrics  # chance is 10 %
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

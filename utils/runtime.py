@@ -345,9 +345,9 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def use_console_logging(chief):
-  """absl logging is the scripts' console: this project's records as plain lines on the current stdout, on
-  the chief only (once per job); other libraries' absl records keep absl's own handler and format, and
-  its verbosity (INFO on the chief, WARNING elsewhere) keeps their INFO chatter at bay only where needed."""
+  """absl logging is the scripts' console: this project's records as plain lines on the current stdout, at
+  INFO on the chief and WARNING elsewhere (so printed once per job); other libraries' absl records keep absl's
+  own handler and format, warnings and errors only (Model Garden's INFO chatter stays out)."""
   absl_logger = logging.get_absl_logger()
   for handler in [h for h in absl_logger.handlers if isinstance(h, _ConsoleHandler)]:
     absl_logger.removeHandler(handler)

@@ -21,10 +21,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 from absl import flags, logging
 import tensorflow as tf
 
-from utils import classifier, datasets, evaluation, export, plots, runtime, sources
+from utils import cli, evaluation, export, fileio, plots
+from utils import workdir as workdir_lib
+from utils.data import sources, splits
 from utils.errors import UserError
+from utils.model import classifier as classifier_lib
 
-_CONFIG = runtime.define_config_flag("config.py:digits")
+_CONFIG = cli.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pre-training (and fine-tuning) run.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "As for paws_train.py: CIFAR-10 offline, or the images' folder.")
 _ENCODER = flags.DEFINE_enum(
@@ -44,7 +47,7 @@ def main(argv):
   workdir = _WORKDIR.value
   if not workdir or not tf.io.gfile.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist; run paws_train.py with this --workdir first")
-  runtime.prepare_workdir(workdir)
+  workdir_lib.prepare_workdir(workdir)
   if _EXPORT.value:
     export.check_export_directory(_EXPORT.value)  # before the evaluation, which can take minutes
 
@@ -58,7 +61,7 @@ def main(argv):
   index_path = os.path.join(workdir, "labeled_indices.txt")
   if not tf.io.gfile.exists(index_path):
     raise UserError(f"{index_path} not found; run paws_train.py with this --workdir first")
-  labeled = datasets.read_split_file(index_path, len(source.train_labels))
+  labeled = splits.read_split_file(index_path, len(source.train_labels))
   source.check_labeled_names(workdir, labeled)
   support_images, support_labels, test_images, test_labels = source.evaluation_sets(
     labeled, config.data, config.eval.batch_size
@@ -78,14 +81,14 @@ def main(argv):
     }
   )
   finetuned = os.path.join(workdir, "finetuned")
-  if classifier.exists(finetuned):  # finetune.mode=classifier: the classifier's own top-1 / top-5 as well
-    model, _ = classifier.load(finetuned, config)  # float32
-    queries, query_labels = classifier.evaluation_images(source, config.data, config.eval.batch_size)
-    scores = classifier.evaluate_classifier(
+  if classifier_lib.exists(finetuned):  # finetune.mode=classifier: the classifier's own top-1 / top-5 as well
+    model, _ = classifier_lib.load(finetuned, config)  # float32
+    queries, query_labels = evaluation.evaluation_images(source, config.data, config.eval.batch_size)
+    scores = evaluation.evaluate_classifier(
       model, queries, query_labels, config.eval.batch_size, config.data.mean, config.data.std
     )
     metrics.update({"classifier_top1": scores["top1"], "classifier_top5": scores["top5"]})
-  runtime.write_json(os.path.join(workdir, "eval.json"), metrics)
+  fileio.write_json(os.path.join(workdir, "eval.json"), metrics)
   title = f"{config.name}, {choice} encoder, top-1 {metrics['top1']:.2f} %"
   plots.confusion_matrix(confusion, os.path.join(workdir, "confusion_matrix.png"), title)
   plots.pca_projection(embeddings, test_labels, os.path.join(workdir, "pca_projection.png"), title)
@@ -116,4 +119,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.run_script(main)
+  cli.run_script(main)

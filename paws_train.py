@@ -17,11 +17,15 @@ from absl import flags, logging
 import numpy as np
 import tensorflow as tf
 
-from utils import benchmark, datasets, optim, pipeline, plots, runtime, sources, steps, training
-from utils import encoder as encoder_lib
+from utils import cli, devices, plots
+from utils import workdir as workdir_lib
+from utils.data import sampling, sources, splits
 from utils.errors import UserError
+from utils.model import encoder as encoder_lib
+from utils.train import benchmark, optim, steps
+from utils.train import loop as train_loop
 
-_CONFIG = runtime.define_config_flag("config.py:digits")
+_CONFIG = cli.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and the trained encoder.")
 _DATA_DIR = flags.DEFINE_string(
   "data_dir",
@@ -51,7 +55,7 @@ def choose_labeled(source, config, split_file):
     return source.read_split_file(split_file, expected_count=count, check_balance=bool(per_class))
   if not per_class:
     raise UserError("data.labeled_per_class=0 means the labeled subset comes from --split_file; pass one")
-  return datasets.select_labeled_indices(source.train_labels, config.data.labeled_per_class, config.data.label_seed)
+  return splits.select_labeled_indices(source.train_labels, config.data.labeled_per_class, config.data.label_seed)
 
 
 def save_labeled(workdir, indices, force):
@@ -62,7 +66,7 @@ def save_labeled(workdir, indices, force):
       f"{saved_path} holds another labeled subset (other --split_file or label seed); "
       "use a new --workdir, the same subset, or pass --force to overwrite"
     )
-  npy_path, txt_path = datasets.write_split_files(workdir, indices)
+  npy_path, txt_path = splits.write_split_files(workdir, indices)
   logging.info(f"labeled subset: {len(indices)} images, saved to {npy_path} and {txt_path}")
 
 
@@ -89,7 +93,7 @@ def check_batch_shapes(config, num_train, num_classes, num_replicas):
     )
   if p.batch_size % num_replicas:
     raise UserError(f"pretrain.batch_size={p.batch_size} must divide by the {num_replicas} replicas")
-  pipeline.support_rows_per_replica(
+  sampling.support_rows_per_replica(
     p.classes_per_batch, p.images_per_class, num_replicas, p.unique_classes_per_replica, section="pretrain."
   )
   if p.unique_classes_per_replica and p.classes_per_batch * num_replicas > num_classes:
@@ -104,16 +108,16 @@ def main(argv):
   config = _CONFIG.value
 
   # --- Devices and precision -------------------------------------------------
-  strategy, jit_compile = runtime.setup_training(config)
+  strategy, jit_compile = devices.setup_training(config)
   if _BENCHMARK.value:  # timing on random data only: no workdir, no dataset
     logging.info(benchmark.report(config, strategy, jit_compile, _BENCHMARK.value))
     return
 
   # --- Data --------------------------------------------------------------------
-  workdir = runtime.prepare_workdir(_WORKDIR.value)
+  workdir = workdir_lib.prepare_workdir(_WORKDIR.value)
   # In a cluster the chief writes the config, logs and plots into the workdir; every worker keeps its
   # checkpoints, encoder and labeled subset in its own folder (the workdir itself on the chief).
-  own = runtime.prepare_workdir(runtime.worker_directory(workdir))
+  own = workdir_lib.prepare_workdir(workdir_lib.worker_directory(workdir))
   chief = own == workdir
   # In-memory arrays (cifar10, digits) or image files streamed from --data_dir (folder, tfrecord).
   source = sources.open_source(config.data, _DATA_DIR.value)
@@ -124,7 +128,7 @@ def main(argv):
     source.check_labeled_names(own, labeled)  # files: resuming on the images this workdir labeled
   # Everything is validated before the first file is written.
   if chief:
-    runtime.check_config(config, os.path.join(workdir, "config.json"), RUN_SECTIONS, _FORCE.value)
+    workdir_lib.check_config(config, os.path.join(workdir, "config.json"), RUN_SECTIONS, _FORCE.value)
   save_labeled(own, labeled, _FORCE.value)
   source.write_labeled_names(own, labeled)
   p = config.pretrain
@@ -133,30 +137,30 @@ def main(argv):
 
   # --- Model, optimizer, checkpoint ------------------------------------------------
   schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, p.warmup_epochs * steps_per_epoch, total_steps)
-  state = training.create_train_state(
+  state = train_loop.create_train_state(
     strategy,
     lambda: encoder_lib.build_for_strategy(config, strategy),
     schedule,
     p,
     config.run.precision,
   )
-  restored = training.restore(state, os.path.join(own, "checkpoints"), config.run.keep_checkpoints)
+  restored = train_loop.restore(state, os.path.join(own, "checkpoints"), config.run.keep_checkpoints)
   start_step = int(state.step.numpy())
   logging.info(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
 
   # --- Loop: the input stream from start_step ------------------------------------
   # Each worker builds only its replicas' batches, prefetched to their devices.
-  dataset = pipeline.distribute(
+  dataset = sampling.distribute(
     strategy,
     lambda replicas: source.pretrain_dataset(
       labeled, config.data, p, start_step=start_step, total_steps=total_steps, seed=config.seed, replicas=replicas
     ),
   )
   train_steps = steps.paws_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
-  loop = training.Loop("pretrain", total_steps, steps_per_epoch, benchmark.crops_per_step(p), schedule)
+  loop = train_loop.Loop("pretrain", total_steps, steps_per_epoch, benchmark.crops_per_step(p), schedule)
   started = time.time()
   with source.stream_errors(lambda: int(state.step.numpy()), config.run.steps_per_loop):
-    log_path = training.run_loop(train_steps, iter(dataset), state, loop, config.run, workdir if chief else None)
+    log_path = train_loop.run_loop(train_steps, iter(dataset), state, loop, config.run, workdir if chief else None)
   logging.info(f"pre-training done: {total_steps} steps, {time.time() - started:.1f} s this run")
 
   # --- Results -----------------------------------------------------------------
@@ -165,7 +169,7 @@ def main(argv):
   if not chief:
     return
   plot_path = plots.loss_curves(
-    training.epoch_means(log_path),
+    train_loop.epoch_means(log_path),
     os.path.join(workdir, "pretrain_loss.png"),
     ("ce", "me_max", "loss"),
     "PAWS pre-training",
@@ -174,4 +178,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.run_script(main)
+  cli.run_script(main)

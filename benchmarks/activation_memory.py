@@ -10,26 +10,38 @@ the PAWS loss's similarity matrices and, for the backward pass itself, two gradi
 activation. It leaves out cuDNN workspaces and allocator fragmentation, and XLA or Grappler rewrites that
 recompute or fuse activations: an estimate, not a measurement.
 
-  python benchmarks/activation_memory.py [--config cifar10] [--precision float32 mixed_float16]
+  python -m benchmarks.activation_memory [--config=config.py:cifar10] [--config.FIELD=VALUE ...]
+                                         [--precisions=float32,mixed_float16]
+
+from the repository root. --config and its overrides are the entry scripts' (paws_train.py): the preset's
+shapes are the ones estimated; --precisions lists the precision policies to estimate them under.
 
 On one GPU the whole global batch is one replica's; with N replicas divide the activations by N.
 """
 
-import argparse
 import collections
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tracing only: no device memory needed
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+from absl import app, flags
+import tensorflow as tf
 import tf_keras
 
-import config as presets  # pylint: disable=g-import-not-at-top
-from utils import encoder as encoder_lib
+from utils import cli
+from utils.model import encoder as encoder_lib
+
+_CONFIG = cli.define_config_flag("config.py:cifar10")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+_PRECISIONS = flags.DEFINE_list(
+  "precisions", ["float32", "mixed_float16"], f"Precision policies to estimate, comma-separated: {PRECISIONS}."
+)
+flags.register_validator(
+  "precisions",
+  lambda values: bool(values) and all(value in PRECISIONS for value in values),
+  f"must name one or more of {', '.join(PRECISIONS)}, comma-separated",
+)
 
 GIB = 2.0**30
 # Outputs of these ops are weights, constants or shapes, not activations.
@@ -119,16 +131,15 @@ def estimate(config, precision):
   return rows, by_type
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="cifar10", choices=sorted(presets.PRESETS))
-  parser.add_argument("--precision", nargs="+", default=["float32", "mixed_float16"])
-  args = parser.parse_args()
-  config = presets.get_config(args.config)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings are flags (--config.FIELD=VALUE)")
+  config = _CONFIG.value
   p, m = config.pretrain, config.model
   groups = " + ".join(f"{n} x {size} px" for n, size in step_shapes(config))
-  print(f"{args.config}: WRN-{m.depth}-{m.width}, one PAWS step on one device: {groups} crops")
-  for precision in args.precision:
+  trunk = "ResNet-50" if m.name == "resnet50" else f"WRN-{m.depth}-{m.width}"
+  print(f"{config.name}: {trunk}, one PAWS step on one device: {groups} crops")
+  for precision in _PRECISIONS.value:
     rows, by_type = estimate(config, precision)
     total = sum(rows.values())
     print(f"\n{precision}: estimated peak {total / GIB:.1f} GiB")
@@ -153,4 +164,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_script(main)

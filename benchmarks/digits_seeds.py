@@ -32,10 +32,8 @@ from sklearn.neighbors import KNeighborsClassifier
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import config as presets  # pylint: disable=g-import-not-at-top
-from utils import (
-  benchmark,  # pylint: disable=g-import-not-at-top
-  datasets,  # pylint: disable=g-import-not-at-top
-)
+from utils import devices
+from utils.data import datasets, splits
 
 # From scratch, LARS needs the pre-training learning rates and far more than the
 # 10 fine-tuning steps of the preset (there the network only adjusts).
@@ -172,13 +170,13 @@ def main():
     with open(os.path.join(paws_dir, "config.json")) as f:
       saved = json.load(f)  # the run's resolved config, --set overrides included
     precision = saved["run"]["precision"]
-    labeled = datasets.select_labeled_indices(train_labels, saved["data"]["labeled_per_class"], seed)
+    labeled = splits.select_labeled_indices(train_labels, saved["data"]["labeled_per_class"], seed)
     nearest = KNeighborsClassifier(1).fit(train_images[labeled].reshape(len(labeled), -1), train_labels[labeled])
     pixels = 100 * np.mean(nearest.predict(test_images.reshape(len(test_images), -1)) == test_labels)
     rows.append((seed, top1(paws_dir), pretrained, seconds, supervised, pixels))
     print(rows[-1], flush=True)
   lines = results_table(rows, args.baselines)
-  machine = benchmark.machine_description()
+  machine = devices.machine_description()
   text = (
     f"# Digits demo over label seeds\n\nMachine: {machine}; run.precision={args.precision} "
     f"(resolved: {precision}). Written by `python benchmarks/digits_seeds.py --seeds "

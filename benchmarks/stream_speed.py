@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from utils import augment, benchmark, pipeline, sources  # noqa: E402
+from utils import devices
+from utils.data import augment, decoding, image_files, pipelines, sampling, sources  # noqa: E402
 
 LARGE, SMALL, MULTICROP = 224, 96, 6
 LARGE_SCALE, SMALL_SCALE = (0.14, 1.0), (0.05, 0.14)
@@ -61,8 +62,8 @@ def write_records(folder, paths, shards=4):
         with open(path, "rb") as file:
           encoded = file.read()
         feature = {
-          sources.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-          sources.LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+          image_files.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+          image_files.LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
         }
         writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
   return sources.open_records(folder, "train-*", "", evaluation=False).train
@@ -88,10 +89,10 @@ def data_section(colour):
 def streamed(images, batch_size, num_steps, colour):
   def batches():
     for step in range(num_steps):
-      yield step, pipeline.unlabeled_indices(len(images), batch_size, step, seed=0)
+      yield step, sampling.unlabeled_indices(len(images), batch_size, step, seed=0)
 
   groups = [(0, 2, LARGE, LARGE_SCALE), (2, MULTICROP, SMALL, SMALL_SCALE)]
-  return pipeline.streamed_views(images, batches, batch_size, groups, 0, data_section(colour)).prefetch(
+  return pipelines.streamed_views(images, batches, batch_size, groups, 0, data_section(colour)).prefetch(
     tf.data.AUTOTUNE
   )
 
@@ -109,7 +110,7 @@ def random_box(height, width, scale, seed):
 
 def baseline(paths, batch_size, num_steps):
   """Read, decode, 8 boxes, slice, tf.image.resize (antialiased bilinear), flip, batch, normalise."""
-  order = np.concatenate([pipeline.unlabeled_indices(len(paths), batch_size, step, 0) for step in range(num_steps)])
+  order = np.concatenate([sampling.unlabeled_indices(len(paths), batch_size, step, 0) for step in range(num_steps)])
   paths = tf.constant(paths)
 
   def load(position, index):
@@ -138,15 +139,15 @@ def single_view(images, count, window, batch):
   """One 224 px view per image, decoding the crop's window (the pipeline's single-view path) or the whole JPEG."""
 
   def load(index):
-    draws = pipeline.crop_draws([tf.stack([index, tf.constant(1, tf.int64)])], 1, LARGE_SCALE, flip=False)
+    draws = augment.crop_draws([tf.stack([index, tf.constant(1, tf.int64)])], 1, LARGE_SCALE, flip=False)
     draws = {key: value[0] for key, value in draws.items()}
     encoded = images.read(index)
     if window:
-      pixels, boxes = pipeline._decode_one_box(encoded, images.describe(index), draws)
+      pixels, boxes = decoding._decode_one_box(encoded, images.describe(index), draws)
     else:
-      pixels = pipeline.decode_image(encoded, images.describe(index))
-      boxes = pipeline.crop_boxes(draws, tf.shape(pixels)[0], tf.shape(pixels)[1])
-    return pipeline.resize_box(pixels, boxes[0], LARGE)
+      pixels = decoding.decode_image(encoded, images.describe(index))
+      boxes = augment.crop_boxes(draws, tf.shape(pixels)[0], tf.shape(pixels)[1])
+    return decoding.resize_box(pixels, boxes[0], LARGE)
 
   dataset = tf.data.Dataset.from_tensor_slices(np.arange(count, dtype=np.int64) % len(images))
   return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch).prefetch(2)
@@ -161,9 +162,9 @@ def eight_windows(images, count, batch):
     views = []
     for view, seed in enumerate(seeds):
       size, scale = (LARGE, LARGE_SCALE) if view < 2 else (SMALL, SMALL_SCALE)
-      draws = pipeline.crop_draws([seed + tf.stack([index, 0])], 1, scale, flip=False)
-      pixels, boxes = pipeline._decode_one_box(encoded, images.describe(index), {k: v[0] for k, v in draws.items()})
-      views.append(pipeline.resize_box(pixels, boxes[0], size))
+      draws = augment.crop_draws([seed + tf.stack([index, 0])], 1, scale, flip=False)
+      pixels, boxes = decoding._decode_one_box(encoded, images.describe(index), {k: v[0] for k, v in draws.items()})
+      views.append(decoding.resize_box(pixels, boxes[0], size))
     return tuple(views)
 
   dataset = tf.data.Dataset.from_tensor_slices(np.arange(count, dtype=np.int64) % len(images))
@@ -247,7 +248,7 @@ def main():
   lines = [
     "# Streamed-image input speed",
     "",
-    f"Machine: {benchmark.machine_description()}. Written by `python benchmarks/stream_speed.py --images "
+    f"Machine: {devices.machine_description()}. Written by `python benchmarks/stream_speed.py --images "
     f"{args.images} --batch {args.batch} --epochs {args.epochs} --rounds {args.rounds}` on "
     f"{datetime.date.today().isoformat()}; load average during the run {min(loads):.1f} to {max(loads):.1f} "
     f"(on {os.cpu_count()} cores). **Preliminary**: the machine was shared with other jobs, so absolute "

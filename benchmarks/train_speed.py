@@ -77,7 +77,7 @@ def time_forward_backward(config, num_steps):
   """Seconds per tf.function forward+backward of the encoder on the train step's crop groups."""
   import tensorflow as tf
 
-  from utils import encoder as encoder_lib
+  from utils.model import encoder as encoder_lib
 
   p = config.pretrain
   large, small = config.data.large_crop_size, config.data.small_crop_size
@@ -106,7 +106,7 @@ def time_pipeline(num_steps):
   import numpy as np
 
   import config as presets
-  from utils import pipeline
+  from utils.data import pipelines
 
   c = presets.get_config("cifar10")
   p, d = c.pretrain, c.data
@@ -114,7 +114,7 @@ def time_pipeline(num_steps):
   images = rng.integers(0, 256, size=[4096, 32, 32, 3], dtype=np.uint8)
   labels = np.arange(4096) % 10
   labeled = np.arange(4000)  # 400 per class
-  dataset = pipeline.pretrain_dataset(
+  dataset = pipelines.pretrain_dataset(
     images, labeled, labels[labeled], d, p, start_step=0, total_steps=num_steps + 3, seed=0
   )
   iterator = iter(dataset)
@@ -130,14 +130,15 @@ def measure(what, precision, num_steps):
   """Returns (seconds per step, crops per step) for one measurement."""
   import tensorflow as tf
 
-  from utils import benchmark, runtime
+  from utils import devices
+  from utils.train import benchmark
 
   if what == "pipeline":
     import config as presets
 
     return time_pipeline(num_steps), benchmark.crops_per_step(presets.get_config("cifar10").pretrain)
   config = resnet50_config(precision) if what == "resnet50" else reduced_config(precision)
-  runtime.set_precision(config)
+  devices.set_precision(config)
   crops = benchmark.crops_per_step(config.pretrain)
   if what == "forward_backward":
     return time_forward_backward(config, num_steps), crops
@@ -164,11 +165,12 @@ def main():
     print(f"RESULT {seconds} {crops}")
     return
   rows = {}
-  from utils import runtime
+  from utils import devices
+  from utils.devices import machine_description
 
   chosen = [tuple(item.split(":")) for item in args.only] if args.only else MEASUREMENTS
   for what, precision in chosen:
-    if what == "resnet50" and precision == "mixed_bfloat16" and not runtime.cpu_has_amx():
+    if what == "resnet50" and precision == "mixed_bfloat16" and not devices.cpu_has_amx():
       continue  # as run.precision=auto: bf16 only with AMX (utils/runtime.resolve_precision)
     result = subprocess.run(
       [sys.executable, os.path.abspath(__file__), "--one", what, precision, "--steps", str(args.steps)],
@@ -204,7 +206,6 @@ def main():
     for (what, precision), (seconds, _) in rows.items()
     if what == "resnet50"
   ]
-  from utils.benchmark import machine_description
 
   text = (
     f"# Pre-training speed\n\nMachine: {machine_description()}. Written by `python benchmarks/train_speed.py "

@@ -1,8 +1,7 @@
-"""Test-wide settings: quiet TensorFlow, CPU only, repository root importable."""
+"""Test-wide settings: quiet TensorFlow, CPU only. The repository root is importable through pyproject.toml's
+pytest `pythonpath`."""
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -3,7 +3,7 @@
 Used by tests/test_distributed.py in a subprocess, because the two logical CPU
 devices must be configured before TensorFlow initialises.
 
-  python tests/distributed_train_check.py OUTPUT.npz
+  python -m tests.distributed_train_check OUTPUT.npz      (from the repository root)
 
 Three runs start from the same weights and take the same global batch:
   single          OneDeviceStrategy, synchronized_bn=False (what training uses
@@ -24,7 +24,6 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
@@ -35,8 +34,10 @@ tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfigu
 
 import config as config_lib  # pylint: disable=g-import-not-at-top
 from tests import replica_input
-from utils import encoder as encoder_lib
-from utils import optim, runtime, steps, training
+from utils import devices
+from utils.model import encoder as encoder_lib
+from utils.train import loop as train_loop
+from utils.train import optim, steps
 
 NUM_STEPS = 2
 METRICS = ("loss", "ce", "me_max")
@@ -127,7 +128,7 @@ def run(config, strategy, initial_weights, batch, unfused=False):
     encoder.set_weights(initial_weights)
     return encoder
 
-  state = training.create_train_state(strategy, make_encoder, schedule, p, config.run.precision)
+  state = train_loop.create_train_state(strategy, make_encoder, schedule, p, config.run.precision)
   encoder, optimizer = state.encoder, state.optimizer
   bn_layers = [layer for layer in encoder.submodules if isinstance(layer, tf_keras.layers.BatchNormalization)]
   assert bn_layers and all(layer.synchronized == (strategy.num_replicas_in_sync > 1) for layer in bn_layers)
@@ -156,7 +157,7 @@ def run(config, strategy, initial_weights, batch, unfused=False):
 
 def main(output_path):
   config = tiny_config()
-  runtime.set_precision(config)
+  devices.set_precision(config)
   tf_keras.utils.set_random_seed(config.seed)  # Python, NumPy and TF: reproducible initial weights
   batch = global_batch(config, DATA_SEED)
   # All runs start from these values (trainable weights and BN moving statistics).

@@ -9,7 +9,7 @@ import tarfile
 
 import numpy as np
 
-from utils import datasets
+from utils.data import datasets
 
 IMAGES_PER_BATCH = 4
 BATCH_NAMES = [f"data_batch_{number}" for number in range(1, 6)] + ["test_batch"]

@@ -1,11 +1,14 @@
 r"""A whole digits run with its workdir on a non-local file system, in ONE process (for tests/test_gfile.py).
 
-  PYTHONPATH=REPO python -m tests.gfile_run WORKDIR CRASH_AT_STEP SCRIPT_FLAGS...
+  python -m tests.gfile_run LOCAL_DIR WORKDIR CRASH_AT_STEP SCRIPT_FLAGS...      (from the repository root)
 
-WORKDIR is a ram:// path: TensorFlow's in-memory file system, which lives inside one process, so the
-three scripts' main functions run here one after the other, each under runtime.run_script with its own
-command line, as from a shell: paws_train.py stopped by an exception once CRASH_AT_STEP steps are done
-(a crash, after the last cadence checkpoint), paws_train.py again (resumes), fine_tune.py, nn_eval.py.
+LOCAL_DIR is an empty local folder: the run's current directory once started (the modules, entry scripts
+included, still import from the repository root, which `python -m` put on sys.path as an absolute path);
+the summary lists what the run left in it. WORKDIR is a ram:// path: TensorFlow's in-memory file system,
+which lives inside one process, so the three scripts' main functions run here one after the other, each
+under cli.run_script with its own command line, as from a shell: paws_train.py stopped by an exception
+once CRASH_AT_STEP steps are done (a crash, after the last cadence checkpoint), paws_train.py again
+(resumes), fine_tune.py, nn_eval.py.
 
 The scripts define absl flags of the same names (--workdir, --config, ...) when imported: each one's
 flags are deleted from absl's registry after its last run, before the next script is imported.
@@ -20,7 +23,8 @@ import sys
 from absl import flags
 import tensorflow as tf
 
-from utils import runtime, training
+from utils import cli
+from utils.train import loop as train_loop
 
 
 class Crash(RuntimeError):
@@ -29,7 +33,7 @@ class Crash(RuntimeError):
 
 def crash_after(crash_at_step):
   """A training.run_loop that raises Crash once the state reaches crash_at_step (nothing saved at that point)."""
-  original = training.run_loop
+  original = train_loop.run_loop
 
   def run_loop(train_steps, iterator, state, loop, *args, **kwargs):
     def steps_then_crash(iterator, num_steps):
@@ -51,7 +55,7 @@ def run(module, argv):
   sys.argv = list(argv)
   before = set(flags.FLAGS)
   try:
-    runtime.run_script(module.main)
+    cli.run_script(module.main)
   except SystemExit as done:  # absl's app.run ends with sys.exit(main(argv))
     return done.code or 0
   finally:
@@ -93,8 +97,8 @@ def summary(workdir):
   finetune_log = os.path.join(workdir, "finetuned", "finetune_log.jsonl")
   return {
     "files": files_under(workdir),
-    "pretrain_steps": [(r["step"], r["loss"]) for r in training.read_log(pretrain_log, "step")],
-    "finetune_steps": [r["step"] for r in training.read_log(finetune_log, "step")],
+    "pretrain_steps": [(r["step"], r["loss"]) for r in train_loop.read_log(pretrain_log, "step")],
+    "finetune_steps": [r["step"] for r in train_loop.read_log(finetune_log, "step")],
     "eval": read_json("eval.json"),
     "encoder": read_json("encoder/encoder.json"),
     "pngs": {
@@ -106,19 +110,20 @@ def summary(workdir):
 
 
 def main():
-  workdir, crash_at_step, *script_flags = sys.argv[1:]
+  local_dir, workdir, crash_at_step, *script_flags = sys.argv[1:]
+  os.chdir(local_dir)
   common = [*script_flags, f"--workdir={workdir}"]
   codes = {}
 
   paws_train, names = import_script("paws_train", ["paws_train.py", *common])
-  training.run_loop, original = crash_after(int(crash_at_step)), training.run_loop
+  train_loop.run_loop, original = crash_after(int(crash_at_step)), train_loop.run_loop
   try:
     run(paws_train, ["paws_train.py", *common])
     codes["pretrain_crashed"] = "no crash"
   except Crash as crash:
     codes["pretrain_crashed"] = str(crash)
   finally:
-    training.run_loop = original
+    train_loop.run_loop = original
   codes["pretrain_resumed"] = run(paws_train, ["paws_train.py", *common])
   forget_flags(names)
 

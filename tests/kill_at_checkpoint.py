@@ -1,11 +1,13 @@
 """Runs an entry script and SIGKILLs it at a chosen moment of its Nth checkpoint save.
 
-  python tests/kill_at_checkpoint.py MOMENT N SCRIPT [ARGS...]
+  python -m tests.kill_at_checkpoint MOMENT N SCRIPT [ARGS...]      (from the repository root)
 
 MOMENT 'after': right after the Nth CheckpointManager.save returned.
 MOMENT 'during': inside it, once the variables are written to the checkpoint's
 temporary folder but before they are merged into its final files and recorded,
 which is what a preemption in the middle of a checkpoint write leaves.
+SCRIPT is an entry script (paws_train.py, fine_tune.py): run from the repository root, its imports of
+config and utils resolve there.
 """
 
 import os
@@ -44,7 +46,6 @@ def main():
   tf.train.CheckpointManager.save = save
   gen_io_ops.merge_v2_checkpoints = merge
   sys.argv = [script] + sys.argv[4:]
-  sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
   runpy.run_path(script, run_name="__main__")
 
 

@@ -6,7 +6,7 @@ support batch); these are the same shares of a batch built whole by a test.
 
 import tensorflow as tf
 
-from utils import pipeline
+from utils.data import sampling
 
 
 def share(batch, replica, num_replicas):
@@ -34,4 +34,4 @@ def repeated(strategy, batch):
     stacked = tf.nest.map_structure(lambda *tensors: tf.stack(tensors), *parts)
     return tf.data.Dataset.from_tensor_slices(stacked).repeat()
 
-  return iter(pipeline.distribute(strategy, make_dataset))
+  return iter(sampling.distribute(strategy, make_dataset))

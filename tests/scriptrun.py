@@ -29,10 +29,18 @@ def environment():
   return env
 
 
+def command(script):
+  """The command line that starts `script` from the repo root: an entry script by file name ("paws_train.py"),
+  a helper module of tests/ by module name ("tests.kill_at_checkpoint": `python -m`, so it imports utils)."""
+  if script.endswith(".py"):
+    return [sys.executable, os.path.join(ROOT, script)]
+  return [sys.executable, "-m", script]
+
+
 def run(script, *args, timeout=600):
-  """Runs `python script args...` from the repo root; returns the CompletedProcess."""
+  """Runs `python script args...` (see command) from the repo root; returns the CompletedProcess."""
   return subprocess.run(
-    [sys.executable, os.path.join(ROOT, script), *args],
+    [*command(script), *args],
     cwd=ROOT,
     env=environment(),
     capture_output=True,
@@ -42,10 +50,10 @@ def run(script, *args, timeout=600):
 
 
 def start(script, *args, log_path, extra_env=None):
-  """Starts a script in the background, output to log_path; returns the Popen."""
+  """Starts a script (see command) in the background, output to log_path; returns the Popen."""
   log = open(log_path, "w")  # noqa: SIM115 (the child process writes to it after we return)
   return subprocess.Popen(
-    [sys.executable, os.path.join(ROOT, script), *args],
+    [*command(script), *args],
     cwd=ROOT,
     env=dict(environment(), **(extra_env or {})),
     stdout=log,

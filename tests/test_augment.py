@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter, ImageOps
 import pytest
 import tensorflow as tf
 
-from utils import augment
+from utils.data import augment
 
 SEED = tf.constant([3, 7], tf.int32)
 RATIO = (3 / 4, 4 / 3)

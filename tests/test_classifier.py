@@ -12,9 +12,13 @@ import tensorflow as tf
 import tf_keras
 
 import config as presets
-from utils import classifier, sources, validation
-from utils import encoder as encoder_lib
+from utils import config_rules, evaluation
+from utils.data import decoding, pipelines, sampling, sources
 from utils.errors import UserError
+from utils.model import classifier as classifier_lib
+from utils.model import encoder as encoder_lib
+from utils.train import loop as train_loop
+from utils.train import optim, steps
 
 SIZE = 16  # crop size of the tiny tests
 CLASSES = 3
@@ -47,7 +51,7 @@ def random_images(count, seed=0, size=SIZE):
 
 def test_imagenet_preset_holds_the_reference_values():
   c = presets.get_config("imagenet")
-  assert validation.config_problems(c) == []
+  assert config_rules.config_problems(c) == []
   d = c.data
   assert (d.dataset, d.image_size, d.large_crop_size, d.small_crop_size) == ("folder", 224, 224, 96)
   assert (tuple(d.large_crop_scale), tuple(d.small_crop_scale)) == ((0.14, 1.0), (0.05, 0.14))
@@ -85,7 +89,7 @@ def test_imagenet_preset_holds_the_reference_values():
 
 def test_zero_initialised_classifier_gives_uniform_probabilities():
   c = tiny_config()
-  model = classifier.build(c, num_classes=7)
+  model = classifier_lib.build(c, num_classes=7)
   assert not np.any(model.head.kernel.numpy()) and not np.any(model.head.bias.numpy())
   assert model.head.kernel.shape == (16, 7)
   for training in (False, True):
@@ -98,9 +102,9 @@ def test_kept_block_and_trunk_are_the_pretrained_encoders(tmp_path):
   encoder = encoder_lib.build_encoder(c.model, SIZE)
   encoder(random_images(8), training=True)  # moving statistics away from their initial values
   encoder_lib.save_encoder(encoder, c, str(tmp_path), step=5)
-  model = classifier.build(c, CLASSES, encoder_directory=str(tmp_path))
+  model = classifier_lib.build(c, CLASSES, encoder_directory=str(tmp_path))
   pairs = [(model.trunk, encoder.trunk)] + [
-    (getattr(model, name), encoder.projection.get_layer(name)) for name in classifier.KEPT_BLOCK
+    (getattr(model, name), encoder.projection.get_layer(name)) for name in classifier_lib.KEPT_BLOCK
   ]
   for mine, pretrained in pairs:
     assert len(mine.weights) == len(pretrained.weights) > 0
@@ -115,15 +119,15 @@ def test_kept_block_and_trunk_are_the_pretrained_encoders(tmp_path):
 
 def test_save_and_load_round_trip(tmp_path):
   c = tiny_config()
-  model = classifier.build(c, CLASSES)
+  model = classifier_lib.build(c, CLASSES)
   model.head.kernel.assign(np.random.default_rng(1).normal(size=[16, CLASSES]))
   images = random_images(4)
   directory = str(tmp_path / "finetuned")
-  classifier.save(model, c, directory, step=11)
-  assert classifier.exists(directory)
+  classifier_lib.save(model, c, directory, step=11)
+  assert classifier_lib.exists(directory)
   tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
   try:
-    loaded, meta = classifier.load(directory, c)
+    loaded, meta = classifier_lib.load(directory, c)
     assert tf_keras.mixed_precision.global_policy().name == "mixed_bfloat16"
   finally:
     tf_keras.mixed_precision.set_global_policy("float32")
@@ -134,9 +138,9 @@ def test_save_and_load_round_trip(tmp_path):
   with other.unlocked():
     other.model.hidden_dim = 32
   with pytest.raises(UserError, match="model.hidden_dim differ"):
-    classifier.load(directory, other)
+    classifier_lib.load(directory, other)
   with pytest.raises(UserError, match="run fine_tune.py first"):
-    classifier.load(str(tmp_path / "nothing"), c)
+    classifier_lib.load(str(tmp_path / "nothing"), c)
 
 
 # --- The step ---------------------------------------------------------------------------------------------
@@ -162,14 +166,16 @@ def test_step_loss_and_two_nesterov_updates_match_numpy(weight_decay):
   rates = [0.3, 0.1]  # a changing rate: the velocity must carry the first step's rate (tf_keras' form)
   schedule = tf_keras.optimizers.schedules.PiecewiseConstantDecay([0], rates)  # update 0: 0.3, then 0.1
   run = strategy()
-  state = classifier.create_train_state(run, lambda: classifier.build(c, CLASSES), schedule, c.finetune, "float32")
+  state = train_loop.create_classifier_state(
+    run, lambda: classifier_lib.build(c, CLASSES), schedule, c.finetune, "float32"
+  )
   model = state.encoder
   model.head.kernel.assign(np.random.default_rng(2).normal(size=[16, CLASSES]) * 0.5)  # non-uniform logits
-  train_steps = classifier.classifier_steps(c, run, model, state.optimizer, jit_compile=False)
+  train_steps = steps.classifier_steps(c, run, model, state.optimizer, jit_compile=False)
   images = random_images(8, seed=3)
   labels = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int64)
   iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
-  decayed = {id(v) for v in classifier.decayed_variables(model)}
+  decayed = {id(v) for v in optim.decayed_variables(model)}
   assert decayed and len(decayed) < len(model.trainable_variables)  # biases and BN scale/offset are not decayed
   weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
   velocity = [np.zeros_like(w) for w in weights]
@@ -190,8 +196,8 @@ def test_step_loss_and_two_nesterov_updates_match_numpy(weight_decay):
 def test_loss_falls_on_a_repeated_batch():
   c = tiny_config()
   run = strategy()
-  state = classifier.create_train_state(run, lambda: classifier.build(c, CLASSES), 0.05, c.finetune, "float32")
-  train_steps = classifier.classifier_steps(c, run, state.encoder, state.optimizer, jit_compile=False)
+  state = train_loop.create_classifier_state(run, lambda: classifier_lib.build(c, CLASSES), 0.05, c.finetune, "float32")
+  train_steps = steps.classifier_steps(c, run, state.encoder, state.optimizer, jit_compile=False)
   images = random_images(8, seed=4)
   labels = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int64)
   iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
@@ -219,18 +225,18 @@ def test_dataset_draws_epochs_of_the_labeled_subset_and_splits_replicas():
   images, labels = small_arrays()
   labeled = np.array([0, 2, 3, 5, 6, 7, 9, 10, 11])  # 9 labeled images: one batch of 4 per step, 1 left out
   data = tiny_config().data
-  make = lambda **kwargs: classifier.classifier_dataset(
+  make = lambda **kwargs: pipelines.classifier_dataset(
     images, labeled, labels[labeled], data, 4, start_step=0, total_steps=4, seed=0, **kwargs
   )
   whole = batches(make())
   assert [x.shape for x, _ in whole] == [(4, SIZE, SIZE, 3)] * 4 and whole[0][0].dtype == np.float32
   for step, (_, y) in enumerate(whole):
-    positions = classifier.batch_positions(len(labeled), 4, step, 0)
+    positions = sampling.batch_positions(len(labeled), 4, step, 0)
     np.testing.assert_array_equal(y, labels[labeled][positions])
   # An epoch is 2 steps of 4 different images; the next epoch is another permutation.
-  epoch = np.concatenate([classifier.batch_positions(9, 4, step, 0) for step in (0, 1)])
+  epoch = np.concatenate([sampling.batch_positions(9, 4, step, 0) for step in (0, 1)])
   assert len(set(epoch)) == 8
-  assert not np.array_equal(classifier.batch_positions(9, 4, 2, 0), classifier.batch_positions(9, 4, 0, 0))
+  assert not np.array_equal(sampling.batch_positions(9, 4, 2, 0), sampling.batch_positions(9, 4, 0, 0))
   # Replica streams hold their rows of the global batch, augmented with the global batch's draws.
   halves = [batches(make(replica=(index, 2))) for index in (0, 1)]
   for step, (x, y) in enumerate(whole):
@@ -241,7 +247,7 @@ def test_dataset_draws_epochs_of_the_labeled_subset_and_splits_replicas():
   with pytest.raises(UserError, match="must divide by the 3 replicas"):
     make(replica=(0, 3))
   with pytest.raises(UserError, match="larger than the 9 labeled images"):
-    classifier.steps_per_epoch(9, 16)
+    sampling.steps_per_epoch(9, 16)
 
 
 def test_a_pipeline_feeding_several_replicas_emits_their_batches_in_turn():
@@ -253,14 +259,14 @@ def test_a_pipeline_feeding_several_replicas_emits_their_batches_in_turn():
   labeled = np.arange(12)
   steps = dict(start_step=1, total_steps=3, seed=2)
   Replicas = collections.namedtuple("Replicas", "ids total")
-  both = batches(classifier.replicas_dataset(source, labeled, c, Replicas((1, 2), 3), **steps))
-  alone = [batches(classifier.source_dataset(source, labeled, c, replica=(r, 3), **steps)) for r in (1, 2)]
+  both = batches(pipelines.replicas_dataset(source, labeled, c, Replicas((1, 2), 3), **steps))
+  alone = [batches(pipelines.source_dataset(source, labeled, c, replica=(r, 3), **steps)) for r in (1, 2)]
   expected = [alone[r][step] for step in range(2) for r in range(2)]
   assert len(both) == len(expected) == 4
   for (x, y), (xe, ye) in zip(both, expected):
     np.testing.assert_array_equal(x, xe)
     np.testing.assert_array_equal(y, ye)
-  np.testing.assert_array_equal(both[0][1], labels[classifier.batch_positions(12, 6, 1, 2)][2:4])
+  np.testing.assert_array_equal(both[0][1], labels[sampling.batch_positions(12, 6, 1, 2)][2:4])
 
 
 def test_streamed_files_give_the_in_memory_batches(tmp_path):
@@ -274,9 +280,9 @@ def test_streamed_files_give_the_in_memory_batches(tmp_path):
   data = tiny_config().data
   kwargs = dict(start_step=0, total_steps=3, seed=7, replica=(1, 2))
   streamed = batches(
-    classifier.classifier_dataset(source.train, labeled, source.train_labels[labeled], data, 4, **kwargs)
+    pipelines.classifier_dataset(source.train, labeled, source.train_labels[labeled], data, 4, **kwargs)
   )
-  in_memory = batches(classifier.classifier_dataset(images, order[labeled], labels[order[labeled]], data, 4, **kwargs))
+  in_memory = batches(pipelines.classifier_dataset(images, order[labeled], labels[order[labeled]], data, 4, **kwargs))
   for (xs, ys), (xm, ym) in zip(streamed, in_memory, strict=True):
     np.testing.assert_array_equal(ys, ym)
     np.testing.assert_allclose(xs, xm, atol=3e-6 / min(data.std), rtol=0)
@@ -301,8 +307,8 @@ def test_resize_centre_crop_is_pillows_resize_then_centre_crop():
   for height, width in shapes:
     image = rng.integers(0, 256, [height, width, 3], dtype=np.uint8)
     for size, resize in ((16, 18), (16, 16), (17, 19), (16, None)):
-      mine = classifier.resize_centre_crop(tf.constant(image), size, resize).numpy()
-      resize = classifier.resize_size(size) if resize is None else resize
+      mine = decoding.resize_centre_crop(tf.constant(image), size, resize).numpy()
+      resize = decoding.resize_size(size) if resize is None else resize
       new_w, new_h, left, top = torchvision_geometry(height, width, size, resize)
       pil = Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + size, top + size))
       pil = np.asarray(pil, np.float32) / 255.0
@@ -311,10 +317,10 @@ def test_resize_centre_crop_is_pillows_resize_then_centre_crop():
       exact += int(np.sum(np.abs(mine - pil) < 1e-6))
       total += mine.size
   assert exact / total > 0.95, exact / total  # 97.7 % when written
-  assert classifier.resize_size(224) == 256
+  assert decoding.resize_size(224) == 256
   # The ImageNet sizes: Resize(256) + CenterCrop(224) of a 375 x 500 photo.
   image = rng.integers(0, 256, [375, 500, 3], dtype=np.uint8)
-  mine = classifier.resize_centre_crop(tf.constant(image), 224).numpy()
+  mine = decoding.resize_centre_crop(tf.constant(image), 224).numpy()
   new_w, new_h, left, top = torchvision_geometry(375, 500, 224, 256)
   assert (new_w, new_h, left, top) == (341, 256, 58, 16)
   pil = Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + 224, top + 224))
@@ -337,13 +343,13 @@ def test_top1_and_top5_are_counted_as_numpy_does():
   labels = rng.integers(0, 6, 50)
   ranks = (-logits).argsort(axis=1)
   dataset = tf.data.Dataset.from_tensor_slices(logits[:, None, None, :]).batch(16)
-  metrics = classifier.evaluate_classifier(FixedLogits(), dataset, labels)
+  metrics = evaluation.evaluate_classifier(FixedLogits(), dataset, labels)
   assert metrics["num_test"] == 50 and metrics["top_k"] == 5
   assert metrics["top1"] == pytest.approx(100 * np.mean(ranks[:, 0] == labels))
   assert metrics["top5"] == pytest.approx(100 * np.mean(np.any(ranks[:, :5] == labels[:, None], axis=1)))
   assert metrics["top1"] < metrics["top5"] < 100
   with pytest.raises(ValueError, match="50 images for 49 labels"):
-    classifier.evaluate_classifier(FixedLogits(), dataset, labels[:49])
+    evaluation.evaluate_classifier(FixedLogits(), dataset, labels[:49])
 
 
 def test_streamed_evaluation_images_are_resized_and_centre_cropped(tmp_path):
@@ -356,13 +362,13 @@ def test_streamed_evaluation_images_are_resized_and_centre_cropped(tmp_path):
       Image.fromarray(image).save(tmp_path / split / f"c{index}" / "a.png")
   source = sources.open_folder(str(tmp_path))
   data = tiny_config().data
-  queries, labels = classifier.evaluation_images(source, data, batch_size=2)
+  queries, labels = evaluation.evaluation_images(source, data, batch_size=2)
   batch = np.concatenate([x.numpy() for x in queries])
   assert batch.shape == (3, SIZE, SIZE, 3)
   np.testing.assert_array_equal(labels, [0, 1, 2])
   for index in range(3):
     pixels = np.asarray(Image.open(tmp_path / "val" / f"c{index}" / "a.png"))
-    expected = classifier.resize_centre_crop(tf.constant(pixels), SIZE).numpy()
+    expected = decoding.resize_centre_crop(tf.constant(pixels), SIZE).numpy()
     np.testing.assert_allclose(batch[index], (expected - data.mean) / data.std, atol=1e-5)
 
 
@@ -375,13 +381,13 @@ def test_resnet50_classifier_shapes_parameters_and_one_step():
     c.data.image_size = 64  # the network is the real one; small images keep the step quick
     c.finetune.batch_size = 2
   run = strategy()
-  state = classifier.create_train_state(run, lambda: classifier.build(c, 1000), 0.02, c.finetune, "float32")
+  state = train_loop.create_classifier_state(run, lambda: classifier_lib.build(c, 1000), 0.02, c.finetune, "float32")
   model = state.encoder
   assert model.dense1.kernel.shape == (2048, 2048) and model.head.kernel.shape == (2048, 1000)
   trunk = encoder_lib.count_parameters(model.trunk)
   assert 23.4e6 < trunk < 23.6e6
   assert encoder_lib.count_parameters(model) == trunk + (2048 * 2048 + 2048) + 2 * 2048 + (2048 * 1000 + 1000)
-  train_steps = classifier.classifier_steps(c, run, model, state.optimizer, jit_compile=False)
+  train_steps = steps.classifier_steps(c, run, model, state.optimizer, jit_compile=False)
   images = random_images(2, seed=6, size=64)
   iterator = iter(tf.data.Dataset.from_tensors((images, np.array([3, 999]))).repeat())
   loss = float(train_steps(iterator, tf.constant(1))["loss"])

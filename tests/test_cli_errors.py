@@ -108,11 +108,11 @@ def digits_split(tmp_path, lines):
 
 def balanced_indices():
   """A valid digits split (the preset's labels per class) and the digits training labels."""
-  from utils import datasets  # imported here: most tests in this module need no TensorFlow in-process
+  from utils.data import datasets, splits  # imported here: most tests in this module need no TensorFlow in-process
 
   labels = datasets.load_digits()[1]
   per_class = scriptrun.config_with().data.labeled_per_class
-  return [int(i) for i in datasets.select_labeled_indices(labels, per_class, seed=7)], labels
+  return [int(i) for i in splits.select_labeled_indices(labels, per_class, seed=7)], labels
 
 
 @pytest.mark.parametrize(
@@ -224,35 +224,35 @@ LOCK_HOLDER = (
 
 
 def test_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
-  from utils import runtime  # imports TensorFlow; the rest of this module runs it in subprocesses only
+  from utils import workdir as workdir_lib  # imports TensorFlow; the rest of this module runs it in subprocesses only
 
   workdir = tmp_path / "run"
   workdir.mkdir()
   holder = subprocess.Popen(
-    [sys.executable, "-c", LOCK_HOLDER, str(workdir), runtime.LOCK_FILE], stdout=subprocess.PIPE, text=True
+    [sys.executable, "-c", LOCK_HOLDER, str(workdir), workdir_lib.LOCK_FILE], stdout=subprocess.PIPE, text=True
   )
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(UserError) as error:
-      runtime.lock_workdir(str(workdir))
+      workdir_lib.lock_workdir(str(workdir))
     assert str(error.value).startswith(
       f"workdir {workdir} is in use by process {holder.pid} on elsewhere (paws_train.py --workdir=W); "
     )
   finally:
     holder.kill()
     holder.wait()
-  lock_path = workdir / runtime.LOCK_FILE
+  lock_path = workdir / workdir_lib.LOCK_FILE
   assert json.loads(lock_path.read_text())["pid"] == holder.pid  # the killed holder's file stays...
-  handle = runtime.lock_workdir(str(workdir))  # ...but its lock died with it
+  handle = workdir_lib.lock_workdir(str(workdir))  # ...but its lock died with it
   mine = json.loads(lock_path.read_text())
   assert mine["pid"] == os.getpid() and mine["host"] == socket.gethostname()
   # Taken once per process; folders inside the workdir (fine_tune.py's finetuned/) are covered by it.
-  assert runtime.lock_workdir(str(workdir)) is handle
+  assert workdir_lib.lock_workdir(str(workdir)) is handle
   (workdir / "finetuned").mkdir()
-  assert runtime.lock_workdir(str(workdir / "finetuned")) is handle
-  assert not (workdir / "finetuned" / runtime.LOCK_FILE).exists()
+  assert workdir_lib.lock_workdir(str(workdir / "finetuned")) is handle
+  assert not (workdir / "finetuned" / workdir_lib.LOCK_FILE).exists()
   other = subprocess.run(
-    [sys.executable, "-c", LOCK_HOLDER, str(workdir), runtime.LOCK_FILE], capture_output=True, text=True, timeout=60
+    [sys.executable, "-c", LOCK_HOLDER, str(workdir), workdir_lib.LOCK_FILE], capture_output=True, text=True, timeout=60
   )
   assert other.returncode != 0 and "BlockingIOError" in other.stderr
 

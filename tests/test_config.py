@@ -7,7 +7,6 @@ import pytest
 
 import config
 from tests import scriptrun
-from utils import validation
 from utils.errors import UserError
 
 DIGITS = "--config=config.py:digits"
@@ -85,30 +84,31 @@ def test_bad_command_lines_are_one_line_errors_before_anything_runs(script, args
 def test_define_config_flag_leaves_parsing_to_the_flag_parser():
   """Without --config on the command line, ml_collections would parse the default preset and its overrides on
   import, where a bad override is an uncatchable traceback: define_config_flag names the default instead."""
-  from utils import runtime  # imports TensorFlow: only this test needs it in-process
+  from utils import cli  # imports TensorFlow: only this test needs it in-process
 
   preset = os.path.join(scriptrun.ROOT, "config.py") + ":digits"
   argv = ["script.py", "--config.run.bogus=2"]
   registry = flags.FlagValues()
-  runtime.define_config_flag(preset, flag_values=registry, argv=argv)  # no error on definition
+  cli.define_config_flag(preset, flag_values=registry, argv=argv)  # no error on definition
   assert argv == ["script.py", f"--config={preset}", "--config.run.bogus=2"]
   with pytest.raises(UserError, match="config.run has no field 'bogus'"):
-    validation.parse_flags(argv, flag_values=registry)
+    cli.parse_flags(argv, flag_values=registry)
   argv = ["script.py", "--config=config.py:cifar10", "--config.pretrain.tau=0.2"]
-  runtime.define_config_flag(preset, flag_values=flags.FlagValues(), argv=argv)
+  cli.define_config_flag(preset, flag_values=flags.FlagValues(), argv=argv)
   assert argv == ["script.py", "--config=config.py:cifar10", "--config.pretrain.tau=0.2"]  # left alone
 
 
 def test_validation_choices_are_the_ones_the_code_takes():
-  from utils import datasets, runtime  # imports TensorFlow
+  from utils import config_rules, devices
+  from utils.data import datasets  # imports TensorFlow
 
-  assert validation.DATASETS == datasets.DATASET_NAMES
-  assert validation.PRECISIONS == runtime.PRECISIONS
-  for setting in validation.JIT_COMPILE_SETTINGS:
-    assert runtime.use_xla(setting) in (True, False)
+  assert config_rules.DATASETS == datasets.DATASET_NAMES
+  assert config_rules.PRECISIONS == config_rules.PRECISIONS
+  for setting in config_rules.JIT_COMPILE_SETTINGS:
+    assert devices.use_xla(setting) in (True, False)
   with pytest.raises(UserError) as error:
-    runtime.make_strategy("bogus")
-  assert all(name in str(error.value) for name in validation.DISTRIBUTIONS)
+    devices.make_strategy("bogus")
+  assert all(name in str(error.value) for name in config_rules.DISTRIBUTIONS)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from sklearn import datasets as sklearn_datasets
 from sklearn import model_selection
 
 from tests import fake_cifar, scriptrun
-from utils import datasets
+from utils.data import datasets, splits
 from utils.errors import UserError
 
 
@@ -307,21 +307,21 @@ def test_load_dataset_dispatch():
 
 def test_select_labeled_indices():
   labels = np.repeat(np.arange(10), 50)[np.random.default_rng(0).permutation(500)]
-  indices = datasets.select_labeled_indices(labels, per_class=7, seed=3)
+  indices = splits.select_labeled_indices(labels, per_class=7, seed=3)
   assert indices.dtype == np.int64 and len(indices) == 70
   assert len(np.unique(indices)) == 70 and np.all(np.diff(indices) > 0)
   np.testing.assert_array_equal(np.bincount(labels[indices]), [7] * 10)
-  np.testing.assert_array_equal(indices, datasets.select_labeled_indices(labels, 7, seed=3))
-  assert not np.array_equal(indices, datasets.select_labeled_indices(labels, 7, seed=4))
+  np.testing.assert_array_equal(indices, splits.select_labeled_indices(labels, 7, seed=3))
+  assert not np.array_equal(indices, splits.select_labeled_indices(labels, 7, seed=4))
   with pytest.raises(UserError, match="class 0 has only 50"):
-    datasets.select_labeled_indices(labels, per_class=51, seed=0)
+    splits.select_labeled_indices(labels, per_class=51, seed=0)
 
 
 def test_split_files_round_trip(tmp_path):
-  npy_path, txt_path = datasets.write_split_files(str(tmp_path / "run"), [9, 2, 5])
+  npy_path, txt_path = splits.write_split_files(str(tmp_path / "run"), [9, 2, 5])
   np.testing.assert_array_equal(np.load(npy_path), [2, 5, 9])
   assert scriptrun.read_text(txt_path) == "2\n5\n9\n"
-  indices = datasets.read_split_file(txt_path, num_train=10, expected_count=3)
+  indices = splits.read_split_file(txt_path, num_train=10, expected_count=3)
   assert indices.dtype == np.int64
   np.testing.assert_array_equal(indices, [2, 5, 9])
 
@@ -330,7 +330,7 @@ def test_read_split_file_reference_format(tmp_path):
   path = tmp_path / "spc.4000_split.152.txt"
   path.write_text("  7\n\n3 \n1\n6\n")
   labels = np.array([0, 0, 1, 1, 0, 0, 0, 1, 0, 0])
-  indices = datasets.read_split_file(str(path), 10, labels=labels)
+  indices = splits.read_split_file(str(path), 10, labels=labels)
   np.testing.assert_array_equal(indices, [1, 3, 6, 7])
 
 
@@ -349,10 +349,10 @@ def test_read_split_file_errors(tmp_path, content, kwargs, message):
   path = tmp_path / "split.txt"
   path.write_text(content)
   with pytest.raises(UserError, match=message) as error:
-    datasets.read_split_file(str(path), num_train=10, **kwargs)
+    splits.read_split_file(str(path), num_train=10, **kwargs)
   assert str(path) in str(error.value)
 
 
 def test_read_split_file_missing(tmp_path):
   with pytest.raises(UserError, match="does not exist"):
-    datasets.read_split_file(str(tmp_path / "absent.txt"), num_train=10)
+    splits.read_split_file(str(tmp_path / "absent.txt"), num_train=10)

@@ -58,10 +58,9 @@ import pytest
 import tensorflow as tf
 
 from tests import scriptrun
-from utils import training
+from utils.train import loop as train_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "distributed_train_check.py")
 STEPS = (1, 2)
 METRICS = ("loss", "ce", "me_max")
 # Fewest values per channel any conv BatchNorm normalises over in one call.
@@ -74,7 +73,12 @@ def runs(tmp_path_factory):
   environment = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
   environment.pop("TF_CONFIG", None)
   completed = subprocess.run(
-    [sys.executable, SCRIPT, str(output)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
+    [sys.executable, "-m", "tests.distributed_train_check", str(output)],
+    cwd=ROOT,
+    env=environment,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert completed.returncode == 0, completed.stderr[-3000:]
   with np.load(output) as data:
@@ -226,7 +230,10 @@ def test_two_worker_processes_train_in_lockstep(tmp_path):
   for index, worker in enumerate(workers):
     assert worker.wait(timeout=600) == 0, (tmp_path / f"worker{index}.log").read_text()[-3000:]
   logs = [
-    [(r["step"], r["loss"], r["ce"], r["me_max"]) for r in training.read_log(str(path / "pretrain_log.jsonl"), "step")]
+    [
+      (r["step"], r["loss"], r["ce"], r["me_max"])
+      for r in train_loop.read_log(str(path / "pretrain_log.jsonl"), "step")
+    ]
     for path in (tmp_path / "shared", tmp_path / "single")
   ]
   assert [r[0] for r in logs[0]] == list(range(1, 11))

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from utils import encoder as encoder_lib
+from utils.model import encoder as encoder_lib
 
 
 def config(depth=28, width=2, prediction_head=False):

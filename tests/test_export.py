@@ -11,9 +11,10 @@ import pytest
 import tensorflow as tf
 
 from tests import scriptrun
-from utils import augment, datasets, evaluation, export
-from utils import encoder as encoder_lib
+from utils import evaluation, export
+from utils.data import augment, datasets, splits
 from utils.errors import UserError
+from utils.model import encoder as encoder_lib
 
 # One pre-training epoch (10 steps) of the tiny digits model: enough to separate the classes somewhat.
 SETTINGS = [*scriptrun.TINY, "--config.pretrain.epochs=1", "--config.pretrain.warmup_epochs=0"]
@@ -106,7 +107,7 @@ def reference(exported):
   _, directory, written_by = evaluation.encoder_directory(workdir)
   encoder = evaluation.load_float32_encoder(directory, config, written_by)
   train_images, train_labels, test_images, test_labels = datasets.load_dataset("digits")
-  labeled = datasets.read_split_file(os.path.join(workdir, "labeled_indices.txt"), len(train_labels))
+  labeled = splits.read_split_file(os.path.join(workdir, "labeled_indices.txt"), len(train_labels))
   data, batch_size = config.data, config.eval.batch_size
   support = evaluation.embed(encoder, train_images[labeled], batch_size, data.mean, data.std)
 

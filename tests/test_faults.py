@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 
 from tests import scriptrun
-from utils import encoder as encoder_lib
-from utils import training
+from utils.model import encoder as encoder_lib
+from utils.train import loop as train_loop
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ ARGS = scriptrun.TINY + [
   "--config.run.checkpoint_every=3",
   "--config.run.keep_checkpoints=20",
 ]
-KILLER = os.path.join(scriptrun.ROOT, "tests", "kill_at_checkpoint.py")
+KILLER = "tests.kill_at_checkpoint"  # run as a module (scriptrun.command)
 
 
 def checkpoint_steps(directory):
@@ -33,7 +33,7 @@ def checkpoint_steps(directory):
 
 
 def logged_steps(path):
-  return [r["step"] for r in training.read_log(path, "step")]
+  return [r["step"] for r in train_loop.read_log(path, "step")]
 
 
 def kill_at_checkpoint(moment, save_number, script, *args, workdir):
@@ -57,7 +57,7 @@ def assert_resumes_and_finishes(workdir, resumed_at, overlap_expected):
   rerun = scriptrun.run("paws_train.py", *ARGS, f"--workdir={workdir}")
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"at step {resumed_at}" in rerun.stdout
-  records = training.read_log(os.path.join(workdir, "pretrain_log.jsonl"), "step")
+  records = train_loop.read_log(os.path.join(workdir, "pretrain_log.jsonl"), "step")
   steps = [r["step"] for r in records]
   assert steps[-1] == 30
   # after the resume point the log continues step by step (steps logged past it before the kill repeat)

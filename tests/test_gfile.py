@@ -18,8 +18,11 @@ import pytest
 import tensorflow as tf
 
 from tests import fake_cifar, scriptrun
-from utils import datasets, plots, runtime, training
+from utils import fileio, plots
+from utils import workdir as workdir_lib
+from utils.data import datasets, splits
 from utils.errors import UserError
+from utils.train import loop as train_loop
 
 
 @pytest.fixture
@@ -49,9 +52,9 @@ def test_full_digits_run_in_a_ram_workdir_crashes_resumes_and_writes_nothing_loc
   workdir = f"ram://digits_{uuid.uuid4().hex}"
   script_flags = [f"--config={scriptrun.ROOT}/config.py:digits", *scriptrun.TINY[1:], "--config.run.checkpoint_every=4"]
   result = subprocess.run(
-    [sys.executable, "-m", "tests.gfile_run", workdir, "14", *script_flags],
-    cwd=cwd,
-    env=dict(scriptrun.environment(), PYTHONPATH=scriptrun.ROOT),
+    [sys.executable, "-m", "tests.gfile_run", str(cwd), workdir, "14", *script_flags],
+    cwd=scriptrun.ROOT,
+    env=scriptrun.environment(),
     capture_output=True,
     text=True,
     timeout=900,
@@ -105,67 +108,67 @@ def test_write_file_replaces_the_whole_file(ram_dir):
   # ram:// appends in "w" mode: the temp file + rename must still leave exactly the new contents.
   path = f"{ram_dir}/a.json"
   tf.io.gfile.makedirs(ram_dir)
-  runtime.write_json(path, {"long": list(range(50))})
+  fileio.write_json(path, {"long": list(range(50))})
   with tf.io.gfile.GFile(path + ".tmp", "w") as f:  # a temp file left by a crash
     f.write("stale")
-  runtime.write_json(path, {"short": 1})
-  assert runtime.read_json(path, "test") == {"short": 1}
-  runtime.write_file(f"{ram_dir}/b.bin", b"0123456789")
-  runtime.write_file(f"{ram_dir}/b.bin", b"ab")
+  fileio.write_json(path, {"short": 1})
+  assert fileio.read_json(path, "test") == {"short": 1}
+  fileio.write_file(f"{ram_dir}/b.bin", b"0123456789")
+  fileio.write_file(f"{ram_dir}/b.bin", b"ab")
   assert read_bytes(f"{ram_dir}/b.bin") == b"ab"
   assert sorted(tf.io.gfile.listdir(ram_dir)) == ["a.json", "b.bin"]
   with pytest.raises(UserError, match="not found: no such run"):
-    runtime.read_json(f"{ram_dir}/missing.json", "no such run")
+    fileio.read_json(f"{ram_dir}/missing.json", "no such run")
 
 
 def test_check_config_on_a_ram_workdir_saves_then_refuses_other_settings(ram_dir):
   config = scriptrun.config_with()
-  workdir = runtime.prepare_workdir(ram_dir)
+  workdir = workdir_lib.prepare_workdir(ram_dir)
   assert tf.io.gfile.isdir(workdir) and tf.io.gfile.listdir(workdir) == []  # the write probe is gone
   path = f"{workdir}/config.json"
-  saved = runtime.check_config(config, path, ("pretrain",))
-  assert runtime.read_json(path, "test") == saved
-  runtime.check_config(config, path, ("pretrain",))  # same settings: accepted
+  saved = workdir_lib.check_config(config, path, ("pretrain",))
+  assert fileio.read_json(path, "test") == saved
+  workdir_lib.check_config(config, path, ("pretrain",))  # same settings: accepted
   with pytest.raises(UserError, match=r"was written with other settings \(pretrain.tau\)"):
-    runtime.check_config(scriptrun.config_with("--config.pretrain.tau=0.2"), path, ("pretrain",))
-  runtime.check_config(scriptrun.config_with("--config.pretrain.tau=0.2"), path, ("pretrain",), force=True)
-  assert runtime.read_json(path, "test")["pretrain"]["tau"] == 0.2
+    workdir_lib.check_config(scriptrun.config_with("--config.pretrain.tau=0.2"), path, ("pretrain",))
+  workdir_lib.check_config(scriptrun.config_with("--config.pretrain.tau=0.2"), path, ("pretrain",), force=True)
+  assert fileio.read_json(path, "test")["pretrain"]["tau"] == 0.2
 
 
 def test_non_local_workdir_runs_unlocked_with_one_warning_and_file_urls_are_locked(ram_dir, tmp_path, capsys):
-  assert runtime.lock_workdir(ram_dir) is None
-  assert runtime.lock_workdir(ram_dir + "/") is None
-  assert runtime.lock_workdir(f"{ram_dir}/finetuned") is None
+  assert workdir_lib.lock_workdir(ram_dir) is None
+  assert workdir_lib.lock_workdir(ram_dir + "/") is None
+  assert workdir_lib.lock_workdir(f"{ram_dir}/finetuned") is None
   warnings = [line for line in capsys.readouterr().err.splitlines() if "cannot be locked" in line]
   assert warnings == [
     f"warning: workdir {ram_dir} is not on a local file system and cannot be locked; make sure no other run uses it"
   ]
-  assert not tf.io.gfile.exists(f"{ram_dir}/{runtime.LOCK_FILE}")
-  handle = runtime.lock_workdir(f"file://{tmp_path}")  # a local path under a file:// URL: flock as usual
+  assert not tf.io.gfile.exists(f"{ram_dir}/{workdir_lib.LOCK_FILE}")
+  handle = workdir_lib.lock_workdir(f"file://{tmp_path}")  # a local path under a file:// URL: flock as usual
   assert handle is not None
-  with open(tmp_path / runtime.LOCK_FILE) as f:
+  with open(tmp_path / workdir_lib.LOCK_FILE) as f:
     assert json.load(f)["pid"] == os.getpid()
-  assert runtime.lock_workdir(str(tmp_path)) is handle
+  assert workdir_lib.lock_workdir(str(tmp_path)) is handle
 
 
 def test_split_files_round_trip_on_ram(ram_dir):
   indices = np.array([9, 3, 1200, 0, 41], dtype=np.int64)
-  npy_path, txt_path = datasets.write_split_files(f"{ram_dir}/run", indices[:2])
-  npy_path, txt_path = datasets.write_split_files(f"{ram_dir}/run", indices)  # replaces the first subset
+  npy_path, txt_path = splits.write_split_files(f"{ram_dir}/run", indices[:2])
+  npy_path, txt_path = splits.write_split_files(f"{ram_dir}/run", indices)  # replaces the first subset
   assert np.array_equal(np.load(io.BytesIO(read_bytes(npy_path))), np.sort(indices))
   assert read_bytes(txt_path).decode() == "0\n3\n9\n41\n1200\n"
-  assert np.array_equal(datasets.read_split_file(txt_path, 1300, expected_count=5), np.sort(indices))
+  assert np.array_equal(splits.read_split_file(txt_path, 1300, expected_count=5), np.sort(indices))
   with pytest.raises(UserError, match="does not exist"):
-    datasets.read_split_file(f"{ram_dir}/run", 1300)  # a folder, not a file
+    splits.read_split_file(f"{ram_dir}/run", 1300)  # a folder, not a file
 
 
 def test_metrics_log_appends_across_runs_on_ram(ram_dir):
   for first_step in (1, 3):  # a run, then its resumption
-    log = training.MetricsLog(ram_dir, "pretrain")
+    log = train_loop.MetricsLog(ram_dir, "pretrain")
     for step in (first_step, first_step + 1):
       log.write({"kind": "step", "step": step, "epoch": 1, "loss": float(step)}, step)
     log.close()
-  assert [r["step"] for r in training.read_log(log.path, "step")] == [1, 2, 3, 4]
+  assert [r["step"] for r in train_loop.read_log(log.path, "step")] == [1, 2, 3, 4]
   assert tf.io.gfile.listdir(f"{ram_dir}/tensorboard/pretrain")  # event files written there too
 
 

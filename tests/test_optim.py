@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from utils import encoder as encoder_lib
-from utils import optim
+from utils.model import encoder as encoder_lib
+from utils.train import optim
 
 
 def reference_lr(update, start_lr, peak_lr, final_lr, warmup_steps, total_steps):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from utils import pipeline
+from utils.data import pipelines, sampling
 from utils.errors import UserError
 
 
@@ -16,7 +16,7 @@ def make_labels(per_class, num_classes=5):
 @pytest.mark.parametrize("per_class,images_per_class", [(6, 3), (7, 3), (4, 4)])
 def test_sampler_batches_are_stratified_interleaved_and_unique(per_class, images_per_class):
   labels = make_labels(per_class)
-  sampler = pipeline.SupportSampler(labels, 5, images_per_class, seed=1)
+  sampler = sampling.SupportSampler(labels, 5, images_per_class, seed=1)
   orders = []
   for _ in range(12):
     batch = sampler.next_batch()
@@ -34,7 +34,7 @@ def test_sampler_batches_are_independent_draws():
   """Each batch takes images_per_class of a fresh per-class shuffle, whatever earlier batches took."""
   per_class, images_per_class, num_classes, num_batches = 10, 3, 10, 2000
   labels = make_labels(per_class, num_classes)
-  sampler = pipeline.SupportSampler(labels, num_classes, images_per_class, seed=5)
+  sampler = sampling.SupportSampler(labels, num_classes, images_per_class, seed=5)
   batches = [(step, sampler.batch(step)) for step in range(num_batches)]
   present = np.zeros([num_batches, len(labels)], bool)
   for step, batch in batches:
@@ -65,22 +65,22 @@ def test_sampler_batches_are_independent_draws():
 @pytest.mark.parametrize("start_step", [1, 7, 30])
 def test_support_batches_resume_exactly_without_replay(start_step):
   labels = make_labels(7)
-  full = pipeline.SupportSampler(labels, 5, 3, seed=2)
+  full = sampling.SupportSampler(labels, 5, 3, seed=2)
   full = [full.next_batch() for _ in range(40)]
-  resumed = pipeline.SupportSampler(labels, 5, 3, seed=2)  # a new sampler, as a resumed run builds
+  resumed = sampling.SupportSampler(labels, 5, 3, seed=2)  # a new sampler, as a resumed run builds
   for step in range(start_step, 40):
     assert full[step].dtype == np.int64
     np.testing.assert_array_equal(resumed.batch(step), full[step])
   # No replay: a step far away costs the same as the first one.
   far_batch = resumed.batch(10**12)
   assert len(np.unique(far_batch)) == 15
-  other_seed = pipeline.SupportSampler(labels, 5, 3, seed=3)
+  other_seed = sampling.SupportSampler(labels, 5, 3, seed=3)
   assert not all(np.array_equal(other_seed.batch(step), full[step]) for step in range(40))
 
 
 def test_sampler_subset_of_classes_per_batch():
   labels = make_labels(4, num_classes=6)
-  sampler = pipeline.SupportSampler(labels, 3, 2, seed=0)
+  sampler = sampling.SupportSampler(labels, 3, 2, seed=0)
   included = np.zeros(6)
   for step in range(600):
     batch = sampler.batch(step)
@@ -95,34 +95,34 @@ def test_sampler_subset_of_classes_per_batch():
 def test_sampler_errors_on_too_few_images_or_classes():
   labels = make_labels(3)
   with pytest.raises(UserError, match="images_per_class=4"):
-    pipeline.SupportSampler(labels, 5, 4, seed=0)
+    sampling.SupportSampler(labels, 5, 4, seed=0)
   with pytest.raises(UserError, match="classes_per_batch=6"):
-    pipeline.SupportSampler(labels, 6, 2, seed=0)
+    sampling.SupportSampler(labels, 6, 2, seed=0)
 
 
 def test_support_rows_split_between_replicas():
   # The K * images_per_class rows are shared; images_per_class itself need not divide by the replicas.
-  assert pipeline.support_rows_per_replica(10, 5, 2) == 25
-  assert pipeline.support_rows_per_replica(10, 5, 5) == 10
-  assert pipeline.SupportSampler(make_labels(6, 10), 10, 5, seed=0, num_replicas=2).rows_per_replica == 25
+  assert sampling.support_rows_per_replica(10, 5, 2) == 25
+  assert sampling.support_rows_per_replica(10, 5, 5) == 10
+  assert sampling.SupportSampler(make_labels(6, 10), 10, 5, seed=0, num_replicas=2).rows_per_replica == 25
   message = r"the 50 support images .*pretrain.classes_per_batch=10 x images_per_class=5.*3 replicas"
   with pytest.raises(UserError, match=message):
-    pipeline.support_rows_per_replica(10, 5, 3, section="pretrain.")
+    sampling.support_rows_per_replica(10, 5, 3, section="pretrain.")
   # Unique classes: each replica draws images_per_class / R of its own classes.
-  assert pipeline.support_rows_per_replica(15, 448, 64, unique_classes=True) == 7 * 15
+  assert sampling.support_rows_per_replica(15, 448, 64, unique_classes=True) == 7 * 15
   with pytest.raises(UserError, match="images_per_class=5 must divide by the 2 replicas with unique classes"):
-    pipeline.support_rows_per_replica(2, 5, 2, unique_classes=True)
+    sampling.support_rows_per_replica(2, 5, 2, unique_classes=True)
 
 
 def test_unlabeled_indices_epoch_permutation_drops_last_partial_batch():
-  seen = np.concatenate([pipeline.unlabeled_indices(10, 3, step, seed=0) for step in range(3)])
+  seen = np.concatenate([sampling.unlabeled_indices(10, 3, step, seed=0) for step in range(3)])
   assert len(np.unique(seen)) == 9  # one image of the 10 dropped this epoch
-  next_epoch = pipeline.unlabeled_indices(10, 3, 3, seed=0)
+  next_epoch = sampling.unlabeled_indices(10, 3, 3, seed=0)
   assert not np.array_equal(next_epoch, seen[:3])
 
 
 def small_pretrain_dataset(
-  start_step, total_steps=4, replicas=pipeline.ONE_DEVICE, unique_classes=False, images_per_class=2
+  start_step, total_steps=4, replicas=sampling.ONE_DEVICE, unique_classes=False, images_per_class=2
 ):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=[20, 8, 8, 3], dtype=np.uint8)
@@ -153,7 +153,7 @@ def small_pretrain_dataset(
       unique_classes_per_replica=unique_classes,
     )
   )
-  return pipeline.pretrain_dataset(
+  return pipelines.pretrain_dataset(
     images,
     labeled,
     labels[labeled],
@@ -190,8 +190,8 @@ def test_pretrain_replicas_get_their_rows_of_the_one_device_batch():
   """
   sizes = dict(total_steps=3, images_per_class=3)
   one_device = list(small_pretrain_dataset(0, **sizes))
-  both = list(small_pretrain_dataset(0, replicas=pipeline.Replicas((0, 1), 2), **sizes))
-  second_worker = list(small_pretrain_dataset(0, replicas=pipeline.Replicas((1,), 2), **sizes))
+  both = list(small_pretrain_dataset(0, replicas=sampling.Replicas((0, 1), 2), **sizes))
+  second_worker = list(small_pretrain_dataset(0, replicas=sampling.Replicas((1,), 2), **sizes))
   assert len(both) == 6 and len(second_worker) == 3
   for step, (views, supports) in enumerate(one_device):
     (views_0, supports_0), (views_1, supports_1) = both[2 * step], both[2 * step + 1]
@@ -208,9 +208,9 @@ def test_pretrain_replicas_get_their_rows_of_the_one_device_batch():
 
 def test_unique_classes_give_each_replica_its_own_classes():
   labels = np.repeat(np.arange(6), 4)
-  sampler = pipeline.SupportSampler(labels, 2, 4, seed=3, num_replicas=2, unique_classes=True)
-  shared = pipeline.SupportSampler(labels, 2, 4, seed=3, num_replicas=2)
-  one_replica = pipeline.SupportSampler(labels, 2, 4, seed=3, num_replicas=1, unique_classes=True)
+  sampler = sampling.SupportSampler(labels, 2, 4, seed=3, num_replicas=2, unique_classes=True)
+  shared = sampling.SupportSampler(labels, 2, 4, seed=3, num_replicas=2)
+  one_replica = sampling.SupportSampler(labels, 2, 4, seed=3, num_replicas=1, unique_classes=True)
   np.testing.assert_array_equal(one_replica.batch(0), shared.batch(0))  # one replica: the usual draw
   class_pairs = set()
   for step in range(50):
@@ -224,11 +224,11 @@ def test_unique_classes_give_each_replica_its_own_classes():
     np.testing.assert_array_equal(shared_blocks[0, 0], shared_blocks[1, 0])  # without: the same classes
   assert len(class_pairs) > 5  # classes re-drawn every step
   with pytest.raises(UserError, match="3 classes.*lower classes_per_batch"):
-    pipeline.SupportSampler(np.repeat(np.arange(3), 4), 2, 4, seed=0, num_replicas=2, unique_classes=True)
+    sampling.SupportSampler(np.repeat(np.arange(3), 4), 2, 4, seed=0, num_replicas=2, unique_classes=True)
 
 
 def test_unique_classes_pipeline_blocks():
-  both = list(small_pretrain_dataset(0, total_steps=2, replicas=pipeline.Replicas((0, 1), 2), unique_classes=True))
+  both = list(small_pretrain_dataset(0, total_steps=2, replicas=sampling.Replicas((0, 1), 2), unique_classes=True))
   assert both[0][1].shape == (2, 2, 8, 8, 3)  # [support views, 1 image x K = 2 classes, ...]
   assert not np.array_equal(both[0][1], both[1][1])
 
@@ -240,7 +240,7 @@ def _finetune_batch(flip):
   finetune = ml_collections.ConfigDict(dict(classes_per_batch=2, images_per_class=4, views=2))
   data = ml_collections.ConfigDict(dict(flip=flip, mean=(0.0,) * 3, std=(1.0,) * 3))
   batch = next(
-    iter(pipeline.finetune_dataset(images, labels, finetune, data, start_step=0, total_steps=1, seed=0))
+    iter(pipelines.finetune_dataset(images, labels, finetune, data, start_step=0, total_steps=1, seed=0))
   ).numpy()
   assert batch.shape == (2, 8, 6, 6, 3)
   return images.astype(np.float32) / 255, batch
@@ -274,8 +274,10 @@ def test_finetune_replicas_get_their_rows_of_the_one_device_batch():
   finetune = ml_collections.ConfigDict(dict(classes_per_batch=2, images_per_class=3, views=2))
   data = ml_collections.ConfigDict(dict(flip=True, mean=(0.0,) * 3, std=(1.0,) * 3))
   steps = dict(start_step=0, total_steps=3, seed=4)
-  one_device = list(pipeline.finetune_dataset(images, labels, finetune, data, **steps))
-  both = list(pipeline.finetune_dataset(images, labels, finetune, data, replicas=pipeline.Replicas((0, 1), 2), **steps))
+  one_device = list(pipelines.finetune_dataset(images, labels, finetune, data, **steps))
+  both = list(
+    pipelines.finetune_dataset(images, labels, finetune, data, replicas=sampling.Replicas((0, 1), 2), **steps)
+  )
   for step, batch in enumerate(one_device):
     assert both[2 * step].shape == (2, 3, 6, 6, 3)
     np.testing.assert_array_equal(np.concatenate([both[2 * step], both[2 * step + 1]], axis=1), batch)

@@ -9,8 +9,10 @@ import tensorflow as tf
 import tf_keras
 
 import config as presets
-from utils import encoder as encoder_lib
-from utils import optim, resnet, runtime, steps, validation
+from utils import config_rules, devices
+from utils.model import encoder as encoder_lib
+from utils.model import resnet
+from utils.train import optim, steps
 
 
 def imagenet_model(prediction_head=True):
@@ -202,7 +204,7 @@ def test_lars_excludes_exactly_the_batch_norm_parameters_and_biases(small_encode
 
 
 def test_model_name_selects_the_trunk():
-  assert set(encoder_lib.TRUNKS) == set(validation.MODELS)
+  assert set(encoder_lib.TRUNKS) == set(config_rules.MODELS)
   assert isinstance(encoder_lib.build_trunk("resnet50", 28, 2, False), resnet.ResNet)
   assert isinstance(encoder_lib.build_trunk("wrn", 10, 1, False), encoder_lib.WideResNet)
   with pytest.raises(ValueError, match="resnet50"):
@@ -210,9 +212,9 @@ def test_model_name_selects_the_trunk():
   config = presets.get_config("cifar10")
   assert config.model.name == "wrn"
   config.model.name = "resnet18"
-  assert validation.config_problems(config) == ["model.name='resnet18' is not allowed: must be one of wrn, resnet50"]
+  assert config_rules.config_problems(config) == ["model.name='resnet18' is not allowed: must be one of wrn, resnet50"]
   config.model.name = "resnet50"
-  assert validation.config_problems(config) == []
+  assert config_rules.config_problems(config) == []
 
 
 def test_synchronized_bn_and_mixed_precision():
@@ -259,7 +261,7 @@ def test_train_steps_on_a_repeated_batch():
   p.batch_size, p.multicrop, p.classes_per_batch, p.images_per_class, p.support_views = 2, 2, 2, 1, 1
   f.classes_per_batch, f.images_per_class, f.views = 2, 2, 1
   c.run.precision = "float32"
-  runtime.set_precision(c)
+  devices.set_precision(c)
   tf_keras.utils.set_random_seed(0)
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
   with strategy.scope():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from tests import scriptrun
-from utils import datasets, training
+from utils.data import datasets, splits
+from utils.train import loop as train_loop
 
 # Five epochs: enough for the encoder to beat a random one clearly (random initialisations score 20-31 %,
 # chance is 10 %; this setting reached 68 % here), still about half a minute of CPU.
@@ -33,9 +34,9 @@ def pipeline_run(tmp_path_factory):
 
 def test_pretraining_outputs(pipeline_run):
   workdir, pretrain, *_ = pipeline_run
-  steps = [r["step"] for r in training.read_log(os.path.join(workdir, "pretrain_log.jsonl"), "step")]
+  steps = [r["step"] for r in train_loop.read_log(os.path.join(workdir, "pretrain_log.jsonl"), "step")]
   assert steps == list(range(1, 51))  # 5 epochs x (1347 // 128) steps, logged every step
-  epochs = training.read_log(os.path.join(workdir, "pretrain_log.jsonl"), "epoch")
+  epochs = train_loop.read_log(os.path.join(workdir, "pretrain_log.jsonl"), "epoch")
   assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5]
   # The PAWS loss falls: the last epoch's mean is well below the first's (0.06 -> about -0.8 here).
   assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.3
@@ -53,7 +54,7 @@ def test_pretraining_outputs(pipeline_run):
 
 def test_finetune_and_eval_outputs(pipeline_run):
   workdir, _, finetune, evaluation, pretrained_top1 = pipeline_run
-  steps = [r["step"] for r in training.read_log(os.path.join(workdir, "finetuned", "finetune_log.jsonl"), "step")]
+  steps = [r["step"] for r in train_loop.read_log(os.path.join(workdir, "finetuned", "finetune_log.jsonl"), "step")]
   assert steps == [1, 2, 3]  # 3 epochs of 4 labeled images per class // 4 per batch
   with open(os.path.join(workdir, "eval.json")) as f:
     result = json.load(f)
@@ -98,7 +99,7 @@ def test_changed_config_in_existing_workdir_is_refused(pipeline_run):
 
 def test_other_labeled_subset_in_existing_workdir_is_refused(pipeline_run, tmp_path):
   workdir = pipeline_run[0]
-  other = datasets.select_labeled_indices(datasets.load_digits()[1], 4, seed=7)
+  other = splits.select_labeled_indices(datasets.load_digits()[1], 4, seed=7)
   assert not np.array_equal(other, np.load(os.path.join(workdir, "labeled_indices.npy")))
   split = tmp_path / "other_split.txt"
   split.write_text("".join(f"{i}\n" for i in other))

@@ -14,8 +14,10 @@ import tensorflow as tf
 
 import config as presets
 from tests import scriptrun
-from utils import augment, datasets, encoder, losses, pipeline, sources
+from utils import losses
+from utils.data import augment, datasets, decoding, image_files, pipelines, sources, splits
 from utils.errors import UserError
+from utils.model import encoder as encoder_lib
 
 # On [0, 1] pixels: streamed crops are resized by tf.image.resize (PIL's filter, float32 weights), in-memory
 # ones by augment's weight matrices (the same filter, weights from integers).
@@ -61,9 +63,9 @@ def write_records(pattern_path, images, labels, shards, label_offset=1, with_nam
   for shard in range(shards):
     with tf.io.TFRecordWriter(f"{pattern_path}-{shard:05d}-of-{shards:05d}") as writer:
       for index in range(bounds[shard], bounds[shard + 1]):
-        features = {sources.IMAGE_KEY: encode(images[index]), sources.LABEL_KEY: labels[index] + label_offset}
+        features = {image_files.IMAGE_KEY: encode(images[index]), image_files.LABEL_KEY: labels[index] + label_offset}
         if with_names:
-          features[sources.NAME_KEY] = f"img_{index:05d}.png".encode()
+          features[image_files.NAME_KEY] = f"img_{index:05d}.png".encode()
         writer.write(example(features))
 
 
@@ -123,12 +125,12 @@ def test_per_image_crop_boxes_are_sample_crop_boxes_bit_for_bit():
   sizes = [(int(h), int(w)) for h, w in rng.integers(3, 500, size=[num_images - 2, 2])] + [(4, 300), (300, 5)]
   view_seeds = [tf.constant([11, v], tf.int64) for v in range(3)]
   for scale in ((0.14, 1.0), (0.05, 0.14)):
-    draws = pipeline.crop_draws(view_seeds, num_images, scale, flip=True)
+    draws = augment.crop_draws(view_seeds, num_images, scale, flip=True)
     for position, (height, width) in enumerate(sizes):
-      mine = pipeline.crop_boxes({k: v[position] for k, v in draws.items()}, height, width).numpy()
+      mine = augment.crop_boxes({k: v[position] for k, v in draws.items()}, height, width).numpy()
       for view, view_seed in enumerate(view_seeds):
         crop_seed = tf.random.experimental.stateless_split(view_seed, 5)[0]
-        expected = augment.sample_crop_boxes(crop_seed, num_images, height, width, scale, pipeline.CROP_RATIO)
+        expected = augment.sample_crop_boxes(crop_seed, num_images, height, width, scale, augment.CROP_RATIO)
         np.testing.assert_array_equal(mine[view], expected.numpy()[position])
   # the flips are augment_batch's coins
   flip_seed = tf.random.experimental.stateless_split(view_seeds[1], 5)[1]
@@ -145,7 +147,7 @@ def test_resize_box_is_pils_bilinear_and_augments_crop():
     top, left = int(rng.integers(0, height - crop_height + 1)), int(rng.integers(0, width - crop_width + 1))
     size = int(rng.integers(1, 40))
     box = tf.constant([top, left, crop_height, crop_width], tf.int32)
-    mine = pipeline.resize_box(tf.constant(image), box, size).numpy()
+    mine = decoding.resize_box(tf.constant(image), box, size).numpy()
     in_batch = augment._resize_boxes(tf.constant(image[None]), box[None], size).numpy()[0] / 255.0
     np.testing.assert_allclose(mine, in_batch, atol=TOLERANCE, rtol=0)
     # PIL rounds to uint8 after each of its two passes: within one grey level.
@@ -154,7 +156,7 @@ def test_resize_box_is_pils_bilinear_and_augments_crop():
     assert np.abs(mine - pil).max() <= 1.0 / 255 + 1e-6
   # a box of the output size is copied exactly; so is a whole image of that size
   image = rng.integers(0, 256, [9, 9, 3], dtype=np.uint8)
-  whole = pipeline.resize_box(tf.constant(image), pipeline.centre_box(9, 9), 9).numpy()
+  whole = decoding.resize_box(tf.constant(image), decoding.centre_box(9, 9), 9).numpy()
   np.testing.assert_array_equal(whole, image.astype(np.float32) * np.float32(1 / 255))
 
 
@@ -164,15 +166,15 @@ def test_jpeg_decoding_is_pils_and_window_decoding_is_exact(options):
   smooth = tf.image.resize(rng.uniform(0, 255, [1, 12, 16, 3]), [75, 100]).numpy()[0]
   image = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
   data = encode(image, "JPEG", quality=90, **options)
-  decoded = pipeline.decode_image(tf.constant(data), "test.jpg").numpy()
+  decoded = decoding.decode_image(tf.constant(data), "test.jpg").numpy()
   np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
   # One view: only the crop's window is decoded; its pixels are the full decode's.
   for index in range(25):
-    draws = pipeline.crop_draws([tf.constant([index, 7], tf.int64)], 1, (0.02, 0.5), flip=False)
+    draws = augment.crop_draws([tf.constant([index, 7], tf.int64)], 1, (0.02, 0.5), flip=False)
     draws = {key: value[0] for key, value in draws.items()}
-    pixels, boxes = pipeline._decode_one_box(tf.constant(data), "test.jpg", draws)
+    pixels, boxes = decoding._decode_one_box(tf.constant(data), "test.jpg", draws)
     top, left, height, width = boxes.numpy()[0]
-    expected_box = pipeline.crop_boxes(draws, 75, 100).numpy()[0]
+    expected_box = augment.crop_boxes(draws, 75, 100).numpy()[0]
     assert (height, width) == tuple(expected_box[2:])
     np.testing.assert_array_equal(
       pixels.numpy()[top : top + height, left : left + width],
@@ -195,9 +197,9 @@ def test_color_stage_on_separate_crops_equals_augment_batch():
   if "grayscale_prob" in augment.augment_batch.__code__.co_varnames:  # the ImageNet recipe's ops
     options.update(grayscale_prob=0.3, blur_prob=0.5)
   expected = augment.augment_batch(images, seed, 12, (0.3, 1.0), flip=True, **options).numpy()
-  draws = pipeline.crop_draws([seed], len(images), (0.3, 1.0), flip=True)
+  draws = augment.crop_draws([seed], len(images), (0.3, 1.0), flip=True)
   crops = [
-    pipeline._cut_views(tf.constant(encode(image)), "x.png", {key: value[i] for key, value in draws.items()}, 12)[0]
+    pipelines._cut_views(tf.constant(encode(image)), "x.png", {key: value[i] for key, value in draws.items()}, 12)[0]
     for i, image in enumerate(images)
   ]
   actual = augment.color_and_normalize(tf.stack(crops), seed, **options).numpy()
@@ -215,25 +217,25 @@ def test_folder_streams_the_in_memory_batches(digits_folder, digits):
   order = folder_order(source)
   images, labels = train_images[order], train_labels[order]
   np.testing.assert_array_equal(source.train_labels, labels)
-  labeled = datasets.select_labeled_indices(labels, 4, 152)
+  labeled = splits.select_labeled_indices(labels, 4, 152)
   steps = dict(start_step=9, total_steps=11, seed=5)  # across the epoch boundary (10 steps per epoch)
-  expected = pipeline.pretrain_dataset(images, labeled, labels[labeled], config.data, config.pretrain, **steps)
+  expected = pipelines.pretrain_dataset(images, labeled, labels[labeled], config.data, config.pretrain, **steps)
   assert_same_batches(
     expected, source.pretrain_dataset(labeled, config.data, config.pretrain, **steps), TOLERANCE / DIGITS_STD
   )
   # fine-tuning views and evaluation batches: whole images, exactly
   with config.unlocked():
     config.data.flip = True  # flip-only views exercise the flip coins too
-  expected = pipeline.finetune_dataset(images[labeled], labels[labeled], config.finetune, config.data, **steps)
+  expected = pipelines.finetune_dataset(images[labeled], labels[labeled], config.finetune, config.data, **steps)
   for a, b in zip(expected, source.finetune_dataset(labeled, config.finetune, config.data, **steps), strict=True):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
   supports, support_labels, queries, query_labels = source.evaluation_sets(labeled, config.data, 100)
   np.testing.assert_array_equal(support_labels, labels[labeled])
-  expected = pipeline.eval_dataset(images[labeled], 100, config.data.mean, config.data.std)
+  expected = pipelines.eval_dataset(images[labeled], 100, config.data.mean, config.data.std)
   np.testing.assert_array_equal(np.concatenate(list(expected)), np.concatenate(list(supports)))
   val_order = np.array([int(os.path.basename(name)[:5]) for name in source.evaluation.names])
   np.testing.assert_array_equal(query_labels, test_labels[val_order])
-  expected = pipeline.eval_dataset(test_images[val_order], 100, config.data.mean, config.data.std)
+  expected = pipelines.eval_dataset(test_images[val_order], 100, config.data.mean, config.data.std)
   np.testing.assert_array_equal(np.concatenate(list(expected)), np.concatenate(list(queries)))
 
 
@@ -241,7 +243,7 @@ def first_loss(model, views, supports, pretrain):
   """The PAWS loss of one batch, as steps.paws_steps computes it on one replica (no update)."""
   p = pretrain
   supports = tf.reshape(supports, [-1] + supports.shape[-3:].as_list())
-  h, z = encoder.embed_views(model, [[supports, views[0], views[1]], list(views[2:])], training=True)
+  h, z = encoder_lib.embed_views(model, [[supports, views[0], views[1]], list(views[2:])], training=True)
   num_support = supports.shape[0]
   labels = losses.support_labels(p.classes_per_batch, p.images_per_class, p.support_views, smoothing=p.label_smoothing)
   large = h[num_support : num_support + 2 * p.batch_size]
@@ -260,15 +262,15 @@ def test_tfrecords_stream_the_in_memory_batches_and_losses(digits_records, digit
   np.testing.assert_array_equal(source.train_labels, train_labels)
   np.testing.assert_array_equal(source.evaluation.labels, test_labels)
   assert source.train.names[5] == "img_00005.png" and len(source.train.files) == 3
-  labeled = datasets.select_labeled_indices(train_labels, 4, 152)
+  labeled = splits.select_labeled_indices(train_labels, 4, 152)
   steps = dict(start_step=3, total_steps=4, seed=0)
   expected = list(
-    pipeline.pretrain_dataset(train_images, labeled, train_labels[labeled], config.data, config.pretrain, **steps)
+    pipelines.pretrain_dataset(train_images, labeled, train_labels[labeled], config.data, config.pretrain, **steps)
   )
   actual = list(source.pretrain_dataset(labeled, config.data, config.pretrain, **steps))
   assert_same_batches(expected, actual, TOLERANCE / DIGITS_STD)
   tf.keras.utils.set_random_seed(0)
-  model = encoder.build_encoder(config.model, config.data.image_size)
+  model = encoder_lib.build_encoder(config.model, config.data.image_size)
   loss_in_memory = first_loss(model, *expected[0], config.pretrain)
   loss_streamed = first_loss(model, *actual[0], config.pretrain)
   assert loss_streamed == pytest.approx(loss_in_memory, abs=1e-5)
@@ -279,7 +281,7 @@ def test_resumed_stream_is_the_uninterrupted_one(tmp_path):
   with config.unlocked():
     config.pretrain.update(batch_size=5, classes_per_batch=3, images_per_class=2)
   source = sources.open_source(config.data, small_folder(tmp_path, size=(21, 14)))
-  labeled = datasets.select_labeled_indices(source.train_labels, 2, 1)
+  labeled = splits.select_labeled_indices(source.train_labels, 2, 1)
   full = list(source.pretrain_dataset(labeled, config.data, config.pretrain, start_step=0, total_steps=3, seed=2))
   resumed = list(source.pretrain_dataset(labeled, config.data, config.pretrain, start_step=2, total_steps=3, seed=2))
   assert_same_batches(full[2:], resumed, 0.0)
@@ -296,7 +298,7 @@ def split_lines(tmp_path, lines):
 
 def test_split_file_by_names_paths_or_indices(digits_folder, tmp_path):
   source = sources.open_source(data_config("folder").data, digits_folder)
-  chosen = datasets.select_labeled_indices(source.train_labels, 2, 0)
+  chosen = splits.select_labeled_indices(source.train_labels, 2, 0)
   names = [source.train.names[index] for index in chosen]
   bare = [os.path.basename(name) for name in names]
   for lines in (names, bare, [str(index) for index in chosen]):
@@ -404,12 +406,12 @@ def test_tfrecord_errors(tmp_path, digits):
   with pytest.raises(UserError, match="no TFRecord files match"):
     sources.open_source(data, str(tmp_path))
   with tf.io.TFRecordWriter(str(tmp_path / "train-00000-of-00001")) as writer:
-    writer.write(example({sources.IMAGE_KEY: encode(images[0]), sources.LABEL_KEY: 1}))
-    writer.write(example({sources.IMAGE_KEY: encode(images[1]), "image/class/text": b"cat"}))
+    writer.write(example({image_files.IMAGE_KEY: encode(images[0]), image_files.LABEL_KEY: 1}))
+    writer.write(example({image_files.IMAGE_KEY: encode(images[1]), "image/class/text": b"cat"}))
   with pytest.raises(UserError, match="record 1 has no image/class/label"):
     sources.open_source(data, str(tmp_path))
   with tf.io.TFRecordWriter(str(tmp_path / "train-00000-of-00001")) as writer:
-    writer.write(example({sources.IMAGE_KEY: 3, sources.LABEL_KEY: 1}))
+    writer.write(example({image_files.IMAGE_KEY: 3, image_files.LABEL_KEY: 1}))
   with pytest.raises(UserError, match="the records must be tf.train.Example records with image/encoded"):
     sources.open_source(data, str(tmp_path))
   with open(tmp_path / "train-00000-of-00001", "wb") as file:

@@ -6,8 +6,9 @@ import tensorflow as tf
 import tf_keras
 
 import config as presets
-from utils import encoder as encoder_lib
-from utils import optim, runtime, steps
+from utils import devices
+from utils.model import encoder as encoder_lib
+from utils.train import optim, steps
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -22,7 +23,7 @@ def tiny(request):
   c.pretrain.classes_per_batch, c.pretrain.images_per_class = 3, 2
   c.finetune.classes_per_batch, c.finetune.images_per_class = 3, 2
   c.run.precision = request.param
-  runtime.set_precision(c)
+  devices.set_precision(c)
   yield c
   tf_keras.mixed_precision.set_global_policy("float32")
 

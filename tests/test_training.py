@@ -17,8 +17,9 @@ import tensorflow as tf
 import tf_keras
 
 from tests import scriptrun
-from utils import training
+from utils import errors
 from utils.errors import UserError
+from utils.train import loop as train_loop
 
 RUN = ml_collections.ConfigDict(dict(steps_per_loop=1, log_every=1, checkpoint_every=2))
 
@@ -30,8 +31,8 @@ def tiny_state(directory):
     return model
 
   optimizer_config = ml_collections.ConfigDict(dict(momentum=0.9, weight_decay=0.0, lars_eta=0.001))
-  state = training.create_train_state(tf.distribute.get_strategy(), make_encoder, 0.1, optimizer_config, "float32")
-  training.restore(state, directory, keep=10)
+  state = train_loop.create_train_state(tf.distribute.get_strategy(), make_encoder, 0.1, optimizer_config, "float32")
+  train_loop.restore(state, directory, keep=10)
   return state
 
 
@@ -55,11 +56,11 @@ def checkpoint_steps(directory):
 
 def test_loop_logs_every_step_and_checkpoints_at_cadence_and_epoch_ends(tmp_path):
   state = tiny_state(str(tmp_path / "ckpt"))
-  loop = training.Loop("pretrain", total_steps=5, steps_per_epoch=3, images_per_step=4, learning_rate=lambda s: 0.1)
+  loop = train_loop.Loop("pretrain", total_steps=5, steps_per_epoch=3, images_per_step=4, learning_rate=lambda s: 0.1)
   losses = [5.0, 4.0, 3.0, 2.0, 1.0]
-  path = training.run_loop(fake_steps(state, losses), None, state, loop, RUN, str(tmp_path), verbose=False)
-  assert [r["loss"] for r in training.read_log(path, "step")] == losses
-  epochs = training.read_log(path, "epoch")
+  path = train_loop.run_loop(fake_steps(state, losses), None, state, loop, RUN, str(tmp_path), verbose=False)
+  assert [r["loss"] for r in train_loop.read_log(path, "step")] == losses
+  epochs = train_loop.read_log(path, "epoch")
   assert [r["loss"] for r in epochs] == [4.0, 1.5]  # means over steps 1-3 and 4-5
   assert checkpoint_steps(str(tmp_path / "ckpt")) == [2, 3, 4, 5]  # every 2 steps and at epoch ends
 
@@ -68,11 +69,11 @@ def test_loop_logs_every_step_and_checkpoints_at_cadence_and_epoch_ends(tmp_path
 def test_signal_saves_a_checkpoint_at_the_current_step_then_stops(tmp_path, number, exit_code):
   directory = str(tmp_path / "ckpt")
   state = tiny_state(directory)
-  loop = training.Loop("pretrain", total_steps=10, steps_per_epoch=10, images_per_step=4, learning_rate=lambda s: 0.1)
+  loop = train_loop.Loop("pretrain", total_steps=10, steps_per_epoch=10, images_per_step=4, learning_rate=lambda s: 0.1)
   sent = lambda step: step == 2 and os.kill(os.getpid(), number)  # arrives while step 3 runs
   previous_handler = signal.getsignal(number)
-  with pytest.raises(training.Interrupted, match="stopped at step 3 of 10") as raised:
-    training.run_loop(fake_steps(state, np.arange(10.0), sent), None, state, loop, RUN, str(tmp_path), verbose=False)
+  with pytest.raises(errors.Interrupted, match="stopped at step 3 of 10") as raised:
+    train_loop.run_loop(fake_steps(state, np.arange(10.0), sent), None, state, loop, RUN, str(tmp_path), verbose=False)
   assert raised.value.exit_code == exit_code
   assert signal.getsignal(number) is previous_handler  # the loop's handler is removed again
   assert checkpoint_steps(directory) == [2, 3]
@@ -84,7 +85,7 @@ def test_signal_saves_a_checkpoint_at_the_current_step_then_stops(tmp_path, numb
 def test_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
   directory = str(tmp_path / "ckpt")
   state = tiny_state(directory)
-  loop = training.Loop("pretrain", total_steps=6, steps_per_epoch=6, images_per_step=4, learning_rate=lambda s: 0.1)
+  loop = train_loop.Loop("pretrain", total_steps=6, steps_per_epoch=6, images_per_step=4, learning_rate=lambda s: 0.1)
   original_save = state.manager.save
 
   def save(checkpoint_number):
@@ -96,7 +97,7 @@ def test_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(t
   weights_at_2 = {}
   record = lambda step: step == 2 and weights_at_2.setdefault("w", state.encoder.get_weights()[0].copy())
   with pytest.raises(UserError, match="No space left on device.*ckpt-2\\) is intact"):
-    training.run_loop(fake_steps(state, np.arange(6.0), record), None, state, loop, RUN, str(tmp_path), verbose=False)
+    train_loop.run_loop(fake_steps(state, np.arange(6.0), record), None, state, loop, RUN, str(tmp_path), verbose=False)
   resumed = tiny_state(directory)
   assert int(resumed.step.numpy()) == 2
   np.testing.assert_array_equal(resumed.encoder.get_weights()[0], weights_at_2["w"])
@@ -105,10 +106,10 @@ def test_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(t
 def test_non_finite_loss_stops_without_saving(tmp_path):
   directory = str(tmp_path / "ckpt")
   state = tiny_state(directory)
-  loop = training.Loop("pretrain", total_steps=6, steps_per_epoch=6, images_per_step=4, learning_rate=lambda s: 0.1)
+  loop = train_loop.Loop("pretrain", total_steps=6, steps_per_epoch=6, images_per_step=4, learning_rate=lambda s: 0.1)
   losses = [1.0, 1.0, 1.0, float("nan"), 1.0, 1.0]
   with pytest.raises(UserError, match="non-finite at step 4"):
-    training.run_loop(fake_steps(state, losses), None, state, loop, RUN, str(tmp_path), verbose=False)
+    train_loop.run_loop(fake_steps(state, losses), None, state, loop, RUN, str(tmp_path), verbose=False)
   assert checkpoint_steps(directory) == [2]
 
 
@@ -119,7 +120,7 @@ ARGS = scriptrun.TINY + ["--config.pretrain.epochs=4", "--config.run.checkpoint_
 
 def logged_steps(workdir):
   path = os.path.join(workdir, "pretrain_log.jsonl")
-  return [r["step"] for r in training.read_log(path, "step")] if os.path.exists(path) else []
+  return [r["step"] for r in train_loop.read_log(path, "step")] if os.path.exists(path) else []
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from ml_collections import config_flags
 import pytest
 
 import config
-from utils import validation
+from utils import cli, config_rules
 from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,29 +129,29 @@ def resolve(value, c):
 
 @pytest.mark.parametrize("preset", sorted(config.PRESETS))
 def test_every_preset_field_has_a_rule(preset):
-  fields = validation.leaves(config.get_config(preset))
+  fields = config_rules.leaves(config.get_config(preset))
   assert len(fields) > 50
-  missing = sorted(set(fields) - set(validation.RULES))
+  missing = sorted(set(fields) - set(config_rules.RULES))
   assert not missing, f"config fields without a rule in utils/validation.py RULES: {missing}"
 
 
 def test_every_rule_names_a_preset_field():
-  fields = set().union(*(validation.leaves(config.get_config(name)) for name in config.PRESETS))
-  assert set(validation.RULES) - fields <= NOT_YET_IN_PRESETS
+  fields = set().union(*(config_rules.leaves(config.get_config(name)) for name in config.PRESETS))
+  assert set(config_rules.RULES) - fields <= NOT_YET_IN_PRESETS
 
 
 def test_this_test_has_bad_values_for_every_rule():
-  assert set(BAD) == set(validation.RULES)
-  assert set(GOOD) <= set(validation.RULES)
+  assert set(BAD) == set(config_rules.RULES)
+  assert set(GOOD) <= set(config_rules.RULES)
 
 
 @pytest.mark.parametrize("preset", sorted(config.PRESETS))
 def test_presets_pass(preset):
-  assert validation.config_problems(config.get_config(preset)) == []
-  validation.validate_config(config.get_config(preset))
+  assert config_rules.config_problems(config.get_config(preset)) == []
+  config_rules.validate_config(config.get_config(preset))
   c = editable(preset)
   c.run.cpu_replicas = 0  # the coming field, at its default
-  validation.validate_config(c)
+  config_rules.validate_config(c)
 
 
 @pytest.mark.parametrize("field", sorted(BAD))
@@ -161,12 +161,12 @@ def test_bad_values_are_refused_naming_field_value_and_range(field):
       c = editable(preset)
       value = resolve(bad, c)
       set_field(c, field, value)
-      problems = validation.config_problems(c)
+      problems = config_rules.config_problems(c)
       assert len(problems) == 1, (preset, value, problems)
       assert problems[0].startswith(f"{field}={value!r} is "), problems[0]
       assert " must be " in problems[0]
       with pytest.raises(UserError) as error:
-        validation.validate_config(c)
+        config_rules.validate_config(c)
       assert problems[0] in str(error.value) and "\n" not in str(error.value)
 
 
@@ -176,38 +176,38 @@ def test_edge_values_the_meaning_allows_pass(field):
     for good in GOOD[field]:
       c = editable(preset)
       set_field(c, field, resolve(good, c))
-      assert validation.config_problems(c) == [], (preset, field, good)
+      assert config_rules.config_problems(c) == [], (preset, field, good)
 
 
 def test_messages_as_printed():
   c = editable("digits")
   c.pretrain.tau = 0.0
-  assert validation.config_problems(c) == ["pretrain.tau=0.0 is out of range: must be > 0"]
+  assert config_rules.config_problems(c) == ["pretrain.tau=0.0 is out of range: must be > 0"]
   c = editable("digits")
   c.pretrain.warmup_epochs = 31
-  assert validation.config_problems(c) == [
+  assert config_rules.config_problems(c) == [
     "pretrain.warmup_epochs=31 is out of range: must be an integer >= 0 and <= pretrain.epochs=30"
   ]
   c = editable("digits")
   c.run.precision = "float64"
-  assert validation.config_problems(c) == [
+  assert config_rules.config_problems(c) == [
     "run.precision='float64' is not allowed: must be one of auto, float32, mixed_float16, mixed_bfloat16"
   ]
   c = editable("digits")
   c.data.small_crop_scale = (0.75, 0.3)
-  assert validation.config_problems(c) == [
+  assert config_rules.config_problems(c) == [
     "data.small_crop_scale=(0.75, 0.3) is out of range: must be (low, high) with 0 < low <= high <= 1"
   ]
   c = editable("digits")
   c.pretrain.label_smoothing = 1.0
-  assert validation.config_problems(c) == ["pretrain.label_smoothing=1.0 is out of range: must be in [0, 1)"]
+  assert config_rules.config_problems(c) == ["pretrain.label_smoothing=1.0 is out of range: must be in [0, 1)"]
 
 
 def test_all_problems_on_one_line_and_no_follow_on_noise():
   c = editable("digits")
   c.pretrain.batch_size, c.pretrain.tau, c.pretrain.epochs = 0, 0.0, 0
   with pytest.raises(UserError) as error:
-    validation.validate_config(c)
+    config_rules.validate_config(c)
   message = str(error.value)
   assert "\n" not in message
   for fragment in (
@@ -223,9 +223,9 @@ def test_all_problems_on_one_line_and_no_follow_on_noise():
 def test_missing_fields_are_skipped_and_non_configs_refused():
   c = editable("digits")
   del c.run["log_every"]
-  assert validation.config_problems(c) == []
+  assert config_rules.config_problems(c) == []
   with pytest.raises(UserError, match="not a ConfigDict"):
-    validation.validate_config({"pretrain": {"tau": 0.1}})
+    config_rules.validate_config({"pretrain": {"tau": 0.1}})
 
 
 # --- Command-line parsing (absl + ml_collections), in a registry of the test's own --------------------
@@ -239,7 +239,7 @@ def parse(*args):
   flags.DEFINE_string("workdir", None, "Folder.", flag_values=registry)
   argv = ["script.py", *args]
   config_flags.DEFINE_config_file("config", None, "Preset.", flag_values=registry, lock_config=True, sys_argv=argv)
-  remaining = validation.parse_flags(argv, flag_values=registry)
+  remaining = cli.parse_flags(argv, flag_values=registry)
   return registry, remaining
 
 

@@ -19,9 +19,9 @@ runtime.setup_training turns it off for CPU replicas. What this file checks inst
     a loss-scale overflow inside the XLA step skips the update and halves the scale;
   * a checkpoint written by the 2-replica mixed_float16 run restores into the 1-replica XLA run and continues;
   * run.cpu_replicas: the logical devices, the strategy, XLA off with a reason, errors.
-Everything runs in two subprocesses (`python tests/test_xla_replicas.py replicas|xla OUTPUT.npz FOLDER`, see
-main): logical devices must be configured before TensorFlow initialises, and the precision policy is
-process-wide.
+Everything runs in two subprocesses (`python -m tests.test_xla_replicas replicas|xla OUTPUT.npz FOLDER` from the
+repository root, see main): logical devices must be configured before TensorFlow initialises, and the precision
+policy is process-wide.
 
 Float32 tolerances, as in tests/test_distributed.py (which explains the update check and why the inputs must
 keep every BatchNorm output away from the ReLU kink, see MIN_RELU_MARGIN): metrics relative 1e-5 (loss
@@ -39,21 +39,22 @@ import subprocess
 import sys
 import time
 
+if __name__ == "__main__":  # the subprocess (python -m tests.test_xla_replicas): before TensorFlow starts
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __name__ == "__main__":  # the subprocess: the repository root must be importable
-  sys.path.insert(0, ROOT)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from tests import replica_input  # pylint: disable=g-import-not-at-top
-from utils import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
-from utils import optim, runtime, steps, training
-from utils.errors import UserError
+from utils import cli, devices
+from utils.errors import UserError  # pylint: disable=g-import-not-at-top
+from utils.model import encoder as encoder_lib
+from utils.train import loop as train_loop
+from utils.train import optim, steps
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRECISIONS = ("float32", "mixed_float16")
 METRICS = {"paws": ("loss", "ce", "me_max"), "suncet": ("loss",)}
 # Learning rates change from step to step (warm-up, then cosine).
@@ -177,7 +178,7 @@ def build_state(config, strategy, weights, loss_scale=None):
   schedule = optim.warmup_cosine_schedule(*SCHEDULE.values())
   p = config.pretrain
   if loss_scale is None:
-    state = training.create_train_state(
+    state = train_loop.create_train_state(
       strategy,
       lambda: encoder_lib.build_for_strategy(config, strategy),
       schedule,
@@ -191,7 +192,7 @@ def build_state(config, strategy, weights, loss_scale=None):
         optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta), initial_scale=loss_scale
       )
       optimizer._create_all_weights(encoder.trainable_variables)  # pylint: disable=protected-access
-      state = training.TrainState(encoder, optimizer, tf.Variable(0, dtype=tf.int64, name="step"))
+      state = train_loop.TrainState(encoder, optimizer, tf.Variable(0, dtype=tf.int64, name="step"))
   state.encoder.set_weights(weights)
   return state
 
@@ -393,12 +394,12 @@ def two_replica_checkpoint(check, results, checkpoint_dir):
   weights = initial_weights(config, seed=WEIGHTS_SEED + 1)  # not the XLA state's: the restore must show
   mirrored = two_replicas()
   state = build_state(config, mirrored, weights)
-  training.restore(state, checkpoint_dir, keep=2)
+  train_loop.restore(state, checkpoint_dir, keep=2)
   train_steps = make_steps("suncet", config, mirrored, state, jit_compile=False)
   iterator = replica_input.repeated(mirrored, suncet_batch(config))
   train_steps(iterator, tf.constant(2))
   state.step.assign(2)
-  results["checkpoint/path"] = np.array(training.save(state))
+  results["checkpoint/path"] = np.array(train_loop.save(state))
   results["checkpoint/scale"] = np.array(loss_scale(state.optimizer))
   record_weights(results, "checkpoint/weights", state.encoder)
   results["checkpoint/slots"] = np.concatenate(
@@ -416,7 +417,7 @@ def continue_checkpoint(config, strategy, state, train_steps, batch, checkpoint_
     if time.time() > deadline:
       raise TimeoutError(f"no checkpoint from the 'replicas' part in {checkpoint_dir}")
     time.sleep(0.5)
-  restored = training.restore(state, checkpoint_dir, keep=2)
+  restored = train_loop.restore(state, checkpoint_dir, keep=2)
   results["checkpoint/restored"] = np.array(restored or "")
   results["checkpoint/restored_step"] = np.array(int(state.step.numpy()))
   results["checkpoint/restored_scale"] = np.array(loss_scale(state.optimizer))
@@ -436,9 +437,9 @@ def continue_checkpoint(config, strategy, state, train_steps, batch, checkpoint_
 
 def runtime_checks(results):
   """configure_cpu_replicas once TensorFlow runs, and setup_training's strategy and XLA choice."""
-  runtime.configure_cpu_replicas(2)  # the count in place: nothing to do
+  devices.configure_cpu_replicas(2)  # the count in place: nothing to do
   try:
-    runtime.configure_cpu_replicas(3)
+    devices.configure_cpu_replicas(3)
     results["runtime/reconfigure_error"] = np.array("")
   except UserError as error:
     results["runtime/reconfigure_error"] = np.array(str(error))
@@ -448,15 +449,15 @@ def runtime_checks(results):
   config.run.cpu_replicas, config.run.jit_compile, config.run.precision = 2, "true", "float32"
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    runtime.use_console_logging(chief=True)  # as run_script does: the console on this stdout
-    strategy, jit_compile = runtime.setup_training(config)
+    cli.use_console_logging(chief=True)  # as run_script does: the console on this stdout
+    strategy, jit_compile = devices.setup_training(config)
   tf.get_logger().warning(TF_WARNING)  # TensorFlow's warnings (e.g. mixed precision on a CPU) print once
   results["runtime/strategy"] = np.array(type(strategy).__name__)
   results["runtime/devices"] = np.array(list(strategy.extended.worker_devices))
   results["runtime/jit_compile"] = np.array(jit_compile)
   results["runtime/printed"] = np.array(printed.getvalue())
   results["runtime/one_device_compiles"] = np.array(
-    runtime.replicas_compile_with_xla(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    devices.replicas_compile_with_xla(tf.distribute.OneDeviceStrategy("/cpu:0"))
   )
 
 
@@ -471,7 +472,7 @@ def main(part, output, checkpoint_dir):
   run.cpu_replicas, the 2-replica checkpoint, the GPU-route traces) and 'xla' (one replica, XLA against the
   plain step; it waits for the checkpoint before continuing it).
   """
-  runtime.configure_cpu_replicas(2)  # the API under test, before TensorFlow initialises
+  devices.configure_cpu_replicas(2)  # the API under test, before TensorFlow initialises
   from tests import distributed_train_check as check  # pylint: disable=g-import-not-at-top
 
   results, printed = {}, set()
@@ -522,7 +523,7 @@ def results(tmp_path_factory):
   environment.pop("TF_CONFIG", None)
   parts = {
     part: subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), part, str(folder / f"{part}.npz"), str(folder)],
+      [sys.executable, "-m", "tests.test_xla_replicas", part, str(folder / f"{part}.npz"), str(folder)],
       cwd=ROOT,
       env=environment,
       stdout=subprocess.PIPE,
@@ -597,12 +598,12 @@ def test_cpu_replicas_split_the_cpu_and_mirror_over_it(results):
 
 
 def test_cpu_replicas_errors():
-  runtime.configure_cpu_replicas(0)  # off: nothing to do
+  devices.configure_cpu_replicas(0)  # off: nothing to do
   with pytest.raises(UserError, match="splits nothing"):
-    runtime.configure_cpu_replicas(1)
+    devices.configure_cpu_replicas(1)
   for setting in ("one_device", "multi_worker"):
     with pytest.raises(UserError, match=f"needs run.distribution=auto or mirrored, got {setting}"):
-      runtime.make_strategy(setting, cpu_replicas=2)
+      devices.make_strategy(setting, cpu_replicas=2)
 
 
 def test_cpu_replicas_error_through_the_command_line(tmp_path):

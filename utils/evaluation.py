@@ -6,8 +6,10 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from utils import encoder as encoder_lib
-from utils import losses, pipeline
+from utils import losses
+from utils.data import pipelines
+from utils.errors import UserError
+from utils.model import encoder as encoder_lib
 
 ENCODER_CHOICES = ("auto", "pretrained", "finetuned")
 
@@ -45,7 +47,7 @@ def embed(encoder, images, batch_size, mean, std):
 
   `images`: uint8 [N, H, W, 3], or a tf.data.Dataset of normalised batches (streamed files, utils/sources.py).
   """
-  batches = images if isinstance(images, tf.data.Dataset) else pipeline.eval_dataset(images, batch_size, mean, std)
+  batches = images if isinstance(images, tf.data.Dataset) else pipelines.eval_dataset(images, batch_size, mean, std)
   parts = [encoder(batch, training=False)[0] for batch in batches]
   return tf.cast(tf.concat(parts, axis=0), tf.float32)
 
@@ -87,3 +89,49 @@ def evaluate(encoder, data, eval_config, support_images, support_labels, test_im
     "num_test": int(len(test_labels)),
   }
   return metrics, queries.numpy(), confusion
+
+
+def evaluation_images(source, data, batch_size):
+  """(query batches or uint8 arrays, labels) of a Source's evaluation set for evaluate_classifier.
+
+  Files: Resize + CenterCrop (stream_eval_dataset). Arrays (cifar10, digits): the whole images, as the
+  soft-NN evaluation uses them.
+  """
+  if not source.streamed:
+    return source.test_images, source.test_labels
+  if source.evaluation is None:
+    raise UserError(source.evaluation_hint)
+  queries = pipelines.stream_centre_crop_dataset(
+    source.evaluation, np.arange(len(source.evaluation)), batch_size, data.image_size, data.mean, data.std
+  )
+  return queries, source.evaluation.labels
+
+
+def evaluate_classifier(model, images, labels, batch_size=256, mean=None, std=None):
+  """Top-1 and top-5 accuracy (%) of the classifier on the queries.
+
+  Args:
+    model: a Classifier.
+    images: a tf.data.Dataset of normalised float batches (stream_eval_dataset), or uint8 [N, H, W, 3]
+      arrays used whole (then mean and std are required).
+    labels: int [N].
+  Returns:
+    dict of top1, top5 (top-k with k = min(5, classes)) and num_test.
+  """
+  if not isinstance(images, tf.data.Dataset):
+    if mean is None or std is None:
+      raise ValueError("mean and std are required for image arrays")
+    images = pipelines.eval_dataset(images, batch_size, mean, std)
+  labels = np.asarray(labels, np.int64)
+  k = min(5, model.num_classes)
+  top1 = top5 = seen = 0
+  for batch in images:
+    logits = tf.cast(model(batch, training=False), tf.float32)
+    expected = labels[seen : seen + len(logits)]
+    best = tf.math.top_k(logits, k=k).indices.numpy()
+    top1 += int(np.sum(best[:, 0] == expected))
+    top5 += int(np.sum(np.any(best == expected[:, None], axis=1)))
+    seen += len(logits)
+  if seen != len(labels):
+    raise ValueError(f"{seen} images for {len(labels)} labels")
+  return {"top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen, "top_k": k, "num_test": seen}

@@ -19,18 +19,32 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from utils import augment, evaluation, losses
+from utils import evaluation, losses
+from utils.data import augment
 from utils.errors import UserError
 
 SIGNATURE_NAME = "serving_default"
+
+
 INPUT_NAME = "images"
+
+
 PROBABILITIES_NAME = "probabilities"
+
+
 EMBEDDING_NAME = "embedding"
+
+
 CLASS_NAMES_FILE = "class_names.txt"
+
+
 SAVED_MODEL_FILE = "saved_model.pb"
+
 
 # Label order of the official CIFAR-10 batches (batches.meta's label_names).
 CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
 DATASET_CLASS_NAMES = {"cifar10": CIFAR10_CLASS_NAMES, "digits": tuple(str(digit) for digit in range(10))}
 
 

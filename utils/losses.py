@@ -13,6 +13,7 @@ import tensorflow as tf
 # sits far below any probability the losses meet at tau = 0.1 (about 1e-12).
 LOG_FLOOR = 1e-20
 
+
 # METHOD.md section 2: target entries below this are set to 0.
 TARGET_ZERO_THRESHOLD = 1e-4
 

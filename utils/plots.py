@@ -8,14 +8,14 @@ from matplotlib.figure import Figure
 import numpy as np
 from sklearn.decomposition import PCA
 
-from utils import runtime
+from utils import fileio
 
 
 def _write_png(figure, path):
   """Renders the figure to PNG in memory and writes it through tf.io.gfile (matplotlib writes local files only)."""
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=120)
-  runtime.write_file(path, buffer.getvalue())
+  fileio.write_file(path, buffer.getvalue())
   return path
 
 

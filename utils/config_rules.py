@@ -9,19 +9,26 @@ UserError line. Both are used by `utils.runtime.run_script`.
 """
 
 import math
-import re
 
-from absl import flags
 import ml_collections
-from ml_collections import config_flags
 
 from utils.errors import UserError
 
 DATASETS = ("cifar10", "digits", "folder", "tfrecord")
+
+
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+
+
 JIT_COMPILE_SETTINGS = ("auto", "true", "false")
+
+
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker")
+
+
 MODELS = ("wrn", "resnet50")  # utils/encoder.py TRUNKS
+
+
 FINETUNE_MODES = ("suncet", "classifier")  # SuNCEt, or the linear classifier of utils/classifier.py
 
 
@@ -238,6 +245,7 @@ RULES = {
   "run.keep_checkpoints": integer(1),
 }
 
+
 _MISSING = object()
 
 
@@ -283,141 +291,3 @@ def validate_config(config):
   problems = config_problems(config)
   if problems:
     raise UserError("; ".join(problems) + "; set valid values with --config.FIELD=VALUE")
-
-
-# --- Command-line parsing ------------------------------------------------------------------------
-
-
-def parse_flags(argv, flag_values=flags.FLAGS, config_flag="config"):
-  """Parses argv into flag_values (absl), every parsing failure raised as a one-line UserError.
-
-  Returns the arguments left over, as absl's parser does. `--help` still prints usage and exits.
-  """
-  try:
-    remaining = flag_values(argv)
-  except flags.UnrecognizedFlagError as error:
-    raise UserError(_unknown_flag_message(str(error))) from None
-  except flags.IllegalFlagValueError as error:
-    raise UserError(_illegal_value_message(str(error), flag_values)) from None
-  except flags.Error as error:
-    raise UserError(f"{_first_line(error)}; --helpfull lists the flags") from None
-  except (AttributeError, KeyError) as error:
-    # ml_collections raises these (outside absl's error types) for an override of a field the config lacks.
-    raise UserError(_unknown_field_message(error, argv, flag_values, config_flag)) from None
-  except OSError as error:
-    # Overrides given for a config file that could not be loaded.
-    raise UserError(_config_file_message(error, argv, config_flag)) from None
-  if config_flag in flag_values:
-    try:
-      flag_values[config_flag].value.keys()
-    except OSError as error:  # ml_collections defers a config file's load failure to the first access
-      raise UserError(_config_file_message(error, argv, config_flag)) from None
-    except AttributeError:
-      pass  # not a ConfigDict: validate_config says so
-  return remaining
-
-
-def _first_line(error):
-  lines = str(error).strip().splitlines()
-  return lines[0] if lines else type(error).__name__
-
-
-def _unknown_flag_message(message):
-  """absl: "Unknown command line flag 'workdr'. Did you mean: workdir ?" -> one line with --workdir."""
-  name = re.search(r"flag '([^']*)'", message)
-  name = name.group(1) if name else message
-  suggestions = re.search(r"Did you mean: (.*?) ?\?", message)
-  if suggestions:
-    names = ", ".join(f"--{s.strip()}" for s in suggestions.group(1).split(","))
-    return f"unknown command line flag --{name}; did you mean {names}?"
-  return f"unknown command line flag --{name}; --helpfull lists the flags"
-
-
-_ARTICLES = {"int": "an int", "float": "a float", "bool": "true or false", "tuple": "a tuple such as '(0.3, 0.75)'"}
-
-
-def _illegal_value_message(message, flag_values):
-  """absl: "flag --NAME=VALUE: DETAIL" -> "invalid value --NAME=VALUE: DETAIL; expected ...", one line."""
-  message = message.removeprefix("flag ")
-  argument, _, detail = message.partition(": ")
-  lines = [line.strip() for line in detail.strip().splitlines() if line.strip()]
-  if "Error whilst parsing config file" in detail and lines:
-    # ml_collections embeds the config file's traceback: its last line holds the reason.
-    detail = re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", lines[-1])
-  else:
-    detail = " ".join(lines)
-  name = argument.split("=", 1)[0].lstrip("-")
-  expected = ""
-  if name in flag_values:
-    flag_type = flag_values[name].parser.flag_type()
-    if flag_type in _ARTICLES:
-      expected = f"; expected {_ARTICLES[flag_type]}"
-  return f"invalid value {argument}: {detail}{expected}"
-
-
-def _flag_argument(argv, name):
-  """The value given to --name on the command line (the last one), or None."""
-  value = None
-  for index, arg in enumerate(argv):
-    match = re.match(rf"^--?{re.escape(name)}(=(.*))?$", arg)
-    if match:
-      value = match.group(2) if match.group(1) else (argv[index + 1] if index + 1 < len(argv) else None)
-  return value
-
-
-def _overrides(argv, config_flag):
-  """[(argument as typed, dotted field)] of every --config.FIELD=VALUE in argv."""
-  found = []
-  for arg in argv:
-    match = re.match(rf"^--?(no)?{re.escape(config_flag)}\.([^=]+)", arg)
-    if match:
-      found.append((arg, match.group(2)))
-  return found
-
-
-def _unknown_field_message(error, argv, flag_values, config_flag):
-  """The first override naming a field the config lacks, with ml_collections' close matches or the valid names."""
-  # ml_collections' KeyError text: "'precison'\nDid you mean "precision" instead of "precison"?"
-  suggestions = dict(
-    (wrong, right) for right, wrong in re.findall(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(error))
-  )
-  config_argument = _flag_argument(argv, config_flag)
-  if config_argument is None and config_flag in flag_values and isinstance(flag_values[config_flag].default, str):
-    config_argument = flag_values[config_flag].default
-  try:
-    preset = _load_config(config_argument)
-  except Exception:  # pylint: disable=broad-except  (only used to word the message)
-    preset = None
-  for arg, field in _overrides(argv, config_flag):
-    holder, path = preset, config_flag
-    for part in field.split("."):
-      if preset is None:
-        break
-      if not isinstance(holder, ml_collections.ConfigDict):
-        return f"{arg}: {path} is a {type(holder).__name__}, not a section with fields"
-      if part not in holder:
-        if part in suggestions:
-          hint = f"did you mean --{path}.{suggestions[part]}?"
-        else:
-          hint = f"its fields are {', '.join(sorted(holder.keys()))}"
-        return f"{arg}: {path} has no field {part!r}; {hint}"
-      holder, path = holder[part], f"{path}.{part}"
-  key = error.args[0] if error.args else error
-  return f"a --{config_flag} override names a field the config lacks ({key}); check the spelling"
-
-
-def _load_config(argument):
-  """The config a --config=FILE:PRESET argument names, without overrides (parsed in a registry of its own)."""
-  registry, command_line = flags.FlagValues(), ["validation", f"--config={argument}"]
-  config_flags.DEFINE_config_file("config", None, flag_values=registry, sys_argv=command_line)
-  registry(command_line)
-  return registry["config"].value
-
-
-def _config_file_message(error, argv, config_flag):
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  reason = lines[-1] if lines else str(error)
-  return (
-    f"cannot load the config file of --{config_flag}={_flag_argument(argv, config_flag)} ({reason}); "
-    f"pass --{config_flag}=config.py:PRESET"
-  )

@@ -35,8 +35,10 @@ try:
 except (ImportError, AttributeError):
   _optimization_barrier = None
 
+
 # ITU-R 601 luma weights, as PIL's convert("L") and torchvision use.
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
 
 # Constant divisors are written as multiplications by their reciprocal: XLA
 # and Grappler (graph mode) rewrite x / c that way but eager mode does not,
@@ -441,9 +443,12 @@ def _equalize_selected(images, mask):
 # weights themselves round differently for 9 040 colours.
 _LUMA_WEIGHTS_16BIT = (19595, 38470, 7471)
 
+
 # PIL's GaussianBlur(radius) runs this many extended box filters along each
 # axis, all horizontal passes before the vertical ones.
 _BLUR_PASSES = 3
+
+
 # Its box weights are fixed-point fractions of 2^24 (see _box_weights).
 _BLUR_ONE = 2.0**24
 
@@ -874,3 +879,62 @@ def _color_graph(
     indices, equalized = _equalize_selected(views, keep(_coins(equalize_seed, num_draws, equalize_prob)))
     normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, mean, std))
   return normalized
+
+
+# What augment_batch crops with (augment.sample_crop_boxes' defaults).
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+CROP_ATTEMPTS = 10
+
+
+def _split_seed(seed, count):
+  return tf.unstack(tf.random.experimental.stateless_split(seed, count))
+
+
+def crop_draws(view_seeds, num_images, scale, flip):
+  """The random numbers augment_batch draws for the crop and flip of each view, per image.
+
+  augment_batch(images, view_seed, ...) splits view_seed into (crop, flip, jitter, solarize, equalize)
+  seeds, and sample_crop_boxes splits the crop seed into (area, ratio, top, left). These are the same
+  draws, before any image size is known, so each image can turn them into its own boxes
+  (`crop_boxes`) once it is decoded.
+
+  Args:
+    view_seeds: list of V seeds, one per view.
+    num_images: images in the batch (the first dimension of every draw).
+    scale: (min, max) crop area fraction.
+    flip: whether the views are flipped with probability 0.5.
+  Returns:
+    dict of area [N, V, attempts] (fraction of the image area), aspect [N, V, attempts] (width / height),
+    top, left [N, V] (uniform in [0, 1)) and flip [N, V] bool.
+  """
+  shape = tf.stack([num_images, CROP_ATTEMPTS])
+  draws = {"area": [], "aspect": [], "top": [], "left": [], "flip": []}
+  for view_seed in view_seeds:
+    crop_seed, flip_seed = _split_seed(view_seed, 5)[:2]
+    area_seed, ratio_seed, top_seed, left_seed = _split_seed(crop_seed, 4)
+    draws["area"].append(tf.random.stateless_uniform(shape, area_seed, scale[0], scale[1]))
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    draws["aspect"].append(tf.exp(tf.random.stateless_uniform(shape, ratio_seed, log_ratio[0], log_ratio[1])))
+    draws["top"].append(tf.random.stateless_uniform([num_images], top_seed))
+    draws["left"].append(tf.random.stateless_uniform([num_images], left_seed))
+    coins = tf.random.stateless_uniform([num_images], flip_seed) < 0.5
+    draws["flip"].append(coins if flip else tf.zeros([num_images], tf.bool))
+  if not view_seeds:  # no views in this group (e.g. pretrain.multicrop = 0)
+    shapes = {"area": [num_images, 0, CROP_ATTEMPTS], "aspect": [num_images, 0, CROP_ATTEMPTS]}
+    return {key: tf.zeros(shapes.get(key, [num_images, 0]), tf.bool if key == "flip" else tf.float32) for key in draws}
+  return {key: tf.stack(values, axis=1) for key, values in draws.items()}
+
+
+def crop_boxes(draws, height, width):
+  """augment.sample_crop_boxes' boxes from the draws of one image (crop_draws), for its own size.
+
+  Args:
+    draws: one image's crop_draws: area, aspect [V, attempts]; top, left [V].
+    height, width: the image's size (scalar int tensors).
+  Returns:
+    int32 [V, 4] of (top, left, crop_height, crop_width), the boxes sample_crop_boxes gives a batch of
+    images of this size for the same seeds (the same function on the same draws, so bit for bit).
+  """
+  return crop_boxes_from_draws(draws["area"], draws["aspect"], draws["top"], draws["left"], height, width, CROP_RATIO)

@@ -1,16 +1,13 @@
-"""Timing of the compiled PAWS train step on random inputs of a config's shapes (`paws_train.py --benchmark`).
+"""Timing of the compiled PAWS train step on random inputs of a config's shapes (`paws_train.py --benchmark`)."""
 
-Also the one-line machine description every benchmark writes next to its numbers.
-"""
-
-import os
-import platform
 import time
 
 import tensorflow as tf
 
-from utils import encoder as encoder_lib
-from utils import optim, pipeline, steps, training
+from utils.data import sampling
+from utils.model import encoder as encoder_lib
+from utils.train import loop as train_loop
+from utils.train import optim, steps
 
 
 def crops_per_step(pretrain):
@@ -24,7 +21,7 @@ def time_train_steps(config, strategy, jit_compile, num_steps):
   p = config.pretrain
   large, small = config.data.large_crop_size, config.data.small_crop_size
   local_batch = p.batch_size // strategy.num_replicas_in_sync
-  local_support = pipeline.support_rows_per_replica(
+  local_support = sampling.support_rows_per_replica(
     p.classes_per_batch, p.images_per_class, strategy.num_replicas_in_sync, p.unique_classes_per_replica
   )
   views = tuple(tf.random.normal([local_batch, large, large, 3]) for _ in range(2)) + tuple(
@@ -32,9 +29,9 @@ def time_train_steps(config, strategy, jit_compile, num_steps):
   )
   supports = tf.random.normal([p.support_views, local_support, large, large, 3])
   # Every replica gets the same random batch, on its device as in training.
-  dataset = pipeline.distribute(strategy, lambda _: tf.data.Dataset.from_tensors((views, supports)).repeat())
+  dataset = sampling.distribute(strategy, lambda _: tf.data.Dataset.from_tensors((views, supports)).repeat())
   schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, 10, 1000)
-  state = training.create_train_state(
+  state = train_loop.create_train_state(
     strategy,
     lambda: encoder_lib.build_for_strategy(config, strategy),
     schedule,
@@ -56,18 +53,4 @@ def report(config, strategy, jit_compile, num_steps):
   return (
     f"benchmark: {config.run.precision}, xla={jit_compile}, {strategy.num_replicas_in_sync} replica(s): "
     f"{1 / seconds:.2f} steps/s, {crops / seconds:.0f} crops/s ({crops} crops per step)"
-  )
-
-
-def machine_description():
-  """CPU model, core count, Python version and GPUs, for the header of a benchmark table."""
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  gpus = [device.name for device in tf.config.list_physical_devices("GPU")]
-  return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, " + (
-    f"GPUs: {', '.join(gpus)}" if gpus else "no GPU"
   )

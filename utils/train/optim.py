@@ -1,6 +1,7 @@
 """Learning-rate schedule and LARS optimizer (METHOD.md sections 5 and 6)."""
 
 import math
+import re
 
 from official.modeling.optimization import lars
 import tensorflow as tf
@@ -78,3 +79,21 @@ def build_lars(learning_rate, momentum, weight_decay, eta, precision="float32"):
   if precision == "mixed_float16":
     optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
   return optimizer
+
+
+def build_sgd(learning_rate, momentum, precision="float32"):
+  """SGD with Nesterov momentum (tf_keras legacy, as LARS), loss-scaled under mixed_float16.
+
+  tf_keras: v <- momentum v - lr g; w <- w + momentum v - lr g. PyTorch keeps v <- momentum v + g and
+  steps w <- w - lr (g + momentum v): the same update while lr is constant, and the first step is the
+  same whatever the rate; under the cosine the two differ by the change of lr between steps.
+  """
+  optimizer = tf_keras.optimizers.legacy.SGD(learning_rate=learning_rate, momentum=momentum, nesterov=True)
+  if precision == "mixed_float16":
+    optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+  return optimizer
+
+
+def decayed_variables(model):
+  """The variables weight decay applies to: not biases, not BatchNorm scale/offset (as the reference's groups)."""
+  return [v for v in model.trainable_variables if not any(re.search(p, v.name) for p in LARS_EXCLUDE)]

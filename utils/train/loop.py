@@ -21,16 +21,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from utils import optim
-from utils.errors import UserError
-
-
-class Interrupted(UserError):
-  """The run was stopped by a signal after saving a checkpoint; exit with 128 + signal number."""
-
-  def __init__(self, message, signal_number):
-    super().__init__(message)
-    self.exit_code = 128 + signal_number
+from utils.errors import Interrupted, UserError
+from utils.train import optim
 
 
 @dataclasses.dataclass
@@ -260,3 +252,14 @@ def epoch_means(path):
   records = read_log(path, "epoch")
   keys = records[0].keys() if records else []
   return {k: np.array([r[k] for r in records]) for k in keys}
+
+
+def create_classifier_state(strategy, make_model, learning_rate, finetune, precision):
+  """training.TrainState holding the classifier (as its `encoder`), its SGD optimizer and the step counter."""
+  with strategy.scope():
+    model = make_model()
+    optimizer = optim.build_sgd(learning_rate, finetune.momentum, precision)
+    # Slots before a restore and before tracing, as training.create_train_state does for LARS.
+    optimizer._create_all_weights(model.trainable_variables)  # pylint: disable=protected-access
+    step = tf.Variable(0, dtype=tf.int64, name="step")
+  return TrainState(model, optimizer, step)

@@ -10,8 +10,10 @@ that of the global batch.
 
 import tensorflow as tf
 
-from utils import encoder as encoder_lib
-from utils import losses, pipeline
+from utils import losses
+from utils.data import sampling
+from utils.model import encoder as encoder_lib
+from utils.train import optim
 
 
 def compile_steps(strategy, step_fn, metric_names, jit_compile):
@@ -53,7 +55,7 @@ def paws_steps(config, strategy, encoder, optimizer, jit_compile):
   p = config.pretrain
   num_replicas = strategy.num_replicas_in_sync
   local_batch = p.batch_size // num_replicas
-  local_support = pipeline.support_rows_per_replica(
+  local_support = sampling.support_rows_per_replica(
     p.classes_per_batch, p.images_per_class, num_replicas, p.unique_classes_per_replica
   )
   num_support = p.support_views * local_support
@@ -109,7 +111,7 @@ def suncet_steps(config, strategy, encoder, optimizer, jit_compile, bn_training)
   """The compiled SuNCEt update on one class-stratified batch."""
   f = config.finetune
   num_replicas = strategy.num_replicas_in_sync
-  local_batch = pipeline.support_rows_per_replica(f.classes_per_batch, f.images_per_class, num_replicas)
+  local_batch = sampling.support_rows_per_replica(f.classes_per_batch, f.images_per_class, num_replicas)
   labels = losses.support_labels(f.classes_per_batch, f.images_per_class, f.views, num_replicas)
 
   def step_fn(batch):
@@ -129,3 +131,33 @@ def suncet_steps(config, strategy, encoder, optimizer, jit_compile, bn_training)
     return {"loss": loss}
 
   return compile_steps(strategy, step_fn, ("loss",), jit_compile)
+
+
+METRICS = ("loss", "accuracy")
+
+
+def classifier_steps(config, strategy, model, optimizer, jit_compile):
+  """The compiled cross-entropy update; step_fn gets this replica's (images [B, S, S, 3], labels [B]).
+
+  The replica's loss is the mean over its rows; divided by the number of replicas, the summed gradients
+  are those of the mean over the global batch. finetune.weight_decay (0 in the reference) is PyTorch's
+  coupled decay: wd * w added to the gradients of the decayed variables.
+  """
+  f = config.finetune
+  num_replicas = strategy.num_replicas_in_sync
+  decayed = optim.decayed_variables(model)
+
+  def step_fn(images, labels):
+    labels = tf.cast(labels, tf.int32)
+    with tf.GradientTape() as tape:
+      logits = tf.cast(model(images, training=True), tf.float32)
+      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+      objective = loss
+      if f.weight_decay:
+        objective += 0.5 * f.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in decayed])
+      replica_share = objective / num_replicas  # summed over replicas by apply_gradients
+    optimizer.minimize(replica_share, model.trainable_variables, tape=tape)
+    accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.float32))
+    return {"loss": loss, "accuracy": accuracy}
+
+  return compile_steps(strategy, step_fn, METRICS, jit_compile)

@@ -26,28 +26,17 @@ skipped image would change every later batch.
 """
 
 import collections
-import concurrent.futures
 import contextlib
 import os
-import threading
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from utils import augment, datasets, pipeline
+from utils.data import augment, datasets, decoding, image_files, pipelines, sampling, splits
 from utils.errors import UserError
 
 STREAMED = ("folder", "tfrecord")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-IMAGE_KEY = "image/encoded"
-LABEL_KEY = "image/class/label"
-NAME_KEY = "image/filename"
-LAYOUT_HELP = "README: Your own data"
-# A TFRecord is a uint64 length and its uint32 CRC, the data, then the data's uint32 CRC.
-_RECORD_HEADER_BYTES = 12
-_RECORD_FRAME_BYTES = 16
-_MISSING_LABEL = np.iinfo(np.int64).min
 
 
 def _join(directory, pattern):
@@ -55,242 +44,6 @@ def _join(directory, pattern):
   if "://" in pattern or os.path.isabs(pattern):
     return pattern
   return os.path.join(directory, pattern)
-
-
-# --- Images on disk, addressed by index ----------------------------------------------------------
-
-
-class ImageFiles:
-  """N encoded images on disk: labels, names for split files, and their bytes read inside tf.data.
-
-  Attributes:
-    names: str [N], how split files and messages name each image (folder: path relative to the split
-      folder; TFRecord: image/filename, or FILE:RECORD).
-    labels: int64 [N] class indices (-1: unlabeled only).
-  """
-
-  def __init__(self, names, labels):
-    self.names = np.asarray(names, dtype=object)
-    self.labels = np.asarray(labels, dtype=np.int64)
-
-  def __len__(self):
-    return len(self.labels)
-
-  def read(self, index):
-    """Encoded bytes (scalar tf.string) of image `index` (a scalar int64 tensor), in graph code."""
-    raise NotImplementedError
-
-  def describe(self, index):
-    """Where image `index` lives (scalar tf.string), for error messages."""
-    raise NotImplementedError
-
-  def location(self, index):
-    """Where image `index` lives, as Python text."""
-    return self.describe(tf.constant(index, tf.int64)).numpy().decode()
-
-
-class FolderImages(ImageFiles):
-  """Image files, one per index."""
-
-  def __init__(self, paths, names, labels):
-    super().__init__(names, labels)
-    self.paths = list(paths)
-    self._paths = tf.constant(self.paths or [""], tf.string)
-
-  def read(self, index):
-    return tf.io.read_file(tf.gather(self._paths, index))
-
-  def describe(self, index):
-    return tf.gather(self._paths, index)
-
-
-class RecordImages(ImageFiles):
-  """Records of TFRecord files, one per index, read by byte offset (records_index builds the index)."""
-
-  def __init__(self, files, file_ids, offsets, lengths, names, labels):
-    super().__init__(names, labels)
-    self.files = list(files)
-    self.file_ids = np.asarray(file_ids, np.int64)
-    self.offsets = np.asarray(offsets, np.int64)
-    self.lengths = np.asarray(lengths, np.int64)
-    self._files = tf.constant(self.files or [""], tf.string)
-    self._positions = tf.constant(_positions_in_files(self.file_ids), tf.int64)
-    self._file_ids = tf.constant(self.file_ids, tf.int64)
-    self._lock = threading.Lock()
-    self._descriptors = {}  # local files: one descriptor shared by all threads (os.pread needs no seek)
-    self._local = threading.local()  # other file systems: a GFile per thread
-
-  def _read_bytes(self, index):
-    index = int(index)
-    path = self.files[self.file_ids[index]]
-    offset, length = int(self.offsets[index]) + _RECORD_HEADER_BYTES, int(self.lengths[index])
-    if "://" in path:
-      handles = self._local.__dict__.setdefault("handles", {})
-      if path not in handles:
-        handles[path] = tf.io.gfile.GFile(path, "rb")
-      handles[path].seek(offset)
-      data = handles[path].read(length)
-    else:
-      with self._lock:
-        if path not in self._descriptors:
-          self._descriptors[path] = os.open(path, os.O_RDONLY)
-        descriptor = self._descriptors[path]
-      data = os.pread(descriptor, length, offset)
-    if len(data) != length:
-      raise OSError(f"{path} is shorter than when it was indexed; {pipeline.UNDECODABLE}")
-    return data
-
-  def read(self, index):
-    serialized = tf.py_function(self._read_bytes, [index], tf.string)
-    serialized.set_shape([])
-    return tf.io.parse_single_example(serialized, {IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)})[IMAGE_KEY]
-
-  def describe(self, index):
-    position = tf.strings.as_string(tf.gather(self._positions, index))
-    return tf.strings.join([tf.gather(self._files, tf.gather(self._file_ids, index)), " record ", position])
-
-
-def _positions_in_files(file_ids):
-  """The position of each record within its file, for file_ids in file order."""
-  file_ids = np.asarray(file_ids, np.int64)
-  if not len(file_ids):
-    return np.zeros([0], np.int64)
-  starts = np.flatnonzero(np.r_[True, file_ids[1:] != file_ids[:-1]])
-  lengths = np.diff(np.r_[starts, len(file_ids)])
-  return np.arange(len(file_ids)) - np.repeat(starts, lengths)
-
-
-# --- Class folders ----------------------------------------------------------------------------------
-
-
-def _image_files_under(folder):
-  """(sorted image paths under folder, at any depth; number of other files)."""
-  images, others = [], 0
-  for directory, _, files in tf.io.gfile.walk(folder):
-    for name in files:
-      if name.lower().endswith(IMAGE_EXTENSIONS):
-        images.append(os.path.join(directory, name))
-      else:
-        others += 1
-  return sorted(images), others
-
-
-def list_class_folders(root, split, class_names=None):
-  """Lists ROOT/split/<class>/** images.
-
-  Args:
-    root: the data directory.
-    split: "train" or "val".
-    class_names: the training classes; None to take this split's folders as the classes.
-  Returns:
-    (class names, FolderImages) with images in class order, then path order.
-  """
-  split_folder = os.path.join(root, split)
-  found = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(split_folder))
-  folders = [name for name in found if tf.io.gfile.isdir(os.path.join(split_folder, name))]
-  if not folders:
-    raise UserError(
-      f"{split_folder} has no class folders; put each class's images in {split_folder}/<class>/ ({LAYOUT_HELP})"
-    )
-  if class_names is None:
-    class_names = folders
-  paths, names, labels, ignored = [], [], [], 0
-  for folder in folders:
-    if folder not in class_names:
-      raise UserError(
-        f"{split_folder}/{folder} is not a class of {os.path.join(root, 'train')} "
-        f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}); rename or remove it"
-      )
-    images, others = _image_files_under(os.path.join(split_folder, folder))
-    ignored += others
-    if not images:
-      raise UserError(
-        f"class folder {split_folder}/{folder} holds no {', '.join(IMAGE_EXTENSIONS)} images; "
-        "add images or remove the folder"
-      )
-    paths += images
-    names += [os.path.relpath(path, split_folder) for path in images]
-    labels += [class_names.index(folder)] * len(images)
-  if ignored:
-    logging.info(f"{split_folder}: ignored {ignored} files without a {'/'.join(IMAGE_EXTENSIONS)} extension")
-  return class_names, FolderImages(paths, names, labels)
-
-
-# --- TFRecord files -------------------------------------------------------------------------------------
-
-
-def _index_record_file(path):
-  """(lengths, raw labels, names) of every record of one TFRecord file, in order."""
-  features = {
-    LABEL_KEY: tf.io.FixedLenFeature([], tf.int64, default_value=_MISSING_LABEL),
-    NAME_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-    IMAGE_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-  }
-
-  def parse(records):
-    parsed = tf.io.parse_example(records, features)
-    return tf.strings.length(records), parsed[LABEL_KEY], parsed[NAME_KEY], tf.strings.length(parsed[IMAGE_KEY])
-
-  expected = f"tf.train.Example records with {IMAGE_KEY} (bytes) and {LABEL_KEY} (int64)"
-  lengths, labels, names, image_bytes = [], [], [], []
-  try:
-    for batch in tf.data.TFRecordDataset(path).batch(1024).map(parse):
-      for values, part in zip((lengths, labels, names, image_bytes), batch):
-        values.append(part.numpy())
-  except tf.errors.DataLossError as error:
-    raise UserError(
-      f"{path} is not an uncompressed TFRecord file or is damaged ({_first_line(error)}); "
-      "the files must be uncompressed TFRecords (random access by offset)"
-    ) from None
-  except tf.errors.InvalidArgumentError as error:
-    raise UserError(f"{path}: the records must be {expected} ({_first_line(error)})") from None
-  if not lengths:
-    return np.zeros([0], np.int64), np.zeros([0], np.int64), []
-  lengths, labels, names, image_bytes = (np.concatenate(values) for values in (lengths, labels, names, image_bytes))
-  for key, missing in ((LABEL_KEY, labels == _MISSING_LABEL), (IMAGE_KEY, image_bytes == 0)):
-    if missing.any():
-      raise UserError(
-        f"{path} record {int(np.argmax(missing))} has no {key}; the records must be {expected} "
-        "(the layout of Model Garden's ImageNet conversion)"
-      )
-  base = os.path.basename(path)
-  names = [name.decode() if name else f"{base}:{position}" for position, name in enumerate(names)]
-  return lengths.astype(np.int64), labels.astype(np.int64), names
-
-
-def index_records(pattern, what):
-  """Indexes the TFRecord files matching `pattern`: one sequential read, in parallel over files.
-
-  Args:
-    pattern: glob of the files.
-    what: the config field holding the pattern, for messages.
-  Returns:
-    (files, file_ids, offsets, lengths, names, raw labels), records in file then record order.
-  """
-  files = sorted(tf.io.gfile.glob(pattern))
-  if not files:
-    raise UserError(f"no TFRecord files match {pattern}; set {what} (a glob relative to --data_dir)")
-  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
-    per_file = list(pool.map(_index_record_file, files))
-  file_ids, offsets, lengths, names, labels = [], [], [], [], []
-  for file_id, (file_lengths, file_labels, file_names) in enumerate(per_file):
-    frames = file_lengths + _RECORD_FRAME_BYTES
-    offsets.append(np.cumsum(frames) - frames)
-    file_ids.append(np.full(len(file_lengths), file_id, np.int64))
-    lengths.append(file_lengths)
-    labels.append(file_labels)
-    names += file_names
-  if not names:
-    raise UserError(f"the TFRecord files matching {pattern} hold no records; check {what}")
-  return files, *(np.concatenate(values) for values in (file_ids, offsets, lengths)), names, np.concatenate(labels)
-
-
-def _first_line(error):
-  message = getattr(error, "message", None) or str(error)
-  return message.strip().splitlines()[0] if message.strip() else type(error).__name__
-
-
-# --- Sources ---------------------------------------------------------------------------------------------
 
 
 class Source:
@@ -312,7 +65,7 @@ class Source:
 
   def read_split_file(self, path, expected_count=None, check_balance=True):
     """The labeled subset a split file lists (datasets.read_split_file: one index per line)."""
-    return datasets.read_split_file(
+    return splits.read_split_file(
       path, len(self.train_labels), labels=self.train_labels if check_balance else None, expected_count=expected_count
     )
 
@@ -345,10 +98,10 @@ class ArraySource(Source):
     self.num_unlabeled = len(self.train_images)
 
   def pretrain_dataset(self, labeled, data, pretrain, **steps):
-    return pipeline.pretrain_dataset(self.train_images, labeled, self.train_labels[labeled], data, pretrain, **steps)
+    return pipelines.pretrain_dataset(self.train_images, labeled, self.train_labels[labeled], data, pretrain, **steps)
 
   def finetune_dataset(self, labeled, finetune, data, **steps):
-    return pipeline.finetune_dataset(self.train_images[labeled], self.train_labels[labeled], finetune, data, **steps)
+    return pipelines.finetune_dataset(self.train_images[labeled], self.train_labels[labeled], finetune, data, **steps)
 
   def labeled_images(self, labeled, data):
     """The labeled images, whole and normalised, as one tensor (BatchNorm re-estimation)."""
@@ -464,7 +217,7 @@ class StreamSource(Source):
     for index in indices:
       index = tf.constant(int(index), tf.int64)
       try:
-        pipeline.decode_image(images.read(index), images.describe(index))
+        decoding.decode_image(images.read(index), images.describe(index))
       except (tf.errors.OpError, OSError) as error:
         return images.location(index), _reason(error)
     return None
@@ -473,7 +226,7 @@ class StreamSource(Source):
     """Decodes the training images `indices` (the labeled subset) once, in parallel; names a bad one."""
     dataset = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
     dataset = dataset.map(
-      lambda index: tf.shape(pipeline.decode_image(self.train.read(index), self.train.describe(index))),
+      lambda index: tf.shape(decoding.decode_image(self.train.read(index), self.train.describe(index))),
       num_parallel_calls=tf.data.AUTOTUNE,
     )
     try:
@@ -518,40 +271,42 @@ class StreamSource(Source):
 
   # -- Pipelines ---------------------------------------------------------------------------
 
-  def pretrain_dataset(self, labeled, data, pretrain, *, replicas=pipeline.ONE_DEVICE, **steps):
+  def pretrain_dataset(self, labeled, data, pretrain, *, replicas=sampling.ONE_DEVICE, **steps):
     labeled = np.asarray(labeled, np.int64)
     labels = self.train_labels[labeled]
     p = pretrain
-    sampler = pipeline.SupportSampler(**pipeline.pretrain_supports(labels, p, steps["seed"], replicas.total))
+    sampler = sampling.SupportSampler(**sampling.pretrain_supports(labels, p, steps["seed"], replicas.total))
 
     def step_indices(step):  # all the step's images (every replica's), to find an undecodable one
       return np.concatenate(
         [
-          pipeline.unlabeled_indices(len(self.unlabeled), p.batch_size, step, steps["seed"]),
+          sampling.unlabeled_indices(len(self.unlabeled), p.batch_size, step, steps["seed"]),
           labeled[sampler.batch(step)],
         ]
       )
 
     self.watch_steps(self.unlabeled, step_indices)
-    return pipeline.stream_pretrain_dataset(self.unlabeled, labeled, labels, data, pretrain, replicas=replicas, **steps)
+    return pipelines.stream_pretrain_dataset(
+      self.unlabeled, labeled, labels, data, pretrain, replicas=replicas, **steps
+    )
 
-  def finetune_dataset(self, labeled, finetune, data, *, replicas=pipeline.ONE_DEVICE, **steps):
+  def finetune_dataset(self, labeled, finetune, data, *, replicas=sampling.ONE_DEVICE, **steps):
     labeled = np.asarray(labeled, np.int64)
     labels = self.train_labels[labeled]
-    sampler = pipeline.SupportSampler(**pipeline.finetune_supports(labels, finetune, steps["seed"], replicas.total))
+    sampler = sampling.SupportSampler(**sampling.finetune_supports(labels, finetune, steps["seed"], replicas.total))
     self.watch_steps(self.train, lambda step: labeled[sampler.batch(step)])
-    return pipeline.stream_finetune_dataset(self.train, labeled, labels, finetune, data, replicas=replicas, **steps)
+    return pipelines.stream_finetune_dataset(self.train, labeled, labels, finetune, data, replicas=replicas, **steps)
 
   def labeled_images(self, labeled, data):
-    batches = pipeline.stream_eval_dataset(self.train, labeled, 256, data.image_size, data.mean, data.std)
+    batches = pipelines.stream_eval_dataset(self.train, labeled, 256, data.image_size, data.mean, data.std)
     return tf.concat(list(batches), axis=0)
 
   def evaluation_sets(self, labeled, data, batch_size):
     """(support batches, support labels, query batches, query labels): tf.data datasets for evaluation.evaluate."""
     if self.evaluation is None:
       raise UserError(self.evaluation_hint)
-    supports = pipeline.stream_eval_dataset(self.train, labeled, batch_size, data.image_size, data.mean, data.std)
-    queries = pipeline.stream_eval_dataset(
+    supports = pipelines.stream_eval_dataset(self.train, labeled, batch_size, data.image_size, data.mean, data.std)
+    queries = pipelines.stream_eval_dataset(
       self.evaluation, np.arange(len(self.evaluation)), batch_size, data.image_size, data.mean, data.std
     )
     return supports, self.train_labels[labeled], queries, self.evaluation.labels
@@ -567,21 +322,21 @@ def _is_integer(text):
 
 def _reason(error):
   """The useful part of a decoding error's message."""
-  text = _first_line(error)
-  if pipeline.UNDECODABLE in str(error):
-    return f"it {pipeline.UNDECODABLE}"
+  text = image_files._first_line(error)
+  if decoding.UNDECODABLE in str(error):
+    return f"it {decoding.UNDECODABLE}"
   return text.split("[[", 1)[0].strip().rstrip(".") or type(error).__name__
 
 
 def open_folder(root):
   """The folder layout (module docstring) as a StreamSource."""
-  class_names, train = list_class_folders(root, "train")
+  class_names, train = image_files.list_class_folders(root, "train")
   unlabeled = train
   extra_folder = os.path.join(root, "unlabeled")
   if tf.io.gfile.isdir(extra_folder):
-    extra, _ = _image_files_under(extra_folder)
+    extra, _ = image_files._image_files_under(extra_folder)
     if extra:
-      unlabeled = FolderImages(
+      unlabeled = image_files.FolderImages(
         train.paths + extra,
         list(train.names) + [os.path.relpath(path, root) for path in extra],
         np.r_[train.labels, np.full(len(extra), -1, np.int64)],
@@ -589,8 +344,8 @@ def open_folder(root):
   evaluation = None
   val_folder = os.path.join(root, "val")
   if tf.io.gfile.isdir(val_folder):
-    _, evaluation = list_class_folders(root, "val", class_names)
-  hint = f"{val_folder} not found: evaluation needs labeled images in {val_folder}/<class>/ ({LAYOUT_HELP})"
+    _, evaluation = image_files.list_class_folders(root, "val", class_names)
+  hint = f"{val_folder} not found: evaluation needs labeled images in {val_folder}/<class>/ ({image_files.LAYOUT_HELP})"
   counts = f"{len(train)} training images in {len(class_names)} classes"
   extra_count = len(unlabeled) - len(train)
   logging.info(
@@ -603,7 +358,7 @@ def open_folder(root):
 
 def _record_images(root, pattern, what, class_values=None):
   """(class values, RecordImages) of the TFRecords matching root/pattern; labels mapped to class indices."""
-  files, file_ids, offsets, lengths, names, raw_labels = index_records(_join(root, pattern), what)
+  files, file_ids, offsets, lengths, names, raw_labels = image_files.index_records(_join(root, pattern), what)
   if class_values is None:
     class_values = np.unique(raw_labels)
   positions = np.clip(np.searchsorted(class_values, raw_labels), 0, len(class_values) - 1)
@@ -613,7 +368,7 @@ def _record_images(root, pattern, what, class_values=None):
       f"{names[int(np.argmax(unknown))]} in {pattern} has label {raw_labels[np.argmax(unknown)]}, which no "
       "training record has; use validation records of the same classes"
     )
-  return class_values, RecordImages(files, file_ids, offsets, lengths, names, positions)
+  return class_values, image_files.RecordImages(files, file_ids, offsets, lengths, names, positions)
 
 
 def open_records(root, train_files, val_files, evaluation=True):
@@ -626,7 +381,7 @@ def open_records(root, train_files, val_files, evaluation=True):
     f"tfrecord {_join(root, train_files)}: {len(train)} training records in {len(class_values)} classes"
     + (f", {len(validation)} validation records" if validation is not None else "")
   )
-  hint = f"no validation records: set data.val_files to a glob of them ({LAYOUT_HELP})"
+  hint = f"no validation records: set data.val_files to a glob of them ({image_files.LAYOUT_HELP})"
   return StreamSource("tfrecord", [str(value) for value in class_values], train, train, validation, hint)
 
 
@@ -642,14 +397,16 @@ def open_source(data, data_dir, evaluation=False):
     arrays = datasets.load_dataset(data.dataset, data_dir)
     return ArraySource(data.dataset, *arrays)
   if not data_dir:
-    raise UserError(f"data.dataset={data.dataset} needs --data_dir=DIR, the folder holding the images ({LAYOUT_HELP})")
+    raise UserError(
+      f"data.dataset={data.dataset} needs --data_dir=DIR, the folder holding the images ({image_files.LAYOUT_HELP})"
+    )
   if "://" not in data_dir and not tf.io.gfile.isdir(data_dir):
     raise UserError(f"data directory {data_dir} does not exist; fix --data_dir")
   if data.dataset == "folder":
     if not tf.io.gfile.isdir(os.path.join(data_dir, "train")):
       raise UserError(
         f"{os.path.join(data_dir, 'train')} not found: data.dataset=folder reads DIR/train/<class>/*.jpg "
-        f"({LAYOUT_HELP})"
+        f"({image_files.LAYOUT_HELP})"
       )
     return open_folder(data_dir)
   return open_records(data_dir, data.train_files, data.val_files, evaluation)

@@ -10,15 +10,20 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from utils import resnet, runtime
+from utils import fileio
 from utils.errors import UserError
+from utils.model import resnet
 
 # PyTorch's BatchNorm momentum m updates moving = (1 - m) * moving + m * batch;
 # Keras' momentum is the weight on the OLD value. The reference uses PyTorch
 # 0.1 everywhere (Keras 0.9) except the trunk's final BN, PyTorch 0.99
 # (Keras 0.01). METHOD.md section 9, pitfall 1: copying the number inverts it.
 BN_MOMENTUM = 0.9
+
+
 FINAL_BN_MOMENTUM = 0.01
+
+
 BN_EPSILON = 1e-5  # PyTorch's default
 
 
@@ -293,10 +298,10 @@ def save_encoder(encoder, config, directory, step):
   """Writes the encoder weights and the model config fine_tune.py / nn_eval.py need (any tf.io.gfile path)."""
   tf.io.gfile.makedirs(directory)
   tf.train.Checkpoint(encoder=encoder).write(os.path.join(directory, "weights"))
-  runtime.write_json(
+  fileio.write_json(
     os.path.join(directory, "encoder.json"),
     {
-      "model": runtime.config_to_dict(config)["model"],
+      "model": fileio.config_to_dict(config)["model"],
       "image_size": config.data.image_size,
       "config_name": config.name,
       "pretrain_step": step,
@@ -307,10 +312,10 @@ def save_encoder(encoder, config, directory, step):
 
 def load_encoder(directory, config, what):
   """Rebuilds the encoder saved by save_encoder; errors if missing or from another model config."""
-  meta = runtime.read_json(
+  meta = fileio.read_json(
     os.path.join(directory, "encoder.json"), f"no trained encoder there; run {what} first with this --workdir"
   )
-  wanted = runtime.config_to_dict(config)["model"]
+  wanted = fileio.config_to_dict(config)["model"]
   if meta["model"] != wanted:
     changed = sorted(k for k in wanted if meta["model"].get(k) != wanted[k])
     raise UserError(

@@ -21,9 +21,17 @@ import tf_keras
 # (no exception like the WideResNet's final BN), which is Keras momentum 0.9 (METHOD.md section 9,
 # pitfall 1: Keras weighs the old value), and epsilon 1e-5.
 BN_MOMENTUM = 0.9
+
+
 BN_EPSILON = 1e-5
+
+
 STAGE_WIDTHS = (64, 128, 256, 512)
+
+
 STAGE_STRIDES = (1, 2, 2, 2)
+
+
 EXPANSION = 4
 
 

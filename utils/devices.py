@@ -1,0 +1,200 @@
+"""Devices: tf.distribute strategy, precision policy, XLA choice, logical CPU replicas, cluster roles, machine."""
+
+import json
+import os
+import platform
+
+from absl import logging
+import tensorflow as tf
+import tf_keras
+
+from utils import config_rules
+from utils.errors import UserError
+
+
+def cluster_task():
+  """(task type, index) of this process in TF_CONFIG's cluster, or None when there is no TF_CONFIG."""
+  setting = os.environ.get("TF_CONFIG")
+  if not setting:
+    return None
+  task = json.loads(setting).get("task", {})
+  return task.get("type", "worker"), int(task.get("index", 0))
+
+
+def is_chief():
+  """Whether this process writes the job's logs, plots and config, and prints: always on one machine; in a
+  TF_CONFIG cluster the 'chief' task, or worker 0 when there is none (MultiWorkerMirroredStrategy's rule)."""
+  task = cluster_task()
+  if task is None:
+    return True
+  has_chief = "chief" in json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+  return task == ("chief", 0) if has_chief else task == ("worker", 0)
+
+
+def has_gpu():
+  return bool(tf.config.list_physical_devices("GPU"))
+
+
+def use_xla(setting):
+  """'auto' means XLA on GPU only: on this project's CPU runs it made the step ~2x slower."""
+  if setting == "auto":
+    return has_gpu()
+  if isinstance(setting, bool):
+    return setting
+  if setting in ("true", "false"):
+    return setting == "true"
+  raise UserError(f"run.jit_compile must be one of auto, true, false, got {setting!r}")
+
+
+def configure_cpu_replicas(count):
+  """Splits the physical CPU into `count` logical devices (run.cpu_replicas), so a laptop runs the multi-replica path.
+
+  Must run before TensorFlow initialises its devices (anything that places a tensor does). 0 leaves the
+  CPU as it is; 1 is refused (one device is what the CPU already is, and one replica never runs the
+  multi-replica code). Calling it again with the count already in place does nothing.
+  """
+  if count == 0:
+    return
+  if count < 0 or count == 1:
+    raise UserError(f"run.cpu_replicas={count} splits nothing: use 0 (off) or 2 or more logical CPU devices")
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  current = tf.config.get_logical_device_configuration(cpu)
+  if current is not None and len(current) == count:
+    return
+  try:
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+  except RuntimeError:
+    raise UserError(
+      f"run.cpu_replicas={count}: TensorFlow's devices are already initialised in this "
+      "process; set it before anything runs TensorFlow (a fresh process, e.g. restart the "
+      "notebook kernel)"
+    ) from None
+
+
+def replicas_compile_with_xla(strategy):
+  """Whether XLA can compile this strategy's per-replica step, collectives included (README, Before a long GPU run).
+
+  One replica has no collectives. Several replicas compile only on whole GPUs: there MirroredStrategy runs
+  one XLA program per replica with NCCL collectives. On CPU devices (run.cpu_replicas, CPU workers) XLA
+  refuses collectives ("Collectives are not yet implemented for CPU devices when compiling with XLA"), and
+  GPUs split into logical devices use ring collectives, which XLA refuses too ("Only compiling NCCL/auto
+  collective is supported").
+  """
+  if strategy.num_replicas_in_sync == 1:
+    return True
+  whole_gpus = len(tf.config.list_logical_devices("GPU")) == len(tf.config.list_physical_devices("GPU"))
+  return whole_gpus and all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in strategy.extended.worker_devices)
+
+
+def make_strategy(setting, cpu_replicas=0):
+  """Single device by default, MirroredStrategy with several GPUs, multi-worker from TF_CONFIG.
+
+  With cpu_replicas (configure_cpu_replicas done), MirroredStrategy over the logical CPU devices: the
+  one-machine multi-GPU path, rehearsed on a CPU.
+  """
+  if cpu_replicas:
+    if setting == "auto" and not os.environ.get("TF_CONFIG"):
+      setting = "mirrored"
+    if setting != "mirrored":
+      shown = "multi_worker (TF_CONFIG is set)" if setting == "auto" else setting
+      raise UserError(
+        f"run.cpu_replicas={cpu_replicas} rehearses a one-machine multi-GPU run and needs "
+        f"run.distribution=auto or mirrored, got {shown}; set run.cpu_replicas=0 or change it"
+      )
+    return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+  if setting == "auto":
+    if os.environ.get("TF_CONFIG"):
+      setting = "multi_worker"
+    elif len(tf.config.list_logical_devices("GPU")) > 1:
+      setting = "mirrored"
+    else:
+      setting = "one_device"
+  if setting == "one_device":
+    device = "/gpu:0" if has_gpu() else "/cpu:0"
+    return tf.distribute.OneDeviceStrategy(device)
+  if setting == "mirrored":
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([d.name for d in devices])
+  if setting == "multi_worker":
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  raise UserError(f"run.distribution must be one of auto, one_device, mirrored, multi_worker, got {setting!r}")
+
+
+def cpu_has_amx():
+  """True if this CPU has AMX bfloat16 tile instructions (read from /proc/cpuinfo)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return False
+  return "amx_bf16" in flags
+
+
+def resolve_precision(setting):
+  """'auto' picks the precision measured to be faster, not what the CPU flags merely allow.
+
+  mixed_float16 on a GPU (tensor cores; the reference trains with fp16 autocast); mixed_bfloat16 on a
+  CPU with AMX (2.1x faster than float32 on the train step); float32 everywhere else: with AVX512-BF16
+  alone, bf16 measured 1.55x slower than float32 (README, Speed).
+  """
+  if setting not in config_rules.PRECISIONS:
+    raise UserError(f"run.precision must be one of {', '.join(config_rules.PRECISIONS)}, got {setting!r}")
+  if setting != "auto":
+    return setting
+  if has_gpu():
+    return "mixed_float16"
+  return "mixed_bfloat16" if cpu_has_amx() else "float32"
+
+
+def setup_training(config):
+  """Precision policy, seeded initialisation, device strategy and XLA choice for a training script.
+
+  Resolves config.run.precision in place (so the saved config says what ran). XLA asked for (or 'auto'
+  on a GPU) is turned off, with a printed reason, where it cannot compile the replicas' collectives
+  (replicas_compile_with_xla).
+  Returns (strategy, jit_compile).
+  """
+  runs = config.run
+  configure_cpu_replicas(runs.cpu_replicas)  # first: before anything initialises TensorFlow's devices
+  set_precision(config)
+  # Python, NumPy and TensorFlow seeds: the initial weights follow config.seed.
+  tf_keras.utils.set_random_seed(config.seed)
+  strategy = make_strategy(runs.distribution, runs.cpu_replicas)
+  jit_compile = use_xla(runs.jit_compile)
+  if runs.cpu_replicas:
+    logging.info(
+      f"cpu_replicas: MirroredStrategy over {strategy.num_replicas_in_sync} logical CPU devices "
+      "(rehearsal of a multi-GPU run)"
+    )
+  if jit_compile and not replicas_compile_with_xla(strategy):
+    logging.info(
+      f"xla: off: XLA cannot compile the collectives of {strategy.num_replicas_in_sync} replicas on "
+      "these devices (whole GPUs only); the step runs as a plain tf.function"
+    )
+    jit_compile = False
+  return strategy, jit_compile
+
+
+def set_precision(config):
+  """Resolves config.run.precision ('auto') in place and sets the global tf_keras dtype policy.
+
+  Losses are always computed in float32, and the projection/prediction heads
+  stay float32 (utils/encoder.py).
+  """
+  config.run.precision = resolve_precision(config.run.precision)
+  tf_keras.mixed_precision.set_global_policy(config.run.precision)
+  logging.info(f"precision: {config.run.precision}")
+
+
+def machine_description():
+  """CPU model, core count, Python version and GPUs, for the header of a benchmark table."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  gpus = [device.name for device in tf.config.list_physical_devices("GPU")]
+  return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, " + (
+    f"GPUs: {', '.join(gpus)}" if gpus else "no GPU"
+  )

@@ -1,0 +1,194 @@
+"""The workdir: created, checked writable and locked; the saved-config check; per-worker folders in a cluster."""
+
+import atexit
+import fcntl
+import json
+import os
+import re
+import socket
+import sys
+
+import tensorflow as tf
+
+from utils import devices, fileio
+from utils.errors import UserError
+
+
+def worker_directory(directory):
+  """Where this process keeps what every worker must write: `directory` on the chief, else
+  `directory/workers/<type><index>`.
+
+  With MultiWorkerMirroredStrategy every worker must save checkpoints and the encoder (reading the
+  BatchNorm statistics is a collective); other workers keep theirs, and their copy of the labeled subset,
+  there, so that each can resume and fine-tune on its own whether or not the workdir is shared (gs://).
+  """
+  if devices.is_chief():
+    return directory
+  kind, index = devices.cluster_task()
+  return os.path.join(directory, "workers", f"{kind}{index}")
+
+
+def prepare_workdir(workdir):
+  """Creates the workdir, checks it is writable and locks it (lock_workdir) before any work starts.
+
+  Any file system tf.io.gfile knows works (local, gs://, ...): every run output goes through it. In a
+  cluster only the chief locks it (the other workers share it and write to their worker_directory).
+  """
+  if not workdir:
+    raise UserError("--workdir is required: the folder where checkpoints, logs and results go")
+  try:
+    tf.io.gfile.makedirs(workdir)
+    probe = os.path.join(workdir, ".write_test")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("ok")
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as error:
+    raise UserError(
+      f"workdir {workdir} is not writable ({_reason(error)}); choose another --workdir or fix its permissions"
+    ) from None
+  if devices.is_chief():
+    lock_workdir(workdir)
+  return workdir
+
+
+def _reason(error):
+  """The short cause of a failed file operation: the OS's words, or the first line of TensorFlow's message."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return str(getattr(error, "message", error)).strip().splitlines()[0][:200]
+
+
+def check_config(config, path, sections, force=False):
+  """Saves the resolved config to `path`, or checks it against the saved one.
+
+  Only the listed config sections are compared: they define what the run in
+  this workdir computes, so resuming with other values would silently mix two
+  experiments. `force` overwrites the saved config instead.
+  """
+  current = fileio.config_to_dict(config)
+  if tf.io.gfile.exists(path) and not force:
+    with tf.io.gfile.GFile(path) as f:
+      saved = json.load(f)
+    changed = [
+      f"{section}.{key}"
+      for section in sections
+      for key in sorted(set(saved.get(section, {})) | set(current.get(section, {})))
+      if saved.get(section, {}).get(key) != current.get(section, {}).get(key)
+    ]
+    if changed:
+      raise UserError(
+        f"{path} was written with other settings ({', '.join(changed[:5])}); "
+        "use a new --workdir, restore those values, or pass --force to overwrite"
+      )
+  else:
+    fileio.write_json(path, current)
+  return current
+
+
+LOCK_FILE = ".lock"
+
+
+_LOCKS = {}  # real path of each workdir this process holds -> its open lock file (None: not lockable, warned)
+
+
+def lock_workdir(workdir):
+  """Locks `workdir` for the rest of this process, or raises UserError naming the process that holds it.
+
+  An exclusive fcntl.flock on WORKDIR/.lock: the kernel releases it when the holder exits, also when it
+  is killed, so a lock left by a killed run never blocks the next one. The file holds the holder's pid,
+  host and command for the message; a normal exit removes it. A folder inside a workdir this process
+  already holds is covered by that lock (fine_tune.py writes WORKDIR/finetuned).
+
+  flock needs a local file system: a workdir on another one (gs://, any tf.io.gfile scheme but file://)
+  runs unlocked, with a one-line warning.
+
+  Returns:
+    The open lock file; the lock lasts as long as it stays open (this module keeps a reference).
+    None for an unlocked workdir.
+  """
+  local = _local_path(workdir)
+  path = os.path.realpath(local) if local is not None else workdir.rstrip("/")
+  for locked, handle in _LOCKS.items():
+    if path == locked or path.startswith(locked + os.sep):
+      return handle
+  if local is None:
+    print(
+      f"warning: workdir {workdir} is not on a local file system and cannot be locked; make sure no other run uses it",
+      file=sys.stderr,
+    )
+    _LOCKS[path] = None  # warned once; folders inside it (WORKDIR/finetuned) are covered
+    return None
+  lock_path = os.path.join(path, LOCK_FILE)
+  while True:
+    try:
+      handle = open(lock_path, "a+")  # noqa: SIM115 (held open for the process lifetime: closing releases the lock)
+    except OSError as error:
+      raise UserError(
+        f"workdir {workdir} is not writable ({error.strerror}); choose another --workdir or fix its permissions"
+      ) from None
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = _describe_holder(handle.read())
+      handle.close()
+      raise UserError(
+        f"workdir {workdir} is in use by {holder}; wait for it to end or stop it, or use another --workdir"
+      ) from None
+    except OSError as error:  # a file system without flock (some network mounts): run unlocked
+      print(
+        f"warning: cannot lock workdir {workdir} ({error.strerror}); make sure no other run uses it", file=sys.stderr
+      )
+      handle.close()
+      return None
+    # A holder that just exited may have removed the file after we opened it: hold the file at the path.
+    if _same_file(handle, lock_path):
+      break
+    handle.close()
+  handle.seek(0)
+  handle.truncate()
+  json.dump(
+    {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300],
+    },
+    handle,
+  )
+  handle.flush()
+  _LOCKS[path] = handle
+  atexit.register(_release_lock, lock_path, handle)
+  return handle
+
+
+def _local_path(path):
+  """The local path behind `path` ("file://" stripped), or None for another file system (gs://, ram://, ...)."""
+  scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", path)
+  if scheme is None:
+    return path
+  return path[len(scheme.group(0)) :] if scheme.group(1).lower() == "file" else None
+
+
+def _same_file(handle, path):
+  try:
+    return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+  except FileNotFoundError:
+    return False
+
+
+def _describe_holder(text):
+  try:
+    holder = json.loads(text)
+    return f"process {holder['pid']} on {holder['host']} ({holder['command']})"
+  except (ValueError, KeyError, TypeError):  # the holder has not written its details yet
+    return "another process"
+
+
+def _release_lock(lock_path, handle):
+  """Removes the lock file while still holding it (a process that opened it meanwhile retries), then unlocks."""
+  try:
+    if _same_file(handle, lock_path):
+      os.remove(lock_path)
+  except OSError:
+    pass  # left behind, it only holds a stale pid: the next run takes the lock all the same
+  handle.close()

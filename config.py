@@ -223,7 +223,7 @@ def imagenet_config():
   # Fine-tuning as the reference does it on ImageNet: trunk + the projection head's first block + a
   # zero-initialised linear classifier, cross-entropy on the labeled subset, RandomResizedCrop(224,
   # scale (0.08, 1)) + flip, SGD Nesterov 0.9 (no LARS), lr 0.02 cosine to 0, no weight decay, 50 epochs
-  # (utils/classifier.py).
+  # (utils/model/classifier.py).
   c.finetune.mode = "classifier"
   # The reference's fine-tuning loader takes 128 images per GPU; its GPU count is the launcher's choice,
   # not in the config, and its lr 0.02 is not scaled with it. 1024 = 128 x 8 GPUs.

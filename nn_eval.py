@@ -26,6 +26,7 @@ from utils import workdir as workdir_lib
 from utils.data import sources, splits
 from utils.errors import UserError
 from utils.model import classifier as classifier_lib
+from utils.workdir import Workdir
 
 _CONFIG = cli.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pre-training (and fine-tuning) run.")
@@ -44,10 +45,9 @@ _EXPORT = flags.DEFINE_string(
 def main(argv):
   del argv
   config = _CONFIG.value
-  workdir = _WORKDIR.value
-  if not workdir or not tf.io.gfile.isdir(workdir):
-    raise UserError(f"workdir {workdir} does not exist; run paws_train.py with this --workdir first")
-  workdir_lib.prepare_workdir(workdir)
+  if not _WORKDIR.value or not tf.io.gfile.isdir(_WORKDIR.value):
+    raise UserError(f"workdir {_WORKDIR.value} does not exist; run paws_train.py with this --workdir first")
+  workdir = Workdir(workdir_lib.prepare_workdir(_WORKDIR.value))
   if _EXPORT.value:
     export.check_export_directory(_EXPORT.value)  # before the evaluation, which can take minutes
 
@@ -58,11 +58,10 @@ def main(argv):
   # --- Data: the labeled subset saved by pre-training (supports) and the test set (queries) --------
   # Arrays, or files streamed from --data_dir: supports from train/, queries from val/ (or data.val_files).
   source = sources.open_source(config.data, _DATA_DIR.value, evaluation=True)
-  index_path = os.path.join(workdir, "labeled_indices.txt")
-  if not tf.io.gfile.exists(index_path):
-    raise UserError(f"{index_path} not found; run paws_train.py with this --workdir first")
-  labeled = splits.read_split_file(index_path, len(source.train_labels))
-  source.check_labeled_names(workdir, labeled)
+  if not tf.io.gfile.exists(workdir.labeled_indices):
+    raise UserError(f"{workdir.labeled_indices} not found; run paws_train.py with this --workdir first")
+  labeled = splits.read_split_file(workdir.labeled_indices, len(source.train_labels))
+  source.check_labeled_names(workdir.root, labeled)
   support_images, support_labels, test_images, test_labels = source.evaluation_sets(
     labeled, config.data, config.eval.batch_size
   )
@@ -80,7 +79,7 @@ def main(argv):
       "precision": "float32",
     }
   )
-  finetuned = os.path.join(workdir, "finetuned")
+  finetuned = workdir.finetuned.root
   if classifier_lib.exists(finetuned):  # finetune.mode=classifier: the classifier's own top-1 / top-5 as well
     model, _ = classifier_lib.load(finetuned, config)  # float32
     queries, query_labels = evaluation.evaluation_images(source, config.data, config.eval.batch_size)
@@ -88,10 +87,10 @@ def main(argv):
       model, queries, query_labels, config.eval.batch_size, config.data.mean, config.data.std
     )
     metrics.update({"classifier_top1": scores["top1"], "classifier_top5": scores["top5"]})
-  fileio.write_json(os.path.join(workdir, "eval.json"), metrics)
+  fileio.write_json(workdir.eval_json, metrics)
   title = f"{config.name}, {choice} encoder, top-1 {metrics['top1']:.2f} %"
-  plots.confusion_matrix(confusion, os.path.join(workdir, "confusion_matrix.png"), title)
-  plots.pca_projection(embeddings, test_labels, os.path.join(workdir, "pca_projection.png"), title)
+  plots.confusion_matrix(confusion, workdir.confusion_matrix, title)
+  plots.pca_projection(embeddings, test_labels, workdir.pca_projection, title)
   logging.info("per-class top-1: " + ", ".join(f"{c}: {a:.1f}" for c, a in enumerate(metrics["per_class"])))
   logging.info(
     f"soft-NN top-1 ({choice} encoder, {metrics['num_support']} supports, "
@@ -102,7 +101,7 @@ def main(argv):
       f"classifier top-1 {metrics['classifier_top1']:.2f} %, top-5 {metrics['classifier_top5']:.2f} % "
       f"({metrics['num_test']} test images, Resize + CenterCrop {config.data.image_size})"
     )
-  logging.info(f"results in {os.path.join(workdir, 'eval.json')}")
+  logging.info(f"results in {workdir.eval_json}")
 
   # --- Export: the same encoder and supports, tau = eval.tau, as a SavedModel (utils/export.py) ------
   if _EXPORT.value:

@@ -17,13 +17,13 @@ from absl import flags, logging
 import numpy as np
 import tensorflow as tf
 
-from utils import cli, devices, plots
+from utils import cli, devices
 from utils import workdir as workdir_lib
 from utils.data import sampling, sources, splits
 from utils.errors import UserError
 from utils.model import encoder as encoder_lib
-from utils.train import benchmark, optim, steps
-from utils.train import loop as train_loop
+from utils.train import benchmark, fit, optim, steps
+from utils.workdir import Workdir
 
 _CONFIG = cli.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and the trained encoder.")
@@ -59,14 +59,14 @@ def choose_labeled(source, config, split_file):
 
 
 def save_labeled(workdir, indices, force):
-  """Saves the labeled indices; refuses to resume a run in this workdir with another subset."""
-  saved_path = os.path.join(workdir, "labeled_indices.npy")
+  """Saves the labeled indices into a Workdir; refuses to resume a run in it with another subset."""
+  saved_path = workdir.labeled_indices_npy
   if tf.io.gfile.exists(saved_path) and not force and not np.array_equal(_load_npy(saved_path), indices):
     raise UserError(
       f"{saved_path} holds another labeled subset (other --split_file or label seed); "
       "use a new --workdir, the same subset, or pass --force to overwrite"
     )
-  npy_path, txt_path = splits.write_split_files(workdir, indices)
+  npy_path, txt_path = splits.write_split_files(workdir.root, indices)
   logging.info(f"labeled subset: {len(indices)} images, saved to {npy_path} and {txt_path}")
 
 
@@ -114,10 +114,10 @@ def main(argv):
     return
 
   # --- Data --------------------------------------------------------------------
-  workdir = workdir_lib.prepare_workdir(_WORKDIR.value)
+  workdir = Workdir(workdir_lib.prepare_workdir(_WORKDIR.value))
   # In a cluster the chief writes the config, logs and plots into the workdir; every worker keeps its
   # checkpoints, encoder and labeled subset in its own folder (the workdir itself on the chief).
-  own = workdir_lib.prepare_workdir(workdir_lib.worker_directory(workdir))
+  own = Workdir(workdir_lib.prepare_workdir(workdir.worker().root))
   chief = own == workdir
   # In-memory arrays (cifar10, digits) or image files streamed from --data_dir (folder, tfrecord).
   source = sources.open_source(config.data, _DATA_DIR.value)
@@ -125,56 +125,42 @@ def main(argv):
   labeled = choose_labeled(source, config, _SPLIT_FILE.value)
   source.check_images(labeled)  # files: every labeled image decodes
   if not _FORCE.value:
-    source.check_labeled_names(own, labeled)  # files: resuming on the images this workdir labeled
+    source.check_labeled_names(own.root, labeled)  # files: resuming on the images this workdir labeled
   # Everything is validated before the first file is written.
   if chief:
-    workdir_lib.check_config(config, os.path.join(workdir, "config.json"), RUN_SECTIONS, _FORCE.value)
+    workdir_lib.check_config(config, workdir.config, RUN_SECTIONS, _FORCE.value)
   save_labeled(own, labeled, _FORCE.value)
-  source.write_labeled_names(own, labeled)
+  source.write_labeled_names(own.root, labeled)
   p = config.pretrain
   steps_per_epoch = source.num_unlabeled // p.batch_size
   total_steps = p.epochs * steps_per_epoch
 
-  # --- Model, optimizer, checkpoint ------------------------------------------------
+  # --- Model, optimizer, input, step: trained by the shared skeleton (utils/train/fit.py) ----------
   schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, p.warmup_epochs * steps_per_epoch, total_steps)
-  state = train_loop.create_train_state(
-    strategy,
-    lambda: encoder_lib.build_for_strategy(config, strategy),
-    schedule,
-    p,
-    config.run.precision,
-  )
-  restored = train_loop.restore(state, os.path.join(own, "checkpoints"), config.run.keep_checkpoints)
-  start_step = int(state.step.numpy())
-  logging.info(f"resuming from {restored} at step {start_step}" if restored else "starting from scratch")
-
-  # --- Loop: the input stream from start_step ------------------------------------
-  # Each worker builds only its replicas' batches, prefetched to their devices.
-  dataset = sampling.distribute(
-    strategy,
-    lambda replicas: source.pretrain_dataset(
+  stage = fit.Stage(
+    name="pretrain",
+    title="PAWS pre-training",
+    plot_keys=("ce", "me_max", "loss"),
+    total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
+    images_per_step=benchmark.crops_per_step(p),
+    schedule=schedule,
+    make_model=lambda: encoder_lib.build_for_strategy(config, strategy),
+    make_optimizer=lambda: optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision),
+    make_dataset=lambda replicas, start_step: source.pretrain_dataset(
       labeled, config.data, p, start_step=start_step, total_steps=total_steps, seed=config.seed, replicas=replicas
     ),
+    make_steps=lambda state: steps.paws_steps(config, strategy, state.model, state.optimizer, jit_compile),
+    input_errors=lambda current_step: source.stream_errors(current_step, config.run.steps_per_loop),
   )
-  train_steps = steps.paws_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
-  loop = train_loop.Loop("pretrain", total_steps, steps_per_epoch, benchmark.crops_per_step(p), schedule)
   started = time.time()
-  with source.stream_errors(lambda: int(state.step.numpy()), config.run.steps_per_loop):
-    log_path = train_loop.run_loop(train_steps, iter(dataset), state, loop, config.run, workdir if chief else None)
+  state = fit.fit(stage, strategy, config.run, own, workdir if chief else None)
   logging.info(f"pre-training done: {total_steps} steps, {time.time() - started:.1f} s this run")
 
   # --- Results -----------------------------------------------------------------
-  # Every worker saves (reading the synchronised BatchNorm statistics is a collective); the chief plots.
-  directory = encoder_lib.save_encoder(state.encoder, config, os.path.join(own, "encoder"), total_steps)
-  if not chief:
-    return
-  plot_path = plots.loss_curves(
-    train_loop.epoch_means(log_path),
-    os.path.join(workdir, "pretrain_loss.png"),
-    ("ce", "me_max", "loss"),
-    "PAWS pre-training",
-  )
-  logging.info(f"encoder saved to {directory}; loss curves in {plot_path}")
+  # Every worker saves (reading the synchronised BatchNorm statistics is a collective).
+  directory = encoder_lib.save_encoder(state.model, config, own.encoder, total_steps)
+  logging.info(f"encoder saved to {directory}")
 
 
 if __name__ == "__main__":

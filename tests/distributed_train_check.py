@@ -1,4 +1,4 @@
-"""Runs utils.steps.paws_steps on one device and on two mirrored CPU replicas.
+"""Runs utils.train.steps.paws_steps on one device and on two mirrored CPU replicas.
 
 Used by tests/test_distributed.py in a subprocess, because the two logical CPU
 devices must be configured before TensorFlow initialises.
@@ -44,7 +44,7 @@ METRICS = ("loss", "ce", "me_max")
 # Seed of the random global batch. Chosen so that no BatchNorm output (every BN
 # of the encoder feeds a ReLU) lies within 1e-5 of 0 in either step (the
 # smallest are 2.75e-5 and 2.93e-5); see relu_margin. The initial weights come
-# from config.seed (and utils/encoder.py's initialisers), the second step's from
+# from config.seed (and utils/model/encoder.py's initialisers), the second step's from
 # the first update, which depends on the support labels: changing the config
 # needs a new seed.
 DATA_SEED = 54
@@ -128,8 +128,9 @@ def run(config, strategy, initial_weights, batch, unfused=False):
     encoder.set_weights(initial_weights)
     return encoder
 
-  state = train_loop.create_train_state(strategy, make_encoder, schedule, p, config.run.precision)
-  encoder, optimizer = state.encoder, state.optimizer
+  make_optimizer = lambda: optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision)
+  state = train_loop.create_train_state(strategy, make_encoder, make_optimizer)
+  encoder, optimizer = state.model, state.optimizer
   bn_layers = [layer for layer in encoder.submodules if isinstance(layer, tf_keras.layers.BatchNormalization)]
   assert bn_layers and all(layer.synchronized == (strategy.num_replicas_in_sync > 1) for layer in bn_layers)
   if unfused:

@@ -3,8 +3,8 @@ r"""A whole digits run with its workdir on a non-local file system, in ONE proce
   python -m tests.gfile_run LOCAL_DIR WORKDIR CRASH_AT_STEP SCRIPT_FLAGS...      (from the repository root)
 
 LOCAL_DIR is an empty local folder: the run's current directory once started (the modules, entry scripts
-included, still import from the repository root, which `python -m` put on sys.path as an absolute path);
-the summary lists what the run left in it. WORKDIR is a ram:// path: TensorFlow's in-memory file system,
+included, still import from the repository root, which `python -m` recorded as an absolute path); the
+summary lists what the run left in it. WORKDIR is a ram:// path: TensorFlow's in-memory file system,
 which lives inside one process, so the three scripts' main functions run here one after the other, each
 under cli.run_script with its own command line, as from a shell: paws_train.py stopped by an exception
 once CRASH_AT_STEP steps are done (a crash, after the last cadence checkpoint), paws_train.py again
@@ -47,7 +47,7 @@ def crash_after(crash_at_step):
 
 
 def run(module, argv):
-  """runtime.run_script(module.main) with sys.argv = argv, as `python SCRIPT argv...` would; returns the exit code.
+  """cli.run_script(module.main) with sys.argv = argv, as `python SCRIPT argv...` would; returns the exit code.
 
   ml_collections defines a flag per --config.FIELD override while parsing: those are deleted afterwards,
   so the next parse of the same overrides does not define them twice.

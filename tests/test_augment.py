@@ -1,4 +1,4 @@
-"""Tests for utils/augment.py: METHOD.md section 4 semantics against PIL / Model Garden oracles."""
+"""Tests for utils/data/augment.py: METHOD.md section 4 semantics against PIL / Model Garden oracles."""
 
 import itertools
 import math

@@ -1,4 +1,4 @@
-"""utils/classifier.py: the reference's ImageNet fine-tuning (trunk + first projection block + zero-initialised
+"""utils/model/classifier.py: the reference's ImageNet fine-tuning (trunk + first projection block + zero-initialised
 linear classifier, cross-entropy, SGD Nesterov), its input stream, Resize + CenterCrop and top-1/top-5; the
 imagenet preset's values."""
 
@@ -12,6 +12,7 @@ import tensorflow as tf
 import tf_keras
 
 import config as presets
+from tests import model_size
 from utils import config_rules, evaluation
 from utils.data import decoding, pipelines, sampling, sources
 from utils.errors import UserError
@@ -113,8 +114,8 @@ def test_kept_block_and_trunk_are_the_pretrained_encoders(tmp_path):
       np.testing.assert_array_equal(a.numpy(), b.numpy())
   assert pairs[2][0].moving_mean.numpy().any()  # the BN's moving statistics came along
   # Nothing else: trunk + Dense + BN + the new classifier; dense2, dense3 and the prediction head are gone.
-  expected = sum(encoder_lib.count_parameters(layer) for layer, _ in pairs) + 16 * CLASSES + CLASSES
-  assert encoder_lib.count_parameters(model) == expected
+  expected = sum(model_size.trainable_scalars(layer) for layer, _ in pairs) + 16 * CLASSES + CLASSES
+  assert model_size.trainable_scalars(model) == expected
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -166,10 +167,10 @@ def test_step_loss_and_two_nesterov_updates_match_numpy(weight_decay):
   rates = [0.3, 0.1]  # a changing rate: the velocity must carry the first step's rate (tf_keras' form)
   schedule = tf_keras.optimizers.schedules.PiecewiseConstantDecay([0], rates)  # update 0: 0.3, then 0.1
   run = strategy()
-  state = train_loop.create_classifier_state(
-    run, lambda: classifier_lib.build(c, CLASSES), schedule, c.finetune, "float32"
+  state = train_loop.create_train_state(
+    run, lambda: classifier_lib.build(c, CLASSES), lambda: optim.build_sgd(schedule, c.finetune.momentum)
   )
-  model = state.encoder
+  model = state.model
   model.head.kernel.assign(np.random.default_rng(2).normal(size=[16, CLASSES]) * 0.5)  # non-uniform logits
   train_steps = steps.classifier_steps(c, run, model, state.optimizer, jit_compile=False)
   images = random_images(8, seed=3)
@@ -196,8 +197,10 @@ def test_step_loss_and_two_nesterov_updates_match_numpy(weight_decay):
 def test_loss_falls_on_a_repeated_batch():
   c = tiny_config()
   run = strategy()
-  state = train_loop.create_classifier_state(run, lambda: classifier_lib.build(c, CLASSES), 0.05, c.finetune, "float32")
-  train_steps = steps.classifier_steps(c, run, state.encoder, state.optimizer, jit_compile=False)
+  state = train_loop.create_train_state(
+    run, lambda: classifier_lib.build(c, CLASSES), lambda: optim.build_sgd(0.05, c.finetune.momentum)
+  )
+  train_steps = steps.classifier_steps(c, run, state.model, state.optimizer, jit_compile=False)
   images = random_images(8, seed=4)
   labels = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int64)
   iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
@@ -381,12 +384,14 @@ def test_resnet50_classifier_shapes_parameters_and_one_step():
     c.data.image_size = 64  # the network is the real one; small images keep the step quick
     c.finetune.batch_size = 2
   run = strategy()
-  state = train_loop.create_classifier_state(run, lambda: classifier_lib.build(c, 1000), 0.02, c.finetune, "float32")
-  model = state.encoder
+  state = train_loop.create_train_state(
+    run, lambda: classifier_lib.build(c, 1000), lambda: optim.build_sgd(0.02, c.finetune.momentum)
+  )
+  model = state.model
   assert model.dense1.kernel.shape == (2048, 2048) and model.head.kernel.shape == (2048, 1000)
-  trunk = encoder_lib.count_parameters(model.trunk)
+  trunk = model_size.trainable_scalars(model.trunk)
   assert 23.4e6 < trunk < 23.6e6
-  assert encoder_lib.count_parameters(model) == trunk + (2048 * 2048 + 2048) + 2 * 2048 + (2048 * 1000 + 1000)
+  assert model_size.trainable_scalars(model) == trunk + (2048 * 2048 + 2048) + 2 * 2048 + (2048 * 1000 + 1000)
   train_steps = steps.classifier_steps(c, run, model, state.optimizer, jit_compile=False)
   images = random_images(2, seed=6, size=64)
   iterator = iter(tf.data.Dataset.from_tensors((images, np.array([3, 999]))).repeat())

@@ -1,4 +1,4 @@
-"""Tests for utils/datasets.py: CIFAR-10 reading and its safety checks, the downloader, digits, split files.
+"""utils/data/datasets.py and splits.py: CIFAR-10 reading and its safety checks, the downloader, digits, split files.
 
 The downloader is only ever pointed at 127.0.0.1: a closed port and small HTTP servers started here.
 """

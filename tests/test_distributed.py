@@ -1,6 +1,6 @@
 """Two mirrored replicas train exactly like one device on the global batch (METHOD.md section 2).
 
-Each replica receives its share of the global batch (utils/pipeline.py; here
+Each replica receives its share of the global batch (utils/data/pipelines.py; here
 tests/replica_input.py); utils.steps.paws_steps all-gathers the support
 embeddings, all-reduces p-bar inside the PAWS loss, divides the loss by the
 number of replicas and uses synchronized BatchNorm. The update must then equal

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
+from tests import model_size
 from utils.model import encoder as encoder_lib
 
 
@@ -25,12 +26,12 @@ def config(depth=28, width=2, prediction_head=False):
 def test_wrn_28_2_parameter_counts():
   encoder = encoder_lib.build_encoder(config(), 32)
   # conv3x3(3->16) + 12 pre-activation blocks (32, 64, 128) + final BN, all convs with bias
-  assert encoder_lib.count_parameters(encoder.trunk) == 1_468_352
+  assert model_size.trainable_scalars(encoder.trunk) == 1_468_352
   # 3 Dense 128->128 (with bias) + 2 BN of 128: 3 * 16512 + 2 * 256
-  assert encoder_lib.count_parameters(encoder.projection) == 50_048
+  assert model_size.trainable_scalars(encoder.projection) == 50_048
   with_prediction = encoder_lib.build_encoder(config(prediction_head=True), 32)
   # BN(128) + Dense 128->32 + BN(32) + Dense 32->128
-  assert encoder_lib.count_parameters(with_prediction.prediction) == 256 + 4128 + 64 + 4224
+  assert model_size.trainable_scalars(with_prediction.prediction) == 256 + 4128 + 64 + 4224
 
 
 def numpy_conv(images, kernel, bias, stride, pad):

@@ -27,6 +27,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+
 assert importlib.util.find_spec("utils") is None, "the repository is importable"
 export_dir, inputs_path, outputs_path, batch_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 model = tf.saved_model.load(export_dir)
@@ -40,6 +41,12 @@ for name in inputs.files:
     outputs[f"{name}/{key}"] = np.concatenate([part[key].numpy() for part in parts])
 np.savez(outputs_path, **outputs)
 """
+
+
+def read_class_names(path):
+  """The class names of class_names.txt, in label order (what a user of the SavedModel reads)."""
+  with open(path, encoding="utf-8") as file:
+    return file.read().splitlines()
 
 
 def pil_square_resize(images, size):
@@ -154,7 +161,7 @@ def test_probabilities_and_class_names(exported):
   probabilities = outputs["test/probabilities"]
   assert probabilities.min() >= 0.0
   np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-  names = export.read_class_names(os.path.join(export_dir, export.CLASS_NAMES_FILE))
+  names = read_class_names(os.path.join(export_dir, export.CLASS_NAMES_FILE))
   assert names == [str(digit) for digit in range(10)]
   assert list(outputs["class_names"]) == names
 
@@ -186,7 +193,7 @@ def test_class_names(tmp_path):
     export.checked_class_names(["a", "b\nc"], 2)
   path = str(tmp_path / export.CLASS_NAMES_FILE)
   export.write_class_names(path, ["cat", "sea lion", "Übung"])
-  assert export.read_class_names(path) == ["cat", "sea lion", "Übung"]
+  assert read_class_names(path) == ["cat", "sea lion", "Übung"]
 
 
 def test_preprocessing_at_the_input_size_is_the_evaluation_normalisation():

@@ -1,4 +1,4 @@
-"""ResNet-50 trunk (utils/resnet.py): size, PyTorch padding grid, init, BN, heads, LARS exclusions, a train step."""
+"""ResNet-50 trunk (utils/model/resnet.py): size, PyTorch padding grid, init, BN, heads, LARS exclusions, a step."""
 
 import re
 
@@ -9,6 +9,7 @@ import tensorflow as tf
 import tf_keras
 
 import config as presets
+from tests import model_size
 from utils import config_rules, devices
 from utils.model import encoder as encoder_lib
 from utils.model import resnet
@@ -62,7 +63,7 @@ def torchvision_resnet50_parameters():
 
 def test_resnet50_parameter_counts(small_encoder):
   assert torchvision_resnet50_parameters() == 23_508_032  # torchvision resnet50: 25,557,032 minus fc's 2,049,000
-  assert encoder_lib.count_parameters(small_encoder.trunk) == 23_508_032
+  assert model_size.trainable_scalars(small_encoder.trunk) == 23_508_032
   assert small_encoder.trunk.output_dim == 2048
   # 53 convs (1 stem + 16 blocks x 3 + 4 shortcuts), each followed by a BN; no conv has a bias.
   assert len(convolutions(small_encoder.trunk)) == len(batch_norms(small_encoder.trunk)) == 53
@@ -75,8 +76,8 @@ def test_resnet50_parameter_counts(small_encoder):
   assert [b.shortcut_conv is not None and b.shortcut_conv.strides[0] for b in blocks].count(2) == 3
   assert [b.shortcut_conv is not None for b in blocks].count(True) == 4
   # Heads sized from the trunk: Dense 2048->2048 (x2) and 2048->2048 with 2 BN(2048); BN, 2048->512, BN, 512->2048.
-  assert encoder_lib.count_parameters(small_encoder.projection) == 3 * (2048 * 2048 + 2048) + 2 * 2 * 2048
-  assert encoder_lib.count_parameters(small_encoder.prediction) == 2 * 2048 + (2048 * 512 + 512) + 2 * 512 + (
+  assert model_size.trainable_scalars(small_encoder.projection) == 3 * (2048 * 2048 + 2048) + 2 * 2 * 2048
+  assert model_size.trainable_scalars(small_encoder.prediction) == 2 * 2048 + (2048 * 512 + 512) + 2 * 512 + (
     512 * 2048 + 2048
   )
 

@@ -1,4 +1,4 @@
-"""Image folders and TFRecords streamed from disk (utils/sources.py, the streamed functions of utils/pipeline.py).
+"""Image folders and TFRecords streamed from disk (utils/data/: sources, image_files, decoding, streamed pipelines).
 
 The digits images written as PNG files in class folders, and as TFRecords, must give the batches of the
 in-memory digits path: same steps, same crops, same colour draws, to float rounding.

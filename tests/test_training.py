@@ -1,4 +1,4 @@
-"""The step loop (utils/training.py): checkpoints, logs, signals, a full disk, a non-finite loss.
+"""The step loop (utils/train/loop.py): checkpoints, logs, signals, a full disk, a non-finite loss.
 
 In-process tests drive `run_loop` with a tiny model and a Python stand-in for the compiled step; the
 signal tests at the end send SIGTERM / SIGINT to a real `paws_train.py` run.
@@ -17,9 +17,9 @@ import tensorflow as tf
 import tf_keras
 
 from tests import scriptrun
-from utils import errors
-from utils.errors import UserError
+from utils.errors import Interrupted, UserError
 from utils.train import loop as train_loop
+from utils.train import optim
 
 RUN = ml_collections.ConfigDict(dict(steps_per_loop=1, log_every=1, checkpoint_every=2))
 
@@ -30,8 +30,8 @@ def tiny_state(directory):
     model.build((None, 3))
     return model
 
-  optimizer_config = ml_collections.ConfigDict(dict(momentum=0.9, weight_decay=0.0, lars_eta=0.001))
-  state = train_loop.create_train_state(tf.distribute.get_strategy(), make_encoder, 0.1, optimizer_config, "float32")
+  make_optimizer = lambda: optim.build_lars(0.1, momentum=0.9, weight_decay=0.0, eta=0.001)
+  state = train_loop.create_train_state(tf.distribute.get_strategy(), make_encoder, make_optimizer)
   train_loop.restore(state, directory, keep=10)
   return state
 
@@ -44,7 +44,7 @@ def fake_steps(state, losses, on_call=None):
     current = int(state.step.numpy())
     if on_call:
       on_call(current)
-    state.encoder.weights[0].assign_add(tf.ones_like(state.encoder.weights[0]))
+    state.model.weights[0].assign_add(tf.ones_like(state.model.weights[0]))
     return {"loss": tf.constant(losses[current + int(num_steps) - 1], tf.float32)}
 
   return train_steps
@@ -72,14 +72,14 @@ def test_signal_saves_a_checkpoint_at_the_current_step_then_stops(tmp_path, numb
   loop = train_loop.Loop("pretrain", total_steps=10, steps_per_epoch=10, images_per_step=4, learning_rate=lambda s: 0.1)
   sent = lambda step: step == 2 and os.kill(os.getpid(), number)  # arrives while step 3 runs
   previous_handler = signal.getsignal(number)
-  with pytest.raises(errors.Interrupted, match="stopped at step 3 of 10") as raised:
+  with pytest.raises(Interrupted, match="stopped at step 3 of 10") as raised:
     train_loop.run_loop(fake_steps(state, np.arange(10.0), sent), None, state, loop, RUN, str(tmp_path), verbose=False)
   assert raised.value.exit_code == exit_code
   assert signal.getsignal(number) is previous_handler  # the loop's handler is removed again
   assert checkpoint_steps(directory) == [2, 3]
   resumed = tiny_state(directory)
   assert int(resumed.step.numpy()) == 3
-  np.testing.assert_array_equal(resumed.encoder.get_weights()[0], state.encoder.get_weights()[0])
+  np.testing.assert_array_equal(resumed.model.get_weights()[0], state.model.get_weights()[0])
 
 
 def test_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -95,12 +95,12 @@ def test_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(t
 
   monkeypatch.setattr(state.manager, "save", save)
   weights_at_2 = {}
-  record = lambda step: step == 2 and weights_at_2.setdefault("w", state.encoder.get_weights()[0].copy())
+  record = lambda step: step == 2 and weights_at_2.setdefault("w", state.model.get_weights()[0].copy())
   with pytest.raises(UserError, match="No space left on device.*ckpt-2\\) is intact"):
     train_loop.run_loop(fake_steps(state, np.arange(6.0), record), None, state, loop, RUN, str(tmp_path), verbose=False)
   resumed = tiny_state(directory)
   assert int(resumed.step.numpy()) == 2
-  np.testing.assert_array_equal(resumed.encoder.get_weights()[0], weights_at_2["w"])
+  np.testing.assert_array_equal(resumed.model.get_weights()[0], weights_at_2["w"])
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path):

@@ -1,5 +1,5 @@
-"""utils/validation.py: every preset field has a rule, the presets pass it, bad values and bad command lines are
-one-line errors naming the field, the value and what is allowed."""
+"""utils/config_rules.py and utils/cli.py: every preset field has a rule, the presets pass it, bad values and bad
+command lines are one-line errors naming the field, the value and what is allowed."""
 
 import math
 import os
@@ -132,7 +132,7 @@ def test_every_preset_field_has_a_rule(preset):
   fields = config_rules.leaves(config.get_config(preset))
   assert len(fields) > 50
   missing = sorted(set(fields) - set(config_rules.RULES))
-  assert not missing, f"config fields without a rule in utils/validation.py RULES: {missing}"
+  assert not missing, f"config fields without a rule in utils/config_rules.py RULES: {missing}"
 
 
 def test_every_rule_names_a_preset_field():

@@ -113,7 +113,7 @@ def tiny_config(precision, check):
 
 
 def initial_weights(config, seed=None):
-  """Initial encoder weights drawn by NumPy with utils/encoder.py's bounds (U(+-1/sqrt(fan_in))).
+  """Initial encoder weights drawn by NumPy with utils/model/encoder.py's bounds (U(+-1/sqrt(fan_in))).
 
   Keras' own draws depend on what the process built before, and the batch seeds (MIN_RELU_MARGIN) hold
   for these weights only. BatchNorm starts as Keras builds it (gamma 1, beta 0, mean 0, variance 1).
@@ -181,9 +181,7 @@ def build_state(config, strategy, weights, loss_scale=None):
     state = train_loop.create_train_state(
       strategy,
       lambda: encoder_lib.build_for_strategy(config, strategy),
-      schedule,
-      p,
-      config.run.precision,
+      lambda: optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision),
     )
   else:
     with strategy.scope():
@@ -191,16 +189,16 @@ def build_state(config, strategy, weights, loss_scale=None):
       optimizer = tf_keras.mixed_precision.LossScaleOptimizer(
         optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta), initial_scale=loss_scale
       )
-      optimizer._create_all_weights(encoder.trainable_variables)  # pylint: disable=protected-access
+      optim.create_slots(optimizer, encoder.trainable_variables)
       state = train_loop.TrainState(encoder, optimizer, tf.Variable(0, dtype=tf.int64, name="step"))
-  state.encoder.set_weights(weights)
+  state.model.set_weights(weights)
   return state
 
 
 def make_steps(kind, config, strategy, state, jit_compile):
   if kind == "paws":
-    return steps.paws_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
-  return steps.suncet_steps(config, strategy, state.encoder, state.optimizer, jit_compile, bn_training=False)
+    return steps.paws_steps(config, strategy, state.model, state.optimizer, jit_compile)
+  return steps.suncet_steps(config, strategy, state.model, state.optimizer, jit_compile, bn_training=False)
 
 
 def run_calls(train_steps, strategy, batch, calls):
@@ -248,14 +246,14 @@ def gpu_route_traces(check, results):
         sum(node.op == "CollectiveGatherV2" for f in library for node in f.node_def)
       )
   # Running a step compiles it: the last one traced, once (XLA compiles the two replicas the same way).
-  before = [v.numpy() for v in state.encoder.trainable_variables]
+  before = [v.numpy() for v in state.model.trainable_variables]
   try:
     train_steps(iterator, tf.constant(1))
     results["gpu_route/run_error"] = np.array("")
   except tf.errors.OpError as error:
     results["gpu_route/run_error"] = np.array(f"{type(error).__name__}: {first_line(error, 'ollective', 'compil')}")
   results["gpu_route/unchanged"] = np.array(
-    all(np.array_equal(b, v.numpy()) for b, v in zip(before, state.encoder.trainable_variables))
+    all(np.array_equal(b, v.numpy()) for b, v in zip(before, state.model.trainable_variables))
   )
 
 
@@ -319,15 +317,15 @@ def xla_float32(kind, check, results):
     results[f"seconds/{kind}/float32/{name}/first_call"] = np.array(time.perf_counter() - start)
     for metric, value in first.items():
       results[f"{kind}/float32/{name}/step1/{metric}"] = np.array(value)
-    record_weights(results, f"{kind}/float32/{name}/step1/weights", state.encoder)
+    record_weights(results, f"{kind}/float32/{name}/step1/weights", state.model)
     if jit:
       train_steps(iterator, tf.constant(2))  # steps 2 and 3 in one compiled call
     else:
-      plain_weights.append(state.encoder.get_weights())
+      plain_weights.append(state.model.get_weights())
       train_steps(iterator, tf.constant(1))
-      plain_weights.append(state.encoder.get_weights())
+      plain_weights.append(state.model.get_weights())
       train_steps(iterator, tf.constant(1))
-    record_weights(results, f"{kind}/float32/{name}/step3/weights", state.encoder)
+    record_weights(results, f"{kind}/float32/{name}/step3/weights", state.model)
     results[f"{kind}/float32/{name}/iterations"] = np.array(int(state.optimizer.iterations.numpy()))
   for index, value in enumerate(weights):
     results[f"{kind}/initial/{index:03d}"] = value
@@ -358,7 +356,7 @@ def xla_float16(kind, check, results, checkpoint_dir):
   train_steps = make_steps(kind, config, one, state, jit_compile=True)
   iterator = replica_input.repeated(one, batch)
   slots = lambda: [v.numpy() for v in state.optimizer.variables() if "momentum" in v.name]
-  trainable_before, slots_before = [v.numpy() for v in state.encoder.trainable_variables], slots()
+  trainable_before, slots_before = [v.numpy() for v in state.model.trainable_variables], slots()
   start = time.perf_counter()
   first = {k: float(v) for k, v in train_steps(iterator, tf.constant(1)).items()}
   results[f"seconds/{kind}/mixed_float16/xla/first_call"] = np.array(time.perf_counter() - start)
@@ -367,7 +365,7 @@ def xla_float16(kind, check, results, checkpoint_dir):
   results[f"{kind}/overflow/scale_after"] = np.array(loss_scale(state.optimizer))
   results[f"{kind}/overflow/iterations_after"] = np.array(int(state.optimizer.iterations.numpy()))
   results[f"{kind}/overflow/trainable_unchanged"] = np.array(
-    all(np.array_equal(b, v.numpy()) for b, v in zip(trainable_before, state.encoder.trainable_variables))
+    all(np.array_equal(b, v.numpy()) for b, v in zip(trainable_before, state.model.trainable_variables))
   )
   results[f"{kind}/overflow/slots_unchanged"] = np.array(
     bool(slots_before) and all(np.array_equal(b, a) for b, a in zip(slots_before, slots()))
@@ -376,7 +374,7 @@ def xla_float16(kind, check, results, checkpoint_dir):
   results[f"{kind}/overflow/scale_after_31"] = np.array(loss_scale(state.optimizer))
   results[f"{kind}/overflow/loss_after_31"] = np.array(later["loss"])
   results[f"{kind}/overflow/moved_after_31"] = np.array(
-    max(np.abs(b - v.numpy()).max() for b, v in zip(trainable_before, state.encoder.trainable_variables))
+    max(np.abs(b - v.numpy()).max() for b, v in zip(trainable_before, state.model.trainable_variables))
   )
   if kind == "suncet":
     continue_checkpoint(config, one, state, train_steps, batch, checkpoint_dir, results)
@@ -401,7 +399,7 @@ def two_replica_checkpoint(check, results, checkpoint_dir):
   state.step.assign(2)
   results["checkpoint/path"] = np.array(train_loop.save(state))
   results["checkpoint/scale"] = np.array(loss_scale(state.optimizer))
-  record_weights(results, "checkpoint/weights", state.encoder)
+  record_weights(results, "checkpoint/weights", state.model)
   results["checkpoint/slots"] = np.concatenate(
     [v.numpy().ravel() for v in state.optimizer.variables() if "momentum" in v.name]
   )
@@ -422,16 +420,16 @@ def continue_checkpoint(config, strategy, state, train_steps, batch, checkpoint_
   results["checkpoint/restored_step"] = np.array(int(state.step.numpy()))
   results["checkpoint/restored_scale"] = np.array(loss_scale(state.optimizer))
   results["checkpoint/restored_iterations"] = np.array(int(state.optimizer.iterations.numpy()))
-  record_weights(results, "checkpoint/restored_weights", state.encoder)
+  record_weights(results, "checkpoint/restored_weights", state.model)
   results["checkpoint/restored_slots"] = np.concatenate(
     [v.numpy().ravel() for v in state.optimizer.variables() if "momentum" in v.name]
   )
-  before = [v.numpy() for v in state.encoder.trainable_variables]
+  before = [v.numpy() for v in state.model.trainable_variables]
   third = run_calls(train_steps, strategy, batch, [1])[0]
   for metric, value in third.items():
     results[f"checkpoint/one_replica_xla/step3/{metric}"] = np.array(value)
   results["checkpoint/moved"] = np.array(
-    max(np.abs(b - v.numpy()).max() for b, v in zip(before, state.encoder.trainable_variables))
+    max(np.abs(b - v.numpy()).max() for b, v in zip(before, state.model.trainable_variables))
   )
 
 

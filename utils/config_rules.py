@@ -14,22 +14,15 @@ import ml_collections
 
 from utils.errors import UserError
 
-DATASETS = ("cifar10", "digits", "folder", "tfrecord")
-
-
+# The allowed values of every field that names a choice: the only lists of them in the project.
+IN_MEMORY_DATASETS = ("cifar10", "digits")  # loaded whole (utils/data/datasets.py)
+STREAMED_DATASETS = ("folder", "tfrecord")  # streamed from files (utils/data/sources.py)
+DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-
-
 JIT_COMPILE_SETTINGS = ("auto", "true", "false")
-
-
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker")
-
-
-MODELS = ("wrn", "resnet50")  # utils/encoder.py TRUNKS
-
-
-FINETUNE_MODES = ("suncet", "classifier")  # SuNCEt, or the linear classifier of utils/classifier.py
+MODELS = ("wrn", "resnet50")  # the trunk (utils/model/encoder.py build_trunk)
+FINETUNE_MODES = ("suncet", "classifier")  # SuNCEt, or the linear classifier of utils/model/classifier.py
 
 
 class Rule:
@@ -229,7 +222,7 @@ RULES = {
   "finetune.weight_decay": number(at_least=0),
   "finetune.lars_eta": number(above=0),
   # suncet: SuNCEt on class-stratified batches (CIFAR-10); classifier: trunk + first projection block + a
-  # linear classifier trained with cross-entropy (ImageNet; utils/classifier.py).
+  # linear classifier trained with cross-entropy (ImageNet; utils/model/classifier.py).
   "finetune.mode": one_of(FINETUNE_MODES),
   "finetune.batch_size": integer(1),  # classifier mode: labeled images per step, all replicas
   "eval.tau": number(above=0),
@@ -282,6 +275,13 @@ def config_problems(config):
       problems.append(problem)
       invalid.add(field)
   return problems
+
+
+def check_choice(field: str, value) -> None:
+  """Raises, for one field that names a choice, the UserError validate_config gives (one wording everywhere)."""
+  problem = RULES[field].problem(field, value, None)
+  if problem:
+    raise UserError(problem)
 
 
 def validate_config(config):

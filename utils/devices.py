@@ -43,7 +43,7 @@ def use_xla(setting):
     return setting
   if setting in ("true", "false"):
     return setting == "true"
-  raise UserError(f"run.jit_compile must be one of auto, true, false, got {setting!r}")
+  config_rules.check_choice("run.jit_compile", setting)
 
 
 def configure_cpu_replicas(count):
@@ -117,7 +117,7 @@ def make_strategy(setting, cpu_replicas=0):
     return tf.distribute.MirroredStrategy([d.name for d in devices])
   if setting == "multi_worker":
     return tf.distribute.MultiWorkerMirroredStrategy()
-  raise UserError(f"run.distribution must be one of auto, one_device, mirrored, multi_worker, got {setting!r}")
+  config_rules.check_choice("run.distribution", setting)
 
 
 def cpu_has_amx():
@@ -137,8 +137,7 @@ def resolve_precision(setting):
   CPU with AMX (2.1x faster than float32 on the train step); float32 everywhere else: with AVX512-BF16
   alone, bf16 measured 1.55x slower than float32 (README, Speed).
   """
-  if setting not in config_rules.PRECISIONS:
-    raise UserError(f"run.precision must be one of {', '.join(config_rules.PRECISIONS)}, got {setting!r}")
+  config_rules.check_choice("run.precision", setting)
   if setting != "auto":
     return setting
   if has_gpu():
@@ -179,7 +178,7 @@ def set_precision(config):
   """Resolves config.run.precision ('auto') in place and sets the global tf_keras dtype policy.
 
   Losses are always computed in float32, and the projection/prediction heads
-  stay float32 (utils/encoder.py).
+  stay float32 (utils/model/encoder.py).
   """
   config.run.precision = resolve_precision(config.run.precision)
   tf_keras.mixed_precision.set_global_policy(config.run.precision)

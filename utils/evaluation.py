@@ -1,51 +1,40 @@
 """Soft-nearest-neighbour evaluation of a trained encoder (METHOD.md section 7), for nn_eval.py and the notebook."""
 
-import os
-
 import numpy as np
 import tensorflow as tf
-import tf_keras
 
 from utils import losses
 from utils.data import pipelines
 from utils.errors import UserError
 from utils.model import encoder as encoder_lib
+from utils.model import saved
+from utils.workdir import Workdir
 
 ENCODER_CHOICES = ("auto", "pretrained", "finetuned")
 
 
-def encoder_directory(workdir, choice="auto"):
+def encoder_directory(workdir: Workdir, choice: str = "auto") -> tuple[str, str, str]:
   """Which encoder of a workdir to evaluate: (choice, folder, the script that writes that folder).
 
   'auto' is the fine-tuned encoder when the workdir has one, else the pre-trained one.
   """
   if choice == "auto":
-    choice = "finetuned" if tf.io.gfile.exists(os.path.join(workdir, "finetuned", "encoder.json")) else "pretrained"
+    choice = "finetuned" if encoder_lib.exists(workdir.finetuned.root) else "pretrained"
   if choice == "finetuned":
-    return choice, os.path.join(workdir, "finetuned"), "fine_tune.py"
-  return choice, os.path.join(workdir, "encoder"), "paws_train.py"
+    return choice, workdir.finetuned.root, "fine_tune.py"
+  return choice, workdir.encoder, "paws_train.py"
 
 
-def load_float32_encoder(directory, config, written_by):
-  """The saved encoder, built in float32 whatever precision it was trained in.
-
-  The reference evaluates in fp32: a soft-NN at tau = 0.1 magnifies the rounding of 16-bit embeddings.
-  The weights are float32 variables under every policy, so they load unchanged. The global policy is
-  set back to what it was.
-  """
-  policy = tf_keras.mixed_precision.global_policy()
-  tf_keras.mixed_precision.set_global_policy("float32")
-  try:
-    encoder, _ = encoder_lib.load_encoder(directory, config, written_by)
-  finally:
-    tf_keras.mixed_precision.set_global_policy(policy)
-  return encoder
+def load_float32_encoder(directory: str, config, written_by: str):
+  """The saved encoder, built in float32 whatever precision it was trained in (saved.float32_policy)."""
+  with saved.float32_policy():
+    return encoder_lib.load_encoder(directory, config, written_by)[0]
 
 
 def embed(encoder, images, batch_size, mean, std):
   """Projection-head embeddings of images in batches (memory flat in len(images)).
 
-  `images`: uint8 [N, H, W, 3], or a tf.data.Dataset of normalised batches (streamed files, utils/sources.py).
+  `images`: uint8 [N, H, W, 3], or a tf.data.Dataset of normalised batches (streamed files, utils/data/sources.py).
   """
   batches = images if isinstance(images, tf.data.Dataset) else pipelines.eval_dataset(images, batch_size, mean, std)
   parts = [encoder(batch, training=False)[0] for batch in batches]

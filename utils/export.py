@@ -60,7 +60,7 @@ class SoftNNClassifier(tf.Module):
   function and plain variables, and `tf.saved_model.load` rebuilds it without this repository or Keras.
 
   Args:
-    encoder: a float32 Encoder (utils/encoder.py); called with training=False.
+    encoder: a float32 Encoder (utils/model/encoder.py); called with training=False.
     support_embeddings: projection-head embeddings of the labeled images [S, D] (normalised in the soft-NN).
     support_labels: int labels [S], in [0, len(class_names)).
     class_names: one name per class, in label order.
@@ -151,12 +151,6 @@ def write_class_names(path, class_names):
   """Writes one class name per line, in label order."""
   with tf.io.gfile.GFile(path, "w") as file:
     file.write("".join(f"{name}\n" for name in class_names))
-
-
-def read_class_names(path):
-  """The class names of class_names.txt, in label order."""
-  with tf.io.gfile.GFile(path) as file:
-    return file.read().splitlines()
 
 
 def export_model(directory, encoder, data, eval_config, support_images, support_labels, class_names=None):

@@ -61,7 +61,7 @@ def snn(query, supports, support_labels, tau):
 
 
 def support_labels(num_classes, images_per_class, views=1, num_replicas=1, smoothing=0.0, unique_classes=False):
-  """Label rows of the gathered support batch (METHOD.md section 2), as utils/pipeline.py lays it out.
+  """Label rows of the gathered support batch (METHOD.md section 2), as utils/data/sampling.py lays it out.
 
   One device's support batch is K * images_per_class rows interleaved by class (row i has class i mod K).
   Replica r holds rows r*n .. r*n + n - 1 of it, n = K * images_per_class / R, in each of its `views`

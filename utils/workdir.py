@@ -1,6 +1,17 @@
-"""The workdir: created, checked writable and locked; the saved-config check; per-worker folders in a cluster."""
+"""The workdir: the name of every artefact in it; created, checked writable and locked; the saved-config check;
+per-worker folders in a cluster.
+
+  WORKDIR/config.json              resolved config of pre-training (fine-tuning: WORKDIR/finetuned/config.json)
+  WORKDIR/labeled_indices.{txt,npy} the labeled subset; labeled_files.txt names its images (folder, tfrecord)
+  WORKDIR/checkpoints/             pre-training checkpoints (fine-tuning: WORKDIR/finetuned/checkpoints/)
+  WORKDIR/encoder/                 the pre-trained encoder (fine-tuned: WORKDIR/finetuned/)
+  WORKDIR/{pretrain,finetune}_log.jsonl, tensorboard/, *_loss.png   metrics and loss curves
+  WORKDIR/eval.json, confusion_matrix.png, pca_projection.png      nn_eval.py's results
+  WORKDIR/workers/<task>/          another worker's own folder in a cluster (worker_directory)
+"""
 
 import atexit
+import dataclasses
 import fcntl
 import json
 import os
@@ -12,6 +23,70 @@ import tensorflow as tf
 
 from utils import devices, fileio
 from utils.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+  """A run folder and the path of every artefact the scripts write into it (module docstring)."""
+
+  root: str
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.root, name)
+
+  @property
+  def config(self) -> str:
+    return self.path("config.json")
+
+  @property
+  def labeled_indices(self) -> str:
+    return self.path("labeled_indices.txt")
+
+  @property
+  def labeled_indices_npy(self) -> str:
+    return self.path("labeled_indices.npy")
+
+  @property
+  def labeled_files(self) -> str:
+    return self.path("labeled_files.txt")
+
+  @property
+  def checkpoints(self) -> str:
+    return self.path("checkpoints")
+
+  @property
+  def encoder(self) -> str:
+    return self.path("encoder")
+
+  @property
+  def finetuned(self) -> "Workdir":
+    """Fine-tuning's own folder: its config, checkpoints, log and the fine-tuned model."""
+    return Workdir(self.path("finetuned"))
+
+  @property
+  def eval_json(self) -> str:
+    return self.path("eval.json")
+
+  @property
+  def confusion_matrix(self) -> str:
+    return self.path("confusion_matrix.png")
+
+  @property
+  def pca_projection(self) -> str:
+    return self.path("pca_projection.png")
+
+  def metrics_log(self, stage: str) -> str:
+    return self.path(f"{stage}_log.jsonl")
+
+  def tensorboard(self, stage: str) -> str:
+    return os.path.join(self.root, "tensorboard", stage)
+
+  def loss_plot(self, stage: str) -> str:
+    return self.path(f"{stage}_loss.png")
+
+  def worker(self) -> "Workdir":
+    """This process's own folder (worker_directory): the workdir itself on the chief."""
+    return Workdir(worker_directory(self.root))
 
 
 def worker_directory(directory):

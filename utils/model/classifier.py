@@ -7,26 +7,18 @@ with cross-entropy on the labeled subset (RandomResizedCrop + flip), SGD with Ne
 cosine learning rate and BatchNorm on batch statistics (the reference trains in train mode). Evaluation
 is Resize(256) + CenterCrop(224) and reports top-1 and top-5.
 
-The step follows utils/steps.py: built by steps.compile_steps, each replica gets its own rows of the
-global batch from the input pipeline (`classifier_dataset(..., replica=(index, count))`).
+This module holds the model and its files; its optimizer and step are in utils/train/ (optim.build_sgd,
+steps.classifier_steps), its input in utils/data/pipelines.py, its top-1/top-5 in utils/evaluation.py.
 """
-
-import os
 
 import tensorflow as tf
 import tf_keras
 
-from utils import fileio
 from utils.errors import UserError
 from utils.model import encoder as encoder_lib
+from utils.model import saved
 
-META_FILE = "classifier.json"
-
-
-WEIGHTS = "classifier_weights"
-
-
-# The first block of the projection head (utils/encoder.py mlp_head's names) kept by the classifier.
+# The first block of the projection head (encoder.mlp_head's names) kept by the classifier.
 KEPT_BLOCK = ("dense1", "bn1")
 
 
@@ -71,56 +63,28 @@ def build(config, num_classes, encoder_directory=None):
   return from_encoder(encoder, num_classes, config.data.image_size)
 
 
-def save(model, config, directory, step):
+def save(model: Classifier, config, directory: str, step: int) -> str:
   """Writes the classifier's weights and what load() checks next to them (e.g. WORKDIR/finetuned)."""
-  tf.io.gfile.makedirs(directory)
-  tf.train.Checkpoint(classifier=model).write(os.path.join(directory, WEIGHTS))
-  fileio.write_json(
-    os.path.join(directory, META_FILE),
-    {
-      "model": fileio.config_to_dict(config)["model"],
-      "image_size": config.data.image_size,
-      "num_classes": model.num_classes,
-      "config_name": config.name,
-      "finetune_step": step,
-    },
-  )
-  return directory
+  meta = saved.model_meta(config, num_classes=model.num_classes, finetune_step=step)
+  return saved.save(model, saved.CLASSIFIER, directory, meta)
 
 
-def exists(directory):
-  return tf.io.gfile.exists(os.path.join(directory, META_FILE))
+def exists(directory: str) -> bool:
+  return saved.exists(directory, saved.CLASSIFIER)
 
 
-def load(directory, config):
-  """Rebuilds the classifier save() wrote, in float32, for evaluation; one-line errors when missing, from another
-  model config or unreadable.
-
-  Float32 whatever precision trained it, as the reference evaluates outside its fp16 autocast; the weights
-  are float32 variables under every policy. The global policy is set back to what it was.
-  """
-  meta = fileio.read_json(
-    os.path.join(directory, META_FILE), "no fine-tuned classifier there; run fine_tune.py first with this --workdir"
-  )
-  wanted = fileio.config_to_dict(config)["model"]
-  if meta["model"] != wanted or meta["image_size"] != config.data.image_size:
-    changed = sorted(f"model.{k}" for k in wanted if meta["model"].get(k) != wanted[k])
-    if meta["image_size"] != config.data.image_size:
-      changed.append("data.image_size")
+def load(directory: str, config) -> tuple[Classifier, dict]:
+  """Rebuilds the classifier save() wrote, in float32 (saved.float32_policy), for evaluation; one-line errors
+  when missing, from another model config or unreadable."""
+  missing = "no fine-tuned classifier there; run fine_tune.py first with this --workdir"
+  meta = saved.read_meta(directory, saved.CLASSIFIER, missing)
+  changed = saved.changed_fields(meta, config, check_image_size=True)
+  if changed:
     raise UserError(
       f"the classifier in {directory} was trained with another config ({', '.join(changed)} differ); "
       "use the same --config as for fine_tune.py"
     )
-  policy = tf_keras.mixed_precision.global_policy()
-  tf_keras.mixed_precision.set_global_policy("float32")
-  try:
+  with saved.float32_policy():
     model = build(config, meta["num_classes"])
-  finally:
-    tf_keras.mixed_precision.set_global_policy(policy)
-  try:
-    tf.train.Checkpoint(classifier=model).read(os.path.join(directory, WEIGHTS)).assert_existing_objects_matched()
-  except (tf.errors.OpError, AssertionError) as error:
-    raise UserError(
-      f"cannot read the classifier weights in {directory} ({str(error).splitlines()[0][:120]}); re-run fine_tune.py"
-    ) from None
+  saved.read_weights(model, saved.CLASSIFIER, directory, "re-run fine_tune.py")
   return model, meta

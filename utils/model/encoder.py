@@ -1,18 +1,16 @@
-"""Trunks (pre-activation WideResNet; ResNet-50 in utils/resnet.py) with PAWS projection and prediction heads.
+"""Trunks (pre-activation WideResNet; ResNet-50 in utils/model/resnet.py) with PAWS projection and prediction heads.
 
 METHOD.md section 3. `model.name` in config.py picks the trunk: "wrn" (CIFAR-10, digits) or "resnet50" (the
 paper's ImageNet network); the heads take their input width from the trunk's output.
 """
 
-import os
-
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from utils import fileio
+from utils import config_rules
 from utils.errors import UserError
-from utils.model import resnet
+from utils.model import resnet, saved
 
 # PyTorch's BatchNorm momentum m updates moving = (1 - m) * moving + m * batch;
 # Keras' momentum is the weight on the OLD value. The reference uses PyTorch
@@ -176,17 +174,13 @@ def mlp_head(layer_dims, batch_norm_first, synchronized, name):
   return tf_keras.Sequential(layers, name=name)
 
 
-# config.py `model.name` values (utils/validation.py MODELS lists the same names).
-TRUNKS = ("wrn", "resnet50")
-
-
 def build_trunk(model_name, depth, width, synchronized_bn):
   """The trunk `model_name` names: "wrn" (WRN-depth-width) or "resnet50" (depth and width unused)."""
   if model_name == "wrn":
     return WideResNet(depth, width, synchronized_bn, name="trunk")
   if model_name == "resnet50":
     return resnet.resnet50(synchronized_bn, name="trunk")
-  raise ValueError(f"unknown model name {model_name!r}; choose one of {', '.join(TRUNKS)}")
+  config_rules.check_choice("model.name", model_name)
 
 
 class Encoder(tf_keras.Model):
@@ -289,45 +283,28 @@ def reestimate_batch_norm(encoder, images):
       layer.momentum = momentum
 
 
-def count_parameters(layer):
-  """Number of trainable scalars in a layer."""
-  return int(sum(tf.size(v).numpy() for v in layer.trainable_variables))
+def exists(directory: str) -> bool:
+  """Whether `directory` holds an encoder save_encoder wrote."""
+  return saved.exists(directory, saved.ENCODER)
 
 
-def save_encoder(encoder, config, directory, step):
+def save_encoder(encoder: tf_keras.Model, config, directory: str, step: int) -> str:
   """Writes the encoder weights and the model config fine_tune.py / nn_eval.py need (any tf.io.gfile path)."""
-  tf.io.gfile.makedirs(directory)
-  tf.train.Checkpoint(encoder=encoder).write(os.path.join(directory, "weights"))
-  fileio.write_json(
-    os.path.join(directory, "encoder.json"),
-    {
-      "model": fileio.config_to_dict(config)["model"],
-      "image_size": config.data.image_size,
-      "config_name": config.name,
-      "pretrain_step": step,
-    },
-  )
-  return directory
+  return saved.save(encoder, saved.ENCODER, directory, saved.model_meta(config, pretrain_step=step))
 
 
-def load_encoder(directory, config, what):
-  """Rebuilds the encoder saved by save_encoder; errors if missing or from another model config."""
-  meta = fileio.read_json(
-    os.path.join(directory, "encoder.json"), f"no trained encoder there; run {what} first with this --workdir"
-  )
-  wanted = fileio.config_to_dict(config)["model"]
-  if meta["model"] != wanted:
-    changed = sorted(k for k in wanted if meta["model"].get(k) != wanted[k])
+def load_encoder(directory: str, config, what: str) -> tuple[tf_keras.Model, dict]:
+  """Rebuilds the encoder saved by save_encoder; errors if missing or from another model config.
+
+  what: the script that writes `directory`, for the message when it is missing.
+  """
+  meta = saved.read_meta(directory, saved.ENCODER, f"no trained encoder there; run {what} first with this --workdir")
+  changed = saved.changed_fields(meta, config, check_image_size=False)
+  if changed:
     raise UserError(
-      f"the encoder in {directory} was trained with another model config "
-      f"(model.{', model.'.join(changed)} differ); use the same --config as for training"
+      f"the encoder in {directory} was trained with another model config ({', '.join(changed)} differ); "
+      "use the same --config as for training"
     )
   encoder = build_encoder(config.model, config.data.image_size)
-  try:
-    tf.train.Checkpoint(encoder=encoder).read(os.path.join(directory, "weights")).assert_existing_objects_matched()
-  except (tf.errors.OpError, AssertionError) as error:
-    raise UserError(
-      f"cannot read the encoder weights in {directory} ({str(error).splitlines()[0][:120]}); "
-      "re-run the step that wrote them"
-    ) from None
+  saved.read_weights(encoder, saved.ENCODER, directory, "re-run the step that wrote them")
   return encoder, meta

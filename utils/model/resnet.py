@@ -9,7 +9,7 @@ no bias (a BN follows each).
 Why not a library ResNet: tf_keras.applications.ResNet50 puts the stride on the first 1x1 conv (v1),
 gives every conv a bias and uses BN epsilon 1.001e-5; Model Garden's vision ResNet has the stride on the
 3x3 conv but pads with "same" (bottom/right only at stride 2 on an even input, the WideResNet's padding
-problem in utils/encoder.py) and a BN momentum of 0.99. Neither matches the reference, so it is written
+problem in utils/model/encoder.py) and a BN momentum of 0.99. Neither matches the reference, so it is written
 here like the WideResNet.
 """
 
@@ -36,7 +36,7 @@ EXPANSION = 4
 
 
 def batch_norm(name, synchronized=False):
-  """BatchNorm named 'bn*': utils/optim.py LARS_EXCLUDE finds its gamma and beta by that name."""
+  """BatchNorm named 'bn*': utils/train/optim.py LARS_EXCLUDE finds its gamma and beta by that name."""
   if not name.startswith("bn"):
     raise ValueError(f"BatchNorm layer names must start with 'bn' (LARS excludes them by name), got {name!r}")
   return tf_keras.layers.BatchNormalization(

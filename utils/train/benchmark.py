@@ -34,11 +34,9 @@ def time_train_steps(config, strategy, jit_compile, num_steps):
   state = train_loop.create_train_state(
     strategy,
     lambda: encoder_lib.build_for_strategy(config, strategy),
-    schedule,
-    p,
-    config.run.precision,
+    lambda: optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision),
   )
-  train_steps = steps.paws_steps(config, strategy, state.encoder, state.optimizer, jit_compile)
+  train_steps = steps.paws_steps(config, strategy, state.model, state.optimizer, jit_compile)
   iterator = iter(dataset)
   float(train_steps(iterator, tf.constant(2))["loss"])  # trace and warm up
   start = time.perf_counter()

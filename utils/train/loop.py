@@ -23,42 +23,40 @@ import tf_keras
 
 from utils.errors import Interrupted, UserError
 from utils.train import optim
+from utils.workdir import Workdir
 
 
 @dataclasses.dataclass
 class TrainState:
-  """Everything a checkpoint holds: the encoder, the optimizer (with its slots) and the step counter."""
+  """Everything a checkpoint holds: the model (encoder or classifier), its optimizer with slots, the step counter."""
 
-  encoder: tf_keras.Model
+  model: tf_keras.Model
   optimizer: tf_keras.optimizers.legacy.Optimizer
   step: tf.Variable
   checkpoint: tf.train.Checkpoint = None
   manager: tf.train.CheckpointManager = None
 
 
-def create_train_state(strategy, make_encoder, learning_rate, optimizer_config, precision):
-  """Builds encoder, LARS optimizer and step counter under `strategy`.
+def create_train_state(
+  strategy: tf.distribute.Strategy,
+  make_model: Callable[[], tf_keras.Model],
+  make_optimizer: Callable[[], tf_keras.optimizers.legacy.Optimizer],
+) -> TrainState:
+  """Builds the model, its optimizer (slots created: optim.create_slots) and the step counter under `strategy`.
 
   Args:
     strategy: the tf.distribute strategy the step runs under.
-    make_encoder: callable returning the (built) encoder.
-    learning_rate: a schedule (step -> rate) or a float.
-    optimizer_config: a config section with momentum, weight_decay and lars_eta.
-    precision: the resolved run.precision (mixed_float16 adds loss scaling).
+    make_model: callable returning the built model (the encoder, or the classifier).
+    make_optimizer: callable returning its optimizer (optim.build_lars or optim.build_sgd).
   Returns:
     TrainState without checkpoint (see `restore`).
   """
   with strategy.scope():
-    encoder = make_encoder()
-    o = optimizer_config
-    optimizer = optim.build_lars(learning_rate, o.momentum, o.weight_decay, o.lars_eta, precision)
-    # The optimizer's slot variables must exist before a checkpoint restore (else their values are
-    # deferred and the first step creates fresh ones) and before the step is traced (else the first call
-    # creates them and the function is traced twice). tf_keras' legacy optimizers (Model Garden's LARS is
-    # one) create them lazily and have no public method for it; this is the only private call in the project.
-    optimizer._create_all_weights(encoder.trainable_variables)  # pylint: disable=protected-access
+    model = make_model()
+    optimizer = make_optimizer()
+    optim.create_slots(optimizer, model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, name="step")
-  return TrainState(encoder, optimizer, step)
+  return TrainState(model, optimizer, step)
 
 
 def restore(state, directory, keep, log=print):
@@ -68,7 +66,8 @@ def restore(state, directory, keep, log=print):
   it (with a warning naming the file), and so on; with none usable, the state as built (fresh start or
   the pre-trained encoder). Returns the restored path or None.
   """
-  state.checkpoint = tf.train.Checkpoint(encoder=state.encoder, optimizer=state.optimizer, step=state.step)
+  # "encoder" names the model in every checkpoint written so far (the classifier's too): kept so they restore.
+  state.checkpoint = tf.train.Checkpoint(encoder=state.model, optimizer=state.optimizer, step=state.step)
   state.manager = tf.train.CheckpointManager(state.checkpoint, directory, max_to_keep=keep)
   for path in reversed(state.manager.checkpoints):
     try:
@@ -115,9 +114,9 @@ class MetricsLog:
   """
 
   def __init__(self, workdir, name):
-    self.path = os.path.join(workdir, f"{name}_log.jsonl")
+    self.path = Workdir(workdir).metrics_log(name)
     self.file = tf.io.gfile.GFile(self.path, "a")
-    self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
+    self.writer = tf.summary.create_file_writer(Workdir(workdir).tensorboard(name))
 
   def write(self, record, step):
     self.file.write(json.dumps(record) + "\n")
@@ -252,14 +251,3 @@ def epoch_means(path):
   records = read_log(path, "epoch")
   keys = records[0].keys() if records else []
   return {k: np.array([r[k] for r in records]) for k in keys}
-
-
-def create_classifier_state(strategy, make_model, learning_rate, finetune, precision):
-  """training.TrainState holding the classifier (as its `encoder`), its SGD optimizer and the step counter."""
-  with strategy.scope():
-    model = make_model()
-    optimizer = optim.build_sgd(learning_rate, finetune.momentum, precision)
-    # Slots before a restore and before tracing, as training.create_train_state does for LARS.
-    optimizer._create_all_weights(model.trainable_variables)  # pylint: disable=protected-access
-    step = tf.Variable(0, dtype=tf.int64, name="step")
-  return TrainState(model, optimizer, step)

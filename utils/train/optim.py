@@ -76,9 +76,7 @@ def build_lars(learning_rate, momentum, weight_decay, eta, precision="float32"):
     exclude_from_weight_decay=LARS_EXCLUDE,
     exclude_from_layer_adaptation=LARS_EXCLUDE,
   )
-  if precision == "mixed_float16":
-    optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
-  return optimizer
+  return loss_scaled(optimizer, precision)
 
 
 def build_sgd(learning_rate, momentum, precision="float32"):
@@ -89,9 +87,25 @@ def build_sgd(learning_rate, momentum, precision="float32"):
   same whatever the rate; under the cosine the two differ by the change of lr between steps.
   """
   optimizer = tf_keras.optimizers.legacy.SGD(learning_rate=learning_rate, momentum=momentum, nesterov=True)
+  return loss_scaled(optimizer, precision)
+
+
+def loss_scaled(optimizer, precision: str):
+  """The optimizer, wrapped in tf_keras' dynamic loss-scale optimizer under mixed_float16."""
   if precision == "mixed_float16":
-    optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
   return optimizer
+
+
+def create_slots(optimizer, variables) -> None:
+  """Creates the optimizer's slot variables (momentum) for `variables` now, inside the strategy's scope.
+
+  They must exist before a checkpoint restore (else their values are deferred and the first step creates
+  fresh ones) and before the step is traced (else the first call creates them and the function is traced
+  twice). tf_keras' legacy optimizers (Model Garden's LARS is one) create them lazily and have no public
+  method for it: this is the project's only call of a private method.
+  """
+  optimizer._create_all_weights(variables)  # pylint: disable=protected-access
 
 
 def decayed_variables(model):

@@ -1,9 +1,10 @@
-"""The compiled train steps: PAWS pre-training (METHOD.md sections 2 to 5) and SuNCEt fine-tuning (section 6).
+"""The compiled train steps: PAWS pre-training (METHOD.md sections 2 to 5), SuNCEt fine-tuning (section 6) and
+the classifier fine-tuning of the ImageNet recipe (section 10).
 
 Each builder returns train_steps(iterator, num_steps): one compiled call running
 num_steps updates under a tf.distribute strategy and returning the replica mean
 of the last step's metrics. Each replica receives its own share of the global
-batch (utils/pipeline.py emits one batch per replica, pipeline.distribute
+batch (utils/data/pipelines.py emits one batch per replica, sampling.distribute
 places them on their devices); supports are all-gathered so that the loss is
 that of the global batch.
 """

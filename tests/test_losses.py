@@ -57,20 +57,10 @@ def numpy_targets(target_views, target_supports, target_labels, tau, T, multicro
   return targets
 
 
-def numpy_paws(
-  anchor_views,
-  anchor_supports,
-  anchor_labels,
-  target_views,
-  target_supports,
-  target_labels,
-  tau,
-  T,
-  multicrop,
-  zero_small=True,
-):
-  probabilities = numpy_snn(anchor_views, anchor_supports, anchor_labels, tau)
-  targets = numpy_targets(target_views, target_supports, target_labels, tau, T, multicrop, zero_small)
+def numpy_paws(anchors, targets, tau, T, multicrop, zero_small=True):
+  """anchors, targets: (views, supports, label rows) of each side, as losses.SnnInputs."""
+  probabilities = numpy_snn(*anchors, tau)
+  targets = numpy_targets(*targets, tau, T, multicrop, zero_small)
   ce = np.mean(np.sum(-targets * np.log(np.maximum(probabilities, LOG_FLOOR)), axis=1))
   mean_sharpened = numpy_sharpen(probabilities, T).mean(axis=0)
   me_max = np.sum(mean_sharpened * np.log(mean_sharpened))
@@ -102,6 +92,11 @@ def make_inputs(
     generator.normal(size=(num_supports, dimension)),
     labels,
   ]
+
+
+def sides(inputs):
+  """paws_loss's two arguments from the six arrays of make_inputs."""
+  return losses.SnnInputs(*inputs[:3]), losses.SnnInputs(*inputs[3:])
 
 
 def as_float32(arrays):
@@ -189,8 +184,8 @@ def test_support_labels_unique_classes():
 @pytest.mark.parametrize("multicrop", [0, 2, 6])
 def test_paws_loss_matches_numpy(multicrop):
   inputs = make_inputs(seed=3 + multicrop, multicrop=multicrop)
-  ce, me_max = losses.paws_loss(*as_float32(inputs), multicrop=multicrop)
-  expected_ce, expected_me_max = numpy_paws(*inputs, tau=0.1, T=0.25, multicrop=multicrop)
+  ce, me_max = losses.paws_loss(*sides(as_float32(inputs)), multicrop=multicrop)
+  expected_ce, expected_me_max = numpy_paws(inputs[:3], inputs[3:], tau=0.1, T=0.25, multicrop=multicrop)
   assert ce.dtype == tf.float32 and me_max.dtype == tf.float32
   assert ce.shape == () and me_max.shape == ()
   np.testing.assert_allclose(ce.numpy(), expected_ce, rtol=1e-5)
@@ -208,9 +203,9 @@ def test_paws_loss_zeroes_tiny_targets():
   inputs[3] = inputs[4][0] + 0.3 * generator.normal(size=inputs[3].shape)
   targets = numpy_targets(*inputs[3:], 0.1, 0.25, multicrop=2, zero_small=False)
   assert np.any((targets > 1e-12) & (targets < 1e-4))
-  ce, _ = losses.paws_loss(*as_float32(inputs), multicrop=2)
-  expected_ce, _ = numpy_paws(*inputs, tau=0.1, T=0.25, multicrop=2)
-  unzeroed_ce, _ = numpy_paws(*inputs, tau=0.1, T=0.25, multicrop=2, zero_small=False)
+  ce, _ = losses.paws_loss(*sides(as_float32(inputs)), multicrop=2)
+  expected_ce, _ = numpy_paws(inputs[:3], inputs[3:], tau=0.1, T=0.25, multicrop=2)
+  unzeroed_ce, _ = numpy_paws(inputs[:3], inputs[3:], tau=0.1, T=0.25, multicrop=2, zero_small=False)
   assert abs(unzeroed_ce - expected_ce) > 20 * 1e-4 * expected_ce
   np.testing.assert_allclose(ce.numpy(), expected_ce, rtol=1e-4)
 
@@ -222,7 +217,7 @@ def test_paws_loss_small_crop_targets_are_mean_of_large_targets():
   inputs = make_inputs(seed=11, batch_size=batch_size, multicrop=multicrop)
   anchor_views, anchor_supports, labels, target_views, target_supports, _ = inputs
   anchor_views[2 * batch_size :] = np.tile(anchor_views[:batch_size], (multicrop, 1))
-  ce, _ = losses.paws_loss(*as_float32(inputs), multicrop=multicrop)
+  ce, _ = losses.paws_loss(*sides(as_float32(inputs)), multicrop=multicrop)
 
   probabilities = numpy_snn(anchor_views, anchor_supports, labels, 0.1)
   targets = numpy_sharpen(numpy_snn(target_views, target_supports, labels, 0.1), 0.25)
@@ -239,7 +234,7 @@ def test_paws_loss_small_crop_targets_are_mean_of_large_targets():
 
 def test_me_max_term_is_negative_entropy_of_mean_sharpened_prediction():
   inputs = make_inputs(seed=12, multicrop=2)
-  _, me_max = losses.paws_loss(*as_float32(inputs), multicrop=2)
+  _, me_max = losses.paws_loss(*sides(as_float32(inputs)), multicrop=2)
   probabilities = numpy_snn(*inputs[:3], 0.1)
   mean_sharpened = numpy_sharpen(probabilities, 0.25).mean(axis=0)
   entropy = -np.sum(mean_sharpened * np.log(mean_sharpened))
@@ -250,8 +245,8 @@ def test_me_max_term_is_negative_entropy_of_mean_sharpened_prediction():
 
 def test_me_max_false_gives_zero_and_same_ce():
   inputs = as_float32(make_inputs(seed=13, multicrop=2))
-  ce_with, _ = losses.paws_loss(*inputs, multicrop=2, me_max=True)
-  ce_without, me_max = losses.paws_loss(*inputs, multicrop=2, me_max=False)
+  ce_with, _ = losses.paws_loss(*sides(inputs), multicrop=2, me_max=True)
+  ce_without, me_max = losses.paws_loss(*sides(inputs), multicrop=2, me_max=False)
   assert me_max.dtype == tf.float32
   assert me_max.numpy() == 0.0
   assert ce_without.numpy() == ce_with.numpy()
@@ -260,13 +255,13 @@ def test_me_max_false_gives_zero_and_same_ce():
 def test_paws_loss_rejects_mismatched_row_counts():
   inputs = as_float32(make_inputs(seed=14, multicrop=2))
   with pytest.raises(ValueError, match="multicrop"):
-    losses.paws_loss(*inputs, multicrop=6)
+    losses.paws_loss(*sides(inputs), multicrop=6)
 
 
 def test_paws_loss_gradients_flow_into_anchors_only():
   variables = [tf.Variable(array) for array in as_float32(make_inputs(seed=15, multicrop=2))]
   with tf.GradientTape() as tape:
-    ce, me_max = losses.paws_loss(*variables, multicrop=2)
+    ce, me_max = losses.paws_loss(*sides(variables), multicrop=2)
     loss = ce + me_max
   gradients = tape.gradient(loss, variables)
   anchor_views, anchor_supports, _, target_views, target_supports, _ = gradients
@@ -281,7 +276,7 @@ def test_paws_loss_gradients_flow_into_anchors_only():
 def test_me_max_term_has_gradient():
   variables = [tf.Variable(array) for array in as_float32(make_inputs(seed=16, multicrop=2))]
   with tf.GradientTape() as tape:
-    _, me_max = losses.paws_loss(*variables, multicrop=2)
+    _, me_max = losses.paws_loss(*sides(variables), multicrop=2)
   anchor_gradient = tape.gradient(me_max, variables[0])
   assert anchor_gradient is not None and np.any(anchor_gradient.numpy())
 
@@ -296,9 +291,9 @@ def test_low_precision_inputs_give_float32_outputs(dtype):
   # The same rounded values given as float32: the loss works in float32, so
   # the only difference from the float32 result is the input rounding.
   rounded = [tf.cast(array, tf.float32) for array in low]
-  ce, me_max = losses.paws_loss(*low, multicrop=2)
-  ce_rounded, me_max_rounded = losses.paws_loss(*rounded, multicrop=2)
-  ce_exact, me_max_exact = losses.paws_loss(*inputs, multicrop=2)
+  ce, me_max = losses.paws_loss(*sides(low), multicrop=2)
+  ce_rounded, me_max_rounded = losses.paws_loss(*sides(rounded), multicrop=2)
+  ce_exact, me_max_exact = losses.paws_loss(*sides(inputs), multicrop=2)
   assert ce.dtype == tf.float32 and me_max.dtype == tf.float32
   np.testing.assert_allclose(ce.numpy(), ce_rounded.numpy(), rtol=1e-6)
   np.testing.assert_allclose(me_max.numpy(), me_max_rounded.numpy(), rtol=1e-6)
@@ -326,7 +321,9 @@ def test_xla_matches_eager():
     with tf.GradientTape() as tape:
       tape.watch([anchor_views, anchor_supports])
       ce, me_max = losses.paws_loss(
-        anchor_views, anchor_supports, anchor_labels, target_views, target_supports, target_labels, multicrop=2
+        losses.SnnInputs(anchor_views, anchor_supports, anchor_labels),
+        losses.SnnInputs(target_views, target_supports, target_labels),
+        multicrop=2,
       )
       loss = ce + me_max
     gradient = tape.gradient(loss, anchor_views)
@@ -337,7 +334,7 @@ def test_xla_matches_eager():
   ce, me_max, gradient, suncet = compiled(*tensors, tf.constant(labels))
   with tf.GradientTape() as tape:
     tape.watch(tensors[0])
-    eager_ce, eager_me_max = losses.paws_loss(*tensors, multicrop=2)
+    eager_ce, eager_me_max = losses.paws_loss(*sides(tensors), multicrop=2)
     eager_loss = eager_ce + eager_me_max
   eager_gradient = tape.gradient(eager_loss, tensors[0])
   eager_suncet = losses.suncet_loss(tf.cast(tensors[1], tf.bfloat16), labels)
@@ -405,8 +402,9 @@ REPLICA_SCRIPT = textwrap.dedent("""
     def loss_and_gradients(anchor_views, anchor_supports, *rest):
       with tf.GradientTape() as tape:
         tape.watch([anchor_views, anchor_supports])
-        ce, me_max = losses.paws_loss(anchor_views, anchor_supports, *rest,
-                                      multicrop=multicrop)
+        ce, me_max = losses.paws_loss(
+            losses.SnnInputs(anchor_views, anchor_supports, rest[0]),
+            losses.SnnInputs(*rest[1:]), multicrop=multicrop)
         # The caller's convention: each replica's loss is divided by the
         # number of replicas and the gradients are summed.
         scaled = (ce + me_max) / tf.distribute.get_strategy(

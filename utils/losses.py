@@ -6,6 +6,8 @@ Nothing here branches on tensor values in Python, so all of it compiles under
 `tf.function(jit_compile=True)`.
 """
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 # log(p) is evaluated as log(max(p, LOG_FLOOR)): p can underflow to exactly 0
@@ -103,22 +105,19 @@ def _mean_across_replicas(value):
   return context.all_reduce("MEAN", value)
 
 
-def paws_loss(
-  anchor_views,
-  anchor_supports,
-  anchor_support_labels,
-  target_views,
-  target_supports,
-  target_support_labels,
-  tau=0.1,
-  T=0.25,
-  multicrop=6,
-  me_max=True,
-):
+class SnnInputs(NamedTuple):
+  """One side of the PAWS loss: the view embeddings classified and the support set classifying them."""
+
+  views: tf.Tensor  # [rows, D]
+  supports: tf.Tensor  # [Ns, D] support embeddings
+  support_labels: tf.Tensor  # [Ns, K] their label rows (support_labels)
+
+
+def paws_loss(anchors: SnnInputs, targets: SnnInputs, tau=0.1, T=0.25, multicrop=6, me_max=True):
   """PAWS cross-entropy and me-max terms (METHOD.md section 2).
 
-  p = snn(anchor_views, anchor_supports, Y_a, tau) with gradient;
-  t = sharpen(snn(target_views, target_supports, Y_t, tau), T) without
+  p = snn(anchors.views, anchors.supports, Y_a, tau) with gradient;
+  t = sharpen(snn(targets.views, targets.supports, Y_t, tau), T) without
   gradient; small-crop targets are 0.5 (t_view1 + t_view2) repeated multicrop
   times; target entries below 1e-4 are set to 0.
   CE = mean_rows sum_k -t_k log p_k.
@@ -126,14 +125,10 @@ def paws_loss(
   gradient, averaged across replicas when there are several.
 
   Args:
-    anchor_views: [(2 + multicrop) * B, D]; rows are all large-1, all large-2,
-      then small crop 1..multicrop, blocks of B.
-    anchor_supports: [Ns, D] support embeddings for the anchors.
-    anchor_support_labels: [Ns, K].
-    target_views: [2B, D], large-view embeddings already swapped by the caller
-      so that they align with the first 2B anchor rows.
-    target_supports: [Ns', D] support embeddings for the targets.
-    target_support_labels: [Ns', K].
+    anchors: views [(2 + multicrop) * B, D] (rows: all large-1, all large-2, then small crop
+      1..multicrop, blocks of B), with the supports [Ns, D] and label rows [Ns, K] that classify them.
+    targets: views [2B, D], the large-view embeddings already swapped by the caller so that they align
+      with the first 2B anchor rows, with their supports [Ns', D] and label rows [Ns', K].
     tau: SNN temperature.
     T: sharpening temperature.
     multicrop: number of small crops per image.
@@ -142,6 +137,8 @@ def paws_loss(
   Returns:
     (ce, me_max_term): two float32 scalars; their sum is the loss (floor -log K).
   """
+  anchor_views, anchor_supports, anchor_support_labels = anchors
+  target_views, target_supports, target_support_labels = targets
   anchor_rows = anchor_views.shape[0]
   target_rows = target_views.shape[0]
   if anchor_rows is not None and target_rows is not None and anchor_rows * 2 != target_rows * (2 + multicrop):

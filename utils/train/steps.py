@@ -88,12 +88,8 @@ def paws_steps(config, strategy, encoder, optimizer, jit_compile):
       large = h[num_support : num_support + 2 * local_batch]
       targets = tf.concat([large[local_batch:], large[:local_batch]], axis=0)
       ce, me_max = losses.paws_loss(
-        z[num_support:],
-        z_support,
-        support_labels,
-        targets,
-        h_support,
-        support_labels,
+        losses.SnnInputs(z[num_support:], z_support, support_labels),
+        losses.SnnInputs(targets, h_support, support_labels),
         tau=p.tau,
         T=p.sharpen_T,
         multicrop=p.multicrop,

@@ -11,15 +11,15 @@ is locked: an unknown field or a value of the wrong type is an error.
              python fine_tune.py  --config=config.py:cifar10 --workdir=runs/c10
              python nn_eval.py    --config=config.py:cifar10 --workdir=runs/c10
   digits   The same pipeline on scikit-learn's bundled 8x8 digits (upsampled to
-           16 px), 4 labels per class, a small WRN and a short schedule so the
-           three scripts finish on a 2-core CPU in minutes (README: measured
-           accuracy and time).
+           16 px), 10 labels per class, a small WRN and a short schedule so the
+           three scripts finish on a 2-core CPU in minutes (measured accuracy and
+           time over 12 label seeds: docs/results.md).
   imagenet The paper's ImageNet recipe (METHOD.md section 10): ResNet-50, 2 x 224 + 6 x 96 px views,
            15 classes x 7 supports per replica, 64 images per replica on 64 GPUs, 100 epochs, then
            a classifier fine-tuned on the labeled subset. Images streamed from --data_dir
            (IN/train/<wnid>/, IN/val/<wnid>/, or tfrecord); the 10 % / 1 % subsets as --split_file name lists.
            Expected: 75.5 % top-1 with 10 % labels, 66.5 % with 1 % after 300 epochs + fine-tuning
-           (the paper's numbers, not measured here; README, ImageNet).
+           (the paper's numbers, not measured here; docs/data.md, ImageNet).
              python paws_train.py --config=config.py:imagenet --data_dir=IN --workdir=runs/in --split_file=10percent.txt
              python fine_tune.py  --config=config.py:imagenet --data_dir=IN --workdir=runs/in
              python nn_eval.py    --config=config.py:imagenet --data_dir=IN --workdir=runs/in
@@ -35,7 +35,7 @@ def base_config():
   c.seed = 0  # augmentation and initialisation stream
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "cifar10"  # or digits; or "folder" / "tfrecord" with --data_dir (README, Your own data)
+  c.data.dataset = "cifar10"  # or digits; or "folder" / "tfrecord" with --data_dir (docs/data.md, Your own data)
   # tfrecord: globs of the training and validation files, relative to --data_dir (Model Garden's names).
   c.data.train_files = "train-*"
   c.data.val_files = "validation-*"
@@ -117,12 +117,12 @@ def base_config():
   # How the step runs; none of these change the maths.
   c.run = ml_collections.ConfigDict()
   # auto: mixed_float16 on GPU (as the reference's fp16 autocast), mixed_bfloat16 on CPUs with AMX (where
-  # it was measured faster), else float32; or name one of the three (README, Speed).
+  # it was measured faster), else float32; or name one of the three (docs/running.md, Precision).
   c.run.precision = "auto"
-  c.run.jit_compile = "auto"  # auto = on with a GPU, off on CPU (XLA is ~2x slower on CPU here)
+  c.run.jit_compile = "auto"  # auto = on with a GPU, off on CPU (slower there: docs/results.md)
   c.run.distribution = "auto"  # auto / one_device / mirrored / multi_worker
   # N >= 2: split the CPU into N logical devices and mirror over them, a rehearsal of a multi-GPU run on a
-  # laptop or CI (README, Before a long GPU run); 0 = off.
+  # laptop or CI (docs/running.md, Before a long GPU run); 0 = off.
   c.run.cpu_replicas = 0
   c.run.steps_per_loop = 1
   c.run.log_every = 10
@@ -138,7 +138,7 @@ def digits_config():
   c.data.image_size = 16
   # 10 labels per class, 100 of the 1347 training images (7.4 %): the label fraction of the paper's CIFAR-10
   # setting (4000 of 50 000, 8 %). With 4 per class (3 %) about one label draw in six collapsed two classes
-  # into one (README: The digits demo).
+  # into one (docs/results.md, The earlier 4-labels-per-class preset).
   c.data.labeled_per_class = 10
   c.data.mean = (0.5, 0.5, 0.5)
   c.data.std = (0.5, 0.5, 0.5)
@@ -159,7 +159,7 @@ def digits_config():
   # without flips a second view is an identical copy, and SuNCEt then only learns to find each image's
   # duplicate. Learning rate 0.01 -> 0.001, a tenth of the paper's: at 0.1 the SuNCEt loss on 40 images
   # jumped to log(10) within 3 steps for some encoders (one went from 95.1 % pre-trained to 27.6 %), at
-  # 0.01 it fell smoothly (95.6 %). README: The digits demo.
+  # 0.01 it fell smoothly.
   c.finetune.images_per_class = 5
   c.finetune.views = 1
   c.finetune.lr = 0.01
@@ -203,7 +203,7 @@ def imagenet_config():
 
   # The paper ran 64 GPUs x 64 unlabeled images = 4096 per step. Batch sizes here count all replicas:
   # with R replicas keep 64 per replica (batch_size = 64 R, images_per_class = 7 R) and scale the three
-  # learning rates by 64 R / 4096, as the reference's configs scale with the global batch (README, ImageNet).
+  # learning rates by 64 R / 4096, as the reference's configs scale with the global batch (docs/data.md, ImageNet).
   c.pretrain.epochs = 100  # the paper's best ImageNet row trains 300
   c.pretrain.warmup_epochs = 10
   c.pretrain.batch_size = 4096  # 64 per replica x 64 replicas

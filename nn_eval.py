@@ -11,7 +11,7 @@ matrix and a PCA projection of the test embeddings into the workdir. After
 classifier fine-tuning (finetune.mode=classifier, the ImageNet recipe) it also
 reports the classifier's top-1 and top-5 (Resize + CenterCrop). With
 --export=DIR it also saves the encoder and supports as a SavedModel that
-classifies raw images (utils/export.py; README, Using the trained model).
+classifies raw images (utils/export.py; docs/running.md, Using the trained model).
 """
 
 import os
@@ -38,7 +38,9 @@ _ENCODER = flags.DEFINE_enum(
   "Which encoder of the workdir to evaluate (auto: fine-tuned if present).",
 )
 _EXPORT = flags.DEFINE_string(
-  "export", None, "Also save the evaluated model as a SavedModel in this folder (README, Using the trained model)."
+  "export",
+  None,
+  "Also save the evaluated model as a SavedModel in this folder (docs/running.md, Using the trained model).",
 )
 
 

@@ -31,7 +31,7 @@ _DATA_DIR = flags.DEFINE_string(
   "data_dir",
   None,
   "CIFAR-10 offline: folder with cifar-10-python.tar.gz or cifar-10-batches-py/; data.dataset=folder or "
-  "tfrecord: the folder of the images (README, Your own data).",
+  "tfrecord: the folder of the images (docs/data.md, Your own data).",
 )
 _SPLIT_FILE = flags.DEFINE_string(
   "split_file",

@@ -75,7 +75,7 @@ def error_line(result):
   return lines[0]
 
 
-# The phrase each user error carries; the README's troubleshooting table must list every one.
+# The phrase each user error carries; docs/troubleshooting.md must list every one (tests/test_docs.py).
 ERRORS = {
   "no_workdir": "--workdir is required",
   "unwritable_workdir": "is not writable",

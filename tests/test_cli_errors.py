@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import pytest
 from tests import fake_cifar, scriptrun
 from utils.errors import UserError
 
-ROOT_README = os.path.join(scriptrun.ROOT, "README.md")
 CIFAR = ["--config=config.py:cifar10"]
 
 
@@ -292,13 +290,3 @@ def test_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_does_not_block
 
 
 # --- The README's catalogue ------------------------------------------------------------
-
-
-def test_readme_troubleshooting_lists_every_error():
-  with open(ROOT_README) as f:
-    readme = f.read()
-  section = readme[readme.index("## Troubleshooting") :]
-  section = section[: section.index("\n## ", 1)] if "\n## " in section[1:] else section
-  rows = [line for line in section.splitlines() if line.startswith("| `")]
-  missing = [phrase for phrase in scriptrun.ERRORS.values() if not any(phrase in re.sub(r"`", "", row) for row in rows)]
-  assert not missing, f"README troubleshooting lacks: {missing}"

@@ -727,7 +727,7 @@ def test_checkpoint_of_two_replicas_continues_on_one_replica_with_xla(results):
 
 
 def test_digits_rehearsal_through_the_three_scripts(tmp_path):
-  """The README's rehearsal command (digits preset, 2 CPU replicas, jit_compile=true), shrunk and in float32.
+  """The rehearsal command of docs/running.md (digits preset, 2 CPU replicas, jit_compile=true), shrunk, float32.
 
   3 support images per class cannot be split per class between 2 replicas: each takes 15 of the 30 rows of
   the support batch (and of fine-tuning's batch). mixed_float16 is emulated on CPUs (minutes per step at

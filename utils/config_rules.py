@@ -1,4 +1,4 @@
-"""What every config field may hold, and one-line messages for bad command lines (README: Troubleshooting).
+"""What every config field may hold, and one-line messages for bad command lines (docs/troubleshooting.md).
 
 RULES maps each dotted field of config.py's presets to its allowed values; `validate_config` checks them
 all before a script does any work, so a bad value ends in one `error:` line instead of a traceback, a

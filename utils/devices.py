@@ -36,7 +36,7 @@ def has_gpu():
 
 
 def use_xla(setting):
-  """'auto' means XLA on GPU only: on this project's CPU runs it made the step ~2x slower."""
+  """'auto' means XLA on GPU only: on this project's CPU runs it made the step slower (docs/results.md)."""
   if setting == "auto":
     return has_gpu()
   if isinstance(setting, bool):
@@ -72,7 +72,7 @@ def configure_cpu_replicas(count):
 
 
 def replicas_compile_with_xla(strategy):
-  """Whether XLA can compile this strategy's per-replica step, collectives included (README, Before a long GPU run).
+  """Whether XLA can compile this strategy's per-replica step, collectives included (docs/running.md).
 
   One replica has no collectives. Several replicas compile only on whole GPUs: there MirroredStrategy runs
   one XLA program per replica with NCCL collectives. On CPU devices (run.cpu_replicas, CPU workers) XLA
@@ -134,8 +134,8 @@ def resolve_precision(setting):
   """'auto' picks the precision measured to be faster, not what the CPU flags merely allow.
 
   mixed_float16 on a GPU (tensor cores; the reference trains with fp16 autocast); mixed_bfloat16 on a
-  CPU with AMX (2.1x faster than float32 on the train step); float32 everywhere else: with AVX512-BF16
-  alone, bf16 measured 1.55x slower than float32 (README, Speed).
+  CPU with AMX (2.1x faster than float32 on the train step, docs/results.md); float32 everywhere else
+  (without AMX, bf16 is emulated and slower).
   """
   config_rules.check_choice("run.precision", setting)
   if setting != "auto":

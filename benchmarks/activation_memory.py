@@ -1,7 +1,7 @@
 """Estimated GPU memory of one PAWS train step at a preset's shapes, from the activations the backward pass keeps.
 
 Traces (never runs: no memory is used) the encoder's forward and backward pass on the step's two view
-groups, as utils/steps.paws_steps embeds them: supports + 2 large views at the large crop size, the small
+groups, as utils/train/steps.paws_steps embeds them: supports + 2 large views at the large crop size, the small
 crops at the small crop size. Every tensor the forward pass produces and the backward pass reads is an
 activation saved for the backward pass (a conv's input, a BatchNorm's input, a ReLU's output, ...); their
 sizes come from the traced graph's static shapes and dtypes (16-bit in the trunk under mixed_float16, the
@@ -149,7 +149,7 @@ def main(argv):
       "  saved activations by producing op: "
       + ", ".join(f"{op} {size / GIB:.2f}" for op, size in by_type.most_common(6))
     )
-    # utils/encoder.Conv2D pads explicitly (symmetric, as the reference) before a 'valid' conv: the padded
+    # utils/model/encoder.Conv2D pads explicitly (symmetric, as the reference) before a 'valid' conv: the padded
     # copies are kept for the backward pass unless a compiler folds the zero padding into the convolution
     # (XLA's algebraic simplifier does), which would save them.
     print(

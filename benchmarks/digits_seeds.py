@@ -10,14 +10,17 @@ schedule, BatchNorm statistics re-estimated on the clean labeled images) and
 The run of the preset's own label seed also refreshes the reference artefacts
 in misc/ (config, labeled indices, logs, plots, eval.json, console log).
 
-  python benchmarks/digits_seeds.py [--seeds 152 321 ...] [--precision auto] [--runs runs/seeds]
-                                   [--output misc/digits_results.md] [--no-baselines]
-                                   [--set pretrain.support_views=4 ...]
+  python -m benchmarks.digits_seeds [--config=config.py:digits] [--config.FIELD=VALUE ...]
+                                    [--seeds=152,321,...] [--runs=runs/seeds] [--output=misc/digits_results.md]
+                                    [--nobaselines]
+
+from the repository root. --config and its overrides are the entry scripts' and go to all three of them,
+each run with --config.data.label_seed=SEED added: e.g. --config.run.precision=float32, or
+--config.pretrain.support_views=4 to compare a candidate recipe with the preset.
 
 The table gives every seed, then mean, standard deviation, min and max of each column.
 """
 
-import argparse
 import json
 import os
 import re
@@ -26,14 +29,15 @@ import subprocess
 import sys
 import time
 
+from absl import app, flags
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import config as presets  # pylint: disable=g-import-not-at-top
-from utils import devices
+from utils import cli, devices
 from utils.data import datasets, splits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
 
 # From scratch, LARS needs the pre-training learning rates and far more than the
 # 10 fine-tuning steps of the preset (there the network only adjusts).
@@ -56,11 +60,32 @@ DEFAULT_SEEDS = [152, 321, 401, 73, 91, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 PROGRESS = re.compile(r"(\d+)/(\d+) \[[=>.]*\]")
 
 
-def run(*args, log=None):
-  """Runs a script; returns its stdout (and appends it, without progress-bar redraws, to log)."""
-  result = subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, text=True)
+def define_flags():
+  """The command line (when run as a program; importing this module, as the tests do, defines no flags)."""
+  cli.define_config_flag("config.py:digits")
+  flags.DEFINE_list("seeds", [str(seed) for seed in DEFAULT_SEEDS], "Label seeds, comma-separated.")
+  flags.register_validator(
+    "seeds", lambda seeds: bool(seeds) and all(re.fullmatch(r"\d+", s) for s in seeds), "must be integers >= 0"
+  )
+  flags.DEFINE_string("runs", "runs/seeds", "Folder of the runs' workdirs and console logs.")
+  flags.DEFINE_string("output", os.path.join(MISC, "digits_results.md"), "Markdown file written.")
+  flags.DEFINE_bool("baselines", True, "Run the supervised-only baseline (the slowest part); --nobaselines skips it.")
+
+
+def config_arguments():
+  """(--config=FILE:PRESET, [--config.FIELD=VALUE overrides]) as given on this command line."""
+  flag = FLAGS["config"]
+  return f"--config={flag.config_filename}", [f"--config.{k}={v}" for k, v in flag.override_values.items()]
+
+
+def run(script, *args, log=None):
+  """Runs an entry script (in this process's working directory, as the paths given to it are relative to it);
+  returns its stdout (and appends it, without progress-bar redraws, to log)."""
+  result = subprocess.run(
+    [sys.executable, os.path.join(ROOT, script), *args], check=True, capture_output=True, text=True
+  )
   if log is not None:
-    log.write(f"$ python {' '.join(args)}\n")
+    log.write(f"$ python {' '.join([script, *args])}\n")
     for line in result.stdout.splitlines():
       bars = list(PROGRESS.finditer(line))
       if not bars:
@@ -113,41 +138,23 @@ def results_table(rows, baselines):
   return lines
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS)
-  parser.add_argument("--precision", default="auto", help="run.precision for all three scripts")
-  parser.add_argument("--runs", default="runs/seeds")
-  parser.add_argument("--output", default=os.path.join(MISC, "digits_results.md"))
-  parser.add_argument(
-    "--no-baselines",
-    dest="baselines",
-    action="store_false",
-    help="skip the supervised-only baseline (the slowest part)",
-  )
-  parser.add_argument(
-    "--set",
-    nargs="+",
-    default=[],
-    metavar="FIELD=VALUE",
-    help="config overrides for all three scripts, to compare a candidate recipe with the preset",
-  )
-  args = parser.parse_args()
-  overrides = [f"--config.{item}" for item in args.set]
-  os.makedirs(args.runs, exist_ok=True)
-  default_seed = presets.get_config("digits").data.label_seed
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings are flags (--seeds=152,321)")
+  preset, overrides = config_arguments()
+  seeds = [int(seed) for seed in FLAGS.seeds]
+  # The run of the preset's own label seed refreshes misc/ when nothing but the precision is changed.
+  reference = FLAGS.config.name == "digits" and all(o.startswith("--config.run.precision=") for o in overrides)
+  reference = reference and FLAGS.output == os.path.join(MISC, "digits_results.md")
+  os.makedirs(FLAGS.runs, exist_ok=True)
+  default_seed = FLAGS.config.data.label_seed
   train_images, train_labels, test_images, test_labels = datasets.load_digits()
   rows = []
-  for seed in args.seeds:
-    config = [
-      "--config=config.py:digits",
-      f"--config.data.label_seed={seed}",
-      f"--config.run.precision={args.precision}",
-      *overrides,
-    ]
-    paws_dir = os.path.join(args.runs, f"paws_{seed}")
+  for seed in seeds:
+    config = [preset, *overrides, f"--config.data.label_seed={seed}"]
+    paws_dir = os.path.join(FLAGS.runs, f"paws_{seed}")
     shutil.rmtree(paws_dir, ignore_errors=True)
-    console_log = os.path.join(args.runs, f"paws_{seed}.log")
+    console_log = os.path.join(FLAGS.runs, f"paws_{seed}.log")
     with open(console_log, "w") as log:
       start = time.time()
       run("paws_train.py", *config, f"--workdir={paws_dir}", log=log)
@@ -158,46 +165,46 @@ def main():
       run("fine_tune.py", *config, f"--workdir={paws_dir}", log=log)
       run("nn_eval.py", *config, f"--workdir={paws_dir}", log=log)
       seconds = pretrain_seconds + time.time() - start_rest
-    if seed == default_seed and not overrides and args.output == os.path.join(MISC, "digits_results.md"):
+    if seed == default_seed and reference:
       refresh_misc(paws_dir, console_log)
     supervised = float("nan")
-    if args.baselines:
-      supervised_dir = os.path.join(args.runs, f"supervised_{seed}")
+    if FLAGS.baselines:
+      supervised_dir = os.path.join(FLAGS.runs, f"supervised_{seed}")
       shutil.rmtree(supervised_dir, ignore_errors=True)
       run("fine_tune.py", *config, *SUPERVISED, f"--workdir={supervised_dir}", "--from_scratch")
       run("nn_eval.py", *config, *SUPERVISED, f"--workdir={supervised_dir}")
       supervised = top1(supervised_dir)
     with open(os.path.join(paws_dir, "config.json")) as f:
-      saved = json.load(f)  # the run's resolved config, --set overrides included
+      saved = json.load(f)  # the run's resolved config, --config overrides included
     precision = saved["run"]["precision"]
     labeled = splits.select_labeled_indices(train_labels, saved["data"]["labeled_per_class"], seed)
     nearest = KNeighborsClassifier(1).fit(train_images[labeled].reshape(len(labeled), -1), train_labels[labeled])
     pixels = 100 * np.mean(nearest.predict(test_images.reshape(len(test_images), -1)) == test_labels)
     rows.append((seed, top1(paws_dir), pretrained, seconds, supervised, pixels))
     print(rows[-1], flush=True)
-  lines = results_table(rows, args.baselines)
+  lines = results_table(rows, FLAGS.baselines)
   machine = devices.machine_description()
   text = (
-    f"# Digits demo over label seeds\n\nMachine: {machine}; run.precision={args.precision} "
-    f"(resolved: {precision}). Written by `python benchmarks/digits_seeds.py --seeds "
-    f"{' '.join(map(str, args.seeds))} --precision {args.precision}"
-    f"{' --set ' + ' '.join(args.set) if args.set else ''}{'' if args.baselines else ' --no-baselines'}` "
+    f"# Digits demo over label seeds\n\nMachine: {machine}; run.precision={FLAGS.config.run.precision} "
+    f"(resolved: {precision}). Written by `python -m benchmarks.digits_seeds {' '.join([preset, *overrides])} "
+    f"--seeds={','.join(map(str, seeds))}{'' if FLAGS.baselines else ' --nobaselines'}` "
     f"on {time.strftime('%Y-%m-%d')}.\n\n"
     "PAWS = the README's quick start with the label seed changed. "
     + (
       f"Supervised-only = `fine_tune.py --from_scratch {' '.join(SUPERVISED)}`: the same network trained "
       "with SuNCEt on the labeled images alone (no augmentation: the digits preset has no flip), "
       "BatchNorm statistics re-estimated on them. "
-      if args.baselines
+      if FLAGS.baselines
       else ""
     )
     + "Raw-pixel 1-NN uses the same labeled images. "
     "sd is the sample standard deviation over the seeds.\n\n" + "\n".join(lines) + "\n"
   )
-  with open(args.output, "w") as f:
+  with open(FLAGS.output, "w") as f:
     f.write(text)
   print(text)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run_script(main)

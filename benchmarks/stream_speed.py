@@ -1,8 +1,8 @@
-"""Throughput of streamed JPEGs (utils/pipeline.streamed_views), ImageNet view recipe; writes misc/stream_speed.md.
+"""Streamed-JPEG throughput (utils/data/pipelines.streamed_views), ImageNet view recipe; writes misc/stream_speed.md.
 
 Generates JPEGs of ImageNet's typical size (500 x 375, 4:2:0 chroma, quality 90) in a temporary class
 folder and measures, in one process and in alternating rounds (the best round of each counts):
-  * streamed: utils/pipeline.streamed_views as pre-training runs it, 2 x 224 px crops at area scale
+  * streamed: utils/data/pipelines.streamed_views as pre-training runs it, 2 x 224 px crops at area scale
     (0.14, 1) and 6 x 96 px crops at (0.05, 0.14) per image, flip on, colour stage reduced to the
     normalisation (the crop work only);
   * the same from TFRecord shards of the same JPEGs (records read by byte offset);
@@ -10,32 +10,39 @@ folder and measures, in one process and in alternating rounds (the best round of
     boxes, slice, tf.image.resize(bilinear, antialias=True), batch, normalise. The target is streamed /
     baseline >= 0.8;
   * streamed with the ImageNet colour recipe (jitter s = 1 with p = 0.8, plus grayscale p = 0.2 and blur
-    p = 0.5 when utils/augment.py has them);
+    p = 0.5 when utils/data/augment.py has them);
   * one 224 px view per image (a support view): decoding only the crop's window of the JPEG, as the
     pipeline does for single views, against decoding the whole image;
   * eight views per image by decoding eight windows, against decoding once (what the pipeline does).
 
-  python benchmarks/stream_speed.py [--images 200] [--batch 32] [--rounds 3] [--output misc/stream_speed.md]
+  python -m benchmarks.stream_speed [--images=200] [--batch=32] [--epochs=3] [--rounds=3]
+                                    [--output=misc/stream_speed.md]
+
+from the repository root. The view recipe is fixed (ImageNet's, above): no --config.
 """
 
-import argparse
 import datetime
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from absl import app, flags
+import ml_collections
+import numpy as np
+from PIL import Image
+import tensorflow as tf
 
 from utils import devices
-from utils.data import augment, decoding, image_files, pipelines, sampling, sources  # noqa: E402
+from utils.data import augment, decoding, image_files, pipelines, sampling, sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+flags.DEFINE_integer("images", 200, "JPEGs generated.", lower_bound=1)
+flags.DEFINE_integer("batch", 32, "Images per step.", lower_bound=1)
+flags.DEFINE_integer("epochs", 3, "Passes over the images per measurement.", lower_bound=1)
+flags.DEFINE_integer("rounds", 3, "Alternating rounds; the best of each counts.", lower_bound=1)
+flags.DEFINE_string("output", os.path.join(ROOT, "misc", "stream_speed.md"), "Markdown file written.")
 
 LARGE, SMALL, MULTICROP = 224, 96, 6
 LARGE_SCALE, SMALL_SCALE = (0.14, 1.0), (0.05, 0.14)
@@ -192,14 +199,10 @@ def load_average():
     return float("nan")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--images", type=int, default=200, help="JPEGs generated")
-  parser.add_argument("--batch", type=int, default=32, help="images per step")
-  parser.add_argument("--epochs", type=int, default=3, help="passes over the images per measurement")
-  parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each counts")
-  parser.add_argument("--output", default=os.path.join(ROOT, "misc", "stream_speed.md"))
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings are flags (--images=200)")
+  args = flags.FLAGS  # parsed by app.run
 
   with tempfile.TemporaryDirectory() as folder:
     write_jpegs(folder, args.images)
@@ -237,7 +240,7 @@ def main():
     return f"median {np.median(per_round):.2f}x, per round " + " / ".join(f"{r:.2f}" for r in per_round)
 
   rows = [
-    ("streamed: utils/pipeline.streamed_views, crops only", "streamed", crops_per_image),
+    ("streamed: utils/data/pipelines.streamed_views, crops only", "streamed", crops_per_image),
     ("baseline: plain tf.data decode + crop + tf.image.resize", "baseline", crops_per_image),
     ("streamed from TFRecords (4 shards, records read by offset), crops only", "streamed_records", crops_per_image),
     ("streamed with the ImageNet colour recipe", "streamed_colour", crops_per_image),
@@ -248,8 +251,8 @@ def main():
   lines = [
     "# Streamed-image input speed",
     "",
-    f"Machine: {devices.machine_description()}. Written by `python benchmarks/stream_speed.py --images "
-    f"{args.images} --batch {args.batch} --epochs {args.epochs} --rounds {args.rounds}` on "
+    f"Machine: {devices.machine_description()}. Written by `python -m benchmarks.stream_speed --images="
+    f"{args.images} --batch={args.batch} --epochs={args.epochs} --rounds={args.rounds}` on "
     f"{datetime.date.today().isoformat()}; load average during the run {min(loads):.1f} to {max(loads):.1f} "
     f"(on {os.cpu_count()} cores). **Preliminary**: the machine was shared with other jobs, so absolute "
     "numbers are low and noisy; the rows were measured in alternating rounds in one process (best round of "
@@ -274,11 +277,11 @@ def main():
     f"- eight views, one decode / eight windows: {ratios('streamed', 'eight_windows')} (so multi-view images are "
     "decoded once).",
   ]
-  os.makedirs(os.path.dirname(args.output), exist_ok=True)
+  os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
   with open(args.output, "w") as file:
     file.write("\n".join(lines) + "\n")
   print("\n".join(lines))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

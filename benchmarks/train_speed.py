@@ -7,25 +7,28 @@ Measures, at the paper's CIFAR-10 shapes reduced to 32 unlabeled images and
     tf.function, with XLA, and run eagerly, in float32 and mixed_bfloat16;
   * a plain tf.function forward+backward of the encoder on the same crops (no
     loss, no optimizer): the floor the train step should stay close to;
-  * the input pipeline (utils/pipeline.pretrain_dataset, full colour
+  * the input pipeline (utils/data/pipelines.pretrain_dataset, full colour
     distortion) at the paper's full batch: 256 images x 8 views + 1280 supports;
   * the PAWS train step of the ImageNet model (ResNet-50, 2048-d heads) at a small batch: 4 unlabeled
     images x (2 x 224 px + 6 x 96 px views) + 15 classes x 1 support at 224 px (47 crops per step), in
-    float32, and in mixed_bfloat16 only on CPUs with AMX (utils/runtime.cpu_has_amx).
+    float32, and in mixed_bfloat16 only on CPUs with AMX (utils/devices.cpu_has_amx).
 Each measurement runs in a fresh process: the precision policy is process-wide.
 
-  python benchmarks/train_speed.py [--steps 10] [--output misc/speed.md]
+  python -m benchmarks.train_speed [--steps=10] [--only=compiled:float32,pipeline:float32]
+                                   [--output=misc/speed.md]
+
+from the repository root. The shapes are fixed (the cifar10 preset, reduced as above): no --config.
 """
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported (here and in the children)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 MEASUREMENTS = [  # (what, precision)
   ("compiled", "float32"),
@@ -49,6 +52,27 @@ DESCRIPTIONS = {
   "resnet50": "ResNet-50 PAWS train step, tf.function (ImageNet shapes, small batch)",
 }
 RESNET50_UNLABELED = 4  # unlabeled images per ResNet-50 step
+
+
+def _measurement(item):
+  """`WHAT:PRECISION` -> (what, precision), or None if it names no row of MEASUREMENTS."""
+  pair = tuple(item.split(":"))
+  return pair if pair in MEASUREMENTS else None
+
+
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per measurement.", lower_bound=1)
+_OUTPUT = flags.DEFINE_string("output", os.path.join(ROOT, "misc", "speed.md"), "Markdown file written.")
+_ONLY = flags.DEFINE_list(
+  "only",
+  None,
+  "Measure only these rows, e.g. compiled:float32,pipeline:float32 (default: all): "
+  + ", ".join(f"{what}:{precision}" for what, precision in MEASUREMENTS),
+)
+_ONE = flags.DEFINE_string("one", None, "Internal: one WHAT:PRECISION measurement in this process, for the parent.")
+flags.register_validator(
+  "only", lambda items: items is None or all(map(_measurement, items)), "each item must be a WHAT:PRECISION row"
+)
+flags.register_validator("one", lambda item: item is None or _measurement(item), "must be a WHAT:PRECISION row")
 
 
 def reduced_config(precision):
@@ -148,32 +172,24 @@ def measure(what, precision, num_steps):
   return benchmark.time_train_steps(config, strategy, what == "xla", num_steps), crops
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--output", default=os.path.join(ROOT, "misc", "speed.md"))
-  parser.add_argument("--one", nargs=2, metavar=("WHAT", "PRECISION"), help=argparse.SUPPRESS)
-  parser.add_argument(
-    "--only",
-    nargs="+",
-    metavar="WHAT:PRECISION",
-    help="measure only these rows, e.g. compiled:float32 pipeline:float32 (default: all)",
-  )
-  args = parser.parse_args()
-  if args.one:  # child process: one measurement, printed for the parent
-    seconds, crops = measure(*args.one, args.steps)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings are flags (--steps=10)")
+  if _ONE.value:  # child process: one measurement, printed for the parent
+    seconds, crops = measure(*_measurement(_ONE.value), _STEPS.value)
     print(f"RESULT {seconds} {crops}")
     return
   rows = {}
   from utils import devices
   from utils.devices import machine_description
 
-  chosen = [tuple(item.split(":")) for item in args.only] if args.only else MEASUREMENTS
+  chosen = [_measurement(item) for item in _ONLY.value] if _ONLY.value else MEASUREMENTS
   for what, precision in chosen:
     if what == "resnet50" and precision == "mixed_bfloat16" and not devices.cpu_has_amx():
-      continue  # as run.precision=auto: bf16 only with AMX (utils/runtime.resolve_precision)
+      continue  # as run.precision=auto: bf16 only with AMX (utils/devices.resolve_precision)
     result = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), "--one", what, precision, "--steps", str(args.steps)],
+      [sys.executable, "-m", "benchmarks.train_speed", f"--one={what}:{precision}", f"--steps={_STEPS.value}"],
+      cwd=ROOT,
       capture_output=True,
       text=True,
       check=True,
@@ -208,8 +224,9 @@ def main():
   ]
 
   text = (
-    f"# Pre-training speed\n\nMachine: {machine_description()}. Written by `python benchmarks/train_speed.py "
-    f"--steps {args.steps}{' --only ' + ' '.join(args.only) if args.only else ''}` on {time.strftime('%Y-%m-%d')}, "
+    f"# Pre-training speed\n\nMachine: {machine_description()}. Written by `python -m benchmarks.train_speed "
+    f"--steps={_STEPS.value}{' --only=' + ','.join(_ONLY.value) if _ONLY.value else ''}` on "
+    f"{time.strftime('%Y-%m-%d')}, "
     "machine otherwise idle.\n\n"
     "Train-step rows: WRN-28-2, 32 unlabeled images x (2 x 32 px + 6 x 18 px views) + "
     "10 classes x 8 supports x 2 views = 416 crops per step. Pipeline row: the paper's full batch "
@@ -221,10 +238,10 @@ def main():
     + "\n".join(notes)
     + "\n"
   )
-  with open(args.output, "w") as f:
+  with open(_OUTPUT.value, "w") as f:
     f.write(text)
   print(text)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

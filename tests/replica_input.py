@@ -1,6 +1,6 @@
 """Feeding a step test's global batch to the replicas as the input pipelines do: each replica its own share.
 
-utils/pipeline.py emits each replica's share of the global batch (its rows of the unlabeled views and of the
+utils/data/pipelines.py emits each replica's share of the global batch (its rows of the unlabeled views and of the
 support batch); these are the same shares of a batch built whole by a test.
 """
 

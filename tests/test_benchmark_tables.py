@@ -1,8 +1,10 @@
-"""benchmarks/digits_seeds.py's results table: values, summary rows, and the supervised column only when run."""
+"""benchmarks/digits_seeds.py's results table: values, summary rows, and the supervised column only when run;
+the benchmarks' command lines: `python -m benchmarks.NAME` with the entry scripts' --config flags."""
 
 import numpy as np
 
 from benchmarks import digits_seeds
+from tests import scriptrun
 
 ROWS = [
   (152, 97.78, 96.44, 136.4, 94.0, 91.11),
@@ -32,3 +34,26 @@ def test_results_table_without_baselines_drops_the_supervised_column():
   assert "supervised" not in lines[0] and "nan" not in "\n".join(lines)
   assert lines[1] == "|---|---|---|---|---|"
   assert cells(lines[3]) == ["100", "98.00", "98.00", "231", "90.00"]
+
+
+def test_digits_seeds_parses_config_flags_as_the_scripts_do(tmp_path):
+  # Parsed before anything runs: a misspelt field is one error line, exit 2, no run folder.
+  result = scriptrun.run(
+    "benchmarks.digits_seeds", "--config=config.py:digits", "--config.pretrain.epoch=1", f"--runs={tmp_path}/runs"
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "config.pretrain has no field 'epoch'; did you mean --config.pretrain.epochs?" in scriptrun.error_line(result)
+  assert not (tmp_path / "runs").exists()
+
+
+def test_activation_memory_runs_as_a_module_with_config_overrides():
+  result = scriptrun.run(
+    "benchmarks.activation_memory",
+    "--config=config.py:digits",
+    "--config.pretrain.batch_size=16",
+    "--precisions=float32",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  # 2 x 5 x 10 supports + 2 x 16 large views at 16 px, 6 x 16 small views at 10 px
+  assert "digits: WRN-10-1, one PAWS step on one device: 132 x 16 px + 96 x 10 px crops" in result.stdout
+  assert "float32: estimated peak" in result.stdout and "mixed_float16" not in result.stdout

@@ -1,7 +1,8 @@
 """The colabs run top to bottom on a CPU and show what they claim.
 
 Each notebook is executed with nbclient in a kernel of the interpreter running the
-tests, with colabs/ as the working directory, as a user opening it there would. Both
+tests, started with colabs/ as the working directory, as a user opening it there would;
+the setup cell changes into the repository root, from which the kernel then imports. Both
 notebooks run at the same time (one kernel each): together they need about 70
 CPU-seconds, most of it the one-epoch pre-training the visualization notebook starts,
 and the data notebook fits on the core that the training leaves idle, so the module
@@ -22,7 +23,7 @@ import pytest
 
 from tests import scriptrun
 
-COLABS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colabs")
+COLABS = os.path.join(scriptrun.ROOT, "colabs")
 NOTEBOOKS = ("data_prep.ipynb", "visualization_paws_projections.ipynb")
 TIMEOUT = 600  # seconds per cell: generous, for a loaded machine
 
@@ -112,6 +113,7 @@ def test_data_prep_notebook(executed):
   get, _ = executed
   notebook = get("data_prep.ipynb")
   text = text_output(notebook)
+  assert f"repository root: {os.path.realpath(scriptrun.ROOT)}" in text  # found from colabs/ and changed into
   # digits preset: 10 classes per batch, its support images per class, 2 large + small views of 4 images.
   per_class = scriptrun.config_with().pretrain.images_per_class
   assert "views: [(4, 16, 16, 3), (4, 16, 16, 3), (4, 10, 10, 3)" in text

@@ -13,6 +13,7 @@ from utils.model import encoder as encoder_lib
 def config(depth=28, width=2, prediction_head=False):
   return ml_collections.ConfigDict(
     dict(
+      name="wrn",
       depth=depth,
       width=width,
       hidden_dim=128,

@@ -45,7 +45,15 @@ def test_schedule_matches_the_reference_at_every_update(start_lr, peak_lr, final
 
 def tiny_encoder(prediction_head):
   model = ml_collections.ConfigDict(
-    dict(depth=10, width=1, hidden_dim=16, projection_dim=8, prediction_head=prediction_head, prediction_hidden_dim=4)
+    dict(
+      name="wrn",
+      depth=10,
+      width=1,
+      hidden_dim=16,
+      projection_dim=8,
+      prediction_head=prediction_head,
+      prediction_hidden_dim=4,
+    )
   )
   return encoder_lib.build_encoder(model, 8)
 

@@ -5,6 +5,7 @@ import os
 import platform
 
 from absl import logging
+from ml_collections import ConfigDict
 import tensorflow as tf
 import tf_keras
 
@@ -12,7 +13,7 @@ from utils import config_rules
 from utils.errors import UserError
 
 
-def cluster_task():
+def cluster_task() -> tuple[str, int] | None:
   """(task type, index) of this process in TF_CONFIG's cluster, or None when there is no TF_CONFIG."""
   setting = os.environ.get("TF_CONFIG")
   if not setting:
@@ -21,7 +22,7 @@ def cluster_task():
   return task.get("type", "worker"), int(task.get("index", 0))
 
 
-def is_chief():
+def is_chief() -> bool:
   """Whether this process writes the job's logs, plots and config, and prints: always on one machine; in a
   TF_CONFIG cluster the 'chief' task, or worker 0 when there is none (MultiWorkerMirroredStrategy's rule)."""
   task = cluster_task()
@@ -31,11 +32,11 @@ def is_chief():
   return task == ("chief", 0) if has_chief else task == ("worker", 0)
 
 
-def has_gpu():
+def has_gpu() -> bool:
   return bool(tf.config.list_physical_devices("GPU"))
 
 
-def use_xla(setting):
+def use_xla(setting: str | bool) -> bool:
   """'auto' means XLA on GPU only: on this project's CPU runs it made the step slower (docs/results.md)."""
   if setting == "auto":
     return has_gpu()
@@ -46,7 +47,7 @@ def use_xla(setting):
   config_rules.check_choice("run.jit_compile", setting)
 
 
-def configure_cpu_replicas(count):
+def configure_cpu_replicas(count: int) -> None:
   """Splits the physical CPU into `count` logical devices (run.cpu_replicas), so a laptop runs the multi-replica path.
 
   Must run before TensorFlow initialises its devices (anything that places a tensor does). 0 leaves the
@@ -71,7 +72,7 @@ def configure_cpu_replicas(count):
     ) from None
 
 
-def replicas_compile_with_xla(strategy):
+def replicas_compile_with_xla(strategy: tf.distribute.Strategy) -> bool:
   """Whether XLA can compile this strategy's per-replica step, collectives included (docs/running.md).
 
   One replica has no collectives. Several replicas compile only on whole GPUs: there MirroredStrategy runs
@@ -86,7 +87,7 @@ def replicas_compile_with_xla(strategy):
   return whole_gpus and all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in strategy.extended.worker_devices)
 
 
-def make_strategy(setting, cpu_replicas=0):
+def make_strategy(setting: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
   """Single device by default, MirroredStrategy with several GPUs, multi-worker from TF_CONFIG.
 
   With cpu_replicas (configure_cpu_replicas done), MirroredStrategy over the logical CPU devices: the
@@ -120,7 +121,7 @@ def make_strategy(setting, cpu_replicas=0):
   config_rules.check_choice("run.distribution", setting)
 
 
-def cpu_has_amx():
+def cpu_has_amx() -> bool:
   """True if this CPU has AMX bfloat16 tile instructions (read from /proc/cpuinfo)."""
   try:
     with open("/proc/cpuinfo") as f:
@@ -130,7 +131,7 @@ def cpu_has_amx():
   return "amx_bf16" in flags
 
 
-def resolve_precision(setting):
+def resolve_precision(setting: str) -> str:
   """'auto' picks the precision measured to be faster, not what the CPU flags merely allow.
 
   mixed_float16 on a GPU (tensor cores; the reference trains with fp16 autocast); mixed_bfloat16 on a
@@ -145,7 +146,7 @@ def resolve_precision(setting):
   return "mixed_bfloat16" if cpu_has_amx() else "float32"
 
 
-def setup_training(config):
+def setup_training(config: ConfigDict) -> tuple[tf.distribute.Strategy, bool]:
   """Precision policy, seeded initialisation, device strategy and XLA choice for a training script.
 
   Resolves config.run.precision in place (so the saved config says what ran). XLA asked for (or 'auto'
@@ -174,7 +175,7 @@ def setup_training(config):
   return strategy, jit_compile
 
 
-def set_precision(config):
+def set_precision(config: ConfigDict) -> None:
   """Resolves config.run.precision ('auto') in place and sets the global tf_keras dtype policy.
 
   Losses are always computed in float32, and the projection/prediction heads
@@ -185,7 +186,7 @@ def set_precision(config):
   logging.info(f"precision: {config.run.precision}")
 
 
-def machine_description():
+def machine_description() -> str:
   """CPU model, core count, Python version and GPUs, for the header of a benchmark table."""
   model = platform.processor() or platform.machine()
   try:

@@ -1,10 +1,12 @@
 """Soft-nearest-neighbour evaluation of a trained encoder (METHOD.md section 7), for nn_eval.py and the notebook."""
 
+from ml_collections import ConfigDict
 import numpy as np
 import tensorflow as tf
+import tf_keras
 
 from utils import losses
-from utils.data import pipelines
+from utils.data import decoding, pipelines
 from utils.errors import UserError
 from utils.model import encoder as encoder_lib
 from utils.model import saved
@@ -25,13 +27,13 @@ def encoder_directory(workdir: Workdir, choice: str = "auto") -> tuple[str, str,
   return choice, workdir.encoder, "paws_train.py"
 
 
-def load_float32_encoder(directory: str, config, written_by: str):
+def load_float32_encoder(directory: str, config: ConfigDict, written_by: str) -> tf_keras.Model:
   """The saved encoder, built in float32 whatever precision it was trained in (saved.float32_policy)."""
   with saved.float32_policy():
     return encoder_lib.load_encoder(directory, config, written_by)[0]
 
 
-def embed(encoder, images, batch_size, mean, std):
+def embed(encoder: tf_keras.Model, images, batch_size: int, mean, std) -> tf.Tensor:
   """Projection-head embeddings of images in batches (memory flat in len(images)).
 
   `images`: uint8 [N, H, W, 3], or a tf.data.Dataset of normalised batches (streamed files, utils/data/sources.py).
@@ -41,7 +43,9 @@ def embed(encoder, images, batch_size, mean, std):
   return tf.cast(tf.concat(parts, axis=0), tf.float32)
 
 
-def soft_nn_predict(support, support_labels, queries, num_classes, tau, batch_size):
+def soft_nn_predict(
+  support: tf.Tensor, support_labels, queries: tf.Tensor, num_classes: int, tau: float, batch_size: int
+) -> np.ndarray:
   """SNN class probabilities of the queries, in batches of queries (one-hot support labels)."""
   one_hot = tf.one_hot(support_labels, num_classes)
   return tf.concat(
@@ -49,7 +53,15 @@ def soft_nn_predict(support, support_labels, queries, num_classes, tau, batch_si
   ).numpy()
 
 
-def evaluate(encoder, data, eval_config, support_images, support_labels, test_images, test_labels):
+def evaluate(
+  encoder: tf_keras.Model,
+  data: ConfigDict,
+  eval_config: ConfigDict,
+  support_images,
+  support_labels: np.ndarray,
+  test_images,
+  test_labels: np.ndarray,
+) -> tuple[dict, np.ndarray, np.ndarray]:
   """Soft-NN top-1 of the test images with the labeled images as supports.
 
   Args:
@@ -83,25 +95,25 @@ def evaluate(encoder, data, eval_config, support_images, support_labels, test_im
 def evaluation_images(source, data, batch_size):
   """(query batches or uint8 arrays, labels) of a Source's evaluation set for evaluate_classifier.
 
-  Files: Resize + CenterCrop (stream_eval_dataset). Arrays (cifar10, digits): the whole images, as the
-  soft-NN evaluation uses them.
+  Files: Resize + CenterCrop (pipelines.stream_eval_dataset with decoding.resize_centre_crop). Arrays (cifar10,
+  digits): the whole images, as the soft-NN evaluation uses them.
   """
   if not source.streamed:
     return source.test_images, source.test_labels
   if source.evaluation is None:
     raise UserError(source.evaluation_hint)
-  queries = pipelines.stream_centre_crop_dataset(
-    source.evaluation, np.arange(len(source.evaluation)), batch_size, data.image_size, data.mean, data.std
+  queries = pipelines.stream_eval_dataset(
+    source.evaluation, np.arange(len(source.evaluation)), data, batch_size, decoding.resize_centre_crop
   )
   return queries, source.evaluation.labels
 
 
-def evaluate_classifier(model, images, labels, batch_size=256, mean=None, std=None):
+def evaluate_classifier(model: tf_keras.Model, images, labels, batch_size: int = 256, mean=None, std=None) -> dict:
   """Top-1 and top-5 accuracy (%) of the classifier on the queries.
 
   Args:
     model: a Classifier.
-    images: a tf.data.Dataset of normalised float batches (stream_eval_dataset), or uint8 [N, H, W, 3]
+    images: a tf.data.Dataset of normalised float batches (evaluation_images), or uint8 [N, H, W, 3]
       arrays used whole (then mean and std are required).
     labels: int [N].
   Returns:

@@ -16,8 +16,10 @@ The class names, in label order, are in `class_names.txt` next to the model (one
 
 import os
 
+from ml_collections import ConfigDict
 import numpy as np
 import tensorflow as tf
+import tf_keras
 
 from utils import evaluation, losses
 from utils.data import augment
@@ -48,7 +50,7 @@ CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "
 DATASET_CLASS_NAMES = {"cifar10": CIFAR10_CLASS_NAMES, "digits": tuple(str(digit) for digit in range(10))}
 
 
-def dataset_class_names(dataset):
+def dataset_class_names(dataset: str) -> tuple[str, ...] | None:
   """Class names of a built-in dataset in label order, or None for a dataset without known names."""
   return DATASET_CLASS_NAMES.get(dataset)
 
@@ -110,7 +112,7 @@ class SoftNNClassifier(tf.Module):
     return {PROBABILITIES_NAME: probabilities, EMBEDDING_NAME: tf.math.l2_normalize(projection, axis=-1)}
 
 
-def check_export_directory(directory):
+def check_export_directory(directory: str) -> None:
   """Fails early (before a long evaluation) if `directory` cannot receive a SavedModel.
 
   Accepted: a path that does not exist yet (under a writable folder, when local), an empty folder, or a previous
@@ -153,7 +155,15 @@ def write_class_names(path, class_names):
     file.write("".join(f"{name}\n" for name in class_names))
 
 
-def export_model(directory, encoder, data, eval_config, support_images, support_labels, class_names=None):
+def export_model(
+  directory: str,
+  encoder: tf_keras.Model,
+  data: ConfigDict,
+  eval_config: ConfigDict,
+  support_images,
+  support_labels: np.ndarray,
+  class_names=None,
+) -> "SoftNNClassifier":
   """Embeds the supports and saves the soft-NN classifier as a SavedModel plus class_names.txt.
 
   Args:

@@ -2,16 +2,17 @@
 
 import json
 
+from ml_collections import ConfigDict
 import tensorflow as tf
 
 from utils.errors import UserError
 
 
-def config_to_dict(config):
+def config_to_dict(config: ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
-def write_file(path, contents):
+def write_file(path: str, contents: str | bytes) -> None:
   """Writes bytes or text to any tf.io.gfile path (local, gs://, ...) atomically: temp file + rename.
 
   A crash leaves the old file whole; on object stores (gs://) the rename is a copy then a delete, so a
@@ -26,12 +27,12 @@ def write_file(path, contents):
   tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
-def write_json(path, value):
+def write_json(path: str, value) -> None:
   """Writes JSON atomically (write_file), so a crash leaves the old file."""
   write_file(path, json.dumps(value, indent=2, sort_keys=True))
 
 
-def read_json(path, what):
+def read_json(path: str, what: str):
   if not tf.io.gfile.exists(path):
     raise UserError(f"{path} not found: {what}")
   with tf.io.gfile.GFile(path) as f:

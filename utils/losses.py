@@ -24,7 +24,7 @@ def _safe_log(x):
   return tf.math.log(tf.maximum(x, LOG_FLOOR))
 
 
-def sharpen(p, T):
+def sharpen(p: tf.Tensor, T: float) -> tf.Tensor:
   """Sharpens distributions along the last axis (METHOD.md section 2).
 
   sharpen(p)_k = p_k^(1/T) / sum_j p_j^(1/T).
@@ -40,7 +40,7 @@ def sharpen(p, T):
   return powered / tf.reduce_sum(powered, axis=-1, keepdims=True)
 
 
-def snn(query, supports, support_labels, tau):
+def snn(query: tf.Tensor, supports: tf.Tensor, support_labels: tf.Tensor, tau: float) -> tf.Tensor:
   """Soft nearest-neighbour class probabilities (METHOD.md section 2).
 
   snn(q, S, Y) = softmax(q . S^T / tau) . Y with q and S L2-normalised and the
@@ -62,7 +62,14 @@ def snn(query, supports, support_labels, tau):
   return tf.matmul(weights, support_labels)
 
 
-def support_labels(num_classes, images_per_class, views=1, num_replicas=1, smoothing=0.0, unique_classes=False):
+def support_labels(
+  num_classes: int,
+  images_per_class: int,
+  views: int = 1,
+  num_replicas: int = 1,
+  smoothing: float = 0.0,
+  unique_classes: bool = False,
+) -> tf.Tensor:
   """Label rows of the gathered support batch (METHOD.md section 2), as utils/data/sampling.py lays it out.
 
   One device's support batch is K * images_per_class rows interleaved by class (row i has class i mod K).
@@ -113,7 +120,9 @@ class SnnInputs(NamedTuple):
   support_labels: tf.Tensor  # [Ns, K] their label rows (support_labels)
 
 
-def paws_loss(anchors: SnnInputs, targets: SnnInputs, tau=0.1, T=0.25, multicrop=6, me_max=True):
+def paws_loss(
+  anchors: SnnInputs, targets: SnnInputs, tau: float = 0.1, T: float = 0.25, multicrop: int = 6, me_max: bool = True
+) -> tuple[tf.Tensor, tf.Tensor]:
   """PAWS cross-entropy and me-max terms (METHOD.md section 2).
 
   p = snn(anchors.views, anchors.supports, Y_a, tau) with gradient;
@@ -173,7 +182,7 @@ def paws_loss(anchors: SnnInputs, targets: SnnInputs, tau=0.1, T=0.25, multicrop
   return ce, me_max_term
 
 
-def suncet_loss(z, labels, tau=0.1):
+def suncet_loss(z: tf.Tensor, labels: tf.Tensor, tau: float = 0.1) -> tf.Tensor:
   """SuNCEt loss: SNN over the other labelled embeddings (METHOD.md section 2).
 
   Each row i is classified by softmax_{j != i}(z_i . z_j / tau) . Y with z

@@ -19,7 +19,7 @@ def _write_png(figure, path):
   return path
 
 
-def loss_curves(epoch_metrics, path, keys, title):
+def loss_curves(epoch_metrics: dict, path: str, keys: tuple[str, ...], title: str) -> str:
   """One line per metric key against the epoch number."""
   figure = Figure(figsize=(6, 4))
   axis = figure.subplots()
@@ -35,7 +35,7 @@ def loss_curves(epoch_metrics, path, keys, title):
   return _write_png(figure, path)
 
 
-def confusion_matrix(matrix, path, title):
+def confusion_matrix(matrix: np.ndarray, path: str, title: str) -> str:
   """Row-normalised confusion matrix with counts in the cells."""
   figure = Figure(figsize=(5.5, 5))
   axis = figure.subplots()
@@ -60,7 +60,7 @@ def confusion_matrix(matrix, path, title):
   return _write_png(figure, path)
 
 
-def pca_projection(embeddings, labels, path, title):
+def pca_projection(embeddings: np.ndarray, labels: np.ndarray, path: str, title: str) -> str:
   """Scatter of the first two principal components, coloured by class."""
   points = PCA(n_components=2).fit_transform(embeddings)
   figure = Figure(figsize=(6, 5))

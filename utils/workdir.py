@@ -19,6 +19,7 @@ import re
 import socket
 import sys
 
+from ml_collections import ConfigDict
 import tensorflow as tf
 
 from utils import devices, fileio
@@ -89,7 +90,7 @@ class Workdir:
     return Workdir(worker_directory(self.root))
 
 
-def worker_directory(directory):
+def worker_directory(directory: str) -> str:
   """Where this process keeps what every worker must write: `directory` on the chief, else
   `directory/workers/<type><index>`.
 
@@ -103,7 +104,7 @@ def worker_directory(directory):
   return os.path.join(directory, "workers", f"{kind}{index}")
 
 
-def prepare_workdir(workdir):
+def prepare_workdir(workdir: str) -> str:
   """Creates the workdir, checks it is writable and locks it (lock_workdir) before any work starts.
 
   Any file system tf.io.gfile knows works (local, gs://, ...): every run output goes through it. In a
@@ -133,7 +134,7 @@ def _reason(error):
   return str(getattr(error, "message", error)).strip().splitlines()[0][:200]
 
 
-def check_config(config, path, sections, force=False):
+def check_config(config: ConfigDict, path: str, sections: tuple[str, ...], force: bool = False) -> dict:
   """Saves the resolved config to `path`, or checks it against the saved one.
 
   Only the listed config sections are compared: they define what the run in
@@ -166,7 +167,7 @@ LOCK_FILE = ".lock"
 _LOCKS = {}  # real path of each workdir this process holds -> its open lock file (None: not lockable, warned)
 
 
-def lock_workdir(workdir):
+def lock_workdir(workdir: str):
   """Locks `workdir` for the rest of this process, or raises UserError naming the process that holds it.
 
   An exclusive fcntl.flock on WORKDIR/.lock: the kernel releases it when the holder exits, also when it

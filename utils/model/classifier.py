@@ -11,6 +11,7 @@ This module holds the model and its files; its optimizer and step are in utils/t
 steps.classifier_steps), its input in utils/data/pipelines.py, its top-1/top-5 in utils/evaluation.py.
 """
 
+from ml_collections import ConfigDict
 import tensorflow as tf
 import tf_keras
 
@@ -46,7 +47,7 @@ class Classifier(tf_keras.Model):
     return self.head(hidden)
 
 
-def from_encoder(encoder, num_classes, image_size):
+def from_encoder(encoder: encoder_lib.Encoder, num_classes: int, image_size: int) -> Classifier:
   """A Classifier sharing the encoder's trunk and first projection block (same layer objects, same weights)."""
   dense, bn = (encoder.projection.get_layer(name) for name in KEPT_BLOCK)
   model = Classifier(encoder.trunk, dense, bn, num_classes, name="classifier_model")
@@ -54,7 +55,7 @@ def from_encoder(encoder, num_classes, image_size):
   return model
 
 
-def build(config, num_classes, encoder_directory=None):
+def build(config: ConfigDict, num_classes: int, encoder_directory: str | None = None) -> Classifier:
   """The Classifier of the config's model: from the encoder saved in `encoder_directory`, else random."""
   if encoder_directory is None:
     encoder = encoder_lib.build_encoder(config.model, config.data.image_size)
@@ -63,7 +64,7 @@ def build(config, num_classes, encoder_directory=None):
   return from_encoder(encoder, num_classes, config.data.image_size)
 
 
-def save(model: Classifier, config, directory: str, step: int) -> str:
+def save(model: Classifier, config: ConfigDict, directory: str, step: int) -> str:
   """Writes the classifier's weights and what load() checks next to them (e.g. WORKDIR/finetuned)."""
   meta = saved.model_meta(config, num_classes=model.num_classes, finetune_step=step)
   return saved.save(model, saved.CLASSIFIER, directory, meta)
@@ -73,7 +74,7 @@ def exists(directory: str) -> bool:
   return saved.exists(directory, saved.CLASSIFIER)
 
 
-def load(directory: str, config) -> tuple[Classifier, dict]:
+def load(directory: str, config: ConfigDict) -> tuple[Classifier, dict]:
   """Rebuilds the classifier save() wrote, in float32 (saved.float32_policy), for evaluation; one-line errors
   when missing, from another model config or unreadable."""
   missing = "no fine-tuned classifier there; run fine_tune.py first with this --workdir"

@@ -4,6 +4,7 @@ METHOD.md section 3. `model.name` in config.py picks the trunk: "wrn" (CIFAR-10,
 paper's ImageNet network); the heads take their input width from the trunk's output.
 """
 
+from ml_collections import ConfigDict
 import numpy as np
 import tensorflow as tf
 import tf_keras
@@ -218,11 +219,10 @@ class Encoder(tf_keras.Model):
     return h, z
 
 
-def build_encoder(model_config, image_size, synchronized_bn=False):
+def build_encoder(model_config: ConfigDict, image_size: int, synchronized_bn: bool = False) -> "Encoder":
   """Builds an Encoder from the config's `model` section and creates its variables."""
   encoder = Encoder(
-    # A model section without `name` (configs written before it existed) means the WRN.
-    model_name=model_config.get("name", "wrn"),
+    model_name=model_config.name,
     depth=model_config.depth,
     width=model_config.width,
     projection_dim=model_config.projection_dim,
@@ -236,12 +236,12 @@ def build_encoder(model_config, image_size, synchronized_bn=False):
   return encoder
 
 
-def build_for_strategy(config, strategy):
+def build_for_strategy(config: ConfigDict, strategy: tf.distribute.Strategy) -> "Encoder":
   """build_encoder for the config's model and image size, with synchronised BatchNorm across replicas."""
   return build_encoder(config.model, config.data.image_size, synchronized_bn=strategy.num_replicas_in_sync > 1)
 
 
-def embed_views(encoder, view_groups, training):
+def embed_views(encoder: "Encoder", view_groups: list[list[tf.Tensor]], training: bool) -> tuple[tf.Tensor, tf.Tensor]:
   """Embeds groups of same-resolution view batches, one encoder call per group.
 
   All batches in a group share BatchNorm batch statistics (METHOD.md section 3:
@@ -264,7 +264,7 @@ def embed_views(encoder, view_groups, training):
   return tf.concat(h_parts, axis=0), tf.concat(z_parts, axis=0)
 
 
-def reestimate_batch_norm(encoder, images):
+def reestimate_batch_norm(encoder: tf_keras.Model, images: tf.Tensor) -> None:
   """Sets every BatchNorm's moving statistics to those of `images` (one batch).
 
   A network trained from scratch on a few images ends with moving averages that
@@ -288,12 +288,12 @@ def exists(directory: str) -> bool:
   return saved.exists(directory, saved.ENCODER)
 
 
-def save_encoder(encoder: tf_keras.Model, config, directory: str, step: int) -> str:
+def save_encoder(encoder: tf_keras.Model, config: ConfigDict, directory: str, step: int) -> str:
   """Writes the encoder weights and the model config fine_tune.py / nn_eval.py need (any tf.io.gfile path)."""
   return saved.save(encoder, saved.ENCODER, directory, saved.model_meta(config, pretrain_step=step))
 
 
-def load_encoder(directory: str, config, what: str) -> tuple[tf_keras.Model, dict]:
+def load_encoder(directory: str, config: ConfigDict, what: str) -> tuple[tf_keras.Model, dict]:
   """Rebuilds the encoder saved by save_encoder; errors if missing or from another model config.
 
   what: the script that writes `directory`, for the message when it is missing.

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import os
 
+from ml_collections import ConfigDict
 import tensorflow as tf
 import tf_keras
 
@@ -41,7 +42,7 @@ def save(model: tf_keras.Model, kind: Kind, directory: str, meta: dict) -> str:
   return directory
 
 
-def model_meta(config, **more) -> dict:
+def model_meta(config: ConfigDict, **more) -> dict:
   """The meta data every saved model carries: the model config, image size and preset name, plus `more`."""
   return {
     "model": fileio.config_to_dict(config)["model"],
@@ -56,7 +57,7 @@ def read_meta(directory: str, kind: Kind, missing: str) -> dict:
   return fileio.read_json(os.path.join(directory, kind.meta_file), missing)
 
 
-def changed_fields(meta: dict, config, check_image_size: bool) -> list[str]:
+def changed_fields(meta: dict, config: ConfigDict, check_image_size: bool) -> list[str]:
   """The config fields (model.*, data.image_size) whose values differ from those the model was saved with."""
   wanted = fileio.config_to_dict(config)["model"]
   changed = sorted(f"model.{key}" for key in wanted if meta["model"].get(key) != wanted[key])

@@ -2,6 +2,7 @@
 
 import time
 
+from ml_collections import ConfigDict
 import tensorflow as tf
 
 from utils.data import sampling
@@ -10,13 +11,13 @@ from utils.train import loop as train_loop
 from utils.train import optim, steps
 
 
-def crops_per_step(pretrain):
+def crops_per_step(pretrain: ConfigDict) -> int:
   """Crops embedded per pre-training step: unlabeled views plus support views."""
   p = pretrain
   return p.batch_size * (2 + p.multicrop) + p.support_views * p.images_per_class * p.classes_per_batch
 
 
-def time_train_steps(config, strategy, jit_compile, num_steps):
+def time_train_steps(config: ConfigDict, strategy: tf.distribute.Strategy, jit_compile: bool, num_steps: int) -> float:
   """Seconds per compiled PAWS step on random inputs of the config's shapes, after a warm-up."""
   p = config.pretrain
   large, small = config.data.large_crop_size, config.data.small_crop_size
@@ -44,7 +45,7 @@ def time_train_steps(config, strategy, jit_compile, num_steps):
   return (time.perf_counter() - start) / num_steps
 
 
-def report(config, strategy, jit_compile, num_steps):
+def report(config: ConfigDict, strategy: tf.distribute.Strategy, jit_compile: bool, num_steps: int) -> str:
   """One line: steps/s and crops/s of the compiled step on this machine."""
   seconds = time_train_steps(config, strategy, jit_compile, num_steps)
   crops = crops_per_step(config.pretrain)

@@ -17,6 +17,7 @@ import threading
 import time
 
 from absl import logging
+from ml_collections import ConfigDict
 import numpy as np
 import tensorflow as tf
 import tf_keras
@@ -59,7 +60,7 @@ def create_train_state(
   return TrainState(model, optimizer, step)
 
 
-def restore(state, directory, keep, log=print):
+def restore(state: TrainState, directory: str, keep: int, log: Callable[[str], None] = print) -> str | None:
   """Attaches a CheckpointManager on `directory` to the state and restores its newest intact checkpoint.
 
   Restore order: the newest checkpoint in `directory`; if it is truncated or corrupted, the one before
@@ -81,7 +82,7 @@ def restore(state, directory, keep, log=print):
   return None
 
 
-def save(state):
+def save(state: TrainState) -> str:
   """Writes a checkpoint numbered by the current step; a full disk or failed write is a one-line error."""
   try:
     return state.manager.save(checkpoint_number=int(state.step.numpy()))
@@ -131,7 +132,7 @@ class MetricsLog:
     self.writer.close()
 
 
-def read_log(path, kind):
+def read_log(path: str, kind: str) -> list[dict]:
   """The records of one kind ('step' or 'epoch') from a metrics log."""
   with tf.io.gfile.GFile(path) as f:
     return [r for r in map(json.loads, f) if r.get("kind") == kind]
@@ -166,7 +167,15 @@ class _StopSignals:
       signal.signal(sig, handler)
 
 
-def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=True):
+def run_loop(
+  train_steps: Callable,
+  iterator,
+  state: TrainState,
+  loop: Loop,
+  run_config: ConfigDict,
+  workdir: str | None,
+  verbose: bool = True,
+) -> str | None:
   """Runs compiled steps until state.step reaches loop.total_steps.
 
   Args:
@@ -246,7 +255,7 @@ def run_loop(train_steps, iterator, state, loop, run_config, workdir, verbose=Tr
   return log.path if log else None
 
 
-def epoch_means(path):
+def epoch_means(path: str) -> dict[str, np.ndarray]:
   """Per-epoch mean metrics from a metrics log, as a dict of numpy arrays."""
   records = read_log(path, "epoch")
   keys = records[0].keys() if records else []

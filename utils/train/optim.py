@@ -54,12 +54,14 @@ class WarmupCosineSchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
     )
 
 
-def warmup_cosine_schedule(start_lr, peak_lr, final_lr, warmup_steps, total_steps):
+def warmup_cosine_schedule(
+  start_lr: float, peak_lr: float, final_lr: float, warmup_steps: int, total_steps: int
+) -> WarmupCosineSchedule:
   """Linear warm-up start_lr -> peak_lr over warmup_steps, then cosine towards final_lr (WarmupCosineSchedule)."""
   return WarmupCosineSchedule(start_lr, peak_lr, final_lr, warmup_steps, total_steps)
 
 
-def build_lars(learning_rate, momentum, weight_decay, eta, precision="float32"):
+def build_lars(learning_rate, momentum: float, weight_decay: float, eta: float, precision: str = "float32"):
   """Model Garden LARS over SGD momentum (no Nesterov), coupled L2 weight decay.
 
   Biases and BatchNorm parameters are excluded from both the trust-ratio
@@ -79,7 +81,7 @@ def build_lars(learning_rate, momentum, weight_decay, eta, precision="float32"):
   return loss_scaled(optimizer, precision)
 
 
-def build_sgd(learning_rate, momentum, precision="float32"):
+def build_sgd(learning_rate, momentum: float, precision: str = "float32"):
   """SGD with Nesterov momentum (tf_keras legacy, as LARS), loss-scaled under mixed_float16.
 
   tf_keras: v <- momentum v - lr g; w <- w + momentum v - lr g. PyTorch keeps v <- momentum v + g and
@@ -108,6 +110,6 @@ def create_slots(optimizer, variables) -> None:
   optimizer._create_all_weights(variables)  # pylint: disable=protected-access
 
 
-def decayed_variables(model):
+def decayed_variables(model: tf_keras.Model) -> list[tf.Variable]:
   """The variables weight decay applies to: not biases, not BatchNorm scale/offset (as the reference's groups)."""
   return [v for v in model.trainable_variables if not any(re.search(p, v.name) for p in LARS_EXCLUDE)]

@@ -9,7 +9,11 @@ places them on their devices); supports are all-gathered so that the loss is
 that of the global batch.
 """
 
+from collections.abc import Callable
+
+from ml_collections import ConfigDict
 import tensorflow as tf
+import tf_keras
 
 from utils import losses
 from utils.data import sampling
@@ -17,7 +21,9 @@ from utils.model import encoder as encoder_lib
 from utils.train import optim
 
 
-def compile_steps(strategy, step_fn, metric_names, jit_compile):
+def compile_steps(
+  strategy: tf.distribute.Strategy, step_fn: Callable, metric_names: tuple[str, ...], jit_compile: bool
+) -> Callable:
   """Wraps a per-replica step into one compiled call running `num_steps` updates.
 
   step_fn(*batch) returns a dict of scalar metrics; the call returns their
@@ -51,7 +57,9 @@ def all_gather(replica, value):
   return tf.ensure_shape(replica.all_reduce("SUM", padded), [count * rows] + value.shape[1:].as_list())
 
 
-def paws_steps(config, strategy, encoder, optimizer, jit_compile):
+def paws_steps(
+  config: ConfigDict, strategy: tf.distribute.Strategy, encoder: tf_keras.Model, optimizer, jit_compile: bool
+) -> Callable:
   """The compiled PAWS update: forward by resolution, PAWS loss, LARS step."""
   p = config.pretrain
   num_replicas = strategy.num_replicas_in_sync
@@ -104,7 +112,14 @@ def paws_steps(config, strategy, encoder, optimizer, jit_compile):
   return compile_steps(strategy, step_fn, ("loss", "ce", "me_max"), jit_compile)
 
 
-def suncet_steps(config, strategy, encoder, optimizer, jit_compile, bn_training):
+def suncet_steps(
+  config: ConfigDict,
+  strategy: tf.distribute.Strategy,
+  encoder: tf_keras.Model,
+  optimizer,
+  jit_compile: bool,
+  bn_training: bool,
+) -> Callable:
   """The compiled SuNCEt update on one class-stratified batch."""
   f = config.finetune
   num_replicas = strategy.num_replicas_in_sync
@@ -133,7 +148,9 @@ def suncet_steps(config, strategy, encoder, optimizer, jit_compile, bn_training)
 METRICS = ("loss", "accuracy")
 
 
-def classifier_steps(config, strategy, model, optimizer, jit_compile):
+def classifier_steps(
+  config: ConfigDict, strategy: tf.distribute.Strategy, model: tf_keras.Model, optimizer, jit_compile: bool
+) -> Callable:
   """The compiled cross-entropy update; step_fn gets this replica's (images [B, S, S, 3], labels [B]).
 
   The replica's loss is the mean over its rows; divided by the number of replicas, the summed gradients

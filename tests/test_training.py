@@ -6,6 +6,7 @@ signal tests at the end send SIGTERM / SIGINT to a real `paws_train.py` run.
 
 import errno
 import glob
+import logging
 import os
 import signal
 import time
@@ -58,11 +59,34 @@ def test_loop_logs_every_step_and_checkpoints_at_cadence_and_epoch_ends(tmp_path
   state = tiny_state(str(tmp_path / "ckpt"))
   loop = train_loop.Loop("pretrain", total_steps=5, steps_per_epoch=3, images_per_step=4, learning_rate=lambda s: 0.1)
   losses = [5.0, 4.0, 3.0, 2.0, 1.0]
-  path = train_loop.run_loop(fake_steps(state, losses), None, state, loop, RUN, str(tmp_path), verbose=False)
+  path = train_loop.run_loop(fake_steps(state, losses), None, state, loop, RUN, str(tmp_path), interactive=False)
   assert [r["loss"] for r in train_loop.read_log(path, "step")] == losses
   epochs = train_loop.read_log(path, "epoch")
   assert [r["loss"] for r in epochs] == [4.0, 1.5]  # means over steps 1-3 and 4-5
   assert checkpoint_steps(str(tmp_path / "ckpt")) == [2, 3, 4, 5]  # every 2 steps and at epoch ends
+
+
+def test_a_log_file_gets_plain_lines_at_the_log_cadence_and_per_epoch(tmp_path, caplog):
+  """Not a terminal: no progress bar (it would append every update to one line), one line per log_every steps
+  and per epoch, each with the step, the metrics, the elapsed time and the ETA."""
+  state = tiny_state(str(tmp_path / "ckpt"))
+  loop = train_loop.Loop("pretrain", total_steps=5, steps_per_epoch=3, images_per_step=4, learning_rate=lambda s: 0.1)
+  run = ml_collections.ConfigDict(dict(RUN.to_dict(), log_every=2))
+  with caplog.at_level(logging.INFO):
+    train_loop.run_loop(fake_steps(state, [5.0, 4.0, 3.0, 2.0, 1.0]), None, state, loop, run, None, interactive=False)
+  lines = [record.getMessage() for record in caplog.records if record.pathname == train_loop.__file__]
+  assert [line.split(":")[0] for line in lines] == [
+    "epoch 1/2",
+    "step 2/5",
+    "epoch 1 done, step 3/5, means",
+    "epoch 2/2",
+    "step 4/5",
+    "epoch 2 done, step 5/5, means",
+  ]
+  assert "loss 4, lr 0.1, img/s" in lines[1] and "elapsed " in lines[1] and "ETA " in lines[1]
+  assert lines[2].startswith("epoch 1 done, step 3/5, means: loss 4, lr 0.1, elapsed")  # mean of 5, 4, 3
+  assert lines[-1].endswith("ETA 0 s")
+  assert not any("\r" in line or "[=" in line for line in lines)
 
 
 @pytest.mark.parametrize("number,exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -73,7 +97,9 @@ def test_signal_saves_a_checkpoint_at_the_current_step_then_stops(tmp_path, numb
   sent = lambda step: step == 2 and os.kill(os.getpid(), number)  # arrives while step 3 runs
   previous_handler = signal.getsignal(number)
   with pytest.raises(Interrupted, match="stopped at step 3 of 10") as raised:
-    train_loop.run_loop(fake_steps(state, np.arange(10.0), sent), None, state, loop, RUN, str(tmp_path), verbose=False)
+    train_loop.run_loop(
+      fake_steps(state, np.arange(10.0), sent), None, state, loop, RUN, str(tmp_path), interactive=False
+    )
   assert raised.value.exit_code == exit_code
   assert signal.getsignal(number) is previous_handler  # the loop's handler is removed again
   assert checkpoint_steps(directory) == [2, 3]
@@ -97,7 +123,9 @@ def test_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(t
   weights_at_2 = {}
   record = lambda step: step == 2 and weights_at_2.setdefault("w", state.model.get_weights()[0].copy())
   with pytest.raises(UserError, match="No space left on device.*ckpt-2\\) is intact"):
-    train_loop.run_loop(fake_steps(state, np.arange(6.0), record), None, state, loop, RUN, str(tmp_path), verbose=False)
+    train_loop.run_loop(
+      fake_steps(state, np.arange(6.0), record), None, state, loop, RUN, str(tmp_path), interactive=False
+    )
   resumed = tiny_state(directory)
   assert int(resumed.step.numpy()) == 2
   np.testing.assert_array_equal(resumed.model.get_weights()[0], weights_at_2["w"])
@@ -109,7 +137,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
   loop = train_loop.Loop("pretrain", total_steps=6, steps_per_epoch=6, images_per_step=4, learning_rate=lambda s: 0.1)
   losses = [1.0, 1.0, 1.0, float("nan"), 1.0, 1.0]
   with pytest.raises(UserError, match="non-finite at step 4"):
-    train_loop.run_loop(fake_steps(state, losses), None, state, loop, RUN, str(tmp_path), verbose=False)
+    train_loop.run_loop(fake_steps(state, losses), None, state, loop, RUN, str(tmp_path), interactive=False)
   assert checkpoint_steps(directory) == [2]
 
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -167,6 +168,57 @@ class _StopSignals:
       signal.signal(sig, handler)
 
 
+class Progress:
+  """What the console shows of the loop: keras' live progress bar on a terminal; in a file (`nohup python
+  paws_train.py ... > train.log`), where a live bar would append every update to one line, one plain line
+  per `run.log_every` steps and one per epoch."""
+
+  def __init__(self, loop: Loop, start_step: int, log_every: int, interactive: bool):
+    self.loop, self.log_every, self.interactive = loop, log_every, interactive
+    self.start_step, self.started = start_step, time.perf_counter()
+    self.bar = None
+
+  def start_epoch(self, epoch: int, first_step: int, last_step: int) -> None:
+    """Before epoch `epoch` (0-based), which runs steps first_step + 1 .. last_step."""
+    logging.info(f"epoch {epoch + 1}/{math.ceil(self.loop.total_steps / self.loop.steps_per_epoch)}")
+    self.first_step = first_step
+    if self.interactive:
+      self.bar = tf_keras.utils.Progbar(
+        last_step - first_step, stateful_metrics=["lr", "img/s"], verbose=1, unit_name="step"
+      )
+
+  def update(self, step: int, num_steps: int, shown: dict) -> None:
+    """After the steps up to `step` (num_steps of them in the last call), with the metrics `shown`."""
+    if self.interactive:
+      self.bar.update(step - self.first_step, list(shown.items()))
+    elif step % self.log_every < num_steps:
+      logging.info(self.line(f"step {step}/{self.loop.total_steps}", step, shown))
+
+  def end_epoch(self, epoch: int, step: int, means: dict) -> None:
+    if not self.interactive:
+      logging.info(self.line(f"epoch {epoch + 1} done, step {step}/{self.loop.total_steps}, means", step, means))
+
+  def line(self, head: str, step: int, metrics: dict) -> str:
+    """'HEAD: loss -0.6020, ce 1.6466, ..., elapsed 12 s, ETA 1:05': elapsed since this run started."""
+    elapsed = time.perf_counter() - self.started
+    done = step - self.start_step
+    eta = elapsed / done * (self.loop.total_steps - step) if done else 0.0
+    values = ", ".join(
+      f"{key} {value:.4g}" if key != "img/s" else f"{key} {value:.0f}" for key, value in metrics.items()
+    )
+    return f"{head}: {values}, elapsed {_duration(elapsed)}, ETA {_duration(eta)}"
+
+
+def _duration(seconds: float) -> str:
+  """'45 s', '12:05' (minutes:seconds) or '3:02:05' (hours)."""
+  seconds = round(seconds)
+  if seconds < 60:
+    return f"{seconds} s"
+  minutes, seconds = divmod(seconds, 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
 def run_loop(
   train_steps: Callable,
   iterator,
@@ -174,7 +226,7 @@ def run_loop(
   loop: Loop,
   run_config: ConfigDict,
   workdir: str | None,
-  verbose: bool = True,
+  interactive: bool | None = None,
 ) -> str | None:
   """Runs compiled steps until state.step reaches loop.total_steps.
 
@@ -186,6 +238,7 @@ def run_loop(
     loop: Loop.
     run_config: the config's `run` section (steps_per_loop, log_every, checkpoint_every).
     workdir: where the log and TensorBoard files go (None: no log, as on a cluster's other workers).
+    interactive: a live progress bar (a terminal) or plain lines (a file); None: whether stdout is a terminal.
   Returns:
     The path of the metrics log (None without a workdir).
   Raises:
@@ -194,17 +247,15 @@ def run_loop(
   """
   log = MetricsLog(workdir, loop.name) if workdir else None
   current = int(state.step.numpy())
-  num_epochs = math.ceil(loop.total_steps / loop.steps_per_epoch)
+  interactive = sys.stdout.isatty() if interactive is None else interactive
+  progress = Progress(loop, current, run_config.log_every, interactive)
   try:
     with _StopSignals() as signals:
       while current < loop.total_steps:
         epoch = current // loop.steps_per_epoch
         epoch_start = epoch * loop.steps_per_epoch
         epoch_end = min(epoch_start + loop.steps_per_epoch, loop.total_steps)
-        progress = tf_keras.utils.Progbar(
-          epoch_end - epoch_start, stateful_metrics=["lr", "img/s"], verbose=1 if verbose else 0, unit_name="step"
-        )
-        logging.info(f"epoch {epoch + 1}/{num_epochs}")
+        progress.start_epoch(epoch, epoch_start, epoch_end)
         epoch_sums, epoch_count = {}, 0
         while current < epoch_end:
           num_steps = min(run_config.steps_per_loop, epoch_end - current)
@@ -224,11 +275,12 @@ def run_loop(
             epoch_sums[key] = epoch_sums.get(key, 0.0) + value
           epoch_count += 1
           shown = dict(metrics, **{"img/s": loop.images_per_step * num_steps / elapsed})
-          progress.update(current - epoch_start, list(shown.items()))
+          progress.update(current, num_steps, shown)
           if log and (current % run_config.log_every < num_steps or current == epoch_end):
             log.write({"kind": "step", "step": current, "epoch": epoch + 1, **shown}, current)
           if signals.received is not None:
-            print(flush=True)  # end the progress bar's line: the message below gets a line of its own
+            if interactive:
+              print(flush=True)  # end the progress bar's line: the message below gets a line of its own
             path = save(state)
             name = signal.Signals(signals.received).name
             raise Interrupted(
@@ -239,16 +291,10 @@ def run_loop(
           if current % run_config.checkpoint_every < num_steps and current != epoch_end:
             save(state)
         save(state)
+        means = {k: v / epoch_count for k, v in epoch_sums.items()}
+        progress.end_epoch(epoch, current, means)
         if log:
-          log.write(
-            {
-              "kind": "epoch",
-              "step": current,
-              "epoch": epoch + 1,
-              **{k: v / epoch_count for k, v in epoch_sums.items()},
-            },
-            current,
-          )
+          log.write({"kind": "epoch", "step": current, "epoch": epoch + 1, **means}, current)
   finally:
     if log:
       log.close()

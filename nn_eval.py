@@ -16,7 +16,9 @@ classifies raw images (utils/export.py; docs/running.md, Using the trained model
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
+from utils import native_logs
+
+native_logs.set_native_log_level()  # before TensorFlow loads: its C++ start-up chatter stays out
 
 from absl import flags, logging
 import tensorflow as tf

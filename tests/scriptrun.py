@@ -24,8 +24,9 @@ TINY = [
 
 
 def environment():
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
   env.pop("TF_CONFIG", None)
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the scripts choose it, as for a user (utils/native_logs.py)
   return env
 
 

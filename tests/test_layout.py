@@ -1,7 +1,7 @@
 """The floor plan of utils/ (README, Layout): which part may import which, read from every module's imports.
 
 Parts, from the ground up:
-  ground      utils.errors, utils.fileio, utils.config_rules: nothing of utils but each other
+  ground      utils.errors, utils.fileio, utils.config_rules, utils.native_logs: nothing of utils but each other
   devices     utils.devices: the ground floor
   workdir     utils.workdir: ground, devices
   losses      utils.losses, utils.plots: the ground floor
@@ -24,7 +24,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 PARTS = {
-  "ground": ("utils.errors", "utils.fileio", "utils.config_rules"),
+  "ground": ("utils.errors", "utils.fileio", "utils.config_rules", "utils.native_logs"),
   "devices": ("utils.devices",),
   "workdir": ("utils.workdir",),
   "losses": ("utils.losses", "utils.plots"),

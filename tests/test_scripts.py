@@ -32,6 +32,22 @@ def pipeline_run(tmp_path_factory):
   return workdir, pretrain, finetune, evaluation, pretrained_top1
 
 
+# What TensorFlow's native code prints at start on a machine without a GPU (utils/native_logs.py keeps it out).
+START_UP_NOISE = (
+  "failed call to cuInit",
+  "All log messages before absl::InitializeLog()",
+  "Compiled cluster using XLA",
+)
+
+
+def test_a_cpu_run_prints_no_native_start_up_noise(pipeline_run):
+  *_, pretrain, finetune, evaluation, _ = pipeline_run
+  for result in (pretrain, finetune, evaluation):
+    output = result.stdout + result.stderr
+    assert [noise for noise in START_UP_NOISE if noise in output] == [], output[-2000:]
+  assert "soft-NN top-1" in evaluation.stdout  # the real output is still there
+
+
 def test_pretraining_outputs(pipeline_run):
   workdir, pretrain, *_ = pipeline_run
   steps = [r["step"] for r in train_loop.read_log(os.path.join(workdir, "pretrain_log.jsonl"), "step")]

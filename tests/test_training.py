@@ -66,6 +66,21 @@ def test_loop_logs_every_step_and_checkpoints_at_cadence_and_epoch_ends(tmp_path
   assert checkpoint_steps(str(tmp_path / "ckpt")) == [2, 3, 4, 5]  # every 2 steps and at epoch ends
 
 
+def test_after_epoch_metrics_join_the_epoch_record_once_its_checkpoint_is_saved(tmp_path):
+  state = tiny_state(str(tmp_path / "ckpt"))
+  seen = []
+
+  def after_epoch(state, epoch):
+    seen.append((epoch, int(state.step.numpy()), state.manager.latest_checkpoint.rsplit("-", 1)[-1]))
+    return {"heldout_top1": 10.0 * epoch}
+
+  loop = train_loop.Loop("finetune", 5, 3, 4, lambda s: 0.1, after_epoch)
+  path = train_loop.run_loop(fake_steps(state, [5.0, 4.0, 3.0, 2.0, 1.0]), None, state, loop, RUN, str(tmp_path), False)
+  assert seen == [(1, 3, "3"), (2, 5, "5")]
+  epochs = train_loop.read_log(path, "epoch")
+  assert [(r["epoch"], r["heldout_top1"], r["loss"]) for r in epochs] == [(1, 10.0, 4.0), (2, 20.0, 1.5)]
+
+
 def test_a_log_file_gets_plain_lines_at_the_log_cadence_and_per_epoch(tmp_path, caplog):
   """Not a terminal: no progress bar (it would append every update to one line), one line per log_every steps
   and per epoch, each with the step, the metrics, the elapsed time and the ETA."""

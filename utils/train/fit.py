@@ -39,6 +39,8 @@ class Stage:
   input_errors: Callable[[Callable[[], int]], contextlib.AbstractContextManager] = lambda current_step: (
     contextlib.nullcontext()
   )
+  # After each epoch's checkpoint: (state, epoch from 1) -> more metrics for the epoch's log record, or None.
+  after_epoch: Callable[[train_loop.TrainState, int], dict] | None = None
 
 
 def fit(
@@ -72,7 +74,9 @@ def fit(
   # Each worker builds only its replicas' batches from start_step, prefetched to their devices.
   dataset = sampling.distribute(strategy, lambda replicas: stage.make_dataset(replicas, start_step))
   train_steps = stage.make_steps(state)
-  shape = train_loop.Loop(stage.name, stage.total_steps, stage.steps_per_epoch, stage.images_per_step, stage.schedule)
+  shape = train_loop.Loop(
+    stage.name, stage.total_steps, stage.steps_per_epoch, stage.images_per_step, stage.schedule, stage.after_epoch
+  )
   with stage.input_errors(lambda: int(state.step.numpy())):
     log_path = train_loop.run_loop(
       train_steps, iter(dataset), state, shape, run_config, log_dir.root if log_dir else None

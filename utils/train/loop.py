@@ -106,6 +106,9 @@ class Loop:
   steps_per_epoch: int
   images_per_step: int  # for the img/s column
   learning_rate: Callable[[int], float]  # step -> rate, for the log
+  # After each epoch's checkpoint: (state, epoch number from 1) -> more metrics for the epoch's record
+  # (fine_tune.py's held-out top-1), or None.
+  after_epoch: Callable[[TrainState, int], dict] | None = None
 
 
 class MetricsLog:
@@ -292,6 +295,8 @@ def run_loop(
             save(state)
         save(state)
         means = {k: v / epoch_count for k, v in epoch_sums.items()}
+        if loop.after_epoch is not None:
+          means.update(loop.after_epoch(state, epoch + 1))
         progress.end_epoch(epoch, current, means)
         if log:
           log.write({"kind": "epoch", "step": current, "epoch": epoch + 1, **means}, current)

@@ -1,4 +1,4 @@
-"""Experiment presets: every default of the project lives here.
+r"""Experiment presets: every default of the project lives here.
 
 Select one with `--config=config.py:NAME` and override any field, e.g.
 `--config=config.py:digits --config.pretrain.epochs=5`. The returned ConfigDict
@@ -17,10 +17,13 @@ is locked: an unknown field or a value of the wrong type is an error.
   imagenet The paper's ImageNet recipe (METHOD.md section 10): ResNet-50, 2 x 224 + 6 x 96 px views,
            15 classes x 7 supports per replica, 64 images per replica on 64 GPUs, 100 epochs, then
            a classifier fine-tuned on the labeled subset. Images streamed from --data_dir
-           (IN/train/<wnid>/, IN/val/<wnid>/, or tfrecord); the 10 % / 1 % subsets as --split_file name lists.
+           (IN/train/<wnid>/, IN/val/<wnid>/, or tfrecord); the reference's 10 % / 1 % subsets as --split_file
+           name lists, imagenet_subsets/90percent.txt (128 116 names: the 10 % labels) or 99percent.txt
+           (12 811: the 1 %), with data.labeled_per_class=0 (the lists are not balanced per class).
            Expected: 75.5 % top-1 with 10 % labels, 66.5 % with 1 % after 300 epochs + fine-tuning
            (the paper's numbers, not measured here; docs/data.md, ImageNet).
-             python paws_train.py --config=config.py:imagenet --data_dir=IN --workdir=runs/in --split_file=10percent.txt
+             python paws_train.py --config=config.py:imagenet --data_dir=IN --workdir=runs/in \
+               --split_file=90percent.txt --config.data.labeled_per_class=0
              python fine_tune.py  --config=config.py:imagenet --data_dir=IN --workdir=runs/in
              python nn_eval.py    --config=config.py:imagenet --data_dir=IN --workdir=runs/in
 """
@@ -178,7 +181,9 @@ def imagenet_config():
   c.data.image_size = 224
   # 10 % of the labels is about 128 images per class (1 %: --config.data.labeled_per_class=13) when the
   # subset is drawn by data.label_seed. The reference's subsets are lists of file names
-  # (n01440764_10026.JPEG), given with paws_train.py --split_file=10percent.txt (or 1percent.txt).
+  # (n01440764_10026.JPEG) named by the unlabeled fraction: imagenet_subsets/90percent.txt holds the 10 %
+  # labels (128 116 names), 99percent.txt the 1 % (12 811). They are not balanced per class: give them with
+  # paws_train.py --split_file=90percent.txt --config.data.labeled_per_class=0.
   c.data.labeled_per_class = 128
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)
@@ -225,8 +230,8 @@ def imagenet_config():
   # scale (0.08, 1)) + flip, SGD Nesterov 0.9 (no LARS), lr 0.02 cosine to 0, no weight decay, 50 epochs
   # (utils/model/classifier.py).
   c.finetune.mode = "classifier"
-  # The reference's fine-tuning loader takes 128 images per GPU; its GPU count is the launcher's choice,
-  # not in the config, and its lr 0.02 is not scaled with it. 1024 = 128 x 8 GPUs.
+  # The reference fine-tunes with 256 images per process (per GPU) and its README launches it on 4 GPUs:
+  # 1024 = 256 per replica x 4 replicas. Its lr 0.02 is not scaled with the GPU count (docs/data.md, ImageNet).
   c.finetune.batch_size = 1024
   c.finetune.epochs = 50
   c.finetune.lr = 0.02

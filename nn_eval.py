@@ -3,8 +3,10 @@ r"""Soft-nearest-neighbour evaluation (METHOD.md section 7).
   python nn_eval.py --config=config.py:digits --workdir=runs/digits
 
 Support = every labeled training image (no augmentation, one-hot labels),
-queries = the whole test set, projection-head embeddings, tau from the config,
-in float32 whatever precision trained the encoder (as the reference).
+queries = the whole test set, embedded by the encoder's output z (the prediction
+head's output when the model has one, as the reference's --use-pred on ImageNet;
+else the projection head's), tau from the config, in float32 whatever precision
+trained the encoder (as the reference).
 Evaluates the fine-tuned encoder when the workdir has one, else the
 pre-trained one (or the one --encoder names). Writes eval.json, a confusion
 matrix and a PCA projection of the test embeddings into the workdir. After

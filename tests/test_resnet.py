@@ -171,23 +171,30 @@ def test_bn_moving_mean_follows_pytorch_momentum():
     resnet.batch_norm("shortcut_norm")
 
 
-def test_lars_excludes_exactly_the_batch_norm_parameters_and_biases(small_encoder):
-  bn_variables = {id(v) for bn in batch_norms(small_encoder) for v in (bn.gamma, bn.beta)}
+def test_lars_excludes_the_references_group(small_encoder):
+  """The reference's rule ('bias' or 'bn' in the PyTorch name): every BN offset and bias is excluded, every BN
+  scale too except the shortcut BN's (torchvision's `downsample.1.weight`); tensor by tensor against the
+  reference's names in tests/test_lars_groups.py."""
+  shortcut_scales = {id(b.shortcut_bn.gamma) for b in small_encoder.trunk.blocks if b.shortcut_bn is not None}
+  bn_variables = {id(v) for bn in batch_norms(small_encoder) for v in (bn.gamma, bn.beta)} - shortcut_scales
   # By variable (the two heads repeat names such as dense1/kernel:0).
   excluded = {id(v): id(v) in bn_variables or v.name.endswith("/bias:0") for v in small_encoder.trainable_variables}
-  # Trunk: 53 BN x (gamma, beta) excluded, 53 conv kernels adapted; heads: 5 Dense (kernel adapted, bias
-  # excluded) and 4 BN.
-  assert list(excluded.values()).count(True) == 2 * 53 + 5 + 2 * 4
-  assert list(excluded.values()).count(False) == 53 + 5
+  assert all(optim.excluded_from_lars(v.name) == excluded[id(v)] for v in small_encoder.trainable_variables)
+  # Trunk: 53 BN offsets and 49 BN scales excluded; 53 conv kernels and the 4 shortcut BN scales adapted.
+  # Heads: 5 Dense (kernel adapted, bias excluded) and 4 BN (both excluded).
+  assert len(shortcut_scales) == 4
+  assert list(excluded.values()).count(True) == 2 * 53 - 4 + 5 + 2 * 4
+  assert list(excluded.values()).count(False) == 53 + 4 + 5
   # One LARS update on copies (same names, so the same exclusions) of the stem, a block with a shortcut and
-  # the prediction head: every BN/bias variable takes -lr * g, every other the trust-ratio step with decay.
+  # the prediction head: every excluded variable takes -lr * g, every other the trust-ratio step with decay.
   chosen = [
     v
     for v in small_encoder.trainable_variables
     if "/stem_" in v.name or "/bn_stem/" in v.name or "/stage2_block1/" in v.name or "trunk" not in v.name
   ]
   names = {re.sub(r"^encoder/trunk/stage2_block1/|^encoder/trunk/", "", v.name) for v in chosen}
-  assert {"bn_stem/gamma:0", "bn_shortcut/beta:0", "bn3/gamma:0", "bn_in/gamma:0", "dense1/bias:0"} <= names
+  assert {"bn_stem/gamma:0", "bn_shortcut/gamma:0", "bn_shortcut/beta:0", "bn3/gamma:0", "bn_in/gamma:0"} <= names
+  assert "dense1/bias:0" in names
   copies = [tf.Variable(v.numpy(), name=v.name.split(":")[0]) for v in chosen]
   assert [c.name for c in copies] == [v.name for v in chosen]
   rng = np.random.default_rng(0)

@@ -34,12 +34,15 @@ def load_float32_encoder(directory: str, config: ConfigDict, written_by: str) ->
 
 
 def embed(encoder: tf_keras.Model, images, batch_size: int, mean, std) -> tf.Tensor:
-  """Projection-head embeddings of images in batches (memory flat in len(images)).
+  """The encoder's output z of images in batches (memory flat in len(images)).
 
+  z is the prediction head's output when the model has one (the ImageNet preset), as the reference's ImageNet
+  soft-NN evaluation (`snn_eval.py --use-pred`) embeds supports and queries; without a prediction head
+  (cifar10, digits) z is the projection head's output h itself (METHOD.md section 7).
   `images`: uint8 [N, H, W, 3], or a tf.data.Dataset of normalised batches (streamed files, utils/data/sources.py).
   """
   batches = images if isinstance(images, tf.data.Dataset) else pipelines.eval_dataset(images, batch_size, mean, std)
-  parts = [encoder(batch, training=False)[0] for batch in batches]
+  parts = [encoder(batch, training=False)[1] for batch in batches]
   return tf.cast(tf.concat(parts, axis=0), tf.float32)
 
 

@@ -2,13 +2,14 @@
 
 The exported model classifies raw images the way nn_eval.py does: it resizes their centred square to the
 encoder's input size, normalises them, embeds them with the encoder in inference mode (BatchNorm moving
-statistics) in float32 and returns the soft-nearest-neighbour class probabilities over the labeled supports,
-whose embeddings and one-hot labels are stored in the model. Loading it needs TensorFlow only:
+statistics) in float32 (the encoder's output z: the prediction head's when it has one, else the projection
+head's) and returns the soft-nearest-neighbour class probabilities over the labeled supports, whose
+embeddings and one-hot labels are stored in the model. Loading it needs TensorFlow only:
 
   model = tf.saved_model.load(directory)
   outputs = model.signatures["serving_default"](images=uint8_batch)  # [batch, height, width, 3], any size
   outputs["probabilities"]  # [batch, classes] float32, rows sum to 1
-  outputs["embedding"]      # [batch, projection_dim] float32, L2-normalised projection-head output
+  outputs["embedding"]      # [batch, projection_dim] float32, the L2-normalised embedding nn_eval.py uses
 
 The class names, in label order, are in `class_names.txt` next to the model (one per line) and in the model's
 `class_names` variable.
@@ -63,7 +64,7 @@ class SoftNNClassifier(tf.Module):
 
   Args:
     encoder: a float32 Encoder (utils/model/encoder.py); called with training=False.
-    support_embeddings: projection-head embeddings of the labeled images [S, D] (normalised in the soft-NN).
+    support_embeddings: evaluation.embed's embeddings of the labeled images [S, D] (normalised in the soft-NN).
     support_labels: int labels [S], in [0, len(class_names)).
     class_names: one name per class, in label order.
     tau: soft-NN temperature (eval.tau).
@@ -107,9 +108,10 @@ class SoftNNClassifier(tf.Module):
   @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME)])
   def serve(self, images):
     """The serving signature: {'probabilities': [B, K], 'embedding': [B, D]}, both float32."""
-    projection = tf.cast(self._encoder_call(self.preprocess(images))[0], tf.float32)
-    probabilities = losses.snn(projection, self.support_embeddings, self.support_labels, self.tau)
-    return {PROBABILITIES_NAME: probabilities, EMBEDDING_NAME: tf.math.l2_normalize(projection, axis=-1)}
+    # z, as evaluation.embed: the prediction head's output, or the projection head's without one.
+    embedding = tf.cast(self._encoder_call(self.preprocess(images))[1], tf.float32)
+    probabilities = losses.snn(embedding, self.support_embeddings, self.support_labels, self.tau)
+    return {PROBABILITIES_NAME: probabilities, EMBEDDING_NAME: tf.math.l2_normalize(embedding, axis=-1)}
 
 
 def check_export_directory(directory: str) -> None:

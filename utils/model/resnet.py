@@ -36,7 +36,8 @@ EXPANSION = 4
 
 
 def batch_norm(name, synchronized=False):
-  """BatchNorm named 'bn*': utils/train/optim.py LARS_EXCLUDE finds its gamma and beta by that name."""
+  """BatchNorm named 'bn*': utils/train/optim.py LARS_EXCLUDE finds it by that name (the reference's 'bn' in the
+  name: no LARS, no weight decay), all but 'bn_shortcut', whose gamma takes both as torchvision's `downsample.1`."""
   if not name.startswith("bn"):
     raise ValueError(f"BatchNorm layer names must start with 'bn' (LARS excludes them by name), got {name!r}")
   return tf_keras.layers.BatchNormalization(

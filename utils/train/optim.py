@@ -7,10 +7,23 @@ from official.modeling.optimization import lars
 import tensorflow as tf
 import tf_keras
 
-# Matched with re.search against variable names: every Dense/Conv bias is
-# '.../bias:0' and every BatchNorm layer of utils.encoder is named 'bn*' or
-# 'final_bn' (variables 'bn1/gamma:0', 'bn_in/beta:0', 'final_bn/gamma:0').
-LARS_EXCLUDE = [r"bias", r"(^|/)(bn\w*|final_bn)/(gamma|beta)"]
+# The reference's parameter groups (its paws_train.init_opt): a parameter whose PyTorch name contains 'bias'
+# or 'bn' takes plain SGD momentum, without LARS adaptation and without weight decay; every other one takes
+# both. In the reference's names that excludes every Linear/Conv bias and every BatchNorm offset ('*.bias'),
+# and the scale ('*.weight') of every BatchNorm named bn*: the WideResNet's bn1/bn2 and final bn1, the
+# ResNet's stem bn1 and bottleneck bn1..bn3, the heads' fc.bn1, fc.bn2, pred.bn1, pred.bn2. torchvision names
+# the ResNet's shortcut BatchNorm `downsample.1`: its scale has neither 'bias' nor 'bn' in its name, so the
+# reference gives it LARS and weight decay (4 tensors in ResNet-50, 3 840 scalars). Here the same tensors are
+# found by their TensorFlow names (re.search, as Model Garden's LARS matches them): biases '.../bias', BN
+# offsets '.../beta', and the gamma of the BN layers named bn* or final_bn other than utils/model/resnet.py's
+# 'bn_shortcut'. No anchor at the end: under MirroredStrategy a replica's copy is named '.../bias/replica_1:0'.
+# tests/test_lars_groups.py checks the two groups tensor by tensor against the reference's parameter names.
+LARS_EXCLUDE = [r"(^|/)bias\b", r"(^|/)beta\b", r"(^|/)(?!bn_shortcut/)(bn\w*|final_bn)/gamma\b"]
+
+
+def excluded_from_lars(variable_name: str) -> bool:
+  """Whether the variable takes plain SGD momentum without LARS or weight decay (the reference's rule, above)."""
+  return any(re.search(pattern, variable_name) for pattern in LARS_EXCLUDE)
 
 
 class WarmupCosineSchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
@@ -64,8 +77,9 @@ def warmup_cosine_schedule(
 def build_lars(learning_rate, momentum: float, weight_decay: float, eta: float, precision: str = "float32"):
   """Model Garden LARS over SGD momentum (no Nesterov), coupled L2 weight decay.
 
-  Biases and BatchNorm parameters are excluded from both the trust-ratio
-  adaptation and the weight decay. Under mixed_float16 the optimizer is wrapped
+  Biases, BatchNorm offsets and the BatchNorm scales the reference names bn* (all but the ResNet's
+  shortcut BN: LARS_EXCLUDE) are excluded from both the trust-ratio adaptation and the weight decay.
+  Under mixed_float16 the optimizer is wrapped
   in the Keras dynamic loss-scale optimizer.
   """
   optimizer = lars.LARS(
@@ -111,5 +125,5 @@ def create_slots(optimizer, variables) -> None:
 
 
 def decayed_variables(model: tf_keras.Model) -> list[tf.Variable]:
-  """The variables weight decay applies to: not biases, not BatchNorm scale/offset (as the reference's groups)."""
-  return [v for v in model.trainable_variables if not any(re.search(p, v.name) for p in LARS_EXCLUDE)]
+  """The variables weight decay applies to: the reference's decayed group (LARS_EXCLUDE), for any model."""
+  return [v for v in model.trainable_variables if not excluded_from_lars(v.name)]

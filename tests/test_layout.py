@@ -8,7 +8,7 @@ Parts, from the ground up:
   data        utils.data.*: ground, data (never model or train: the input pipeline knows no network)
   model       utils.model.*: ground, model (never data, train, evaluation or export)
   train       utils.train.*: everything above but cli, evaluation and export
-  evaluation  utils.evaluation, utils.export: ground, devices, losses, data, model, evaluation
+  evaluation  utils.evaluation, utils.export: ground, devices, workdir (artefact names), losses, data, model
   cli         utils.cli: ground, devices, workdir
 Only utils.cli and the entry scripts import absl.app, absl.flags or ml_collections.config_flags.
 """
@@ -42,7 +42,7 @@ ALLOWED = {
   "data": {"ground", "data"},
   "model": {"ground", "model"},
   "train": {"ground", "devices", "workdir", "losses", "data", "model", "train"},
-  "evaluation": {"ground", "devices", "losses", "data", "model", "evaluation"},
+  "evaluation": {"ground", "devices", "workdir", "losses", "data", "model", "evaluation"},
   "cli": {"ground", "devices", "workdir", "cli"},
 }
 COMMAND_LINE_MODULES = ("absl.app", "absl.flags", "ml_collections.config_flags")

@@ -116,6 +116,13 @@ def base_config():
   c.eval = ml_collections.ConfigDict()
   c.eval.tau = 0.1
   c.eval.batch_size = 1000
+  # Beside soft-NN, nn_eval.py reports on the same embeddings (utils/evaluation.py; docs/running.md, Evaluation):
+  # weighted k-NN, cosine similarity, the knn_k nearest supports voting with weight exp(similarity /
+  # knn_temperature) (InstDisc / DINO's k = 20, T = 0.07; knn_k = 0 turns it off), and a linear probe,
+  # scikit-learn logistic regression on the frozen, L2-normalised embeddings of the labeled images.
+  c.eval.knn_k = 20
+  c.eval.knn_temperature = 0.07
+  c.eval.linear_probe = True
 
   # How the step runs; none of these change the maths.
   c.run = ml_collections.ConfigDict()

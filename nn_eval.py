@@ -7,6 +7,10 @@ queries = the whole test set, embedded by the encoder's output z (the prediction
 head's output when the model has one, as the reference's --use-pred on ImageNet;
 else the projection head's), tau from the config, in float32 whatever precision
 trained the encoder (as the reference).
+Beside soft-NN, on the same embeddings: weighted k-NN (cosine, eval.knn_k = 20
+nearest supports, weights exp(similarity / eval.knn_temperature = 0.07)) and a
+linear probe (scikit-learn logistic regression on the supports' L2-normalised
+embeddings); --config.eval.knn_k=0 and --config.eval.linear_probe=false skip them.
 Evaluates the fine-tuned encoder when the workdir has one, else the
 pre-trained one (or the one --encoder names). Writes eval.json, a confusion
 matrix and a PCA projection of the test embeddings into the workdir. After
@@ -102,6 +106,21 @@ def main(argv):
     f"soft-NN top-1 ({choice} encoder, {metrics['num_support']} supports, "
     f"{metrics['num_test']} test images): {metrics['top1']:.2f} %"
   )
+  if "knn_top1" in metrics:
+    logging.info(
+      f"k-NN top-1 (cosine, k = {metrics['knn_k']}, weights exp(similarity / {metrics['knn_temperature']})): "
+      f"{metrics['knn_top1']:.2f} %"
+    )
+  if "linear_probe_top1" in metrics:
+    logging.info(
+      f"linear-probe top-1 (logistic regression, C = {metrics['linear_probe_C']}, on the {metrics['num_support']} "
+      f"supports' normalised embeddings): {metrics['linear_probe_top1']:.2f} %"
+    )
+    if metrics["linear_probe_iterations"] >= metrics["linear_probe_max_iter"]:
+      logging.warning(
+        f"warning: the linear probe stopped at max_iter = {metrics['linear_probe_max_iter']} before converging; "
+        "its top-1 is that of an unfinished fit"
+      )
   if "classifier_top1" in metrics:
     logging.info(
       f"classifier top-1 {metrics['classifier_top1']:.2f} %, top-5 {metrics['classifier_top5']:.2f} % "

@@ -5,7 +5,9 @@ For each label seed: PAWS (the README's quick start: paws_train.py + fine_tune.p
 timing), the supervised-only baseline (fine_tune.py --from_scratch: the same
 network trained with SuNCEt on the labeled images alone, with a from-scratch
 schedule, BatchNorm statistics re-estimated on the clean labeled images) and
-1-nearest-neighbour on raw pixels with the same labeled images.
+1-nearest-neighbour on raw pixels with the same labeled images. Beside each PAWS
+soft-NN top-1 (fine-tuned and pre-trained encoder), the weighted k-NN and
+linear-probe top-1 that nn_eval.py reports on the same embeddings (eval.json).
 
 The run of the preset's own label seed also refreshes the reference artefacts
 in misc/ (config, labeled indices, logs, plots, eval.json, console log).
@@ -100,31 +102,59 @@ def top1(workdir):
     return json.load(f)["top1"]
 
 
+def knn_and_linear_probe(workdir):
+  """(k-NN top-1, linear-probe top-1) of the workdir's eval.json; NaN for one nn_eval.py did not report."""
+  with open(os.path.join(workdir, "eval.json")) as f:
+    result = json.load(f)
+  return result.get("knn_top1", float("nan")), result.get("linear_probe_top1", float("nan"))
+
+
 def refresh_misc(workdir, console_log):
   for name in MISC_FILES:
     shutil.copy(os.path.join(workdir, name), os.path.join(MISC, os.path.basename(name)))
   shutil.copy(console_log, os.path.join(MISC, "logs.txt"))
 
 
+# (title, format) of the values of a results row after the seed, in the row's order; the table shows them in
+# TABLE_ORDER (the evaluations of each encoder side by side).
+COLUMNS = [
+  ("PAWS top-1, fine-tuned (%)", ".2f"),
+  ("PAWS top-1, pre-trained only (%)", ".2f"),
+  ("wall time, 3 scripts (s)", ".0f"),
+  ("supervised-only top-1 (%)", ".2f"),
+  ("raw-pixel 1-NN top-1 (%)", ".2f"),
+  ("k-NN top-1, fine-tuned (%)", ".2f"),
+  ("linear-probe top-1, fine-tuned (%)", ".2f"),
+  ("k-NN top-1, pre-trained only (%)", ".2f"),
+  ("linear-probe top-1, pre-trained only (%)", ".2f"),
+]
+TABLE_ORDER = [0, 1, 5, 6, 7, 8, 2, 3, 4]
+SUPERVISED_COLUMN = 3
+KNN_AND_LINEAR_PROBE_COLUMNS = (5, 6, 7, 8)
+
+
 def results_table(rows, baselines):
-  """Markdown table lines: one row per seed (seed, fine-tuned, pre-trained, seconds, supervised, pixels), then
-  mean, sd, min and max; the supervised-only column only when the baselines ran."""
-  columns = [
-    ("PAWS top-1, fine-tuned (%)", ".2f"),
-    ("PAWS top-1, pre-trained only (%)", ".2f"),
-    ("wall time, 3 scripts (s)", ".0f"),
-    ("supervised-only top-1 (%)", ".2f"),
-    ("raw-pixel 1-NN top-1 (%)", ".2f"),
+  """Markdown table lines: one row per seed, then mean, sd, min and max.
+
+  A row is (seed, fine-tuned, pre-trained, seconds, supervised, pixels[, k-NN fine-tuned, linear probe
+  fine-tuned, k-NN pre-trained, linear probe pre-trained]): values missing at the end are NaN. The
+  supervised-only column is shown only when the baselines ran, a k-NN or linear-probe column only when some
+  seed has a number in it (an eval.json written without them has none)."""
+  values = np.array([tuple(r[1:]) + (float("nan"),) * (len(COLUMNS) + 1 - len(r)) for r in rows], dtype=float)
+  kept = [
+    i
+    for i in TABLE_ORDER
+    if (baselines or i != SUPERVISED_COLUMN)
+    and not (i in KNN_AND_LINEAR_PROBE_COLUMNS and np.all(np.isnan(values[:, i])))
   ]
-  kept = [i for i in range(len(columns)) if baselines or i != 3]  # 3: supervised-only
-  values = np.array([r[1:] for r in rows])[:, kept]
-  formats = [columns[i][1] for i in kept]
+  values = values[:, kept]
+  formats = [COLUMNS[i][1] for i in kept]
 
   def table_row(name, numbers):
     return f"| {name} | " + " | ".join(f"{x:{f}}" for x, f in zip(numbers, formats, strict=True)) + " |"
 
   lines = [
-    "| label seed | " + " | ".join(columns[i][0] for i in kept) + " |",
+    "| label seed | " + " | ".join(COLUMNS[i][0] for i in kept) + " |",
     "|---" * (len(kept) + 1) + "|",
   ]
   lines += [table_row(r[0], values[k]) for k, r in enumerate(rows)]
@@ -161,6 +191,7 @@ def main(argv):
       pretrain_seconds = time.time() - start
       run("nn_eval.py", *config, f"--workdir={paws_dir}", "--encoder=pretrained")
       pretrained = top1(paws_dir)
+      pretrained_knn_and_probe = knn_and_linear_probe(paws_dir)
       start_rest = time.time()
       run("fine_tune.py", *config, f"--workdir={paws_dir}", log=log)
       run("nn_eval.py", *config, f"--workdir={paws_dir}", log=log)
@@ -180,7 +211,11 @@ def main(argv):
     labeled = splits.select_labeled_indices(train_labels, saved["data"]["labeled_per_class"], seed)
     nearest = KNeighborsClassifier(1).fit(train_images[labeled].reshape(len(labeled), -1), train_labels[labeled])
     pixels = 100 * np.mean(nearest.predict(test_images.reshape(len(test_images), -1)) == test_labels)
-    rows.append((seed, top1(paws_dir), pretrained, seconds, supervised, pixels))
+    rows.append(
+      (seed, top1(paws_dir), pretrained, seconds, supervised, pixels)
+      + knn_and_linear_probe(paws_dir)
+      + pretrained_knn_and_probe
+    )
     print(rows[-1], flush=True)
   lines = results_table(rows, FLAGS.baselines)
   machine = devices.machine_description()
@@ -198,6 +233,9 @@ def main(argv):
       else ""
     )
     + "Raw-pixel 1-NN uses the same labeled images. "
+    "k-NN and linear probe: `nn_eval.py`'s other evaluations of the same encoder and embeddings as its soft-NN "
+    "(weighted k-NN, cosine, eval.knn_k nearest labeled images, weights exp(similarity / eval.knn_temperature); "
+    "scikit-learn logistic regression on the labeled images' L2-normalised embeddings). "
     "sd is the sample standard deviation over the seeds.\n\n" + "\n".join(lines) + "\n"
   )
   with open(FLAGS.output, "w") as f:

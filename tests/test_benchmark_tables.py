@@ -36,6 +36,32 @@ def test_results_table_without_baselines_drops_the_supervised_column():
   assert cells(lines[3]) == ["100", "98.00", "98.00", "231", "90.00"]
 
 
+def test_results_table_puts_knn_and_linear_probe_beside_soft_nn():
+  # each row + (k-NN fine-tuned, linear probe fine-tuned, k-NN pre-trained, linear probe pre-trained)
+  other = [(97.1, 96.9, 95.2, 96.0), (98.2, 97.5, 96.8, 97.7), (98.0, 98.4, 96.0, 97.1)]
+  rows = [row + extra for row, extra in zip(ROWS, other, strict=True)]
+  lines = digits_seeds.results_table(rows, baselines=False)
+  assert cells(lines[0]) == [
+    "label seed",
+    "PAWS top-1, fine-tuned (%)",
+    "PAWS top-1, pre-trained only (%)",
+    "k-NN top-1, fine-tuned (%)",
+    "linear-probe top-1, fine-tuned (%)",
+    "k-NN top-1, pre-trained only (%)",
+    "linear-probe top-1, pre-trained only (%)",
+    "wall time, 3 scripts (s)",
+    "raw-pixel 1-NN top-1 (%)",
+  ]
+  assert cells(lines[2]) == ["152", "97.78", "96.44", "97.10", "96.90", "95.20", "96.00", "136", "91.11"]
+  summary = {cells(line)[0]: cells(line)[1:] for line in lines[5:]}
+  assert summary["**mean**"][2:6] == ["97.77", "97.60", "96.00", "96.93"]
+  assert summary["**min**"][3] == "96.90" and summary["**max**"][4] == "96.80"
+  # eval.json files without them (nn_eval.py run with --config.eval.knn_k=0, or older): no empty columns.
+  nan = float("nan")
+  lines = digits_seeds.results_table([row + (nan, nan, nan, nan) for row in ROWS], baselines=True)
+  assert lines == digits_seeds.results_table(ROWS, baselines=True)
+
+
 def test_digits_seeds_parses_config_flags_as_the_scripts_do(tmp_path):
   # Parsed before anything runs: a misspelt field is one error line, exit 2, no run folder.
   result = scriptrun.run(

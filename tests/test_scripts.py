@@ -79,6 +79,12 @@ def test_finetune_and_eval_outputs(pipeline_run):
   assert len(result["per_class"]) == 10
   assert result["top1"] == pytest.approx(np.mean(result["per_class"]), abs=2.0)  # near-balanced test set
   assert f"{result['top1']:.2f} %" in evaluation.stdout
+  # Weighted k-NN and the linear probe of the same embeddings beside soft-NN (tests/test_knn_linear_probe.py).
+  assert result["knn_k"] == 20 and result["knn_temperature"] == 0.07
+  assert result["linear_probe_C"] == 1.0 and 0 < result["linear_probe_iterations"] < result["linear_probe_max_iter"]
+  for name, line in (("knn_top1", "k-NN top-1 (cosine, k = 20"), ("linear_probe_top1", "linear-probe top-1")):
+    assert 10.0 < result[name] <= 100.0  # above chance
+    assert line in evaluation.stdout and f"{result[name]:.2f} %" in evaluation.stdout
   # Well above chance (10 %) and above what a random initialisation gives (20-31 %).
   assert pretrained_top1 >= ACCURACY_FLOOR and result["top1"] >= ACCURACY_FLOOR
   for name in ("confusion_matrix.png", "pca_projection.png"):

@@ -81,6 +81,9 @@ BAD = {
   "finetune.batch_size": [0, -1024, 1.5],
   "eval.tau": [0.0, -0.1],
   "eval.batch_size": [0],
+  "eval.knn_k": [-1, 2.5, True],
+  "eval.knn_temperature": [0.0, -0.07, math.inf],
+  "eval.linear_probe": ["yes", 1],
   "run.precision": ["float64", "bfloat16", ""],
   "run.jit_compile": ["maybe", "True", True],
   "run.distribution": ["tpu", "mirror"],
@@ -108,6 +111,7 @@ GOOD = {
   "finetune.weight_decay": [0.0],
   "run.jit_compile": ["true", "false"],
   "run.cpu_replicas": [0, 2, 4],
+  "eval.knn_k": [0, 1, 10**6],
 }
 
 

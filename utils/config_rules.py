@@ -227,6 +227,9 @@ RULES = {
   "finetune.batch_size": integer(1),  # classifier mode: labeled images per step, all replicas
   "eval.tau": number(above=0),
   "eval.batch_size": integer(1),
+  "eval.knn_k": integer(0),  # 0 = no k-NN; more than the supports uses them all
+  "eval.knn_temperature": number(above=0),
+  "eval.linear_probe": boolean(),
   "run.precision": one_of(PRECISIONS),
   "run.jit_compile": one_of(JIT_COMPILE_SETTINGS),
   "run.distribution": one_of(DISTRIBUTIONS),

@@ -18,12 +18,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
 
 from absl import flags, logging
-import numpy as np
 import tensorflow as tf
 
 from utils import cli, devices
 from utils import workdir as workdir_lib
-from utils.data import pipelines, sampling, sources, splits
+from utils.data import sampling, sources, splits
 from utils.errors import UserError
 from utils.model import classifier as classifier_lib
 from utils.model import encoder as encoder_lib
@@ -44,9 +43,8 @@ RUN_SECTIONS = ("data", "model", "finetune")
 def classifier_stage(config, strategy, jit_compile, source, labeled, workdir):
   """finetune.mode=classifier: the reference's ImageNet fine-tuning (model/classifier.py, METHOD.md section 10)."""
   f = config.finetune
-  if f.batch_size % strategy.num_replicas_in_sync:
-    raise UserError(f"finetune.batch_size={f.batch_size} must divide by the {strategy.num_replicas_in_sync} replicas")
-  steps_per_epoch = sampling.steps_per_epoch(len(labeled), f.batch_size)
+  plan = sampling.ClassifierPlan(labeled, source.train_labels, f, config.seed, strategy.num_replicas_in_sync)
+  steps_per_epoch = plan.steps_per_epoch
   total_steps = f.epochs * steps_per_epoch
   schedule = optim.warmup_cosine_schedule(f.lr, f.lr, f.final_lr, 0, total_steps)  # cosine from step 0
   encoder_dir = None if _FROM_SCRATCH.value else workdir.encoder
@@ -60,23 +58,20 @@ def classifier_stage(config, strategy, jit_compile, source, labeled, workdir):
     schedule=schedule,
     make_model=lambda: classifier_lib.build(config, source.num_classes, encoder_dir),
     make_optimizer=lambda: optim.build_sgd(schedule, f.momentum, config.run.precision),
-    make_dataset=lambda replicas, start_step: pipelines.replicas_dataset(
-      source, labeled, config, replicas, start_step=start_step, total_steps=total_steps, seed=config.seed
+    make_dataset=lambda replicas, start_step: source.classifier_dataset(
+      plan, config.data, start_step=start_step, total_steps=total_steps, replicas=replicas
     ),
     make_steps=lambda state: steps.classifier_steps(config, strategy, state.model, state.optimizer, jit_compile),
     fresh_start="a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder",
-    input_errors=lambda current_step: source.stream_errors(current_step, config.run.steps_per_loop),
+    input_errors=lambda current_step: source.stream_errors(plan, current_step, config.run.steps_per_loop),
   )
 
 
 def suncet_stage(config, strategy, jit_compile, source, labeled, workdir):
   """finetune.mode=suncet: SuNCEt on class-stratified flip-only batches of the labeled subset (METHOD.md section 6)."""
   f = config.finetune
-  sampling.support_rows_per_replica(
-    f.classes_per_batch, f.images_per_class, strategy.num_replicas_in_sync, section="finetune."
-  )
-  per_class = int(np.bincount(source.train_labels[labeled]).min())
-  steps_per_epoch = max(per_class // f.images_per_class, 1)
+  plan = sampling.SuncetPlan(labeled, source.train_labels, f, config.seed, strategy.num_replicas_in_sync)
+  steps_per_epoch = plan.steps_per_epoch
   total_steps = f.epochs * steps_per_epoch
   schedule = optim.warmup_cosine_schedule(0.0, f.lr, f.final_lr, 0, total_steps)
   if _FROM_SCRATCH.value:
@@ -94,13 +89,13 @@ def suncet_stage(config, strategy, jit_compile, source, labeled, workdir):
     make_model=make_encoder,
     make_optimizer=lambda: optim.build_lars(schedule, f.momentum, f.weight_decay, f.lars_eta, config.run.precision),
     make_dataset=lambda replicas, start_step: source.finetune_dataset(
-      labeled, f, config.data, start_step=start_step, total_steps=total_steps, seed=config.seed, replicas=replicas
+      plan, f, config.data, start_step=start_step, total_steps=total_steps, replicas=replicas
     ),
     make_steps=lambda state: steps.suncet_steps(
       config, strategy, state.model, state.optimizer, jit_compile, bn_training=_FROM_SCRATCH.value
     ),
     fresh_start="a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder",
-    input_errors=lambda current_step: source.stream_errors(current_step, config.run.steps_per_loop),
+    input_errors=lambda current_step: source.stream_errors(plan, current_step, config.run.steps_per_loop),
   )
 
 

@@ -91,11 +91,7 @@ def check_batch_shapes(config, num_train, num_classes, num_replicas):
       f"pretrain.images_per_class={p.images_per_class} needs {per_class} labeled images per class but "
       f"data.labeled_per_class={config.data.labeled_per_class}; lower it or label more images"
     )
-  if p.batch_size % num_replicas:
-    raise UserError(f"pretrain.batch_size={p.batch_size} must divide by the {num_replicas} replicas")
-  sampling.support_rows_per_replica(
-    p.classes_per_batch, p.images_per_class, num_replicas, p.unique_classes_per_replica, section="pretrain."
-  )
+  sampling.pretrain_geometry(p, num_replicas)  # the unlabeled and support batches divide by the replicas
   if p.unique_classes_per_replica and p.classes_per_batch * num_replicas > num_classes:
     raise UserError(
       f"pretrain.unique_classes_per_replica: {num_replicas} replicas x classes_per_batch={p.classes_per_batch} "
@@ -132,7 +128,10 @@ def main(argv):
   save_labeled(own, labeled, _FORCE.value)
   source.write_labeled_names(own.root, labeled)
   p = config.pretrain
-  steps_per_epoch = source.num_unlabeled // p.batch_size
+  # Which images every step reads: one plan for the input pipeline and for naming an unreadable image.
+  num_replicas = strategy.num_replicas_in_sync
+  plan = sampling.PawsPlan(labeled, source.train_labels, source.num_unlabeled, p, config.seed, num_replicas)
+  steps_per_epoch = plan.steps_per_epoch
   total_steps = p.epochs * steps_per_epoch
 
   # --- Model, optimizer, input, step: trained by the shared skeleton (utils/train/fit.py) ----------
@@ -148,10 +147,10 @@ def main(argv):
     make_model=lambda: encoder_lib.build_for_strategy(config, strategy),
     make_optimizer=lambda: optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta, config.run.precision),
     make_dataset=lambda replicas, start_step: source.pretrain_dataset(
-      labeled, config.data, p, start_step=start_step, total_steps=total_steps, seed=config.seed, replicas=replicas
+      plan, config.data, p, start_step=start_step, total_steps=total_steps, replicas=replicas
     ),
     make_steps=lambda state: steps.paws_steps(config, strategy, state.model, state.optimizer, jit_compile),
-    input_errors=lambda current_step: source.stream_errors(current_step, config.run.steps_per_loop),
+    input_errors=lambda current_step: source.stream_errors(plan, current_step, config.run.steps_per_loop),
   )
   started = time.time()
   state = fit.fit(stage, strategy, config.run, own, workdir if chief else None)

@@ -29,7 +29,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
-import ml_collections
 import numpy as np
 from PIL import Image
 import tensorflow as tf
@@ -76,21 +75,20 @@ def write_records(folder, paths, shards=4):
   return sources.open_records(folder, "train-*", "", evaluation=False).train
 
 
-def data_section(colour):
-  data = ml_collections.ConfigDict(
-    dict(
-      flip=True,
-      color_jitter_prob=0.8 if colour else 0.0,
-      color_jitter_strength=1.0,
-      solarize_prob=0.0,
-      equalize_prob=0.0,
-      mean=MEAN,
-      std=STD,
-    )
+def view_spec(colour):
+  """The ImageNet recipe's views (colour) or crops and flips only."""
+  return augment.AugmentSpec(
+    flip=True,
+    color_jitter_prob=0.8 if colour else 0.0,
+    color_jitter_strength=1.0,
+    solarize_prob=0.0,
+    equalize_prob=0.0,
+    grayscale_prob=0.2 if colour else 0.0,
+    blur_prob=0.5 if colour else 0.0,
+    blur_radius=(0.1, 2.0),
+    mean=MEAN,
+    std=STD,
   )
-  if colour and "grayscale_prob" in augment.augment_batch.__code__.co_varnames:
-    data.grayscale_prob, data.blur_prob, data.blur_radius = 0.2, 0.5, (0.1, 2.0)
-  return data
 
 
 def streamed(images, batch_size, num_steps, colour):
@@ -99,9 +97,8 @@ def streamed(images, batch_size, num_steps, colour):
       yield step, sampling.unlabeled_indices(len(images), batch_size, step, seed=0)
 
   groups = [(0, 2, LARGE, LARGE_SCALE), (2, MULTICROP, SMALL, SMALL_SCALE)]
-  return pipelines.streamed_views(images, batches, batch_size, groups, 0, data_section(colour)).prefetch(
-    tf.data.AUTOTUNE
-  )
+  rows = sampling.Rows(0, batch_size, batch_size)  # the whole batch
+  return pipelines.streamed_views(images, batches, groups, 0, view_spec(colour), rows).prefetch(tf.data.AUTOTUNE)
 
 
 def random_box(height, width, scale, seed):

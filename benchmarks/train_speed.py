@@ -130,7 +130,7 @@ def time_pipeline(num_steps):
   import numpy as np
 
   import config as presets
-  from utils.data import pipelines
+  from utils.data import pipelines, sampling
 
   c = presets.get_config("cifar10")
   p, d = c.pretrain, c.data
@@ -138,9 +138,8 @@ def time_pipeline(num_steps):
   images = rng.integers(0, 256, size=[4096, 32, 32, 3], dtype=np.uint8)
   labels = np.arange(4096) % 10
   labeled = np.arange(4000)  # 400 per class
-  dataset = pipelines.pretrain_dataset(
-    images, labeled, labels[labeled], d, p, start_step=0, total_steps=num_steps + 3, seed=0
-  )
+  plan = sampling.PawsPlan(labeled, labels, len(images), p, 0, 1)
+  dataset = pipelines.pretrain_dataset(images, plan, d, p, start_step=0, total_steps=num_steps + 3)
   iterator = iter(dataset)
   for _ in range(3):
     next(iterator)

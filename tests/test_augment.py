@@ -1,5 +1,6 @@
 """Tests for utils/data/augment.py: METHOD.md section 4 semantics against PIL / Model Garden oracles."""
 
+import dataclasses
 import itertools
 import math
 
@@ -9,23 +10,33 @@ from PIL import Image, ImageFilter, ImageOps
 import pytest
 import tensorflow as tf
 
-from utils.data import augment
+from utils.data import augment, sampling
 
 SEED = tf.constant([3, 7], tf.int32)
 RATIO = (3 / 4, 4 / 3)
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
-# Only the named op changes pixels: full-image box at the input size (an exact copy), no flip.
-ONLY = dict(
-  scale=(1.0, 1.0),
-  ratio=(1.0, 1.0),
-  flip=False,
-  color_jitter_prob=0.0,
-  solarize_prob=0.0,
-  equalize_prob=0.0,
+# The CIFAR-10 recipe (METHOD.md section 4).
+CIFAR = augment.AugmentSpec(
+  flip=True,
+  color_jitter_prob=0.8,
+  color_jitter_strength=0.5,
+  solarize_prob=0.2,
+  equalize_prob=0.2,
+  grayscale_prob=0.0,
+  blur_prob=0.0,
+  blur_radius=(0.1, 2.0),
   mean=MEAN,
   std=STD,
 )
+# Only the named op changes pixels: full-image box at the input size (an exact copy), no flip.
+ONLY = dataclasses.replace(CIFAR, flip=False, color_jitter_prob=0.0, solarize_prob=0.0, equalize_prob=0.0)
+WHOLE = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))
+
+
+def only(images, size, spec=ONLY, **ops):
+  """augment_batch with only `ops` (AugmentSpec fields) changing pixels: whole-image boxes, no flip."""
+  return augment.augment_batch(images, SEED, size, spec=dataclasses.replace(spec, **ops), **WHOLE)
 
 
 def random_uint8(shape, seed=0, low=0, high=256):
@@ -132,7 +143,7 @@ def test_box_at_output_size_is_exact_copy(side):
   np.testing.assert_array_equal(augment._crop_to_unit_range(as_float, boxes, side).numpy(), expected)
   # The XLA-compiled pixel path of augment_batch, before normalisation; a flip mirrors the copy.
   flip = tf.constant([False, True, False])
-  views, _ = augment._augment_pixels(images, boxes, flip, None, None, side, MEAN, STD)
+  views, _ = augment._augment_pixels(images, boxes, flip, None, side, MEAN, STD)
   expected[1] = expected[1, :, ::-1]
   np.testing.assert_array_equal(views.numpy(), expected)
 
@@ -142,7 +153,7 @@ def test_paper_crops_match_pil_bilinear(size, scale):
   images = random_uint8((64, 32, 32, 3), seed=2)
   boxes = augment.sample_crop_boxes(SEED, 64, 32, 32, scale, RATIO).numpy()
   crops = augment._crop_to_unit_range(images, boxes, size).numpy()
-  compiled, _ = augment._augment_pixels(images, boxes, None, None, None, size, MEAN, STD)
+  compiled, _ = augment._augment_pixels(images, boxes, None, None, size, MEAN, STD)
   assert crops.shape == (64, size, size, 3)
   for image, box, crop, view in zip(images, boxes, crops, compiled.numpy()):
     assert_within_one_level(crop, image, box, size)
@@ -156,7 +167,7 @@ def test_random_boxes_shrunk_and_enlarged_match_pil_bilinear(size):
   boxes = random_boxes(rng, 96, 32, 32)
   boxes[0] = (3, 17, 10, 12)  # enlarged along both axes
   boxes[1] = (0, 0, 32, 1)  # one pixel wide
-  crops, _ = augment._augment_pixels(images, boxes, None, None, None, size, MEAN, STD)
+  crops, _ = augment._augment_pixels(images, boxes, None, None, size, MEAN, STD)
   for image, box, crop in zip(images, boxes, crops.numpy()):
     assert_within_one_level(crop, image, box, size)
 
@@ -184,7 +195,7 @@ def test_shrinking_is_antialiased():
 def test_augment_batch_crop_and_flip_match_pil():
   images = random_uint8((256, 32, 32, 3), seed=3)
   views = augment.augment_batch(
-    images, SEED, 18, (0.3, 0.75), color_jitter_prob=0, solarize_prob=0, equalize_prob=0, mean=MEAN, std=STD
+    images, SEED, 18, (0.3, 0.75), dataclasses.replace(CIFAR, color_jitter_prob=0, solarize_prob=0, equalize_prob=0)
   )
   # augment_batch draws its boxes from the first of five sub-seeds.
   crop_seed = tf.random.experimental.stateless_split(SEED, 5)[0]
@@ -215,7 +226,7 @@ def test_random_flip_rate_and_values():
 def test_augment_batch_solarize_rate():
   # Level 255 is inverted unless the threshold is above 255 (probability 1/256).
   white = np.full((4000, 2, 2, 3), 255, np.uint8)
-  views = unnormalize(augment.augment_batch(white, SEED, 2, **{**ONLY, "solarize_prob": 0.2}))
+  views = unnormalize(only(white, 2, solarize_prob=0.2))
   changed = np.abs(views - 1).max(axis=(1, 2, 3)) > 1e-4
   np.testing.assert_allclose(views[changed], 0, atol=1e-5)
   np.testing.assert_allclose(views[~changed], 1, atol=1e-5)
@@ -229,14 +240,14 @@ def test_augment_batch_solarize_rate():
 def test_augment_batch_equalize_rate():
   # Low-contrast images (levels 0..63) are always stretched by equalize.
   images = random_uint8((4000, 24, 24, 3), high=64)
-  views = unnormalize(augment.augment_batch(images, SEED, 24, **{**ONLY, "equalize_prob": 0.2}))
+  views = unnormalize(only(images, 24, equalize_prob=0.2))
   changed = np.abs(views - images / 255).max(axis=(1, 2, 3)) > 1e-4
   assert_rate(changed, 0.2)
 
 
 def test_augment_batch_color_jitter_rate():
   images = random_uint8((4000, 4, 4, 3))
-  views = unnormalize(augment.augment_batch(images, SEED, 4, **{**ONLY, "color_jitter_prob": 0.8}))
+  views = unnormalize(only(images, 4, color_jitter_prob=0.8))
   changed = np.abs(views - images / 255).max(axis=(1, 2, 3)) > 1e-4
   assert_rate(changed, 0.8)
 
@@ -379,25 +390,26 @@ def test_augment_batch_shape_dtype_and_range(size, scale, as_float):
   images = random_uint8((16, 32, 32, 3), seed=6)
   if as_float:
     images = images.astype(np.float32) * np.float32(1 / 255)
-  views = augment.augment_batch(images, SEED, size, scale, mean=MEAN, std=STD).numpy()
+  views = augment.augment_batch(images, SEED, size, scale, CIFAR).numpy()
   assert views.shape == (16, size, size, 3) and views.dtype == np.float32
   mean, std = np.array(MEAN), np.array(STD)
   assert (views >= (0 - mean) / std - 1e-5).all()
   assert (views <= (1 - mean) / std + 1e-5).all()
   # Every image gets its own draws: identical inputs, different views.
   same = np.repeat(images[:1], 16, axis=0)
-  views = augment.augment_batch(same, SEED, size, scale, mean=MEAN, std=STD).numpy()
+  views = augment.augment_batch(same, SEED, size, scale, CIFAR).numpy()
   assert len({view.tobytes() for view in views}) == 16
 
 
 def test_augment_batch_requires_mean_and_std():
   images = random_uint8((2, 8, 8, 3))
+  fields = dataclasses.asdict(CIFAR)
   with pytest.raises(TypeError, match="mean"):
-    augment.augment_batch(images, SEED, 8, (0.5, 1.0))
+    augment.AugmentSpec(**{name: value for name, value in fields.items() if name not in ("mean", "std")})
   with pytest.raises(TypeError, match="std"):
-    augment.augment_batch(images, SEED, 8, (0.5, 1.0), mean=MEAN)
+    augment.AugmentSpec(**{name: value for name, value in fields.items() if name != "std"})
   # The constants are applied as given.
-  views = augment.augment_batch(images, SEED, 8, **{**ONLY, "mean": (0.5,) * 3, "std": (0.25,) * 3}).numpy()
+  views = only(images, 8, mean=(0.5,) * 3, std=(0.25,) * 3).numpy()
   np.testing.assert_allclose(views, (images / 255 - 0.5) / 0.25, atol=1e-5)
 
 
@@ -414,7 +426,7 @@ def test_augment_batch_is_deterministic_everywhere():
   images = tf.constant(random_uint8((16, 32, 32, 3), seed=8))
 
   def view(seed):
-    return augment.augment_batch(images, seed, 18, (0.3, 0.75), mean=MEAN, std=STD)
+    return augment.augment_batch(images, seed, 18, (0.3, 0.75), CIFAR)
 
   eager = view(SEED).numpy()
   np.testing.assert_array_equal(view(SEED).numpy(), eager)
@@ -436,7 +448,7 @@ def test_fusion_fence_fallback_gives_the_same_pixels(monkeypatch):
   flip = augment._coins(seeds[1], 32, 0.5)
   jitter = augment._sample_jitter(seeds[2], 32, 0.4, 0.4, 0.4, 0.1, 0.8)
   thresholds = augment._sample_solarize(seeds[3], 32, 0.5)
-  arguments = (images, boxes, flip, jitter, thresholds, 18, MEAN, STD)
+  arguments = (images, boxes, flip, (jitter, thresholds, None, None), 18, MEAN, STD)
   fenced = augment._augment_pixels(*arguments)
   monkeypatch.setattr(augment, "_optimization_barrier", None)
   unfenced = tf.function(augment._augment_pixels.python_function, jit_compile=True, autograph=False)(*arguments)
@@ -458,7 +470,7 @@ def test_flip_and_normalize_run_in_dataset_map():
 
 # ---- ImageNet recipe: RandomGrayscale and GaussianBlur as PIL computes them (METHOD.md section 4) ----
 
-IMAGENET = dict(ONLY, color_jitter_strength=1.0)
+IMAGENET = dataclasses.replace(ONLY, color_jitter_strength=1.0)
 
 
 def natural_uint8(count, height, width, seed):
@@ -534,8 +546,7 @@ def test_blur_equals_pil_for_larger_radii():
 def test_augment_batch_grayscale_and_blur_match_pil():
   # Full-image boxes (exact copies), no jitter: the view is PIL's blur(convert("L")) where each coin says so.
   images = np.concatenate([random_uint8((48, 13, 13, 3), seed=14), natural_uint8(48, 13, 13, 15)])
-  options = dict(ONLY, grayscale_prob=0.5, blur_prob=0.5)
-  views = levels(unnormalize(augment.augment_batch(images, SEED, 13, **options)))
+  views = levels(unnormalize(only(images, 13, grayscale_prob=0.5, blur_prob=0.5)))
   # The two new ops draw from sub-seeds 5 and 6 of 7; the first five stay those of the other ops.
   grayscale_seed, blur_seed = tf.random.experimental.stateless_split(SEED, 7)[5:]
   gray = augment._coins(grayscale_seed, 96, 0.5).numpy()
@@ -551,8 +562,7 @@ def test_grayscale_and_blur_rates_and_radius_distribution():
   # A colourful image with a white dot: it comes out grey iff converted, and radii >= 1 always dim the dot.
   images = np.broadcast_to(np.array([200, 30, 90], np.uint8), (4000, 5, 5, 3)).copy()
   images[:, 2, 2] = 255
-  options = {**ONLY, "grayscale_prob": 0.2, "blur_prob": 0.5, "blur_radius": (1.0, 2.0)}
-  views = unnormalize(augment.augment_batch(images, SEED, 5, **options))
+  views = unnormalize(only(images, 5, grayscale_prob=0.2, blur_prob=0.5, blur_radius=(1.0, 2.0)))
   gray = np.abs(views - views[..., :1]).max(axis=(1, 2, 3)) < 1e-4
   blurred = views[:, 2, 2, 0] < 1 - 1e-4
   assert_rate(gray, 0.2)
@@ -573,7 +583,7 @@ def test_strength_one_jitter_is_the_imagenet_one():
   # brightness factor, U[1 - 0.8 s, 1 + 0.8 s] = U[0.2, 1.8] at s = 1 (grey 0.5 never clips).
   # (Shapes as in test_augment_batch_color_jitter_rate: one XLA compilation for both.)
   grey = np.full((4000, 4, 4, 3), 128, np.uint8)
-  views = unnormalize(augment.augment_batch(grey, SEED, 4, **{**IMAGENET, "color_jitter_prob": 0.8}))
+  views = unnormalize(only(grey, 4, IMAGENET, color_jitter_prob=0.8))
   factor = views[:, 0, 0, 0] / (128 / 255)
   unchanged = np.abs(factor - 1) < 1e-5
   assert_rate(~unchanged, 0.8)
@@ -583,11 +593,12 @@ def test_strength_one_jitter_is_the_imagenet_one():
 
 # ImageNet-like views of small images; the two tests below share their XLA compilations.
 IMAGENET_IMAGES = natural_uint8(16, 24, 24, seed=17)
-IMAGENET_VIEW = dict(ratio=RATIO, color_jitter_strength=1.0, solarize_prob=0, equalize_prob=0, mean=MEAN, std=STD)
+IMAGENET_VIEW = dataclasses.replace(CIFAR, color_jitter_strength=1.0, solarize_prob=0, equalize_prob=0)
 
 
 def imagenet_view(seed, **options):
-  return augment.augment_batch(IMAGENET_IMAGES, seed, 16, (0.14, 1.0), **IMAGENET_VIEW, **options)
+  spec = dataclasses.replace(IMAGENET_VIEW, **options)
+  return augment.augment_batch(IMAGENET_IMAGES, seed, 16, (0.14, 1.0), spec, ratio=RATIO)
 
 
 def test_new_ops_leave_the_other_draws_unchanged():
@@ -613,21 +624,23 @@ def test_imagenet_views_are_deterministic_in_tf_function_and_dataset():
 
 
 def test_rows_of_a_batch_get_the_draws_of_the_whole_batch():
-  """rows=(start, total): one replica's images are augmented exactly as those rows of the global batch."""
+  """rows=Rows(start, count, total): one replica's images are augmented exactly as those rows of the global batch."""
   rng = np.random.default_rng(5)
   images = tf.constant(rng.integers(0, 256, [8, 20, 20, 3]), tf.uint8)
   seed = tf.constant([3, 4], tf.int64)
-  options = dict(mean=(0.5,) * 3, std=(0.2,) * 3, grayscale_prob=0.3, blur_prob=0.5)
-  whole = augment.augment_batch(images, seed, 12, (0.3, 1.0), **options).numpy()
+  spec = dataclasses.replace(CIFAR, mean=(0.5,) * 3, std=(0.2,) * 3, grayscale_prob=0.3, blur_prob=0.5)
+  whole = augment.augment_batch(images, seed, 12, (0.3, 1.0), spec).numpy()
   for start in (0, 2, 6):
-    part = augment.augment_batch(images[start : start + 2], seed, 12, (0.3, 1.0), rows=(start, 8), **options)
+    rows = sampling.Rows(start, 2, 8)
+    part = augment.augment_batch(images[start : start + 2], seed, 12, (0.3, 1.0), spec, rows=rows)
     np.testing.assert_array_equal(part.numpy(), whole[start : start + 2])
   # without rows, the same two images get other draws
-  alone = augment.augment_batch(images[2:4], seed, 12, (0.3, 1.0), **options).numpy()
+  alone = augment.augment_batch(images[2:4], seed, 12, (0.3, 1.0), spec).numpy()
   assert not np.array_equal(alone, whole[2:4])
   crops = tf.random.stateless_uniform([8, 6, 6, 3], [1, 2])
-  coloured = augment.color_and_normalize(crops, seed, **options).numpy()
-  part = augment.color_and_normalize(crops[4:8], seed, rows=(4, 8), **options)
+  coloured = augment.color_and_normalize(crops, seed, spec).numpy()
+  part = augment.color_and_normalize(crops[4:8], seed, spec, rows=sampling.Rows(4, 4, 8))
   np.testing.assert_array_equal(part.numpy(), coloured[4:8])
   flipped = augment.random_flip(crops, seed).numpy()
-  np.testing.assert_array_equal(augment.random_flip(crops[3:5], seed, rows=(3, 8)).numpy(), flipped[3:5])
+  rows = sampling.Rows(3, 2, 8)
+  np.testing.assert_array_equal(augment.random_flip(crops[3:5], seed, rows=rows).numpy(), flipped[3:5])

@@ -2,7 +2,6 @@
 linear classifier, cross-entropy, SGD Nesterov), its input stream, Resize + CenterCrop and top-1/top-5; the
 imagenet preset's values."""
 
-import collections
 import os
 
 import numpy as np
@@ -227,10 +226,12 @@ def batches(dataset):
 def test_dataset_draws_epochs_of_the_labeled_subset_and_splits_replicas():
   images, labels = small_arrays()
   labeled = np.array([0, 2, 3, 5, 6, 7, 9, 10, 11])  # 9 labeled images: one batch of 4 per step, 1 left out
-  data = tiny_config().data
-  make = lambda **kwargs: pipelines.classifier_dataset(
-    images, labeled, labels[labeled], data, 4, start_step=0, total_steps=4, seed=0, **kwargs
-  )
+  c = tiny_config(batch_size=4)
+
+  def make(replicas=sampling.ONE_DEVICE):
+    plan = sampling.ClassifierPlan(labeled, labels, c.finetune, 0, replicas.total)
+    return pipelines.classifier_dataset(images, plan, c.data, start_step=0, total_steps=4, replicas=replicas)
+
   whole = batches(make())
   assert [x.shape for x, _ in whole] == [(4, SIZE, SIZE, 3)] * 4 and whole[0][0].dtype == np.float32
   for step, (_, y) in enumerate(whole):
@@ -241,16 +242,16 @@ def test_dataset_draws_epochs_of_the_labeled_subset_and_splits_replicas():
   assert len(set(epoch)) == 8
   assert not np.array_equal(sampling.batch_positions(9, 4, 2, 0), sampling.batch_positions(9, 4, 0, 0))
   # Replica streams hold their rows of the global batch, augmented with the global batch's draws.
-  halves = [batches(make(replica=(index, 2))) for index in (0, 1)]
+  halves = [batches(make(sampling.Replicas((index,), 2))) for index in (0, 1)]
   for step, (x, y) in enumerate(whole):
     np.testing.assert_array_equal(np.concatenate([halves[0][step][0], halves[1][step][0]]), x)
     np.testing.assert_array_equal(np.concatenate([halves[0][step][1], halves[1][step][1]]), y)
   # Crops and flips differ between steps (views are random), and the images are normalised with data.mean.
   assert not np.allclose(whole[0][0], whole[2][0])
   with pytest.raises(UserError, match="must divide by the 3 replicas"):
-    make(replica=(0, 3))
+    make(sampling.Replicas((0,), 3))
   with pytest.raises(UserError, match="larger than the 9 labeled images"):
-    sampling.steps_per_epoch(9, 16)
+    sampling.ClassifierPlan(labeled, labels, tiny_config(batch_size=16).finetune, 0, 1)
 
 
 def test_a_pipeline_feeding_several_replicas_emits_their_batches_in_turn():
@@ -260,10 +261,12 @@ def test_a_pipeline_feeding_several_replicas_emits_their_batches_in_turn():
   with c.unlocked():
     c.data.flip = False
   labeled = np.arange(12)
-  steps = dict(start_step=1, total_steps=3, seed=2)
-  Replicas = collections.namedtuple("Replicas", "ids total")
-  both = batches(pipelines.replicas_dataset(source, labeled, c, Replicas((1, 2), 3), **steps))
-  alone = [batches(pipelines.source_dataset(source, labeled, c, replica=(r, 3), **steps)) for r in (1, 2)]
+  steps = dict(start_step=1, total_steps=3)
+  plan = sampling.ClassifierPlan(labeled, source.train_labels, c.finetune, 2, 3)
+  both = batches(source.classifier_dataset(plan, c.data, replicas=sampling.Replicas((1, 2), 3), **steps))
+  alone = [
+    batches(source.classifier_dataset(plan, c.data, replicas=sampling.Replicas((r,), 3), **steps)) for r in (1, 2)
+  ]
   expected = [alone[r][step] for step in range(2) for r in range(2)]
   assert len(both) == len(expected) == 4
   for (x, y), (xe, ye) in zip(both, expected):
@@ -280,12 +283,13 @@ def test_streamed_files_give_the_in_memory_batches(tmp_path):
   source = sources.open_folder(str(tmp_path))
   order = np.array([int(os.path.basename(name)[:5]) for name in source.train.names])  # folder index -> array index
   labeled = np.arange(len(order))[np.isin(order, [0, 1, 4, 5, 7, 8, 9, 11])]
-  data = tiny_config().data
-  kwargs = dict(start_step=0, total_steps=3, seed=7, replica=(1, 2))
-  streamed = batches(
-    pipelines.classifier_dataset(source.train, labeled, source.train_labels[labeled], data, 4, **kwargs)
-  )
-  in_memory = batches(pipelines.classifier_dataset(images, order[labeled], labels[order[labeled]], data, 4, **kwargs))
+  c = tiny_config(batch_size=4)
+  data = c.data
+  kwargs = dict(start_step=0, total_steps=3, replicas=sampling.Replicas((1,), 2))
+  plan = sampling.ClassifierPlan(labeled, source.train_labels, c.finetune, 7, 2)
+  streamed = batches(pipelines.classifier_dataset(source.train, plan, data, **kwargs))
+  plan = sampling.ClassifierPlan(order[labeled], labels, c.finetune, 7, 2)
+  in_memory = batches(pipelines.classifier_dataset(images, plan, data, **kwargs))
   for (xs, ys), (xm, ym) in zip(streamed, in_memory, strict=True):
     np.testing.assert_array_equal(ys, ym)
     np.testing.assert_allclose(xs, xm, atol=3e-6 / min(data.std), rtol=0)

@@ -15,6 +15,7 @@ from utils import evaluation, export
 from utils.data import augment, datasets, splits
 from utils.errors import UserError
 from utils.model import encoder as encoder_lib
+from utils.workdir import Workdir
 
 # One pre-training epoch (10 steps) of the tiny digits model: enough to separate the classes somewhat.
 SETTINGS = [*scriptrun.TINY, "--config.pretrain.epochs=1", "--config.pretrain.warmup_epochs=0"]
@@ -111,7 +112,7 @@ def reference(exported):
   """What utils.evaluation (nn_eval's code) computes from the same workdir: encoder, supports, test probabilities."""
   workdir = exported[0]
   config = scriptrun.config_with(*SETTINGS)
-  _, directory, written_by = evaluation.encoder_directory(workdir)
+  _, directory, written_by = evaluation.encoder_directory(Workdir(workdir))
   encoder = evaluation.load_float32_encoder(directory, config, written_by)
   train_images, train_labels, test_images, test_labels = datasets.load_dataset("digits")
   labeled = splits.read_split_file(os.path.join(workdir, "labeled_indices.txt"), len(train_labels))

@@ -18,8 +18,8 @@ def test_sampler_batches_are_stratified_interleaved_and_unique(per_class, images
   labels = make_labels(per_class)
   sampler = sampling.SupportSampler(labels, 5, images_per_class, seed=1)
   orders = []
-  for _ in range(12):
-    batch = sampler.next_batch()
+  for step in range(12):
+    batch = sampler.batch(step)
     assert len(batch) == 5 * images_per_class
     assert len(np.unique(batch)) == len(batch)  # no image twice in a batch
     classes = labels[batch].reshape(images_per_class, 5)
@@ -66,7 +66,7 @@ def test_sampler_batches_are_independent_draws():
 def test_support_batches_resume_exactly_without_replay(start_step):
   labels = make_labels(7)
   full = sampling.SupportSampler(labels, 5, 3, seed=2)
-  full = [full.next_batch() for _ in range(40)]
+  full = [full.batch(step) for step in range(40)]
   resumed = sampling.SupportSampler(labels, 5, 3, seed=2)  # a new sampler, as a resumed run builds
   for step in range(start_step, 40):
     assert full[step].dtype == np.int64
@@ -100,18 +100,35 @@ def test_sampler_errors_on_too_few_images_or_classes():
     sampling.SupportSampler(labels, 6, 2, seed=0)
 
 
+def pretrain_section(classes_per_batch, images_per_class, unique_classes=False, batch_size=320):
+  return ml_collections.ConfigDict(
+    dict(
+      batch_size=batch_size,
+      classes_per_batch=classes_per_batch,
+      images_per_class=images_per_class,
+      unique_classes_per_replica=unique_classes,
+    )
+  )
+
+
 def test_support_rows_split_between_replicas():
   # The K * images_per_class rows are shared; images_per_class itself need not divide by the replicas.
-  assert sampling.support_rows_per_replica(10, 5, 2) == 25
-  assert sampling.support_rows_per_replica(10, 5, 5) == 10
-  assert sampling.SupportSampler(make_labels(6, 10), 10, 5, seed=0, num_replicas=2).rows_per_replica == 25
+  assert sampling.pretrain_geometry(pretrain_section(10, 5), 2).local_support == 25
+  assert sampling.pretrain_geometry(pretrain_section(10, 5), 5).local_support == 10
+  finetune = ml_collections.ConfigDict(dict(classes_per_batch=10, images_per_class=5))
+  assert sampling.SuncetPlan(np.arange(60), make_labels(6, 10), finetune, 0, 2).geometry.local_support == 25
   message = r"the 50 support images .*pretrain.classes_per_batch=10 x images_per_class=5.*3 replicas"
   with pytest.raises(UserError, match=message):
-    sampling.support_rows_per_replica(10, 5, 3, section="pretrain.")
+    sampling.pretrain_geometry(pretrain_section(10, 5, batch_size=3), 3)
   # Unique classes: each replica draws images_per_class / R of its own classes.
-  assert sampling.support_rows_per_replica(15, 448, 64, unique_classes=True) == 7 * 15
+  assert sampling.pretrain_geometry(pretrain_section(15, 448, unique_classes=True), 64).local_support == 7 * 15
   with pytest.raises(UserError, match="images_per_class=5 must divide by the 2 replicas with unique classes"):
-    sampling.support_rows_per_replica(2, 5, 2, unique_classes=True)
+    sampling.pretrain_geometry(pretrain_section(2, 5, unique_classes=True), 2)
+  # The unlabeled batch: each replica holds its block of rows of the global batch.
+  geometry = sampling.pretrain_geometry(pretrain_section(10, 5, batch_size=64), 2)
+  assert (geometry.batch, geometry.local_batch, geometry.batch_rows(1)) == (64, 32, sampling.Rows(32, 32, 64))
+  with pytest.raises(UserError, match="pretrain.batch_size=64 must divide by the 5 replicas"):
+    sampling.pretrain_geometry(pretrain_section(10, 5, batch_size=64), 5)
 
 
 def test_unlabeled_indices_epoch_permutation_drops_last_partial_batch():
@@ -135,6 +152,9 @@ def small_pretrain_dataset(
       color_jitter_strength=0.5,
       solarize_prob=0.2,
       equalize_prob=0.2,
+      grayscale_prob=0.0,
+      blur_prob=0.0,
+      blur_radius=(0.1, 2.0),
       mean=(0.5,) * 3,
       std=(0.25,) * 3,
       large_crop_size=8,
@@ -153,16 +173,9 @@ def small_pretrain_dataset(
       unique_classes_per_replica=unique_classes,
     )
   )
+  plan = sampling.PawsPlan(labeled, labels, len(images), pretrain, 7, replicas.total)
   return pipelines.pretrain_dataset(
-    images,
-    labeled,
-    labels[labeled],
-    data,
-    pretrain,
-    start_step=start_step,
-    total_steps=total_steps,
-    seed=7,
-    replicas=replicas,
+    images, plan, data, pretrain, start_step=start_step, total_steps=total_steps, replicas=replicas
   )
 
 
@@ -233,15 +246,26 @@ def test_unique_classes_pipeline_blocks():
   assert not np.array_equal(both[0][1], both[1][1])
 
 
+def flip_only_data(flip):
+  """A whole data section without colour operations, normalised by mean 0 and std 1: pixels stay [0, 1]."""
+  colour = dict(color_jitter_prob=0.0, color_jitter_strength=0.0, solarize_prob=0.0, equalize_prob=0.0)
+  blur = dict(grayscale_prob=0.0, blur_prob=0.0, blur_radius=(0.1, 2.0))
+  return ml_collections.ConfigDict(dict(flip=flip, mean=(0.0,) * 3, std=(1.0,) * 3, **colour, **blur))
+
+
+def finetune_dataset(images, labels, finetune, data, replicas=sampling.ONE_DEVICE, *, seed, **steps):
+  """pipelines.finetune_dataset with all the images labeled."""
+  plan = sampling.SuncetPlan(np.arange(len(images)), labels, finetune, seed, replicas.total)
+  return pipelines.finetune_dataset(images, plan, finetune, data, replicas=replicas, **steps)
+
+
 def _finetune_batch(flip):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=[8, 6, 6, 3], dtype=np.uint8)
   labels = np.repeat(np.arange(2), 4)
   finetune = ml_collections.ConfigDict(dict(classes_per_batch=2, images_per_class=4, views=2))
-  data = ml_collections.ConfigDict(dict(flip=flip, mean=(0.0,) * 3, std=(1.0,) * 3))
-  batch = next(
-    iter(pipelines.finetune_dataset(images, labels, finetune, data, start_step=0, total_steps=1, seed=0))
-  ).numpy()
+  data = flip_only_data(flip)
+  batch = next(iter(finetune_dataset(images, labels, finetune, data, start_step=0, total_steps=1, seed=0))).numpy()
   assert batch.shape == (2, 8, 6, 6, 3)
   return images.astype(np.float32) / 255, batch
 
@@ -272,12 +296,10 @@ def test_finetune_replicas_get_their_rows_of_the_one_device_batch():
   labels = np.repeat(np.arange(3), 4)
   # 3 images of 2 classes: 6 rows, 3 for each of 2 replicas (not the same number of images of each class)
   finetune = ml_collections.ConfigDict(dict(classes_per_batch=2, images_per_class=3, views=2))
-  data = ml_collections.ConfigDict(dict(flip=True, mean=(0.0,) * 3, std=(1.0,) * 3))
+  data = flip_only_data(True)
   steps = dict(start_step=0, total_steps=3, seed=4)
-  one_device = list(pipelines.finetune_dataset(images, labels, finetune, data, **steps))
-  both = list(
-    pipelines.finetune_dataset(images, labels, finetune, data, replicas=sampling.Replicas((0, 1), 2), **steps)
-  )
+  one_device = list(finetune_dataset(images, labels, finetune, data, **steps))
+  both = list(finetune_dataset(images, labels, finetune, data, replicas=sampling.Replicas((0, 1), 2), **steps))
   for step, batch in enumerate(one_device):
     assert both[2 * step].shape == (2, 3, 6, 6, 3)
     np.testing.assert_array_equal(np.concatenate([both[2 * step], both[2 * step + 1]], axis=1), batch)

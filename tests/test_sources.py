@@ -15,7 +15,7 @@ import tensorflow as tf
 import config as presets
 from tests import scriptrun
 from utils import losses
-from utils.data import augment, datasets, decoding, image_files, pipelines, sources, splits
+from utils.data import augment, datasets, decoding, image_files, pipelines, sampling, sources, splits
 from utils.errors import UserError
 from utils.model import encoder as encoder_lib
 
@@ -186,23 +186,25 @@ def test_color_stage_on_separate_crops_equals_augment_batch():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, [16, 20, 24, 3], dtype=np.uint8)
   seed = tf.constant([3, 4], tf.int64)
-  options = dict(
+  spec = augment.AugmentSpec(
+    flip=True,
     color_jitter_prob=0.8,
     color_jitter_strength=1.0,
     solarize_prob=0.3,
     equalize_prob=0.3,
+    grayscale_prob=0.3,  # the ImageNet recipe's ops too
+    blur_prob=0.5,
+    blur_radius=(0.1, 2.0),
     mean=(0.5, 0.4, 0.3),
     std=(0.2, 0.25, 0.3),
   )
-  if "grayscale_prob" in augment.augment_batch.__code__.co_varnames:  # the ImageNet recipe's ops
-    options.update(grayscale_prob=0.3, blur_prob=0.5)
-  expected = augment.augment_batch(images, seed, 12, (0.3, 1.0), flip=True, **options).numpy()
+  expected = augment.augment_batch(images, seed, 12, (0.3, 1.0), spec).numpy()
   draws = augment.crop_draws([seed], len(images), (0.3, 1.0), flip=True)
   crops = [
     pipelines._cut_views(tf.constant(encode(image)), "x.png", {key: value[i] for key, value in draws.items()}, 12)[0]
     for i, image in enumerate(images)
   ]
-  actual = augment.color_and_normalize(tf.stack(crops), seed, **options).numpy()
+  actual = augment.color_and_normalize(tf.stack(crops), seed, spec).numpy()
   np.testing.assert_allclose(actual, expected, atol=TOLERANCE / 0.2 * 5, rtol=0)
 
 
@@ -218,16 +220,18 @@ def test_folder_streams_the_in_memory_batches(digits_folder, digits):
   images, labels = train_images[order], train_labels[order]
   np.testing.assert_array_equal(source.train_labels, labels)
   labeled = splits.select_labeled_indices(labels, 4, 152)
-  steps = dict(start_step=9, total_steps=11, seed=5)  # across the epoch boundary (10 steps per epoch)
-  expected = pipelines.pretrain_dataset(images, labeled, labels[labeled], config.data, config.pretrain, **steps)
+  steps = dict(start_step=9, total_steps=11)  # across the epoch boundary (10 steps per epoch)
+  plan = sampling.PawsPlan(labeled, labels, source.num_unlabeled, config.pretrain, 5, 1)  # one plan for both
+  expected = pipelines.pretrain_dataset(images, plan, config.data, config.pretrain, **steps)
   assert_same_batches(
-    expected, source.pretrain_dataset(labeled, config.data, config.pretrain, **steps), TOLERANCE / DIGITS_STD
+    expected, source.pretrain_dataset(plan, config.data, config.pretrain, **steps), TOLERANCE / DIGITS_STD
   )
   # fine-tuning views and evaluation batches: whole images, exactly
   with config.unlocked():
     config.data.flip = True  # flip-only views exercise the flip coins too
-  expected = pipelines.finetune_dataset(images[labeled], labels[labeled], config.finetune, config.data, **steps)
-  for a, b in zip(expected, source.finetune_dataset(labeled, config.finetune, config.data, **steps), strict=True):
+  plan = sampling.SuncetPlan(labeled, labels, config.finetune, 5, 1)
+  expected = pipelines.finetune_dataset(images, plan, config.finetune, config.data, **steps)
+  for a, b in zip(expected, source.finetune_dataset(plan, config.finetune, config.data, **steps), strict=True):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
   supports, support_labels, queries, query_labels = source.evaluation_sets(labeled, config.data, 100)
   np.testing.assert_array_equal(support_labels, labels[labeled])
@@ -249,7 +253,9 @@ def first_loss(model, views, supports, pretrain):
   large = h[num_support : num_support + 2 * p.batch_size]
   targets = tf.concat([large[p.batch_size :], large[: p.batch_size]], axis=0)
   ce, me_max = losses.paws_loss(
-    z[num_support:], z[:num_support], labels, targets, h[:num_support], labels, multicrop=p.multicrop
+    losses.SnnInputs(z[num_support:], z[:num_support], labels),
+    losses.SnnInputs(targets, h[:num_support], labels),
+    multicrop=p.multicrop,
   )
   return float(ce + me_max)
 
@@ -263,11 +269,10 @@ def test_tfrecords_stream_the_in_memory_batches_and_losses(digits_records, digit
   np.testing.assert_array_equal(source.evaluation.labels, test_labels)
   assert source.train.names[5] == "img_00005.png" and len(source.train.files) == 3
   labeled = splits.select_labeled_indices(train_labels, 4, 152)
-  steps = dict(start_step=3, total_steps=4, seed=0)
-  expected = list(
-    pipelines.pretrain_dataset(train_images, labeled, train_labels[labeled], config.data, config.pretrain, **steps)
-  )
-  actual = list(source.pretrain_dataset(labeled, config.data, config.pretrain, **steps))
+  steps = dict(start_step=3, total_steps=4)
+  plan = sampling.PawsPlan(labeled, train_labels, source.num_unlabeled, config.pretrain, 0, 1)
+  expected = list(pipelines.pretrain_dataset(train_images, plan, config.data, config.pretrain, **steps))
+  actual = list(source.pretrain_dataset(plan, config.data, config.pretrain, **steps))
   assert_same_batches(expected, actual, TOLERANCE / DIGITS_STD)
   tf.keras.utils.set_random_seed(0)
   model = encoder_lib.build_encoder(config.model, config.data.image_size)
@@ -282,8 +287,9 @@ def test_resumed_stream_is_the_uninterrupted_one(tmp_path):
     config.pretrain.update(batch_size=5, classes_per_batch=3, images_per_class=2)
   source = sources.open_source(config.data, small_folder(tmp_path, size=(21, 14)))
   labeled = splits.select_labeled_indices(source.train_labels, 2, 1)
-  full = list(source.pretrain_dataset(labeled, config.data, config.pretrain, start_step=0, total_steps=3, seed=2))
-  resumed = list(source.pretrain_dataset(labeled, config.data, config.pretrain, start_step=2, total_steps=3, seed=2))
+  plan = sampling.PawsPlan(labeled, source.train_labels, source.num_unlabeled, config.pretrain, 2, 1)
+  full = list(source.pretrain_dataset(plan, config.data, config.pretrain, start_step=0, total_steps=3))
+  resumed = list(source.pretrain_dataset(plan, config.data, config.pretrain, start_step=2, total_steps=3))
   assert_same_batches(full[2:], resumed, 0.0)
 
 
@@ -394,9 +400,10 @@ def test_unreadable_images_are_named(tmp_path):
     file.write(good)
   source.check_images(labeled)
   # an unlabeled one while streaming: the step (13 of 13 images) names it
-  dataset = source.pretrain_dataset(labeled, config.data, config.pretrain, start_step=0, total_steps=2, seed=0)
+  plan = sampling.PawsPlan(labeled, source.train_labels, source.num_unlabeled, config.pretrain, 0, 1)
+  dataset = source.pretrain_dataset(plan, config.data, config.pretrain, start_step=0, total_steps=2)
   message = f"cannot decode {broken} .it is not a JPEG or PNG image.*step 1"
-  with pytest.raises(UserError, match=message), source.stream_errors(lambda: 0, 1):
+  with pytest.raises(UserError, match=message), source.stream_errors(plan, lambda: 0, 1):
     next(iter(dataset))
 
 

@@ -23,7 +23,7 @@ import tensorflow as tf
 import tf_keras
 
 from utils import evaluation, losses
-from utils.data import augment
+from utils.data import augment, decoding
 from utils.errors import UserError
 
 SIGNATURE_NAME = "serving_default"
@@ -98,9 +98,8 @@ class SoftNNClassifier(tf.Module):
     resampling). An image already at that size (CIFAR-10, digits) is returned unchanged, so evaluation images
     reach the encoder exactly as in nn_eval.py. Scaling to [0, 1] before the linear resize equals scaling after.
     """
-    height, width = tf.shape(images)[1], tf.shape(images)[2]
-    side = tf.minimum(height, width)
-    square = images[:, (height - side) // 2 :, (width - side) // 2 :][:, :side, :side]
+    top, left, side, _ = tf.unstack(decoding.centre_box(tf.shape(images)[1], tf.shape(images)[2]))
+    square = images[:, top : top + side, left : left + side]
     unit = tf.cast(square, tf.float32) * (1.0 / 255.0)
     resized = tf.image.resize(unit, [self._size, self._size], method="bilinear", antialias=True)
     return augment.normalize(resized, self._mean, self._std)

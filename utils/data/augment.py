@@ -1,4 +1,10 @@
-"""Batched, stateless image augmentation for PAWS on CIFAR-10 (METHOD.md section 4).
+"""Batched, stateless view augmentation: the CIFAR-10 and ImageNet recipes (METHOD.md sections 4, 10).
+
+`augment_batch(images, seed, size, scale, spec)` makes one view of every image of a batch, with the
+settings of an `AugmentSpec` (built once from the config's `data` section by `AugmentSpec.from_config`);
+`color_and_normalize` is its colour stage for crops cut elsewhere (images read from files), and
+`crop_draws` / `crop_boxes` its crop draws for images whose size is known only once decoded. `rows`
+(sampling.Rows) lets one replica augment its rows of a global batch exactly as the whole batch would.
 
 Every op transforms a whole batch at once, with its own random draws for each
 image. Per-image ops (tf.map_fn, or Model Garden's `official.vision.ops.augment`
@@ -22,9 +28,14 @@ seed gives the same bits eagerly, in tf.function and in tf.data.
 Images are float32 in [0, 1] between ops (uint8 is accepted where noted).
 """
 
+from collections.abc import Callable, Sequence
+import dataclasses
 import math
 
+from ml_collections import ConfigDict
 import tensorflow as tf
+
+from utils.data.sampling import Rows
 
 try:
   # Not exported under tf.*: an internal module that may move. It is only a
@@ -34,6 +45,10 @@ try:
   _optimization_barrier = _xla.optimization_barrier
 except (ImportError, AttributeError):
   _optimization_barrier = None
+
+
+# RandomResizedCrop's aspect ratio range (width / height), as the reference's torchvision default.
+CROP_RATIO = (3 / 4, 4 / 3)
 
 
 # ITU-R 601 luma weights, as PIL's convert("L") and torchvision use.
@@ -74,7 +89,15 @@ def _to_float(images):
   return tf.cast(images, tf.float32)
 
 
-def sample_crop_boxes(seed, num_images, height, width, scale, ratio, attempts=10):
+def sample_crop_boxes(
+  seed: tf.Tensor,
+  num_images: int | tf.Tensor,
+  height: int | tf.Tensor,
+  width: int | tf.Tensor,
+  scale: Sequence[float],
+  ratio: Sequence[float],
+  attempts: int = 10,
+) -> tf.Tensor:
   """Samples RandomResizedCrop boxes, torchvision semantics (METHOD.md section 4, 9.6).
 
   All `attempts` tries are drawn at once and the first valid one is kept;
@@ -100,7 +123,15 @@ def sample_crop_boxes(seed, num_images, height, width, scale, ratio, attempts=10
   return crop_boxes_from_draws(area_fraction, aspect, top, left, height, width, ratio)
 
 
-def crop_boxes_from_draws(area_fraction, aspect, top, left, height, width, ratio):
+def crop_boxes_from_draws(
+  area_fraction: tf.Tensor,
+  aspect: tf.Tensor,
+  top: tf.Tensor,
+  left: tf.Tensor,
+  height: int | tf.Tensor,
+  width: int | tf.Tensor,
+  ratio: Sequence[float],
+) -> tf.Tensor:
   """RandomResizedCrop boxes from their random draws, for images of one size.
 
   The arithmetic half of sample_crop_boxes, shared with the streamed pipeline, which draws before it
@@ -234,29 +265,28 @@ def _select(mask, new_images, images):
   return tf.where(mask[:, None, None, None], new_images, images)
 
 
-def draw_rows(num_images, rows):
+def draw_rows(num_images: int | tf.Tensor, rows: Rows | None) -> tuple[int | tf.Tensor, Callable]:
   """(number of images to draw for, function keeping this batch's rows of every draw).
 
-  rows=(start, total): the images are rows start .. start + num_images - 1 of a batch of `total`, as on
-  one replica of a global batch; the draws are made for the whole batch and these rows kept, so a
-  replica's images are augmented exactly as in the global batch. None: the batch is the whole batch.
+  rows: the images are these rows of a batch of rows.total (sampling.Rows), as on one replica of a global
+  batch; the draws are made for the whole batch and these rows kept, so a replica's images are augmented
+  exactly as in the global batch. None: the num_images images are the whole batch.
   """
   if rows is None:
     return num_images, lambda draws: draws
-  start, total = rows
-  return total, lambda draws: tf.nest.map_structure(
-    lambda t: None if t is None else t[start : start + num_images], draws
+  return rows.total, lambda draws: tf.nest.map_structure(
+    lambda t: None if t is None else t[rows.start : rows.start + rows.count], draws
   )
 
 
-def random_flip(images, seed, prob=0.5, rows=None):
+def random_flip(images: tf.Tensor, seed: tf.Tensor, prob: float = 0.5, rows: Rows | None = None) -> tf.Tensor:
   """Flips each image left-right with probability `prob` (METHOD.md section 4).
 
   Args:
     images: [N, H, W, C] tensor.
     seed: int32/int64 tensor of shape [2].
     prob: flip probability per image.
-    rows: optional (start, total): images are these rows of a batch of `total` (see draw_rows).
+    rows: optional sampling.Rows: images are these rows of a batch of rows.total (see draw_rows).
 
   Returns:
     tensor like `images`.
@@ -607,7 +637,7 @@ def _gaussian_blur(images, parameters, fence=_unfenced):
   return _select(parameters["apply"], levels * _INVERSE_255, images)
 
 
-def normalize(images, mean, std):
+def normalize(images: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
   """(x - mean) / std per channel (METHOD.md section 4).
 
   Args:
@@ -626,14 +656,13 @@ def normalize(images, mean, std):
 # only about 2 000 crops/s on 2 cores. The random parameters are drawn outside
 # the compiled function: inside it, XLA fuses the per-image Philox draws into
 # every per-pixel loop and recomputes them for each pixel.
-@tf.function(jit_compile=True, autograph=False)
-def _augment_pixels(images, boxes, flip, jitter, solarize_thresholds, size, mean, std, grayscale=None, blur=None):
-  """Crop, flip, jitter, grayscale, blur, solarize; returns the [0, 1] and normalised views.
+def _colour_views(views, colour, mean, std):
+  """Jitter, grayscale, blur, solarize of fenced [0, 1] views, inside an XLA-compiled function.
 
-  grayscale: optional bool [N], the images converted; blur: optional
-  _sample_blur parameters.
+  colour: _sample_colour's (jitter parameters, solarize thresholds, grayscale coins, blur parameters), None
+  for an op that is off. Returns the [0, 1] and the normalised views.
   """
-  views = _xla_fence(_crop_to_unit_range(images, boxes, size, flip))
+  jitter, solarize_thresholds, grayscale, blur = colour
   if jitter is not None:
     views = _jitter(views, jitter, _xla_fence)
   if grayscale is not None:
@@ -645,82 +674,110 @@ def _augment_pixels(images, boxes, flip, jitter, solarize_thresholds, size, mean
   return views, normalize(views, mean, std)
 
 
+@tf.function(jit_compile=True, autograph=False)
+def _augment_pixels(images, boxes, flip, colour, size, mean, std):
+  """Crop, flip, then _colour_views' colour ops (colour: None for none); the [0, 1] and normalised views."""
+  views = _xla_fence(_crop_to_unit_range(images, boxes, size, flip))
+  return _colour_views(views, colour or (None,) * 4, mean, std)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AugmentSpec:
+  """The view augmentation of the config's `data` section, every op's setting (METHOD.md section 4).
+
+  The CIFAR-10 recipe uses jitter, solarize and equalize; the ImageNet recipe (strength 1) jitter, grayscale
+  and blur. An op whose probability or strength is 0 stays out of the graph. Frozen and slotted: tf.function
+  takes it as one hashable constant, compared by value, so equal specs share their traces.
+
+  Attributes:
+    flip: whether to flip images with probability 0.5.
+    color_jitter_prob, color_jitter_strength: ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) with this probability.
+    solarize_prob, equalize_prob, grayscale_prob, blur_prob: per-image probabilities.
+    blur_radius: (min, max) of the blur radius (PIL's radius, the Gaussian's standard deviation), 0 < min <= max.
+    mean, std: per-channel normalisation constants.
+  """
+
+  flip: bool
+  color_jitter_prob: float
+  color_jitter_strength: float
+  solarize_prob: float
+  equalize_prob: float
+  grayscale_prob: float
+  blur_prob: float
+  blur_radius: tuple[float, float]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def __post_init__(self):
+    # Plain Python values, so equal settings give equal (and equally hashed) specs whatever types they came in.
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.type is bool:
+        value = bool(value)
+      elif field.type is float:
+        value = float(value)
+      else:
+        value = tuple(float(item) for item in value)
+      object.__setattr__(self, field.name, value)
+
+  @classmethod
+  def from_config(cls, data: ConfigDict) -> "AugmentSpec":
+    """The spec of the config's `data` section (config.py holds every field's value)."""
+    return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)})
+
+  def crop_and_flip(self) -> "AugmentSpec":
+    """Only the crop, the flip and the normalisation: the classifier fine-tuning's views (no colour op)."""
+    return dataclasses.replace(
+      self,
+      color_jitter_prob=0.0,
+      color_jitter_strength=0.0,
+      solarize_prob=0.0,
+      equalize_prob=0.0,
+      grayscale_prob=0.0,
+      blur_prob=0.0,
+    )
+
+
 def augment_batch(
-  images,
-  seed,
-  size,
-  scale,
-  ratio=(3 / 4, 4 / 3),
-  flip=True,
-  color_jitter_prob=0.8,
-  color_jitter_strength=0.5,
-  solarize_prob=0.2,
-  equalize_prob=0.2,
+  images: tf.Tensor,
+  seed: tf.Tensor,
+  size: int,
+  scale: Sequence[float],
+  spec: AugmentSpec,
   *,
-  mean,
-  std,
-  grayscale_prob=0.0,
-  blur_prob=0.0,
-  blur_radius=(0.1, 2.0),
-  rows=None,
-):
+  ratio: Sequence[float] = CROP_RATIO,
+  rows: Rows | None = None,
+) -> tf.Tensor:
   """One PAWS view of every image in a batch (METHOD.md section 4).
 
   RandomResizedCrop (PIL bilinear resize) -> horizontal flip (p = 0.5) ->
   ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) with p = color_jitter_prob ->
   RandomGrayscale (PIL convert("L")) -> GaussianBlur (PIL, radius ~
   U[blur_radius] per image) -> Solarize (threshold ~ U[0, 256) per image) ->
-  Equalize -> Normalize. The CIFAR-10 recipe uses jitter, solarize and
-  equalize; the ImageNet recipe (s = 1) jitter, grayscale (p = 0.2) and blur
-  (p = 0.5). Ops whose probability or strength is 0 are left out of the
-  graph. The pixel work runs as one XLA-compiled function (compiled once per
-  input shape and configuration).
+  Equalize -> Normalize, with the settings of `spec`. The pixel work runs as
+  one XLA-compiled function (compiled once per input shape and configuration).
 
   Args:
     images: [N, H, W, 3] uint8 or float in [0, 1].
     seed: int32/int64 tensor of shape [2].
     size: output side in pixels.
     scale: (min, max) crop area fraction.
+    spec: the AugmentSpec (AugmentSpec.from_config(config.data)).
     ratio: (min, max) crop aspect ratio.
-    flip: whether to flip images with probability 0.5.
-    color_jitter_prob, color_jitter_strength: ColorJitter probability and s.
-    solarize_prob, equalize_prob: per-image probabilities.
-    mean, std: per-channel normalisation constants (required: the config's
-      data.mean and data.std).
-    grayscale_prob: RandomGrayscale probability per image.
-    blur_prob: GaussianBlur probability per image.
-    blur_radius: (min, max) of the blur radius (PIL's radius, the Gaussian's
-      standard deviation), 0 < min <= max.
-    rows: optional (start, total): `images` are rows start .. start + N - 1 of
-      a batch of `total` (one replica's share); their draws are those of the
-      whole batch, so the views equal those rows of the whole batch's views.
+    rows: optional sampling.Rows: `images` are these rows of a batch of rows.total (one replica's share);
+      their draws are those of the whole batch, so the views equal those rows of the whole batch's views.
 
   Returns:
     float32 [N, size, size, 3], normalised.
   """
-  return _augment_batch_graph(
-    images,
-    seed,
-    int(size),
-    tuple(scale),
-    tuple(ratio),
-    bool(flip),
-    float(color_jitter_prob),
-    float(color_jitter_strength),
-    float(solarize_prob),
-    float(equalize_prob),
-    tuple(mean),
-    tuple(std),
-    float(grayscale_prob),
-    float(blur_prob),
-    tuple(float(value) for value in blur_radius),
-    None if rows is None else tuple(int(value) for value in rows),
-  )
+  return _augment_batch_graph(images, seed, int(size), tuple(scale), tuple(ratio), spec, _hashable(rows))
 
 
-def _sample_colour(
-  seed, num_images, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius
-):
+def _hashable(rows):
+  return None if rows is None else Rows(*(int(value) for value in rows))
+
+
+def _sample_colour(seed, num_images, spec):
   """The per-image colour draws of one view, from sub-seeds 2 and 3 of 5 (and 5, 6 of 7) of its seed.
 
   Shared by augment_batch and color_and_normalize, so both make the same draws for the same seed.
@@ -729,21 +786,22 @@ def _sample_colour(
   """
   _, _, jitter_seed, solarize_seed, _ = _split(seed, 5)
   jitter = None
-  if color_jitter_prob > 0 and color_jitter_strength > 0:
-    strength = 0.8 * color_jitter_strength
+  if spec.color_jitter_prob > 0 and spec.color_jitter_strength > 0:
+    strength = 0.8 * spec.color_jitter_strength
     jitter = _sample_jitter(
-      jitter_seed, num_images, strength, strength, strength, 0.2 * color_jitter_strength, color_jitter_prob
+      jitter_seed, num_images, strength, strength, strength, 0.2 * spec.color_jitter_strength, spec.color_jitter_prob
     )
-  solarize_thresholds = _sample_solarize(solarize_seed, num_images, solarize_prob) if solarize_prob > 0 else None
+  solarize = spec.solarize_prob
+  solarize_thresholds = _sample_solarize(solarize_seed, num_images, solarize) if solarize > 0 else None
   grayscale = blur = None
-  if grayscale_prob > 0 or blur_prob > 0:
+  if spec.grayscale_prob > 0 or spec.blur_prob > 0:
     # Two more sub-seeds, drawn only here so that settings without these ops
     # keep their graph and their bits.
     grayscale_seed, blur_seed = _split(seed, 7)[5:]
-    if grayscale_prob > 0:
-      grayscale = _coins(grayscale_seed, num_images, grayscale_prob)
-    if blur_prob > 0:
-      blur = _sample_blur(blur_seed, num_images, blur_prob, blur_radius)
+    if spec.grayscale_prob > 0:
+      grayscale = _coins(grayscale_seed, num_images, spec.grayscale_prob)
+    if spec.blur_prob > 0:
+      blur = _sample_blur(blur_seed, num_images, spec.blur_prob, spec.blur_radius)
   return jitter, solarize_thresholds, grayscale, blur
 
 
@@ -751,148 +809,66 @@ def _sample_colour(
 # per-op dispatch, and eager, tf.function and tf.data share one XLA
 # compilation and produce the same bits.
 @tf.function(autograph=False, reduce_retracing=True)
-def _augment_batch_graph(
-  images,
-  seed,
-  size,
-  scale,
-  ratio,
-  flip,
-  color_jitter_prob,
-  color_jitter_strength,
-  solarize_prob,
-  equalize_prob,
-  mean,
-  std,
-  grayscale_prob,
-  blur_prob,
-  blur_radius,
-  rows,
-):
+def _augment_batch_graph(images, seed, size, scale, ratio, spec, rows):
   """augment_batch with hashable Python arguments."""
   crop_seed, flip_seed, _, _, equalize_seed = _split(seed, 5)
   shape = tf.shape(images)
   num_draws, keep = draw_rows(shape[0], rows)
   boxes = keep(sample_crop_boxes(crop_seed, num_draws, shape[1], shape[2], scale, ratio))
-  flip_mask = keep(_coins(flip_seed, num_draws, 0.5)) if flip else None
-  jitter, solarize_thresholds, grayscale, blur = keep(
-    _sample_colour(
-      seed, num_draws, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius
-    )
-  )
-  views, normalized = _augment_pixels(
-    images, boxes, flip_mask, jitter, solarize_thresholds, size, mean, std, grayscale, blur
-  )
-  if equalize_prob > 0:
-    indices, equalized = _equalize_selected(views, keep(_coins(equalize_seed, num_draws, equalize_prob)))
-    normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, mean, std))
+  flip_mask = keep(_coins(flip_seed, num_draws, 0.5)) if spec.flip else None
+  colour = keep(_sample_colour(seed, num_draws, spec))
+  views, normalized = _augment_pixels(images, boxes, flip_mask, colour, size, spec.mean, spec.std)
+  if spec.equalize_prob > 0:
+    indices, equalized = _equalize_selected(views, keep(_coins(equalize_seed, num_draws, spec.equalize_prob)))
+    normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, spec.mean, spec.std))
   return normalized
 
 
-def color_and_normalize(
-  views,
-  seed,
-  color_jitter_prob=0.8,
-  color_jitter_strength=0.5,
-  solarize_prob=0.2,
-  equalize_prob=0.2,
-  *,
-  mean,
-  std,
-  grayscale_prob=0.0,
-  blur_prob=0.0,
-  blur_radius=(0.1, 2.0),
-  rows=None,
-):
+def color_and_normalize(views: tf.Tensor, seed: tf.Tensor, spec: AugmentSpec, rows: Rows | None = None) -> tf.Tensor:
   """The colour stage of augment_batch, for views cropped, resized and flipped elsewhere (METHOD.md section 4).
 
-  Streamed images (utils/pipeline.py) differ in size, so their crops are cut and resized one image at a
+  Streamed images (utils/data/pipelines.py) differ in size, so their crops are cut and resized one image at a
   time; this runs the rest of augment_batch on the batch of crops. With the same `seed` it makes the
   draws augment_batch makes (crop and flip use the first two of its five sub-seeds, this the others), so
-  augment_batch(images, seed, ...) equals color_and_normalize(crops, seed, ...) when `crops` are
+  augment_batch(images, seed, ..., spec) equals color_and_normalize(crops, seed, spec) when `crops` are
   augment_batch's crops of the same images.
 
   Args:
     views: float32 [N, S, S, 3] in [0, 1].
     seed: int32/int64 tensor of shape [2], the view's seed as augment_batch takes it.
-    Other arguments: as augment_batch.
+    spec, rows: as augment_batch.
 
   Returns:
     float32 [N, S, S, 3], normalised.
   """
-  return _color_graph(
-    views,
-    seed,
-    float(color_jitter_prob),
-    float(color_jitter_strength),
-    float(solarize_prob),
-    float(equalize_prob),
-    tuple(mean),
-    tuple(std),
-    float(grayscale_prob),
-    float(blur_prob),
-    tuple(float(value) for value in blur_radius),
-    None if rows is None else tuple(int(value) for value in rows),
-  )
+  return _color_graph(views, seed, spec, _hashable(rows))
 
 
 @tf.function(jit_compile=True, autograph=False)
-def _color_pixels(views, jitter, solarize_thresholds, mean, std, grayscale=None, blur=None):
-  """_augment_pixels after its crop: jitter, grayscale, blur, solarize; the [0, 1] and normalised views."""
-  views = _xla_fence(views)
-  if jitter is not None:
-    views = _jitter(views, jitter, _xla_fence)
-  if grayscale is not None:
-    views = _select(grayscale, _grayscale(views), views)
-  if blur is not None:
-    views = _gaussian_blur(views, blur, _xla_fence)
-  if solarize_thresholds is not None:
-    views = _solarize(views, solarize_thresholds)
-  return views, normalize(views, mean, std)
+def _color_pixels(views, colour, mean, std):
+  """_augment_pixels after its crop: _colour_views; the [0, 1] and normalised views."""
+  return _colour_views(_xla_fence(views), colour, mean, std)
 
 
 @tf.function(autograph=False, reduce_retracing=True)
-def _color_graph(
-  views,
-  seed,
-  color_jitter_prob,
-  color_jitter_strength,
-  solarize_prob,
-  equalize_prob,
-  mean,
-  std,
-  grayscale_prob,
-  blur_prob,
-  blur_radius,
-  rows,
-):
+def _color_graph(views, seed, spec, rows):
   """color_and_normalize with hashable Python arguments; the draws of _augment_batch_graph."""
   equalize_seed = _split(seed, 5)[4]
   num_draws, keep = draw_rows(tf.shape(views)[0], rows)
-  jitter, solarize_thresholds, grayscale, blur = keep(
-    _sample_colour(
-      seed, num_draws, color_jitter_prob, color_jitter_strength, solarize_prob, grayscale_prob, blur_prob, blur_radius
-    )
-  )
-  views, normalized = _color_pixels(tf.cast(views, tf.float32), jitter, solarize_thresholds, mean, std, grayscale, blur)
-  if equalize_prob > 0:
-    indices, equalized = _equalize_selected(views, keep(_coins(equalize_seed, num_draws, equalize_prob)))
-    normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, mean, std))
+  colour = keep(_sample_colour(seed, num_draws, spec))
+  views, normalized = _color_pixels(tf.cast(views, tf.float32), colour, spec.mean, spec.std)
+  if spec.equalize_prob > 0:
+    indices, equalized = _equalize_selected(views, keep(_coins(equalize_seed, num_draws, spec.equalize_prob)))
+    normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, spec.mean, spec.std))
   return normalized
-
-
-# What augment_batch crops with (augment.sample_crop_boxes' defaults).
-CROP_RATIO = (3 / 4, 4 / 3)
 
 
 CROP_ATTEMPTS = 10
 
 
-def _split_seed(seed, count):
-  return tf.unstack(tf.random.experimental.stateless_split(seed, count))
-
-
-def crop_draws(view_seeds, num_images, scale, flip):
+def crop_draws(
+  view_seeds: Sequence[tf.Tensor], num_images: int | tf.Tensor, scale: Sequence[float], flip: bool
+) -> dict[str, tf.Tensor]:
   """The random numbers augment_batch draws for the crop and flip of each view, per image.
 
   augment_batch(images, view_seed, ...) splits view_seed into (crop, flip, jitter, solarize, equalize)
@@ -912,8 +888,8 @@ def crop_draws(view_seeds, num_images, scale, flip):
   shape = tf.stack([num_images, CROP_ATTEMPTS])
   draws = {"area": [], "aspect": [], "top": [], "left": [], "flip": []}
   for view_seed in view_seeds:
-    crop_seed, flip_seed = _split_seed(view_seed, 5)[:2]
-    area_seed, ratio_seed, top_seed, left_seed = _split_seed(crop_seed, 4)
+    crop_seed, flip_seed = _split(view_seed, 5)[:2]
+    area_seed, ratio_seed, top_seed, left_seed = _split(crop_seed, 4)
     draws["area"].append(tf.random.stateless_uniform(shape, area_seed, scale[0], scale[1]))
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
     draws["aspect"].append(tf.exp(tf.random.stateless_uniform(shape, ratio_seed, log_ratio[0], log_ratio[1])))
@@ -927,7 +903,7 @@ def crop_draws(view_seeds, num_images, scale, flip):
   return {key: tf.stack(values, axis=1) for key, values in draws.items()}
 
 
-def crop_boxes(draws, height, width):
+def crop_boxes(draws: dict[str, tf.Tensor], height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
   """augment.sample_crop_boxes' boxes from the draws of one image (crop_draws), for its own size.
 
   Args:

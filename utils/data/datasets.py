@@ -1,4 +1,4 @@
-"""Raw datasets as uint8 arrays, and the labeled-subset index files (METHOD.md section 4).
+"""The in-memory datasets as uint8 arrays: CIFAR-10 (read, or downloaded and checked) and scikit-learn's digits.
 
 Every loader returns `(train_images, train_labels, test_images, test_labels)`:
 images uint8 [N, H, W, 3], labels int64 [N].
@@ -180,12 +180,17 @@ def _is_file(path):
   return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
 
 
-def default_cache_dir():
+def default_cache_dir() -> str:
   """~/.keras/datasets, where Keras keeps its downloads ($KERAS_HOME/datasets if that is set)."""
   return os.path.join(os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras"), "datasets")
 
 
-def download_cifar10(url=None, cache_dir=None, expected_md5=CIFAR10_MD5, timeout=DOWNLOAD_TIMEOUT_SECONDS):
+def download_cifar10(
+  url: str | None = None,
+  cache_dir: str | None = None,
+  expected_md5: str = CIFAR10_MD5,
+  timeout: float = DOWNLOAD_TIMEOUT_SECONDS,
+) -> str:
   """Returns the path of the official CIFAR-10 archive in the cache, downloading it if it is not there.
 
   An archive in the cache counts only if its MD5 matches: a partial or corrupt one is deleted and
@@ -290,7 +295,9 @@ def _assemble(batches):
   return train_images, train_labels, test_images, test_labels
 
 
-def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5, url=None, cache_dir=None):
+def load_cifar10(
+  data_dir: str | None = None, expected_md5: str = CIFAR10_MD5, url: str | None = None, cache_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Loads CIFAR-10 (METHOD.md section 4).
 
   Args:
@@ -331,7 +338,9 @@ def load_cifar10(data_dir=None, expected_md5=CIFAR10_MD5, url=None, cache_dir=No
   return _assemble(batches)
 
 
-def load_digits(test_fraction=0.25, split_seed=0, image_size=16):
+def load_digits(
+  test_fraction: float = 0.25, split_seed: int = 0, image_size: int = 16
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Loads scikit-learn's bundled 8x8 digits as a tiny offline stand-in for CIFAR-10.
 
   Args:
@@ -354,7 +363,7 @@ def load_digits(test_fraction=0.25, split_seed=0, image_size=16):
   return train_images, train_labels, test_images, test_labels
 
 
-def load_dataset(name, data_dir=None):
+def load_dataset(name: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Loads "cifar10" or "digits" (which ignores data_dir); returns the 4-tuple.
 
   "folder" and "tfrecord" data is never loaded whole: utils.sources.open_source streams it.

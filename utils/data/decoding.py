@@ -1,8 +1,15 @@
-"""Images read from files: decoding (JPEG windows, PNG), crops resized with PIL's filter, centre crops."""
+"""Images read from files: decoding (JPEG or PNG, or only a JPEG's crop window), crops resized with PIL's filter,
+and the two whole-image transforms of evaluation (`centre_square`, `resize_centre_crop`)."""
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
 from utils.data import augment
+
+if TYPE_CHECKING:  # image_files imports this module
+  from utils.data.image_files import ImageFiles
 
 # Decoding a crop window of a chroma-subsampled JPEG upsamples the chroma at the window's edges differently
 # from a full decode; a window widened to 16-pixel blocks plus one block on each side decodes the crop
@@ -10,7 +17,7 @@ from utils.data import augment
 _JPEG_BLOCK = 16
 
 
-def resize_box(image, box, size):
+def resize_box(image: tf.Tensor, box: tf.Tensor, size: int) -> tf.Tensor:
   """One box of a uint8 [H, W, 3] image resized to size x size with PIL's bilinear filter, float32 in [0, 1].
 
   tf.image.resize's antialiased bilinear is PIL's filter (a triangle widened by the scale factor when
@@ -44,7 +51,7 @@ def _check_format(encoded, description):
   return tf.debugging.Assert(known, [description, UNDECODABLE], name="check_image_format")
 
 
-def decode_image(encoded, description):
+def decode_image(encoded: tf.Tensor, description: tf.Tensor | str) -> tf.Tensor:
   """uint8 [H, W, 3] of JPEG or PNG bytes, as PIL's Image.open(...).convert("RGB").
 
   JPEGs are decoded with libjpeg's accurate integer DCT, which PIL uses (TensorFlow's default, the fast
@@ -82,24 +89,29 @@ def _decode_one_box(encoded, description, draws):
     return tf.cond(_is_jpeg(encoded), jpeg_window, whole)
 
 
-def centre_box(height, width):
+def centre_box(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
   """int32 [4]: the largest centred square of a height x width image, as (top, left, side, side)."""
   side = tf.minimum(height, width)
   return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
 
-def whole_image_loader(images, size):
-  """index -> float32 [size, size, 3] in [0, 1]: the image's centred square, resized (in a tf.data map).
+def centre_square(pixels: tf.Tensor, size: int) -> tf.Tensor:
+  """The centred square of a uint8 [H, W, 3] image resized to size x size, float32 in [0, 1].
 
-  Evaluation and fine-tuning use whole images (METHOD.md sections 6, 7); files of any shape become the
+  Soft-NN evaluation and fine-tuning use whole images (METHOD.md sections 6, 7); files of any shape become the
   encoder's size as Resize(shorter side) + CenterCrop would make them, in one PIL-bilinear resampling (an
   image already size x size is returned exactly).
   """
+  shape = tf.shape(pixels)
+  return resize_box(pixels, centre_box(shape[0], shape[1]), size)
+
+
+def image_loader(images: "ImageFiles", size: int, transform: Callable[[tf.Tensor, int], tf.Tensor] = centre_square):
+  """index -> float32 [size, size, 3] in [0, 1]: image `index` of an image_files.ImageFiles, decoded and
+  brought to size x size by `transform` (centre_square or resize_centre_crop), for a tf.data map."""
 
   def load(index):
-    pixels = decode_image(images.read(index), images.describe(index))
-    shape = tf.shape(pixels)
-    return resize_box(pixels, centre_box(shape[0], shape[1]), size)
+    return transform(decode_image(images.read(index), images.describe(index)), size)
 
   return load
 
@@ -108,7 +120,7 @@ def whole_image_loader(images, size):
 RESIZE_RATIO = 256 / 224
 
 
-def resize_size(size):
+def resize_size(size: int) -> int:
   """Resize's shorter side for a CenterCrop of `size`: 256 for 224."""
   return int(round(size * RESIZE_RATIO))
 
@@ -119,7 +131,7 @@ def _half_to_even(excess):
   return half + (excess % 2) * (half % 2)
 
 
-def resize_centre_crop(pixels, size, resize=None):
+def resize_centre_crop(pixels: tf.Tensor, size: int, resize: int | None = None) -> tf.Tensor:
   """torchvision Resize(resize) + CenterCrop(size) of a uint8 [H, W, 3] image, float32 [size, size, 3] in [0, 1].
 
   Resize scales the shorter side to `resize` and the longer to int(resize * longer / shorter) with PIL's

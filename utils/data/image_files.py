@@ -1,28 +1,12 @@
-"""Where the scripts' images come from: in-memory arrays, or image files streamed from disk (README: Your own data).
+"""Encoded images on disk, addressed by index: image folders and TFRecord files (README: Your own data).
 
-`open_source(config.data, data_dir)` returns a Source for every `data.dataset`:
-
-  cifar10, digits  uint8 arrays in memory (utils/datasets.py), through the in-memory pipelines.
-  folder           DATA_DIR/train/<class>/**.{jpg,jpeg,png} (classes = folder names, sorted), optional
-                   DATA_DIR/val/<class>/... (nn_eval.py's queries) and DATA_DIR/unlabeled/** (extra
-                   unlabeled images, never labeled). Images of any size.
-  tfrecord         uncompressed TFRecord files of tf.train.Example with image/encoded (JPEG or PNG bytes)
-                   and image/class/label (int64), as Model Garden's ImageNet conversion writes them;
-                   image/filename, when present, names the record in split files. Files: the globs
-                   data.train_files and data.val_files, relative to DATA_DIR (or absolute, gs:// too).
-
-Streamed images are addressed by an index, as arrays are: a folder's training images in class then path
-order, a TFRecord set's records in file then record order (files sorted by name). Every step's images are
-the in-memory path's (pipeline.unlabeled_indices, pipeline.SupportSampler), so the order of a run is a
-function of (seed, step) and a resumed run reads exactly what the interrupted one would have. A TFRecord
-set is indexed once per script start (one sequential read of its files, in parallel over files: the byte
-offset, label and name of every record); training then reads records by offset.
-
-Only the images of a step are in memory. The labeled subset is decoded once before training starts (so
-an unreadable labeled image is an error before anything is written); an unreadable unlabeled image met
-while streaming stops the run with an error naming the file (`Source.stream_errors`), after which the
-run resumes from its last checkpoint once the file is fixed or removed. Images are not skipped: a
-skipped image would change every later batch.
+`ImageFiles` holds N images' names and labels and reads an image's bytes inside tf.data by its index:
+`FolderImages` one file per index (`list_class_folders` lists DATA_DIR/<split>/<class>/**.{jpg,jpeg,png}, in
+class then path order), `RecordImages` one record of a TFRecord file per index (`index_records` indexes the
+files once per script start, one sequential read in parallel over files: the byte offset, label and name of
+every record, in file then record order; training then reads records by offset). Indices are those of the
+in-memory arrays' pipelines (utils/data/sampling.py's plans), so the order of a run is a function of
+(seed, step) whatever the images' form. Which folders and files make a dataset: utils/data/sources.py.
 """
 
 import concurrent.futures
@@ -77,15 +61,15 @@ class ImageFiles:
   def __len__(self):
     return len(self.labels)
 
-  def read(self, index):
+  def read(self, index: tf.Tensor) -> tf.Tensor:
     """Encoded bytes (scalar tf.string) of image `index` (a scalar int64 tensor), in graph code."""
     raise NotImplementedError
 
-  def describe(self, index):
+  def describe(self, index: tf.Tensor) -> tf.Tensor:
     """Where image `index` lives (scalar tf.string), for error messages."""
     raise NotImplementedError
 
-  def location(self, index):
+  def location(self, index: int) -> str:
     """Where image `index` lives, as Python text."""
     return self.describe(tf.constant(index, tf.int64)).numpy().decode()
 
@@ -173,7 +157,7 @@ def _image_files_under(folder):
   return sorted(images), others
 
 
-def list_class_folders(root, split, class_names=None):
+def list_class_folders(root: str, split: str, class_names: list[str] | None = None) -> tuple[list[str], FolderImages]:
   """Lists ROOT/split/<class>/** images.
 
   Args:
@@ -253,7 +237,7 @@ def _index_record_file(path):
   return lengths.astype(np.int64), labels.astype(np.int64), names
 
 
-def index_records(pattern, what):
+def index_records(pattern: str, what: str) -> tuple:
   """Indexes the TFRecord files matching `pattern`: one sequential read, in parallel over files.
 
   Args:

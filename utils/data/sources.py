@@ -2,34 +2,32 @@
 
 `open_source(config.data, data_dir)` returns a Source for every `data.dataset`:
 
-  cifar10, digits  uint8 arrays in memory (utils/datasets.py), through the in-memory pipelines.
-  folder           DATA_DIR/train/<class>/**.{jpg,jpeg,png} (classes = folder names, sorted), optional
-                   DATA_DIR/val/<class>/... (nn_eval.py's queries) and DATA_DIR/unlabeled/** (extra
+  cifar10, digits  ArraySource: uint8 arrays in memory (utils/data/datasets.py), through the in-memory pipelines.
+  folder           StreamSource of DATA_DIR/train/<class>/**.{jpg,jpeg,png} (classes = folder names, sorted),
+                   optional DATA_DIR/val/<class>/... (nn_eval.py's queries) and DATA_DIR/unlabeled/** (extra
                    unlabeled images, never labeled). Images of any size.
-  tfrecord         uncompressed TFRecord files of tf.train.Example with image/encoded (JPEG or PNG bytes)
-                   and image/class/label (int64), as Model Garden's ImageNet conversion writes them;
+  tfrecord         StreamSource of uncompressed TFRecord files of tf.train.Example with image/encoded (JPEG or
+                   PNG bytes) and image/class/label (int64), as Model Garden's ImageNet conversion writes them;
                    image/filename, when present, names the record in split files. Files: the globs
                    data.train_files and data.val_files, relative to DATA_DIR (or absolute, gs:// too).
 
-Streamed images are addressed by an index, as arrays are: a folder's training images in class then path
-order, a TFRecord set's records in file then record order (files sorted by name). Every step's images are
-the in-memory path's (pipeline.unlabeled_indices, pipeline.SupportSampler), so the order of a run is a
-function of (seed, step) and a resumed run reads exactly what the interrupted one would have. A TFRecord
-set is indexed once per script start (one sequential read of its files, in parallel over files: the byte
-offset, label and name of every record); training then reads records by offset.
-
-Only the images of a step are in memory. The labeled subset is decoded once before training starts (so
-an unreadable labeled image is an error before anything is written); an unreadable unlabeled image met
-while streaming stops the run with an error naming the file (`Source.stream_errors`), after which the
-run resumes from its last checkpoint once the file is fixed or removed. Images are not skipped: a
-skipped image would change every later batch.
+A Source gives the scripts what they need of their data whatever its form: the training labels and image
+names (split files), the stages' input pipelines for an index plan (utils/data/sampling.py: which images
+every step reads, the same plan for arrays and files, so a resumed run reads exactly what the interrupted one
+would have), the evaluation sets, and the checks of image files: the labeled subset is decoded once before
+training starts (so an unreadable labeled image is an error before anything is written); an unreadable
+unlabeled image met while streaming stops the run with an error naming the file (`Source.stream_errors`,
+which searches the plan's steps), after which the run resumes from its last checkpoint once the file is fixed
+or removed. Images are not skipped: a skipped image would change every later batch. How the files are listed,
+indexed and read: utils/data/image_files.py.
 """
 
-import collections
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import os
 
 from absl import logging
+from ml_collections import ConfigDict
 import numpy as np
 import tensorflow as tf
 
@@ -54,41 +52,47 @@ class Source:
     class_names: one name per class.
     train_labels: int64 [num_train] labels of the images a labeled subset is drawn from; its indices
       are what labeled_indices.txt holds.
+    train_names: names of those images for split files (streamed sources), else None.
     num_unlabeled: images the unlabeled batches draw from (the training images first).
   """
 
   streamed = False
+  train_names = None
 
   @property
-  def num_classes(self):
+  def num_classes(self) -> int:
     return len(self.class_names)
 
-  def read_split_file(self, path, expected_count=None, check_balance=True):
-    """The labeled subset a split file lists (datasets.read_split_file: one index per line)."""
+  def read_split_file(self, path: str, expected_count: int | None = None, check_balance: bool = True) -> np.ndarray:
+    """The labeled subset a split file lists: indices, or for streamed sources names (splits.read_split_file)."""
     return splits.read_split_file(
-      path, len(self.train_labels), labels=self.train_labels if check_balance else None, expected_count=expected_count
+      path,
+      len(self.train_labels),
+      labels=self.train_labels if check_balance else None,
+      expected_count=expected_count,
+      names=self.train_names,
+      class_names=self.class_names,
     )
 
-  def check_images(self, indices):
+  def check_images(self, indices: Sequence[int]) -> None:
     """Raises UserError naming the first of these training images that cannot be decoded."""
 
-  def write_labeled_names(self, directory, indices):
+  def write_labeled_names(self, directory: str, indices: Sequence[int]) -> str | None:
     """Streamed sources: writes the labeled images' names next to their indices; returns the path or None."""
 
-  def check_labeled_names(self, directory, indices):
+  def check_labeled_names(self, directory: str, indices: Sequence[int]) -> None:
     """Streamed sources: refuses indices whose images are no longer the ones paws_train.py labeled."""
 
   @contextlib.contextmanager
-  def stream_errors(self, current_step, steps_per_call):
-    """Streamed sources: an image that cannot be decoded during training becomes a UserError naming it."""
+  def stream_errors(
+    self, plan: sampling.IndexPlan, current_step: Callable[[], int], steps_per_call: int
+  ) -> Iterator[None]:
+    """Streamed sources: an image of `plan` that cannot be decoded during training becomes a UserError naming it."""
     yield
-
-  def watch_steps(self, images, step_indices):
-    """Streamed sources: step -> indices into `images` of the step's images, for stream_errors to search."""
 
 
 class ArraySource(Source):
-  """cifar10 and digits: uint8 arrays, through pipeline.pretrain_dataset and friends."""
+  """cifar10 and digits: uint8 arrays, through the in-memory pipelines."""
 
   def __init__(self, name, train_images, train_labels, test_images, test_labels, class_names=None):
     self.name = name
@@ -97,17 +101,27 @@ class ArraySource(Source):
     self.class_names = class_names or [str(label) for label in np.unique(self.train_labels)]
     self.num_unlabeled = len(self.train_images)
 
-  def pretrain_dataset(self, labeled, data, pretrain, **steps):
-    return pipelines.pretrain_dataset(self.train_images, labeled, self.train_labels[labeled], data, pretrain, **steps)
+  def pretrain_dataset(
+    self, plan: sampling.PawsPlan, data: ConfigDict, pretrain: ConfigDict, **steps
+  ) -> tf.data.Dataset:
+    """pipelines.pretrain_dataset of the training images; steps: start_step, total_steps, replicas."""
+    return pipelines.pretrain_dataset(self.train_images, plan, data, pretrain, **steps)
 
-  def finetune_dataset(self, labeled, finetune, data, **steps):
-    return pipelines.finetune_dataset(self.train_images[labeled], self.train_labels[labeled], finetune, data, **steps)
+  def finetune_dataset(
+    self, plan: sampling.SuncetPlan, finetune: ConfigDict, data: ConfigDict, **steps
+  ) -> tf.data.Dataset:
+    """pipelines.finetune_dataset of the training images; steps: start_step, total_steps, replicas."""
+    return pipelines.finetune_dataset(self.train_images, plan, finetune, data, **steps)
 
-  def labeled_images(self, labeled, data):
+  def classifier_dataset(self, plan: sampling.ClassifierPlan, data: ConfigDict, **steps) -> tf.data.Dataset:
+    """pipelines.classifier_dataset of the training images; steps: start_step, total_steps, replicas."""
+    return pipelines.classifier_dataset(self.train_images, plan, data, **steps)
+
+  def labeled_images(self, labeled: Sequence[int], data: ConfigDict) -> tf.Tensor:
     """The labeled images, whole and normalised, as one tensor (BatchNorm re-estimation)."""
     return augment.normalize(self.train_images[labeled], data.mean, data.std)
 
-  def evaluation_sets(self, labeled, data, batch_size):
+  def evaluation_sets(self, labeled: Sequence[int], data: ConfigDict, batch_size: int) -> tuple:
     """(support images, support labels, query images, query labels) for evaluation.evaluate."""
     del data, batch_size
     return self.train_images[labeled], self.train_labels[labeled], self.test_images, self.test_labels
@@ -129,66 +143,11 @@ class StreamSource(Source):
     self.class_names = list(class_names)
     self.train, self.unlabeled, self.evaluation = train, unlabeled, evaluation
     self.train_labels = train.labels
+    self.train_names = train.names
     self.num_unlabeled = len(unlabeled)
     self.evaluation_hint = evaluation_hint
-    self._step_images = None  # step -> image indices of that step, for stream_errors
 
-  # -- Split files by name ------------------------------------------------------------------
-
-  def read_split_file(self, path, expected_count=None, check_balance=True):
-    """A labeled subset listed by index (one per line) or by file name.
-
-    Names are paths relative to the split folder (folder: `cat/img_001.jpg`) or bare file names
-    (`n01440764_10026.JPEG`, as the reference's ImageNet subset files; TFRecord: image/filename), one
-    per line. Unknown, ambiguous and repeated names, a wrong count and unbalanced classes are errors.
-    """
-    if not tf.io.gfile.exists(path):
-      raise UserError(f"split file {path} does not exist; check the path")
-    with tf.io.gfile.GFile(path) as file:
-      lines = [(number, line.strip()) for number, line in enumerate(file, start=1) if line.strip()]
-    if all(_is_integer(text) for _, text in lines):
-      return super().read_split_file(path, expected_count, check_balance)
-    by_name = self._names_to_indices()
-    indices, seen_at = [], {}
-    for number, text in lines:
-      candidates = by_name.get(text) or by_name.get(text.replace("\\", "/"))
-      if not candidates:
-        raise UserError(
-          f"{path} line {number}: {text!r} names no training image of data.dataset={self.name} "
-          "(write paths relative to the train folder, or bare file names); use a split file made for this data"
-        )
-      if len(candidates) > 1:
-        examples = ", ".join(self.train.names[index] for index in candidates[:2])
-        raise UserError(f"{path} line {number}: {text!r} is ambiguous ({examples}); write the path instead")
-      index = candidates[0]
-      if index in seen_at:
-        raise UserError(f"{path} line {number}: {text!r} repeats line {seen_at[index]}; remove the duplicate")
-      seen_at[index] = number
-      indices.append(index)
-    if expected_count is not None and len(indices) != expected_count:
-      raise UserError(
-        f"{path} holds {len(indices)} names but {expected_count} are expected; "
-        "use a split file of the configured size (data.labeled_per_class x classes)"
-      )
-    indices = np.sort(np.asarray(indices, np.int64))
-    if check_balance and len(indices):
-      counts = np.bincount(self.train_labels[indices], minlength=self.num_classes)
-      if counts.min() != counts.max():
-        per_class = ", ".join(f"{name}: {count}" for name, count in zip(self.class_names, counts))
-        raise UserError(
-          f"{path}: classes are unbalanced ({per_class}); use a split file with the same number of images per class"
-        )
-    return indices
-
-  def _names_to_indices(self):
-    """{relative name or bare file name: [indices]} of the training images."""
-    found = collections.defaultdict(list)
-    for index, name in enumerate(self.train.names):
-      found[name].append(index)
-      base = name.replace("\\", "/").rsplit("/", 1)[-1]
-      if base != name:
-        found[base].append(index)
-    return found
+  # -- Labeled names ------------------------------------------------------------------------
 
   def write_labeled_names(self, directory, indices):
     path = os.path.join(directory, "labeled_files.txt")
@@ -241,25 +200,20 @@ class StreamSource(Source):
         f"cannot decode labeled image {name} ({reason}); replace it by a readable JPEG or PNG, or remove it"
       ) from None
 
-  def watch_steps(self, images, step_indices):
-    self._step_images = (images, step_indices)
-
   @contextlib.contextmanager
-  def stream_errors(self, current_step, steps_per_call):
+  def stream_errors(self, plan, current_step, steps_per_call):
     """An image that fails to decode while training stops the run with a UserError naming it.
 
     tf.data raises a failed element's error when the consumer reaches it, in order, so the failing
-    image is one of the steps the failed call was reading: [current_step(), + steps_per_call).
+    image is one of the steps the failed call was reading: [current_step(), + steps_per_call) of `plan`.
     """
     try:
       yield
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as error:
-      if self._step_images is None:
-        raise
       step = current_step()
-      images, step_indices = self._step_images
       for candidate_step in range(step, step + steps_per_call):
-        found = self._first_undecodable(images, step_indices(candidate_step))
+        # Every plan's indices point into the unlabeled images, whose first ones are the training images.
+        found = self._first_undecodable(self.unlabeled, plan.step_images(candidate_step))
         if found is not None:
           name, reason = found
           raise UserError(
@@ -271,53 +225,25 @@ class StreamSource(Source):
 
   # -- Pipelines ---------------------------------------------------------------------------
 
-  def pretrain_dataset(self, labeled, data, pretrain, *, replicas=sampling.ONE_DEVICE, **steps):
-    labeled = np.asarray(labeled, np.int64)
-    labels = self.train_labels[labeled]
-    p = pretrain
-    sampler = sampling.SupportSampler(**sampling.pretrain_supports(labels, p, steps["seed"], replicas.total))
+  def pretrain_dataset(self, plan, data, pretrain, **steps):
+    return pipelines.stream_pretrain_dataset(self.unlabeled, plan, data, pretrain, **steps)
 
-    def step_indices(step):  # all the step's images (every replica's), to find an undecodable one
-      return np.concatenate(
-        [
-          sampling.unlabeled_indices(len(self.unlabeled), p.batch_size, step, steps["seed"]),
-          labeled[sampler.batch(step)],
-        ]
-      )
+  def finetune_dataset(self, plan, finetune, data, **steps):
+    return pipelines.stream_finetune_dataset(self.train, plan, finetune, data, **steps)
 
-    self.watch_steps(self.unlabeled, step_indices)
-    return pipelines.stream_pretrain_dataset(
-      self.unlabeled, labeled, labels, data, pretrain, replicas=replicas, **steps
-    )
-
-  def finetune_dataset(self, labeled, finetune, data, *, replicas=sampling.ONE_DEVICE, **steps):
-    labeled = np.asarray(labeled, np.int64)
-    labels = self.train_labels[labeled]
-    sampler = sampling.SupportSampler(**sampling.finetune_supports(labels, finetune, steps["seed"], replicas.total))
-    self.watch_steps(self.train, lambda step: labeled[sampler.batch(step)])
-    return pipelines.stream_finetune_dataset(self.train, labeled, labels, finetune, data, replicas=replicas, **steps)
+  def classifier_dataset(self, plan, data, **steps):
+    return pipelines.classifier_dataset(self.train, plan, data, **steps)
 
   def labeled_images(self, labeled, data):
-    batches = pipelines.stream_eval_dataset(self.train, labeled, 256, data.image_size, data.mean, data.std)
-    return tf.concat(list(batches), axis=0)
+    return tf.concat(list(pipelines.stream_eval_dataset(self.train, labeled, data, 256)), axis=0)
 
   def evaluation_sets(self, labeled, data, batch_size):
     """(support batches, support labels, query batches, query labels): tf.data datasets for evaluation.evaluate."""
     if self.evaluation is None:
       raise UserError(self.evaluation_hint)
-    supports = pipelines.stream_eval_dataset(self.train, labeled, batch_size, data.image_size, data.mean, data.std)
-    queries = pipelines.stream_eval_dataset(
-      self.evaluation, np.arange(len(self.evaluation)), batch_size, data.image_size, data.mean, data.std
-    )
+    supports = pipelines.stream_eval_dataset(self.train, labeled, data, batch_size)
+    queries = pipelines.stream_eval_dataset(self.evaluation, np.arange(len(self.evaluation)), data, batch_size)
     return supports, self.train_labels[labeled], queries, self.evaluation.labels
-
-
-def _is_integer(text):
-  try:
-    int(text)
-  except ValueError:
-    return False
-  return True
 
 
 def _reason(error):
@@ -328,7 +254,7 @@ def _reason(error):
   return text.split("[[", 1)[0].strip().rstrip(".") or type(error).__name__
 
 
-def open_folder(root):
+def open_folder(root: str) -> StreamSource:
   """The folder layout (module docstring) as a StreamSource."""
   class_names, train = image_files.list_class_folders(root, "train")
   unlabeled = train
@@ -371,7 +297,7 @@ def _record_images(root, pattern, what, class_values=None):
   return class_values, image_files.RecordImages(files, file_ids, offsets, lengths, names, positions)
 
 
-def open_records(root, train_files, val_files, evaluation=True):
+def open_records(root: str, train_files: str, val_files: str, evaluation: bool = True) -> StreamSource:
   """The TFRecord layout (module docstring) as a StreamSource; `evaluation` False skips the val files."""
   class_values, train = _record_images(root, train_files, "data.train_files")
   validation = None
@@ -385,7 +311,7 @@ def open_records(root, train_files, val_files, evaluation=True):
   return StreamSource("tfrecord", [str(value) for value in class_values], train, train, validation, hint)
 
 
-def open_source(data, data_dir, evaluation=False):
+def open_source(data: ConfigDict, data_dir: str | None, evaluation: bool = False) -> Source:
   """The Source of config.data.dataset.
 
   Args:

@@ -21,10 +21,8 @@ def time_train_steps(config: ConfigDict, strategy: tf.distribute.Strategy, jit_c
   """Seconds per compiled PAWS step on random inputs of the config's shapes, after a warm-up."""
   p = config.pretrain
   large, small = config.data.large_crop_size, config.data.small_crop_size
-  local_batch = p.batch_size // strategy.num_replicas_in_sync
-  local_support = sampling.support_rows_per_replica(
-    p.classes_per_batch, p.images_per_class, strategy.num_replicas_in_sync, p.unique_classes_per_replica
-  )
+  geometry = sampling.pretrain_geometry(p, strategy.num_replicas_in_sync)
+  local_batch, local_support = geometry.local_batch, geometry.local_support
   views = tuple(tf.random.normal([local_batch, large, large, 3]) for _ in range(2)) + tuple(
     tf.random.normal([local_batch, small, small, 3]) for _ in range(p.multicrop)
   )

@@ -63,10 +63,8 @@ def paws_steps(
   """The compiled PAWS update: forward by resolution, PAWS loss, LARS step."""
   p = config.pretrain
   num_replicas = strategy.num_replicas_in_sync
-  local_batch = p.batch_size // num_replicas
-  local_support = sampling.support_rows_per_replica(
-    p.classes_per_batch, p.images_per_class, num_replicas, p.unique_classes_per_replica
-  )
+  geometry = sampling.pretrain_geometry(p, num_replicas)
+  local_batch, local_support = geometry.local_batch, geometry.local_support
   num_support = p.support_views * local_support
   # The gathered supports are the replicas' blocks in turn, each its rows of every support view.
   support_labels = losses.support_labels(
@@ -123,7 +121,7 @@ def suncet_steps(
   """The compiled SuNCEt update on one class-stratified batch."""
   f = config.finetune
   num_replicas = strategy.num_replicas_in_sync
-  local_batch = sampling.support_rows_per_replica(f.classes_per_batch, f.images_per_class, num_replicas)
+  local_batch = sampling.suncet_geometry(f, num_replicas).local_support
   labels = losses.support_labels(f.classes_per_batch, f.images_per_class, f.views, num_replicas)
 
   def step_fn(batch):

@@ -72,6 +72,7 @@ class Source:
       expected_count=expected_count,
       names=self.train_names,
       class_names=self.class_names,
+      dataset=self.name,
     )
 
   def check_images(self, indices: Sequence[int]) -> None:

@@ -45,6 +45,7 @@ def read_split_file(
   expected_count: int | None = None,
   names: Sequence[str] | None = None,
   class_names: Sequence[str] | None = None,
+  dataset: str | None = None,
 ) -> np.ndarray:
   """Reads a labeled-subset file: one training index per line, or one image name per line (METHOD.md section 4).
 
@@ -60,6 +61,7 @@ def read_split_file(
     expected_count: optional number of entries the file must hold.
     names: optional names of the training images, in index order (image_files.ImageFiles.names).
     class_names: optional names of the classes, for the message about unbalanced classes.
+    dataset: optional data.dataset of the names, for the message about an unknown name.
   Returns:
     Sorted int64 indices.
   """
@@ -72,7 +74,7 @@ def read_split_file(
   indices, seen_at = [], {}
   for number, text in lines:
     if by_name:
-      index, entry = _named_index(lookup, names, path, number, text), repr(text)
+      index, entry = _named_index(lookup, names, f"{path} line {number}", text, dataset), repr(text)
     else:
       index = _index(path, number, text, num_train)
       entry = f"index {index}"
@@ -133,17 +135,18 @@ def _name_lookup(names):
   return found
 
 
-def _named_index(lookup, names, path, number, text):
-  """The training index of the image named on line `number`."""
+def _named_index(lookup, names, line, text, dataset):
+  """The training index of the image named `text` on `line` (PATH line N)."""
   candidates = lookup.get(text) or lookup.get(text.replace("\\", "/"))
   if not candidates:
+    of_dataset = f" of data.dataset={dataset}" if dataset else ""
     raise UserError(
-      f"{path} line {number}: {text!r} names no training image (write paths relative to the train folder, "
+      f"{line}: {text!r} names no training image{of_dataset} (write paths relative to the train folder, "
       "or bare file names); use a split file made for this data"
     )
   if len(candidates) > 1:
     examples = ", ".join(names[index] for index in candidates[:2])
-    raise UserError(f"{path} line {number}: {text!r} is ambiguous ({examples}); write the path instead")
+    raise UserError(f"{line}: {text!r} is ambiguous ({examples}); write the path instead")
   return candidates[0]
 
 

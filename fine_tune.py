@@ -13,9 +13,9 @@ baseline; BatchNorm then uses batch statistics, as a fresh network must, and its
 moving statistics are re-estimated on the clean labeled images at the end).
 """
 
-import os
+from utils import native_logs
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
+native_logs.set_native_log_level()  # before TensorFlow loads: its C++ start-up chatter stays out
 
 from absl import flags, logging
 import tensorflow as tf

@@ -7,9 +7,9 @@ r"""PAWS pre-training (METHOD.md sections 2 to 5).
 Re-running the same command resumes from the newest intact checkpoint in the workdir.
 """
 
-import os
+from utils import native_logs
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
+native_logs.set_native_log_level()  # before TensorFlow loads: its C++ start-up chatter stays out
 import io
 import time
 

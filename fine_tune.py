@@ -18,7 +18,6 @@ from utils import native_logs
 native_logs.set_native_log_level()  # before TensorFlow loads: its C++ start-up chatter stays out
 
 from absl import flags, logging
-import tensorflow as tf
 
 from utils import cli, devices
 from utils import workdir as workdir_lib
@@ -117,13 +116,10 @@ def main(argv):
       raise UserError("--from_scratch draws its labeled subset by data.labeled_per_class; set it above 0")
     labeled = splits.select_labeled_indices(source.train_labels, config.data.labeled_per_class, config.data.label_seed)
     source.check_images(labeled)
-    splits.write_split_files(workdir.root, labeled)
-    source.write_labeled_names(workdir.root, labeled)
+    splits.write_split_files(workdir.labeled_indices_npy, workdir.labeled_indices, labeled)
+    source.write_labeled_names(workdir.labeled_files, labeled)
   else:
-    if not tf.io.gfile.exists(workdir.labeled_indices):
-      raise UserError(f"{workdir.labeled_indices} not found; run paws_train.py with this --workdir first")
-    labeled = splits.read_split_file(workdir.labeled_indices, len(source.train_labels))
-    source.check_labeled_names(workdir.root, labeled)  # files: still the images paws_train.py labeled
+    labeled = source.saved_subset(workdir.labeled_indices, workdir.labeled_files)
     source.check_images(labeled)
 
   # --- Model, optimizer, input, step: the shared skeleton (utils/train/fit.py) -----------------------

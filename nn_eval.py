@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from utils import cli, evaluation, export, fileio, plots
 from utils import workdir as workdir_lib
-from utils.data import sources, splits
+from utils.data import sources
 from utils.errors import UserError
 from utils.model import classifier as classifier_lib
 from utils.workdir import Workdir
@@ -68,10 +68,7 @@ def main(argv):
   # --- Data: the labeled subset saved by pre-training (supports) and the test set (queries) --------
   # Arrays, or files streamed from --data_dir: supports from train/, queries from val/ (or data.val_files).
   source = sources.open_source(config.data, _DATA_DIR.value, evaluation=True)
-  if not tf.io.gfile.exists(workdir.labeled_indices):
-    raise UserError(f"{workdir.labeled_indices} not found; run paws_train.py with this --workdir first")
-  labeled = splits.read_split_file(workdir.labeled_indices, len(source.train_labels))
-  source.check_labeled_names(workdir.root, labeled)
+  labeled = source.saved_subset(workdir.labeled_indices, workdir.labeled_files)
   support_images, support_labels, test_images, test_labels = source.evaluation_sets(
     labeled, config.data, config.eval.batch_size
   )

@@ -10,14 +10,13 @@ Re-running the same command resumes from the newest intact checkpoint in the wor
 from utils import native_logs
 
 native_logs.set_native_log_level()  # before TensorFlow loads: its C++ start-up chatter stays out
-import io
 import time
 
 from absl import flags, logging
 import numpy as np
 import tensorflow as tf
 
-from utils import cli, devices
+from utils import cli, devices, fileio
 from utils import workdir as workdir_lib
 from utils.data import sampling, sources, splits
 from utils.errors import UserError
@@ -61,42 +60,13 @@ def choose_labeled(source, config, split_file):
 def save_labeled(workdir, indices, force):
   """Saves the labeled indices into a Workdir; refuses to resume a run in it with another subset."""
   saved_path = workdir.labeled_indices_npy
-  if tf.io.gfile.exists(saved_path) and not force and not np.array_equal(_load_npy(saved_path), indices):
+  if tf.io.gfile.exists(saved_path) and not force and not np.array_equal(fileio.read_npy(saved_path), indices):
     raise UserError(
       f"{saved_path} holds another labeled subset (other --split_file or label seed); "
       "use a new --workdir, the same subset, or pass --force to overwrite"
     )
-  npy_path, txt_path = splits.write_split_files(workdir.root, indices)
+  npy_path, txt_path = splits.write_split_files(workdir.labeled_indices_npy, workdir.labeled_indices, indices)
   logging.info(f"labeled subset: {len(indices)} images, saved to {npy_path} and {txt_path}")
-
-
-def _load_npy(path):
-  """np.load of a file on any tf.io.gfile file system (local, gs://, ...)."""
-  with tf.io.gfile.GFile(path, "rb") as file:
-    return np.load(io.BytesIO(file.read()))
-
-
-def check_batch_shapes(config, num_train, num_classes, num_replicas):
-  p = config.pretrain
-  if p.batch_size > num_train:
-    raise UserError(f"pretrain.batch_size={p.batch_size} is larger than the {num_train} training images; lower it")
-  if p.classes_per_batch > num_classes:
-    raise UserError(
-      f"pretrain.classes_per_batch={p.classes_per_batch} but the data has {num_classes} classes; lower it"
-    )
-  # Support images of one class in a step: on each replica with unique classes, else over all replicas.
-  per_class = p.images_per_class // num_replicas if p.unique_classes_per_replica else p.images_per_class
-  if config.data.labeled_per_class and per_class > config.data.labeled_per_class:
-    raise UserError(
-      f"pretrain.images_per_class={p.images_per_class} needs {per_class} labeled images per class but "
-      f"data.labeled_per_class={config.data.labeled_per_class}; lower it or label more images"
-    )
-  sampling.pretrain_geometry(p, num_replicas)  # the unlabeled and support batches divide by the replicas
-  if p.unique_classes_per_replica and p.classes_per_batch * num_replicas > num_classes:
-    raise UserError(
-      f"pretrain.unique_classes_per_replica: {num_replicas} replicas x classes_per_batch={p.classes_per_batch} "
-      f"different classes, but the data has {num_classes}; lower classes_per_batch or turn it off"
-    )
 
 
 def main(argv):
@@ -117,16 +87,22 @@ def main(argv):
   chief = own == workdir
   # In-memory arrays (cifar10, digits) or image files streamed from --data_dir (folder, tfrecord).
   source = sources.open_source(config.data, _DATA_DIR.value)
-  check_batch_shapes(config, source.num_unlabeled, source.num_classes, strategy.num_replicas_in_sync)
+  sampling.check_pretrain_sizes(  # before anything is written
+    config.pretrain,
+    config.data.labeled_per_class,
+    source.num_unlabeled,
+    source.num_classes,
+    strategy.num_replicas_in_sync,
+  )
   labeled = choose_labeled(source, config, _SPLIT_FILE.value)
   source.check_images(labeled)  # files: every labeled image decodes
   if not _FORCE.value:
-    source.check_labeled_names(own.root, labeled)  # files: resuming on the images this workdir labeled
+    source.check_labeled_names(own.labeled_files, labeled)  # files: resuming on the images this workdir labeled
   # Everything is validated before the first file is written.
   if chief:
     workdir_lib.check_config(config, workdir.config, RUN_SECTIONS, _FORCE.value)
   save_labeled(own, labeled, _FORCE.value)
-  source.write_labeled_names(own.root, labeled)
+  source.write_labeled_names(own.labeled_files, labeled)
   p = config.pretrain
   # Which images every step reads: one plan for the input pipeline and for naming an unreadable image.
   num_replicas = strategy.num_replicas_in_sync

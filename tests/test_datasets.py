@@ -318,7 +318,8 @@ def test_select_labeled_indices():
 
 
 def test_split_files_round_trip(tmp_path):
-  npy_path, txt_path = splits.write_split_files(str(tmp_path / "run"), [9, 2, 5])
+  run = tmp_path / "run"
+  npy_path, txt_path = splits.write_split_files(str(run / "subset.npy"), str(run / "subset.txt"), [9, 2, 5])
   np.testing.assert_array_equal(np.load(npy_path), [2, 5, 9])
   assert scriptrun.read_text(txt_path) == "2\n5\n9\n"
   indices = splits.read_split_file(txt_path, num_train=10, expected_count=3)

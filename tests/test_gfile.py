@@ -23,6 +23,7 @@ from utils import workdir as workdir_lib
 from utils.data import datasets, splits
 from utils.errors import UserError
 from utils.train import loop as train_loop
+from utils.workdir import Workdir
 
 
 @pytest.fixture
@@ -153,8 +154,9 @@ def test_non_local_workdir_runs_unlocked_with_one_warning_and_file_urls_are_lock
 
 def test_split_files_round_trip_on_ram(ram_dir):
   indices = np.array([9, 3, 1200, 0, 41], dtype=np.int64)
-  npy_path, txt_path = splits.write_split_files(f"{ram_dir}/run", indices[:2])
-  npy_path, txt_path = splits.write_split_files(f"{ram_dir}/run", indices)  # replaces the first subset
+  run = Workdir(f"{ram_dir}/run")
+  splits.write_split_files(run.labeled_indices_npy, run.labeled_indices, indices[:2])
+  npy_path, txt_path = splits.write_split_files(run.labeled_indices_npy, run.labeled_indices, indices)  # replaces
   assert np.array_equal(np.load(io.BytesIO(read_bytes(npy_path))), np.sort(indices))
   assert read_bytes(txt_path).decode() == "0\n3\n9\n41\n1200\n"
   assert np.array_equal(splits.read_split_file(txt_path, 1300, expected_count=5), np.sort(indices))

@@ -14,6 +14,7 @@ from tests import scriptrun
 from utils import evaluation, losses
 from utils.data import datasets, pipelines, splits
 from utils.model import encoder as encoder_lib
+from utils.workdir import Workdir
 
 # A tiny digits model with a prediction head (WRN-10-1, 32-d heads, prediction bottleneck 8), 4 labels per class.
 SETTINGS = [
@@ -39,7 +40,8 @@ def evaluated(tmp_path_factory):
   encoder_lib.save_encoder(encoder, config, os.path.join(workdir, "encoder"), step=0)
   _, train_labels, _, _ = datasets.load_dataset("digits")
   labeled = np.sort(np.concatenate([np.flatnonzero(train_labels == label)[:4] for label in range(10)]))  # as read back
-  splits.write_split_files(workdir, labeled)
+  run = Workdir(workdir)
+  splits.write_split_files(run.labeled_indices_npy, run.labeled_indices, labeled)
   result = scriptrun.run(
     "nn_eval.py", *SETTINGS, f"--workdir={workdir}", f"--export={export_dir}", "--encoder=pretrained"
   )

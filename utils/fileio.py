@@ -1,8 +1,10 @@
 """Ground floor: atomic writes and JSON on any tf.io.gfile path (local, gs://, ...), and the config as plain data."""
 
+import io
 import json
 
 from ml_collections import ConfigDict
+import numpy as np
 import tensorflow as tf
 
 from utils.errors import UserError
@@ -30,6 +32,19 @@ def write_file(path: str, contents: str | bytes) -> None:
 def write_json(path: str, value) -> None:
   """Writes JSON atomically (write_file), so a crash leaves the old file."""
   write_file(path, json.dumps(value, indent=2, sort_keys=True))
+
+
+def write_npy(path: str, array: np.ndarray) -> None:
+  """np.save to any tf.io.gfile path, atomically (write_file)."""
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  write_file(path, buffer.getvalue())
+
+
+def read_npy(path: str) -> np.ndarray:
+  """np.load of a file on any tf.io.gfile file system (local, gs://, ...)."""
+  with tf.io.gfile.GFile(path, "rb") as file:
+    return np.load(io.BytesIO(file.read()))
 
 
 def read_json(path: str, what: str):

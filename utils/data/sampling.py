@@ -179,6 +179,37 @@ def classifier_geometry(finetune: ConfigDict, num_replicas: int) -> Geometry:
 # --- Index draws ---------------------------------------------------------------------------------------------
 
 
+def check_pretrain_sizes(
+  pretrain: ConfigDict, labeled_per_class: int, num_train: int, num_classes: int, num_replicas: int
+) -> None:
+  """Raises UserError when pre-training's batches do not fit the data or the replicas, before anything runs.
+
+  The checks PawsPlan and its SupportSampler make too, but stated in the config's terms (paws_train.py runs
+  them before it writes the labeled subset; data.labeled_per_class = 0 leaves the per-class count to the
+  split file).
+  """
+  p = pretrain
+  if p.batch_size > num_train:
+    raise UserError(f"pretrain.batch_size={p.batch_size} is larger than the {num_train} training images; lower it")
+  if p.classes_per_batch > num_classes:
+    raise UserError(
+      f"pretrain.classes_per_batch={p.classes_per_batch} but the data has {num_classes} classes; lower it"
+    )
+  # Support images of one class in a step: on each replica with unique classes, else over all replicas.
+  per_class = p.images_per_class // num_replicas if p.unique_classes_per_replica else p.images_per_class
+  if labeled_per_class and per_class > labeled_per_class:
+    raise UserError(
+      f"pretrain.images_per_class={p.images_per_class} needs {per_class} labeled images per class but "
+      f"data.labeled_per_class={labeled_per_class}; lower it or label more images"
+    )
+  pretrain_geometry(p, num_replicas)  # the unlabeled and support batches divide by the replicas
+  if p.unique_classes_per_replica and p.classes_per_batch * num_replicas > num_classes:
+    raise UserError(
+      f"pretrain.unique_classes_per_replica: {num_replicas} replicas x classes_per_batch={p.classes_per_batch} "
+      f"different classes, but the data has {num_classes}; lower classes_per_batch or turn it off"
+    )
+
+
 class SupportSampler:
   """Class-stratified index batches for the support set (METHOD.md section 4).
 

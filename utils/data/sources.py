@@ -78,11 +78,20 @@ class Source:
   def check_images(self, indices: Sequence[int]) -> None:
     """Raises UserError naming the first of these training images that cannot be decoded."""
 
-  def write_labeled_names(self, directory: str, indices: Sequence[int]) -> str | None:
-    """Streamed sources: writes the labeled images' names next to their indices; returns the path or None."""
+  def write_labeled_names(self, path: str, indices: Sequence[int]) -> str | None:
+    """Streamed sources: writes the labeled images' names (Workdir.labeled_files); returns the path or None."""
 
-  def check_labeled_names(self, directory: str, indices: Sequence[int]) -> None:
-    """Streamed sources: refuses indices whose images are no longer the ones paws_train.py labeled."""
+  def check_labeled_names(self, path: str, indices: Sequence[int]) -> None:
+    """Streamed sources: refuses indices whose images are no longer the ones paws_train.py labeled (`path`)."""
+
+  def saved_subset(self, indices_path: str, names_path: str) -> np.ndarray:
+    """The labeled subset paws_train.py saved (Workdir.labeled_indices, .labeled_files), still naming the same
+    images; fine_tune.py and nn_eval.py read it."""
+    if not tf.io.gfile.exists(indices_path):
+      raise UserError(f"{indices_path} not found; run paws_train.py with this --workdir first")
+    labeled = splits.read_split_file(indices_path, len(self.train_labels))
+    self.check_labeled_names(names_path, labeled)
+    return labeled
 
   @contextlib.contextmanager
   def stream_errors(
@@ -150,14 +159,12 @@ class StreamSource(Source):
 
   # -- Labeled names ------------------------------------------------------------------------
 
-  def write_labeled_names(self, directory, indices):
-    path = os.path.join(directory, "labeled_files.txt")
+  def write_labeled_names(self, path, indices):
     with tf.io.gfile.GFile(path, "w") as file:
       file.write("".join(f"{self.train.names[index]}\n" for index in indices))
     return path
 
-  def check_labeled_names(self, directory, indices):
-    path = os.path.join(directory, "labeled_files.txt")
+  def check_labeled_names(self, path, indices):
     if not tf.io.gfile.exists(path):
       return
     with tf.io.gfile.GFile(path) as file:

@@ -3,7 +3,6 @@ from a split file of indices or image names (`read_split_file`), saved as index 
 
 import collections
 from collections.abc import Sequence
-import io
 import os
 
 import numpy as np
@@ -150,20 +149,17 @@ def _named_index(lookup, names, line, text, dataset):
   return candidates[0]
 
 
-def write_split_files(directory: str, indices: Sequence[int]) -> tuple[str, str]:
-  """Writes `labeled_indices.npy` and `labeled_indices.txt` (one index per line) into directory.
+def write_split_files(npy_path: str, txt_path: str, indices: Sequence[int]) -> tuple[str, str]:
+  """Writes the sorted indices as a .npy file and as a split file (one index per line, the reference's format).
 
-  Any tf.io.gfile path (local, gs://, ...); each file is replaced atomically (runtime.write_file).
+  Any tf.io.gfile path (local, gs://, ...); each file is replaced atomically (fileio.write_file). The scripts
+  pass their Workdir's labeled_indices_npy and labeled_indices.
 
   Returns:
     (npy_path, txt_path).
   """
-  tf.io.gfile.makedirs(directory)
+  tf.io.gfile.makedirs(os.path.dirname(npy_path))
   indices = np.sort(np.asarray(indices, dtype=np.int64))
-  npy_path = os.path.join(directory, "labeled_indices.npy")
-  txt_path = os.path.join(directory, "labeled_indices.txt")
-  npy_bytes = io.BytesIO()
-  np.save(npy_bytes, indices)
-  fileio.write_file(npy_path, npy_bytes.getvalue())
+  fileio.write_npy(npy_path, indices)
   fileio.write_file(txt_path, "".join(f"{index}\n" for index in indices))
   return npy_path, txt_path

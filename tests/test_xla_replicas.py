@@ -9,7 +9,7 @@ distribute/mirrored_run.py, call_for_each_replica):
   otherwise    one XLA program around all replicas, which cannot use variables on several devices.
 No CPU runs the first: XLA refuses collectives on CPU devices ("Collectives are not yet implemented for CPU
 devices when compiling with XLA"), so XLA with several replicas cannot execute here, and
-runtime.setup_training turns it off for CPU replicas. What this file checks instead:
+devices.setup_training turns it off for CPU replicas. What this file checks instead:
   * the real PAWS and SuNCEt steps, 2 replicas, float32 and mixed_float16, traced on the GPU route (TensorFlow
     told the 2 CPUs are GPUs: gpu_route): one XLA function per replica, collectives inside, no merge_call;
     running it stops only at the CPU collectives. ReplicaContext.all_gather fails on that route (it always

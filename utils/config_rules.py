@@ -3,9 +3,8 @@
 RULES maps each dotted field of config.py's presets to its allowed values; `validate_config` checks them
 all before a script does any work, so a bad value ends in one `error:` line instead of a traceback, a
 division by zero or a run that silently trains nothing. A new config field needs a rule here
-(tests/test_validation.py fails for a preset field without one). `parse_flags` turns absl and
-ml_collections flag-parsing failures (unknown preset, unknown field, wrong type, unknown flag) into one
-UserError line. Both are used by `utils.runtime.run_script`.
+(tests/test_validation.py fails for a preset field without one). utils/cli.py turns absl and ml_collections
+flag-parsing failures into one UserError line, and runs validate_config before each script's main.
 """
 
 import math
@@ -239,6 +238,7 @@ RULES = {
   "run.log_every": integer(1),
   "run.checkpoint_every": integer(1),
   "run.keep_checkpoints": integer(1),
+  "run.collective_timeout": number(at_least=1),  # seconds (utils/devices.py watch_peers)
 }
 
 

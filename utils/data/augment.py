@@ -135,7 +135,7 @@ def crop_boxes_from_draws(
   """RandomResizedCrop boxes from their random draws, for images of one size.
 
   The arithmetic half of sample_crop_boxes, shared with the streamed pipeline, which draws before it
-  knows an image's size (utils/pipeline.crop_draws) and makes the boxes once the image is decoded.
+  knows an image's size (crop_draws) and makes the boxes once the image is decoded.
 
   Args:
     area_fraction, aspect: float32 [N, attempts]: crop area as a fraction of the image's, width / height.

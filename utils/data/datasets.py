@@ -54,7 +54,7 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{number}" for number in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
 
 
-# Loaded into memory here; "folder" and "tfrecord" are streamed from files by utils/sources.py.
+# Loaded into memory here; "folder" and "tfrecord" are streamed from files by utils/data/sources.py.
 IN_MEMORY_DATASETS = ("cifar10", "digits")
 
 

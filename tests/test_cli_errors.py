@@ -287,6 +287,3 @@ def test_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_does_not_block
   finally:
     third.kill()
     third.wait()
-
-
-# --- The README's catalogue ------------------------------------------------------------

@@ -13,7 +13,7 @@ and on each); `pretrain_geometry`, `suncet_geometry` and `classifier_geometry` g
 train steps, which need only sizes. All indices are drawn in NumPy from seeds that depend only on the step, so a
 stream restarted at step s is exactly the stream that was cut at s; no iterator state needs checkpointing.
 
-Every pipeline feeds replicas (README, Before a long GPU run): given a `Replicas`, it emits for each step one
+Every pipeline feeds replicas (docs/running.md, Input to the replicas): given a `Replicas`, it emits for each step one
 batch per replica it serves, in turn, each holding only that replica's `Rows` of the global batch, with the
 random draws those rows have in the global batch. tf.distribute's distribute_datasets_from_function hands
 consecutive elements to a worker's devices in turn and prefetches them there (`distribute`), so no device

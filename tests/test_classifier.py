@@ -377,6 +377,31 @@ def test_streamed_evaluation_images_are_resized_and_centre_cropped(tmp_path):
     pixels = np.asarray(Image.open(tmp_path / "val" / f"c{index}" / "a.png"))
     expected = decoding.resize_centre_crop(tf.constant(pixels), SIZE).numpy()
     np.testing.assert_allclose(batch[index], (expected - data.mean) / data.std, atol=1e-5)
+  # Soft-NN's supports and queries and the held-out images: the same transform, within a grey level of Pillow's
+  # Resize(18) + CenterCrop(16) (the reference's Resize(256) + CenterCrop(224) at 16 px).
+  supports, support_labels, soft_nn_queries, query_labels = source.evaluation_sets([0, 2], data, batch_size=2)
+  heldout, heldout_labels = evaluation.heldout_images(source, [1], data, batch_size=2)
+  np.testing.assert_array_equal(support_labels, [0, 2])
+  np.testing.assert_array_equal(query_labels, [0, 1, 2])
+  np.testing.assert_array_equal(heldout_labels, [1])
+  np.testing.assert_array_equal(np.concatenate(list(soft_nn_queries)), batch)
+  sets = [(np.concatenate(list(supports)), "train", [0, 2]), (np.concatenate(list(heldout)), "train", [1])]
+  for images, split, indices in sets + [(batch, "val", [0, 1, 2])]:
+    for image, index in zip(images, indices, strict=True):
+      pixels = Image.open(tmp_path / split / f"c{index}" / "a.png")
+      new_w, new_h, left, top = torchvision_geometry(pixels.height, pixels.width, SIZE, 18)
+      pil = pixels.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + SIZE, top + SIZE))
+      expected = (np.asarray(pil, np.float32) / 255 - data.mean) / data.std
+      assert np.abs(image - expected).max() <= (1 / 255 + 1e-6) / min(data.std)
+
+
+def test_resize_centre_crop_of_a_batch_is_that_of_each_image():
+  """The exported model's input (utils/export.py) is a batch of images of one size."""
+  images = np.random.default_rng(5).integers(0, 256, [3, 21, 34, 3], dtype=np.uint8)
+  batch = decoding.resize_centre_crop(tf.constant(images), SIZE).numpy()
+  assert batch.shape == (3, SIZE, SIZE, 3)
+  for image, mine in zip(images, batch, strict=True):
+    np.testing.assert_array_equal(mine, decoding.resize_centre_crop(tf.constant(image), SIZE).numpy())
 
 
 # --- The real network ----------------------------------------------------------------------------------------

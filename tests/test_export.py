@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from tests import scriptrun
 from utils import evaluation, export
-from utils.data import augment, datasets, splits
+from utils.data import augment, datasets, sources, splits
 from utils.errors import UserError
 from utils.model import encoder as encoder_lib
 from utils.workdir import Workdir
@@ -200,9 +200,8 @@ def test_class_names(tmp_path):
 def test_preprocessing_at_the_input_size_is_the_evaluation_normalisation():
   config = scriptrun.config_with(*SETTINGS)
   encoder = encoder_lib.build_encoder(config.model, 16)
-  model = export.SoftNNClassifier(
-    encoder, np.ones([2, 32]), [0, 1], ["a", "b"], tau=0.1, image_size=16, mean=config.data.mean, std=config.data.std
-  )
+  model = export.SoftNNClassifier(encoder, np.ones([2, 32]), [0, 1], ["a", "b"], tau=0.1, data=config.data)
+  assert model.preprocessing.numpy().decode() == export.CENTRE_SQUARE
   images = np.random.default_rng(1).integers(0, 256, [4, 16, 16, 3], dtype=np.uint8)
   # Bit for bit: resizing to the same size is the identity, so nn_eval's queries are unchanged.
   np.testing.assert_array_equal(
@@ -215,3 +214,26 @@ def test_preprocessing_at_the_input_size_is_the_evaluation_normalisation():
       augment.normalize(pil_square_resize(other, 16), config.data.mean, config.data.std).numpy(),
       atol=1e-5,
     )
+
+
+def test_preprocessing_of_image_files_is_resize_and_centre_crop():
+  """Folder / tfrecord data (the ImageNet recipe): nn_eval.py prepares supports and queries by the reference's
+  Resize(S * 256 / 224) + CenterCrop(S) (sources.EVALUATION_TRANSFORM); the exported model does the same, within
+  a grey level of Pillow's Resize + crop (tests/test_imagenet_run.py compares its outputs with nn_eval's)."""
+  config = scriptrun.config_with(*SETTINGS, "--config.data.dataset=folder")
+  data = config.data
+  encoder = encoder_lib.build_encoder(config.model, 16)
+  model = export.SoftNNClassifier(encoder, np.ones([2, 32]), [0, 1], ["a", "b"], tau=0.1, data=data)
+  assert model.preprocessing.numpy().decode() == export.RESIZE_CENTRE_CROP
+  for shape in ([2, 37, 23, 3], [2, 20, 29, 3], [1, 16, 16, 3]):  # tall, wide, at the input size (not kept whole)
+    images = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    prepared = model.preprocess(tf.constant(images)).numpy()
+    for image, mine in zip(images, prepared, strict=True):
+      expected = augment.normalize(sources.EVALUATION_TRANSFORM(tf.constant(image), 16), data.mean, data.std)
+      np.testing.assert_array_equal(mine, expected.numpy())
+      height, width = image.shape[:2]
+      new_w, new_h = (18, 18 * height // width) if width <= height else (18 * width // height, 18)
+      left, top = round((new_w - 16) / 2), round((new_h - 16) / 2)
+      pil = Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + 16, top + 16))
+      pil = augment.normalize(np.asarray(pil, np.float32)[None] / 255, data.mean, data.std).numpy()[0]
+      assert np.abs(mine - pil).max() <= (1 / 255 + 1e-6) / min(data.std)

@@ -233,14 +233,20 @@ def test_folder_streams_the_in_memory_batches(digits_folder, digits):
   expected = pipelines.finetune_dataset(images, plan, config.finetune, config.data, **steps)
   for a, b in zip(expected, source.finetune_dataset(plan, config.finetune, config.data, **steps), strict=True):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+  # evaluation images: the reference's Resize + CenterCrop (sources.EVALUATION_TRANSFORM), of the same pixels
   supports, support_labels, queries, query_labels = source.evaluation_sets(labeled, config.data, 100)
   np.testing.assert_array_equal(support_labels, labels[labeled])
-  expected = pipelines.eval_dataset(images[labeled], 100, config.data.mean, config.data.std)
-  np.testing.assert_array_equal(np.concatenate(list(expected)), np.concatenate(list(supports)))
+
+  def evaluation_batches(arrays):
+    prepared = np.stack(
+      [sources.EVALUATION_TRANSFORM(tf.constant(image), config.data.image_size).numpy() for image in arrays]
+    )
+    return augment.normalize(prepared, config.data.mean, config.data.std).numpy()
+
+  np.testing.assert_array_equal(evaluation_batches(images[labeled]), np.concatenate(list(supports)))
   val_order = np.array([int(os.path.basename(name)[:5]) for name in source.evaluation.names])
   np.testing.assert_array_equal(query_labels, test_labels[val_order])
-  expected = pipelines.eval_dataset(test_images[val_order], 100, config.data.mean, config.data.std)
-  np.testing.assert_array_equal(np.concatenate(list(expected)), np.concatenate(list(queries)))
+  np.testing.assert_array_equal(evaluation_batches(test_images[val_order]), np.concatenate(list(queries)))
 
 
 def first_loss(model, views, supports, pretrain):

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tf_keras
 
 from utils import losses
-from utils.data import decoding, pipelines
+from utils.data import pipelines, sources
 from utils.errors import UserError
 from utils.model import encoder as encoder_lib
 from utils.model import saved
@@ -214,9 +214,19 @@ def evaluation_images(source, data, batch_size):
   if source.evaluation is None:
     raise UserError(source.evaluation_hint)
   queries = pipelines.stream_eval_dataset(
-    source.evaluation, np.arange(len(source.evaluation)), data, batch_size, decoding.resize_centre_crop
+    source.evaluation, np.arange(len(source.evaluation)), data, batch_size, sources.EVALUATION_TRANSFORM
   )
   return queries, source.evaluation.labels
+
+
+def heldout_images(source, indices, data, batch_size):
+  """(batches or uint8 arrays, labels) of the training images `indices` (fine_tune.py --heldout_split_file),
+  prepared as evaluation_images prepares the queries: Resize + CenterCrop for files, whole arrays."""
+  indices = np.asarray(indices, np.int64)
+  labels = source.train_labels[indices]
+  if not source.streamed:
+    return source.train_images[indices], labels
+  return pipelines.stream_eval_dataset(source.train, indices, data, batch_size, sources.EVALUATION_TRANSFORM), labels
 
 
 def evaluate_classifier(model: tf_keras.Model, images, labels, batch_size: int = 256, mean=None, std=None) -> dict:

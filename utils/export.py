@@ -1,10 +1,12 @@
 """A trained encoder and its labeled supports as a self-contained TensorFlow SavedModel (METHOD.md section 7).
 
-The exported model classifies raw images the way nn_eval.py does: it resizes their centred square to the
-encoder's input size, normalises them, embeds them with the encoder in inference mode (BatchNorm moving
-statistics) in float32 (the encoder's output z: the prediction head's when it has one, else the projection
-head's) and returns the soft-nearest-neighbour class probabilities over the labeled supports, whose
-embeddings and one-hot labels are stored in the model. Loading it needs TensorFlow only:
+The exported model classifies raw images the way nn_eval.py does: it brings them to the encoder's input size as
+nn_eval.py prepares the dataset's images (image files, the ImageNet recipe: the reference's Resize + CenterCrop;
+in-memory datasets: the centred square resized, the images themselves at the input size), normalises them,
+embeds them with the encoder in inference mode (BatchNorm moving statistics) in float32 (the encoder's output z:
+the prediction head's when it has one, else the projection head's) and returns the soft-nearest-neighbour
+class probabilities over the labeled supports, whose embeddings and one-hot labels are stored in the model.
+Loading it needs TensorFlow only:
 
   model = tf.saved_model.load(directory)
   outputs = model.signatures["serving_default"](images=uint8_batch)  # [batch, height, width, 3], any size
@@ -12,7 +14,8 @@ embeddings and one-hot labels are stored in the model. Loading it needs TensorFl
   outputs["embedding"]      # [batch, projection_dim] float32, the L2-normalised embedding nn_eval.py uses
 
 The class names, in label order, are in `class_names.txt` next to the model (one per line) and in the model's
-`class_names` variable.
+`class_names` variable; its `preprocessing` variable names how it brings images to the input size
+("resize_centre_crop" or "centre_square").
 """
 
 import os
@@ -23,7 +26,7 @@ import tensorflow as tf
 import tf_keras
 
 from utils import evaluation, losses
-from utils.data import augment, decoding
+from utils.data import augment, decoding, sources
 from utils.errors import UserError
 
 SIGNATURE_NAME = "serving_default"
@@ -39,6 +42,13 @@ EMBEDDING_NAME = "embedding"
 
 
 CLASS_NAMES_FILE = "class_names.txt"
+
+
+# The model's `preprocessing` variable: how it brings images to the input size (SoftNNClassifier.preprocess).
+CENTRE_SQUARE = "centre_square"
+
+
+RESIZE_CENTRE_CROP = "resize_centre_crop"
 
 
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -68,11 +78,11 @@ class SoftNNClassifier(tf.Module):
     support_labels: int labels [S], in [0, len(class_names)).
     class_names: one name per class, in label order.
     tau: soft-NN temperature (eval.tau).
-    image_size: the encoder's input side (data.image_size).
-    mean, std: per-channel normalisation (data.mean, data.std).
+    data: the config's `data` section: image_size (the encoder's input side), mean and std (normalisation),
+      dataset (image files, sources.STREAMED, are prepared by Resize + CenterCrop as nn_eval.py prepares them).
   """
 
-  def __init__(self, encoder, support_embeddings, support_labels, class_names, *, tau, image_size, mean, std):
+  def __init__(self, encoder, support_embeddings, support_labels, class_names, *, tau, data):
     super().__init__(name="soft_nn_classifier")
     support_labels = np.asarray(support_labels, dtype=np.int64)
     self._encoder_call = lambda images: encoder(images, training=False)  # a closure: not tracked as a Keras model
@@ -85,19 +95,27 @@ class SoftNNClassifier(tf.Module):
     )
     self.class_names = tf.Variable(list(class_names), dtype=tf.string, trainable=False, name="class_names")
     self.tau = tf.Variable(float(tau), dtype=tf.float32, trainable=False, name="tau")
-    self.image_size = tf.Variable(int(image_size), dtype=tf.int32, trainable=False, name="image_size")
-    self._size = int(image_size)
-    self._mean = tuple(float(value) for value in mean)
-    self._std = tuple(float(value) for value in std)
+    self.image_size = tf.Variable(int(data.image_size), dtype=tf.int32, trainable=False, name="image_size")
+    self._size = int(data.image_size)
+    self._mean = tuple(float(value) for value in data.mean)
+    self._std = tuple(float(value) for value in data.std)
+    self._files = data.dataset in sources.STREAMED
+    self.preprocessing = tf.Variable(
+      RESIZE_CENTRE_CROP if self._files else CENTRE_SQUARE, dtype=tf.string, trainable=False, name="preprocessing"
+    )
 
   def preprocess(self, images):
-    """uint8 [B, H, W, 3] -> normalised float32 [B, image_size, image_size, 3].
+    """uint8 [B, H, W, 3] -> normalised float32 [B, image_size, image_size, 3], as nn_eval.py prepares the images.
 
-    The centred square (the largest one) is resized to the encoder's size, bilinear with antialiasing (PIL's
-    filter): as evaluation images read from files are prepared (Resize(shorter side) + CenterCrop in one
-    resampling). An image already at that size (CIFAR-10, digits) is returned unchanged, so evaluation images
-    reach the encoder exactly as in nn_eval.py. Scaling to [0, 1] before the linear resize equals scaling after.
+    Image files (folder, tfrecord: the ImageNet recipe): Resize(S * 256 / 224) + CenterCrop(S), the reference's
+    evaluation transform (sources.EVALUATION_TRANSFORM, S = image_size), as nn_eval.py's supports and queries.
+    In-memory datasets (cifar10, digits), evaluated whole: an image already at the encoder's size is returned
+    unchanged, so the test images reach the encoder exactly as in nn_eval.py; another size has its centred
+    square (the largest one) resized to it, bilinear with antialiasing (PIL's filter). Scaling to [0, 1]
+    before the linear resize equals scaling after.
     """
+    if self._files:
+      return augment.normalize(sources.EVALUATION_TRANSFORM(images, self._size), self._mean, self._std)
     top, left, side, _ = tf.unstack(decoding.centre_box(tf.shape(images)[1], tf.shape(images)[2]))
     square = images[:, top : top + side, left : left + side]
     unit = tf.cast(square, tf.float32) * (1.0 / 255.0)
@@ -170,9 +188,10 @@ def export_model(
   Args:
     directory: output folder (created; a previous export there is overwritten).
     encoder: the float32 encoder nn_eval.py evaluated (evaluation.load_float32_encoder).
-    data: the config's `data` section (image_size, mean, std).
+    data: the config's `data` section (dataset, image_size, mean, std).
     eval_config: the config's `eval` section (tau; batch_size for embedding the supports).
-    support_images: uint8 [S, image_size, image_size, 3] labeled images, un-augmented.
+    support_images: uint8 [S, image_size, image_size, 3] labeled images, un-augmented, or nn_eval.py's
+      batches of them (sources.Source.evaluation_sets).
     support_labels: int labels [S].
     class_names: names in label order (e.g. dataset_class_names); None = str(label) for labels
       0..max(support_labels).
@@ -183,16 +202,7 @@ def export_model(
   class_names = checked_class_names(class_names, int(support_labels.max()) + 1)
   # The same embedding code and batches as evaluation.evaluate, so the stored supports are nn_eval's.
   support_embeddings = evaluation.embed(encoder, support_images, eval_config.batch_size, data.mean, data.std)
-  model = SoftNNClassifier(
-    encoder,
-    support_embeddings,
-    support_labels,
-    class_names,
-    tau=eval_config.tau,
-    image_size=data.image_size,
-    mean=data.mean,
-    std=data.std,
-  )
+  model = SoftNNClassifier(encoder, support_embeddings, support_labels, class_names, tau=eval_config.tau, data=data)
   check_export_directory(directory)
   try:
     tf.io.gfile.makedirs(directory)

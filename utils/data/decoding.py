@@ -98,9 +98,10 @@ def centre_box(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
 def centre_square(pixels: tf.Tensor, size: int) -> tf.Tensor:
   """The centred square of a uint8 [H, W, 3] image resized to size x size, float32 in [0, 1].
 
-  Soft-NN evaluation and fine-tuning use whole images (METHOD.md sections 6, 7); files of any shape become the
-  encoder's size as Resize(shorter side) + CenterCrop would make them, in one PIL-bilinear resampling (an
-  image already size x size is returned exactly).
+  SuNCEt fine-tuning and BatchNorm re-estimation use whole images (METHOD.md section 6); files of any shape
+  become the encoder's size as Resize(shorter side) + CenterCrop would make them, in one PIL-bilinear
+  resampling (an image already size x size is returned exactly). Evaluation (soft-NN, classifier) of files
+  uses resize_centre_crop, the reference's Resize + CenterCrop.
   """
   shape = tf.shape(pixels)
   return resize_box(pixels, centre_box(shape[0], shape[1]), size)
@@ -132,7 +133,8 @@ def _half_to_even(excess):
 
 
 def resize_centre_crop(pixels: tf.Tensor, size: int, resize: int | None = None) -> tf.Tensor:
-  """torchvision Resize(resize) + CenterCrop(size) of a uint8 [H, W, 3] image, float32 [size, size, 3] in [0, 1].
+  """torchvision Resize(resize) + CenterCrop(size) of a uint8 [H, W, 3] image, float32 [size, size, 3] in [0, 1]
+  (or of a batch [B, H, W, 3] of images of one size, as the exported model receives them: [B, size, size, 3]).
 
   Resize scales the shorter side to `resize` and the longer to int(resize * longer / shorter) with PIL's
   bilinear filter: tf.image.resize with antialias, one pass per axis, each rounded to uint8 as PIL does;
@@ -143,7 +145,7 @@ def resize_centre_crop(pixels: tf.Tensor, size: int, resize: int | None = None) 
   if resize < size:
     raise ValueError(f"resize={resize} is smaller than the crop {size}")
   shape = tf.shape(pixels)
-  height, width = shape[0], shape[1]
+  height, width = shape[-3], shape[-2]
   shorter, longer = tf.minimum(height, width), tf.maximum(height, width)
   new_longer = resize * longer // shorter  # int(resize * longer / shorter): exact in integers
   portrait = width <= height
@@ -156,5 +158,5 @@ def resize_centre_crop(pixels: tf.Tensor, size: int, resize: int | None = None) 
   )
   resized = to_uint8(tf.image.resize(resized, tf.stack([new_height, new_width]), "bilinear", antialias=True))
   top, left = _half_to_even(new_height - size), _half_to_even(new_width - size)
-  crop = resized[top : top + size, left : left + size]
-  return tf.ensure_shape(crop, [size, size, 3]) * (1.0 / 255.0)
+  crop = resized[..., top : top + size, left : left + size, :]
+  return tf.ensure_shape(crop, pixels.shape[:-3].concatenate([size, size, 3])) * (1.0 / 255.0)

@@ -334,8 +334,8 @@ def stream_eval_dataset(
   """eval_dataset for images read from files: images[indices] in order, at data.image_size, normalised.
 
   transform: how an image becomes image_size x image_size: decoding.centre_square (its centred square resized
-  in one step: soft-NN evaluation, BatchNorm re-estimation) or decoding.resize_centre_crop (torchvision
-  Resize + CenterCrop: the classifier's evaluation).
+  in one step: BatchNorm re-estimation) or decoding.resize_centre_crop (torchvision Resize + CenterCrop, the
+  reference's evaluation transform: soft-NN evaluation and the classifier's).
   """
   dataset = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
   dataset = dataset.map(

@@ -36,6 +36,10 @@ from utils.errors import UserError
 
 STREAMED = ("folder", "tfrecord")
 
+# How evaluation prepares image files (soft-NN supports and queries, the classifier's queries and held-out
+# images): the reference's Resize + CenterCrop. Arrays (cifar10, digits) are evaluated whole, as they are.
+EVALUATION_TRANSFORM = decoding.resize_centre_crop
+
 
 def _join(directory, pattern):
   """pattern if it is absolute or a URL (gs://...), else directory/pattern."""
@@ -246,11 +250,18 @@ class StreamSource(Source):
     return tf.concat(list(pipelines.stream_eval_dataset(self.train, labeled, data, 256)), axis=0)
 
   def evaluation_sets(self, labeled, data, batch_size):
-    """(support batches, support labels, query batches, query labels): tf.data datasets for evaluation.evaluate."""
+    """(support batches, support labels, query batches, query labels): tf.data datasets for evaluation.evaluate.
+
+    Supports and queries are the reference's evaluation images: Resize(S * 256 / 224) + CenterCrop(S)
+    (decoding.resize_centre_crop; S = data.image_size), as the classifier's evaluation.
+    """
     if self.evaluation is None:
       raise UserError(self.evaluation_hint)
-    supports = pipelines.stream_eval_dataset(self.train, labeled, data, batch_size)
-    queries = pipelines.stream_eval_dataset(self.evaluation, np.arange(len(self.evaluation)), data, batch_size)
+    transform = EVALUATION_TRANSFORM
+    supports = pipelines.stream_eval_dataset(self.train, labeled, data, batch_size, transform)
+    queries = pipelines.stream_eval_dataset(
+      self.evaluation, np.arange(len(self.evaluation)), data, batch_size, transform
+    )
     return supports, self.train_labels[labeled], queries, self.evaluation.labels
 
 

@@ -7,6 +7,10 @@ network with class-stratified flip-only batches, BatchNorm statistics frozen
 (scale/offset still trained), LARS over SGD momentum, cosine learning rate.
 Never looks at the test set. Re-running resumes from the newest checkpoint.
 
+  python fine_tune.py --config=config.py:imagenet --data_dir=IMAGENET --workdir=runs/in10 --heldout_split_file=val.txt
+(finetune.mode=classifier) keeps the classifier of the epoch with the best top-1 on those training images, held
+out from the labeled subset (the reference's imagenet_subsets/val.txt), instead of the last epoch's.
+
   python fine_tune.py --config=config.py:digits --workdir=runs/sup --from_scratch
 trains the same network on the labeled images alone (the supervised-only
 baseline; BatchNorm then uses batch statistics, as a fresh network must, and its
@@ -18,8 +22,9 @@ from utils import native_logs
 native_logs.set_native_log_level()  # before TensorFlow loads: its C++ start-up chatter stays out
 
 from absl import flags, logging
+import numpy as np
 
-from utils import cli, devices
+from utils import cli, devices, evaluation
 from utils import workdir as workdir_lib
 from utils.data import sampling, sources, splits
 from utils.errors import UserError
@@ -32,6 +37,13 @@ _CONFIG = cli.define_config_flag("config.py:digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pre-training run; results go to WORKDIR/finetuned.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "As for paws_train.py: CIFAR-10 offline, or the images' folder.")
 _FORCE = flags.DEFINE_bool("force", False, "Reuse a fine-tuning folder whose saved config differs.")
+_HELDOUT = flags.DEFINE_string(
+  "heldout_split_file",
+  None,
+  "finetune.mode=classifier: training images held out from the labeled subset (names or indices, as "
+  "--split_file); the classifier of the epoch with the best top-1 on them is kept (the reference's ImageNet "
+  "selection on imagenet_subsets/val.txt).",
+)
 _FROM_SCRATCH = flags.DEFINE_bool(
   "from_scratch", False, "Supervised-only baseline: random init, labeled subset drawn by data.label_seed."
 )
@@ -39,7 +51,57 @@ _FROM_SCRATCH = flags.DEFINE_bool(
 RUN_SECTIONS = ("data", "model", "finetune")
 
 
-def classifier_stage(config, strategy, jit_compile, source, labeled, workdir):
+class HeldOutSelection:
+  """after_epoch hook of classifier fine-tuning with --heldout_split_file: the epoch's top-1 on the held-out
+  images (Resize + CenterCrop, as the classifier's evaluation); the classifier is saved into `directory` when it
+  beats the best so far (read back from classifier.json on resume), with selected_epoch and heldout_top1.
+  Every worker evaluates and saves into its own folder (see main)."""
+
+  def __init__(self, config, source, indices, directory):
+    self.config, self.directory, self.count = config, directory, len(indices)
+    self.images, self.labels = evaluation.heldout_images(source, indices, config.data, config.eval.batch_size)
+    meta = classifier_lib.read_meta(directory) or {}
+    self.best, self.best_epoch = meta.get("heldout_top1"), meta.get("selected_epoch")
+
+  def __call__(self, state, epoch):
+    data = self.config.data
+    top1 = evaluation.evaluate_classifier(
+      state.model, self.images, self.labels, self.config.eval.batch_size, data.mean, data.std
+    )["top1"]
+    improved = self.best is None or top1 > self.best
+    if improved:
+      self.best, self.best_epoch = top1, epoch
+      classifier_lib.save(
+        state.model,
+        self.config,
+        self.directory,
+        int(state.step.numpy()),
+        selected_epoch=epoch,
+        heldout_top1=top1,
+        heldout_images=self.count,
+      )
+    logging.info(
+      f"epoch {epoch}: held-out top-1 {top1:.2f} % ({self.count} images); best {self.best:.2f} % at epoch "
+      f"{self.best_epoch}" + ("; classifier saved" if improved else "")
+    )
+    return {"heldout_top1": top1}
+
+
+def heldout_indices(source, labeled, path):
+  """The training images of --heldout_split_file, none of them labeled, all decodable."""
+  indices = source.read_split_file(path, check_balance=False)
+  shared = np.intersect1d(indices, labeled)
+  if len(shared):
+    first = source.train_names[shared[0]] if source.train_names is not None else f"index {shared[0]}"
+    raise UserError(
+      f"--heldout_split_file={path} holds {len(shared)} image(s) of the labeled subset ({first} first); "
+      "hold out training images outside the labeled subset"
+    )
+  source.check_images(indices)
+  return indices
+
+
+def classifier_stage(config, strategy, jit_compile, source, labeled, workdir, after_epoch=None):
   """finetune.mode=classifier: the reference's ImageNet fine-tuning (model/classifier.py, METHOD.md section 10)."""
   f = config.finetune
   plan = sampling.ClassifierPlan(labeled, source.train_labels, f, config.seed, strategy.num_replicas_in_sync)
@@ -63,6 +125,7 @@ def classifier_stage(config, strategy, jit_compile, source, labeled, workdir):
     make_steps=lambda state: steps.classifier_steps(config, strategy, state.model, state.optimizer, jit_compile),
     fresh_start="a random initialisation" if _FROM_SCRATCH.value else "the pre-trained encoder",
     input_errors=lambda current_step: source.stream_errors(plan, current_step, config.run.steps_per_loop),
+    after_epoch=after_epoch,
   )
 
 
@@ -124,8 +187,16 @@ def main(argv):
 
   # --- Model, optimizer, input, step: the shared skeleton (utils/train/fit.py) -----------------------
   classifier = config.finetune.mode == "classifier"
-  stage = (classifier_stage if classifier else suncet_stage)(config, strategy, jit_compile, source, labeled, workdir)
   output = workdir.finetuned
+  selection = None
+  if _HELDOUT.value:
+    if not classifier:
+      raise UserError("--heldout_split_file selects among epochs of finetune.mode=classifier only")
+    selection = HeldOutSelection(config, source, heldout_indices(source, labeled, _HELDOUT.value), output.root)
+  if classifier:
+    stage = classifier_stage(config, strategy, jit_compile, source, labeled, workdir, selection)
+  else:
+    stage = suncet_stage(config, strategy, jit_compile, source, labeled, workdir)
 
   def prepare_output():  # written only now that the encoder and the config are known to fit
     workdir_lib.prepare_workdir(output.root)
@@ -135,6 +206,12 @@ def main(argv):
   state = fit.fit(stage, strategy, config.run, output, output if chief else None, prepare=prepare_output)
 
   # --- Results: every worker saves (see paws_train.py) -----------------------------------------------
+  if selection is not None:  # saved by the hook, at the best epoch
+    logging.info(
+      f"fine-tuning done: {stage.total_steps} steps; classifier of epoch {selection.best_epoch} (held-out top-1 "
+      f"{selection.best:.2f} %) saved to {output.root} (nn_eval.py reports its top-1/top-5)"
+    )
+    return
   if classifier:
     classifier_lib.save(state.model, config, output.root, stage.total_steps)
     logging.info(

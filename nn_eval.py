@@ -15,7 +15,8 @@ Evaluates the fine-tuned encoder when the workdir has one, else the
 pre-trained one (or the one --encoder names). Writes eval.json, a confusion
 matrix and a PCA projection of the test embeddings into the workdir. After
 classifier fine-tuning (finetune.mode=classifier, the ImageNet recipe) it also
-reports the classifier's top-1 and top-5 (Resize + CenterCrop). With
+reports the classifier's top-1 and top-5 (Resize + CenterCrop), and the epoch
+fine_tune.py --heldout_split_file selected with its held-out top-1. With
 --export=DIR it also saves the encoder and supports as a SavedModel that
 classifies raw images (utils/export.py; docs/running.md, Using the trained model).
 """
@@ -88,12 +89,14 @@ def main(argv):
   )
   finetuned = workdir.finetuned.root
   if classifier_lib.exists(finetuned):  # finetune.mode=classifier: the classifier's own top-1 / top-5 as well
-    model, _ = classifier_lib.load(finetuned, config)  # float32
+    model, meta = classifier_lib.load(finetuned, config)  # float32
     queries, query_labels = evaluation.evaluation_images(source, config.data, config.eval.batch_size)
     scores = evaluation.evaluate_classifier(
       model, queries, query_labels, config.eval.batch_size, config.data.mean, config.data.std
     )
     metrics.update({"classifier_top1": scores["top1"], "classifier_top5": scores["top5"]})
+    if "selected_epoch" in meta:  # fine_tune.py --heldout_split_file: the epoch its held-out top-1 chose
+      metrics.update({"selected_epoch": meta["selected_epoch"], "heldout_top1": meta["heldout_top1"]})
   fileio.write_json(workdir.eval_json, metrics)
   title = f"{config.name}, {choice} encoder, top-1 {metrics['top1']:.2f} %"
   plots.confusion_matrix(confusion, workdir.confusion_matrix, title)
@@ -122,6 +125,10 @@ def main(argv):
     logging.info(
       f"classifier top-1 {metrics['classifier_top1']:.2f} %, top-5 {metrics['classifier_top5']:.2f} % "
       f"({metrics['num_test']} test images, Resize + CenterCrop {config.data.image_size})"
+    )
+  if "selected_epoch" in metrics:
+    logging.info(
+      f"classifier of epoch {metrics['selected_epoch']}, selected by its held-out top-1 {metrics['heldout_top1']:.2f} %"
     )
   logging.info(f"results in {workdir.eval_json}")
 

@@ -62,6 +62,10 @@ def imagenet_like(tmp_path_factory):
           names.append(name)
   split_file = root / "subset.txt"
   split_file.write_text("".join(f"{name}\n" for name in names))
+  # The reference's imagenet_subsets/val.txt: training images outside the labeled subset (here the other 14).
+  heldout = [f"{wnid}_{label * 100 + number}.JPEG" for label, wnid in enumerate(CLASSES) for number in range(4)]
+  (root / "heldout.txt").write_text("".join(f"{name}\n" for name in heldout if name not in names))
+  (root / "overlapping.txt").write_text("".join(f"{name}\n" for name in heldout))
   return str(root), str(split_file), names
 
 
@@ -78,10 +82,23 @@ def test_imagenet_recipe_through_the_three_scripts(imagenet_like, tmp_path):
     log = [json.loads(line) for line in file]
   assert {entry["step"] for entry in log} == {1, 2} and all(np.isfinite(entry["loss"]) for entry in log)
 
-  finetune = scriptrun.run("fine_tune.py", *flags, timeout=900)
+  # Held-out selection (the reference's ImageNet fine-tuning): 3 epochs, the best epoch's classifier kept.
+  overlapping = scriptrun.run("fine_tune.py", *flags, f"--heldout_split_file={root}/overlapping.txt")
+  assert overlapping.returncode == 2
+  assert "holds 10 image(s) of the labeled subset" in scriptrun.error_line(overlapping)
+  heldout = f"--heldout_split_file={root}/heldout.txt"
+  finetune = scriptrun.run("fine_tune.py", *flags, heldout, "--config.finetune.epochs=3", timeout=900)
   assert finetune.returncode == 0, finetune.stderr[-3000:]
-  assert "classifier saved" in finetune.stdout
-  assert os.path.exists(os.path.join(workdir, "finetuned", "classifier.json"))
+  with open(os.path.join(workdir, "finetuned", "finetune_log.jsonl")) as file:
+    epochs = [record for record in map(json.loads, file) if record["kind"] == "epoch"]
+  values = [record["heldout_top1"] for record in epochs]
+  assert [record["epoch"] for record in epochs] == [1, 2, 3] and all(0 <= value <= 100 for value in values)
+  with open(os.path.join(workdir, "finetuned", "classifier.json")) as file:
+    meta = json.load(file)
+  best = int(np.argmax(values)) + 1  # the first best: a later tie does not replace it
+  assert (meta["selected_epoch"], meta["heldout_top1"], meta["heldout_images"]) == (best, max(values), 14)
+  assert meta["finetune_step"] == best  # one step per epoch
+  assert f"classifier of epoch {best} (held-out top-1 {max(values):.2f} %) saved" in finetune.stdout
 
   evaluate = scriptrun.run("nn_eval.py", *flags, timeout=900)
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
@@ -90,6 +107,8 @@ def test_imagenet_recipe_through_the_three_scripts(imagenet_like, tmp_path):
   assert metrics["num_support"] == len(names) and metrics["num_test"] == len(CLASSES)
   assert 0 <= metrics["classifier_top1"] <= metrics["classifier_top5"] <= 100
   assert f"classifier top-1 {metrics['classifier_top1']:.2f} %" in evaluate.stdout
+  assert (metrics["selected_epoch"], metrics["heldout_top1"]) == (best, max(values))
+  assert f"classifier of epoch {best}, selected by its held-out top-1 {max(values):.2f} %" in evaluate.stdout
 
 
 def test_reference_name_lists_need_labeled_per_class_zero(imagenet_like, tmp_path):

@@ -64,10 +64,19 @@ def build(config: ConfigDict, num_classes: int, encoder_directory: str | None = 
   return from_encoder(encoder, num_classes, config.data.image_size)
 
 
-def save(model: Classifier, config: ConfigDict, directory: str, step: int) -> str:
-  """Writes the classifier's weights and what load() checks next to them (e.g. WORKDIR/finetuned)."""
-  meta = saved.model_meta(config, num_classes=model.num_classes, finetune_step=step)
+def save(model: Classifier, config: ConfigDict, directory: str, step: int, **selection) -> str:
+  """Writes the classifier's weights and what load() checks next to them (e.g. WORKDIR/finetuned).
+
+  selection: what chose this epoch, kept in classifier.json (fine_tune.py --heldout_split_file: selected_epoch,
+  heldout_top1, heldout_images).
+  """
+  meta = saved.model_meta(config, num_classes=model.num_classes, finetune_step=step, **selection)
   return saved.save(model, saved.CLASSIFIER, directory, meta)
+
+
+def read_meta(directory: str) -> dict | None:
+  """classifier.json of a saved classifier, or None when there is none."""
+  return saved.read_meta(directory, saved.CLASSIFIER, "") if exists(directory) else None
 
 
 def exists(directory: str) -> bool:

@@ -138,6 +138,10 @@ def base_config():
   c.run.log_every = 10
   c.run.checkpoint_every = 500  # steps; also at every epoch end
   c.run.keep_checkpoints = 3
+  # Multi-worker (TF_CONFIG): seconds after which a worker that stopped answering (killed, preempted,
+  # unreachable) counts as lost; the others then stop with one error line naming it and the last checkpoint
+  # (utils/devices.py watch_peers; docs/running.md). 10 s is TensorFlow's own default.
+  c.run.collective_timeout = 10.0
   return c
 
 

@@ -131,6 +131,7 @@ ERRORS = {
   "data_changed": "no longer matches the training images",
   "interrupted": "received: stopped at step",
   "checkpoint_write": "cannot write a checkpoint to",
+  "worker_lost": "of the cluster (it stopped answering",
   "export_is_file": "is a file; give a new or empty folder",
   "export_not_empty": "is a non-empty folder without a SavedModel",
 }

@@ -92,6 +92,7 @@ BAD = {
   "run.log_every": [0],
   "run.checkpoint_every": [0, -500],
   "run.keep_checkpoints": [0],
+  "run.collective_timeout": [0.0, 0.5, -10.0, "10"],
 }
 
 # Edge values the meaning allows: they must pass.
@@ -112,6 +113,7 @@ GOOD = {
   "run.jit_compile": ["true", "false"],
   "run.cpu_replicas": [0, 2, 4],
   "eval.knn_k": [0, 1, 10**6],
+  "run.collective_timeout": [1, 2.5, 600],
 }
 
 

@@ -29,7 +29,15 @@ def exit_on_user_error(main):
     except UserError as error:
       print(f"error: {error}", file=sys.stderr)
       # 2 for a bad input; 128 + N for a run stopped by signal N after saving (training.Interrupted).
-      sys.exit(getattr(error, "exit_code", 2))
+      code = getattr(error, "exit_code", 2)
+      if getattr(error, "exit_now", False):
+        # A lost cluster worker (devices.WorkerLost): a normal exit runs TensorFlow's teardown, which waits
+        # seconds for the lost peer. Nothing is left to write (logs are flushed line by line; the kernel
+        # releases the workdir lock).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+      sys.exit(code)
 
   return wrapped
 

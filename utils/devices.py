@@ -1,8 +1,12 @@
-"""Devices: tf.distribute strategy, precision policy, XLA choice, logical CPU replicas, cluster roles, machine."""
+"""Devices: tf.distribute strategy, precision policy, XLA choice, logical CPU replicas, cluster roles, machine;
+in a cluster, lost workers and workers that restored different checkpoints."""
 
+from collections.abc import Callable, Iterator
+import contextlib
 import json
 import os
 import platform
+import re
 
 from absl import logging
 from ml_collections import ConfigDict
@@ -87,11 +91,12 @@ def replicas_compile_with_xla(strategy: tf.distribute.Strategy) -> bool:
   return whole_gpus and all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in strategy.extended.worker_devices)
 
 
-def make_strategy(setting: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
+def make_strategy(setting: str, cpu_replicas: int = 0, collective_timeout: float = 10) -> tf.distribute.Strategy:
   """Single device by default, MirroredStrategy with several GPUs, multi-worker from TF_CONFIG.
 
   With cpu_replicas (configure_cpu_replicas done), MirroredStrategy over the logical CPU devices: the
-  one-machine multi-GPU path, rehearsed on a CPU.
+  one-machine multi-GPU path, rehearsed on a CPU. collective_timeout (run.collective_timeout): in a cluster,
+  the seconds after which a worker that stopped answering counts as lost (watch_peers).
   """
   if cpu_replicas:
     if setting == "auto" and not os.environ.get("TF_CONFIG"):
@@ -117,8 +122,146 @@ def make_strategy(setting: str, cpu_replicas: int = 0) -> tf.distribute.Strategy
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([d.name for d in devices])
   if setting == "multi_worker":
+    watch_peers(collective_timeout)
     return tf.distribute.MultiWorkerMirroredStrategy()
   config_rules.check_choice("run.distribution", setting)
+
+
+def watch_peers(timeout: float) -> None:
+  """Makes every worker's collectives fail `timeout` seconds after a peer stops answering (run.collective_timeout).
+
+  MultiWorkerMirroredStrategy starts TensorFlow's coordination service (on the chief, else worker 0): each
+  worker sends it heartbeats; when one stops (killed, VM preempted, host unreachable) for the heartbeat
+  timeout, the service aborts every worker's collectives with an error naming it, and a worker that
+  cannot reach the service aborts its own. Measured with two workers on one machine and TensorFlow's
+  10 s: a survivor stopped 0.4 to 9 s after SIGKILL or SIGSTOP of the other (docs/running.md). The
+  per-collective timeout, CommunicationOptions(timeout_seconds), was not used: TensorFlow starts a thread
+  per collective that sleeps for the timeout, and a 60 s timeout grew a tiny digits run to 6 500 threads
+  in 40 s (a real run, with more steps per second, exhausts the process's threads).
+
+  The strategy configures the service itself, with the default timeout, unless one is configured
+  already; TensorFlow has no public setting for the timeout, so this configures it first with the same
+  jobs and leader as the strategy would, through the eager context's configure_coordination_service:
+  the project's one use of TensorFlow's private distribution internals. Call it right before creating
+  the strategy, and only in a TF_CONFIG cluster.
+  """
+  from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2  # private: see above
+  from tensorflow.python.eager import context  # private: see above
+
+  if context.context().coordination_service is not None:
+    return  # configured already (a second strategy in this process): TensorFlow keeps the first one
+  cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+  jobs = [job for job in ("chief", "worker") if job in cluster.jobs]
+  leader = "chief" if "chief" in jobs else "worker"
+  context.context().configure_coordination_service(
+    service_type="standalone",
+    service_leader=f"/job:{leader}/replica:0/task:0",
+    heartbeat_timeout_in_ms=int(timeout * 1000),
+    coordinated_jobs=[
+      coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster.num_tasks(job)) for job in jobs
+    ],
+  )
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+  """Whether the strategy's replicas span several processes (a TF_CONFIG cluster)."""
+  return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and cluster_task() is not None
+
+
+def align_workers(strategy: tf.distribute.Strategy, step: tf.Variable, variables: list[tf.Variable]) -> bool:
+  """In a cluster, every worker continues from the newest checkpoint any worker restored. Returns whether this
+  worker took another's.
+
+  Every worker restores the newest intact checkpoint of its own folder. These differ after a worker was
+  killed between a step and the end of its save (the others finished theirs: saving needs no collective),
+  or when one worker's newest checkpoint was unreadable: a worker would then resume at another step than
+  the rest, with other weights. So the workers tell each other their steps and, unless all agree, every
+  worker takes `variables` (all a checkpoint holds, `step` among them) from the first replica that holds
+  the newest, by an all-reduce in which only that replica contributes (exact: x + 0 = x). Elsewhere nothing.
+  """
+  if not is_multi_worker(strategy):
+    return False
+
+  def gather_steps():
+    replica = tf.distribute.get_replica_context()
+    mine = tf.one_hot(replica.replica_id_in_sync_group, replica.num_replicas_in_sync, dtype=tf.float64)
+    return replica.all_reduce(tf.distribute.ReduceOp.SUM, mine * tf.cast(step, tf.float64))
+
+  steps = strategy.experimental_local_results(strategy.run(gather_steps))[0].numpy()
+  own, newest = int(step.numpy()), int(steps.max())
+  if steps.min() == newest:
+    return False
+  source = int(steps.argmax())
+
+  def take_from_source():
+    replica = tf.distribute.get_replica_context()
+    keep = tf.equal(replica.replica_id_in_sync_group, source)
+    values = [tf.cast(v, tf.float64) for v in variables]
+    values = [tf.where(keep, value, tf.zeros_like(value)) for value in values]
+    return replica.all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+  results = strategy.experimental_local_results(strategy.run(take_from_source))[0]
+  for variable, value in zip(variables, results, strict=True):
+    variable.assign(tf.cast(value, variable.dtype))
+  logging.info(
+    f"workers restored checkpoints of different steps ({', '.join(str(int(s)) for s in steps)} by replica): every "
+    f"worker continues from step {newest}, the newest"
+  )
+  return own != newest
+
+
+class WorkerLost(UserError):
+  """A peer of a TF_CONFIG cluster stopped answering: the run stopped (cli exits at once, see exit_now)."""
+
+  exit_now = True  # TensorFlow's teardown at a normal exit would wait for the lost peer
+
+
+# The task names in TensorFlow's errors, by how sure they are to name the lost worker.
+_TASK = r"/job:(\w+)/replica:\d+/task:(\d+)"
+_LOST_TASK_PATTERNS = (
+  r"stopped sending heartbeats\)?:\s*" + _TASK,  # the coordination service names the silent task
+  r"from remote target " + _TASK,  # a collective's call to that task failed (its connection closed)
+)
+# The errors of a lost peer: collectives aborted, heartbeats refused or timed out.
+_PEER_ERROR_MARKERS = ("Collective ops is aborted", "CoordinationService", "stopped sending heartbeats")
+
+
+def lost_worker_name(message: str) -> str | None:
+  """'worker 1' if TensorFlow's error names the lost task, else None."""
+  for pattern in _LOST_TASK_PATTERNS:
+    match = re.search(pattern, message)
+    if match:
+      return f"{match.group(1)} {match.group(2)}"
+  if "CoordinationService/Heartbeat" in message:  # this worker's heartbeats to the service's host went unanswered
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    return "chief 0" if "chief" in cluster else "worker 0"
+  return None
+
+
+@contextlib.contextmanager
+def lost_workers(
+  strategy: tf.distribute.Strategy, current_step: Callable[[], int], last_checkpoint: Callable[[], str | None]
+) -> Iterator[None]:
+  """In a cluster, TensorFlow's error for a lost peer becomes one WorkerLost line: the lost worker (if
+  TensorFlow's error names it), the step, and this worker's last checkpoint, from which a restart of every
+  worker resumes (align_workers: no worker holds a newer one)."""
+  try:
+    yield
+  except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError) as error:
+    message = str(error)
+    if not is_multi_worker(strategy) or not any(marker in message for marker in _PEER_ERROR_MARKERS):
+      raise
+    name = lost_worker_name(message)
+    checkpoint = last_checkpoint()
+    restart = (
+      f"the last checkpoint is {checkpoint}: restart every worker with the same command to resume from it"
+      if checkpoint
+      else "no checkpoint was written yet: restart every worker with the same command to start again"
+    )
+    raise WorkerLost(
+      f"lost {name or 'a worker'} of the cluster (it stopped answering: killed, preempted or unreachable); "
+      f"stopped at step {current_step()}, {restart}"
+    ) from None
 
 
 def cpu_has_amx() -> bool:
@@ -159,7 +302,7 @@ def setup_training(config: ConfigDict) -> tuple[tf.distribute.Strategy, bool]:
   set_precision(config)
   # Python, NumPy and TensorFlow seeds: the initial weights follow config.seed.
   tf_keras.utils.set_random_seed(config.seed)
-  strategy = make_strategy(runs.distribution, runs.cpu_replicas)
+  strategy = make_strategy(runs.distribution, runs.cpu_replicas, runs.collective_timeout)
   jit_compile = use_xla(runs.jit_compile)
   if runs.cpu_replicas:
     logging.info(

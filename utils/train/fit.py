@@ -13,7 +13,7 @@ from absl import logging
 import tensorflow as tf
 import tf_keras
 
-from utils import plots
+from utils import devices, plots
 from utils.data import sampling
 from utils.train import loop as train_loop
 from utils.workdir import Workdir
@@ -68,6 +68,8 @@ def fit(
   if prepare is not None:
     prepare()
   restored = train_loop.restore(state, output.checkpoints, run_config.keep_checkpoints)
+  if devices.align_workers(strategy, state.step, train_loop.state_variables(state)):  # a cluster's workers disagreed
+    restored = "another worker's newer checkpoint"
   start_step = int(state.step.numpy())
   logging.info(f"resuming from {restored} at step {start_step}" if restored else f"starting from {stage.fresh_start}")
 
@@ -77,7 +79,12 @@ def fit(
   shape = train_loop.Loop(
     stage.name, stage.total_steps, stage.steps_per_epoch, stage.images_per_step, stage.schedule, stage.after_epoch
   )
-  with stage.input_errors(lambda: int(state.step.numpy())):
+  current_step = lambda: int(state.step.numpy())
+  # In a cluster, a lost worker stops the others within run.collective_timeout, with one line (devices.lost_workers).
+  with (
+    devices.lost_workers(strategy, current_step, lambda: state.manager.latest_checkpoint),
+    stage.input_errors(current_step),
+  ):
     log_path = train_loop.run_loop(
       train_steps, iter(dataset), state, shape, run_config, log_dir.root if log_dir else None
     )

@@ -83,6 +83,19 @@ def restore(state: TrainState, directory: str, keep: int, log: Callable[[str], N
   return None
 
 
+def state_variables(state: TrainState) -> list[tf.Variable]:
+  """Every variable a checkpoint of the state holds, in the same order on every worker: the model's, the
+  optimizer's (its slots, hyperparameters and, with mixed_float16, loss scale), the step."""
+  trackables = [
+    *tf.train.TrackableView(state.model).descendants(),
+    *tf.train.TrackableView(state.optimizer).descendants(),
+    *state.optimizer.variables(),  # the slots, which the object graph holds apart
+    state.step,
+  ]
+  unique = {id(t): t for t in trackables if isinstance(t, tf.Variable)}
+  return list(unique.values())
+
+
 def save(state: TrainState) -> str:
   """Writes a checkpoint numbered by the current step; a full disk or failed write is a one-line error."""
   try:

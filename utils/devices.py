@@ -134,7 +134,7 @@ def watch_peers(timeout: float) -> None:
   worker sends it heartbeats; when one stops (killed, VM preempted, host unreachable) for the heartbeat
   timeout, the service aborts every worker's collectives with an error naming it, and a worker that
   cannot reach the service aborts its own. Measured with two workers on one machine and TensorFlow's
-  10 s: a survivor stopped 0.4 to 9 s after SIGKILL or SIGSTOP of the other (docs/running.md). The
+  10 s: a survivor stopped 0.2 to 8.5 s after SIGKILL or SIGSTOP of the other (docs/running.md). The
   per-collective timeout, CommunicationOptions(timeout_seconds), was not used: TensorFlow starts a thread
   per collective that sleeps for the timeout, and a 60 s timeout grew a tiny digits run to 6 500 threads
   in 40 s (a real run, with more steps per second, exhausts the process's threads).

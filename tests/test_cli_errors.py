@@ -175,10 +175,10 @@ def test_bad_run_settings(override, workdir):
 
 # --- CIFAR-10 download without network ------------------------------------------------------------
 
-# Runs a script with utils.datasets.CIFAR10_DOWNLOAD_URL replaced by argv[1].
+# Runs a script with utils.data.datasets.CIFAR10_DOWNLOAD_URL replaced by argv[1].
 WITH_DOWNLOAD_URL = (
   "import runpy, sys\n"
-  "from utils import datasets\n"
+  "from utils.data import datasets\n"
   "datasets.CIFAR10_DOWNLOAD_URL = sys.argv.pop(1)\n"
   "sys.argv.pop(0)\n"
   "runpy.run_path(sys.argv[0], run_name='__main__')\n"

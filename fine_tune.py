@@ -223,7 +223,7 @@ def main(argv):
     # Trained with batch statistics: its moving averages must be re-estimated before
     # inference-mode evaluation (on the clean labeled images; the test set is never used).
     encoder_lib.reestimate_batch_norm(state.model, source.labeled_images(labeled, config.data))
-  encoder_lib.save_encoder(state.model, config, output.root, stage.total_steps)
+  encoder_lib.save_encoder(state.model, config, output.root, stage.total_steps, "finetune")
   logging.info(f"fine-tuning done: {stage.total_steps} steps; encoder saved to {output.root}")
 
 

@@ -134,7 +134,7 @@ def main(argv):
 
   # --- Results -----------------------------------------------------------------
   # Every worker saves (reading the synchronised BatchNorm statistics is a collective).
-  directory = encoder_lib.save_encoder(state.model, config, own.encoder, total_steps)
+  directory = encoder_lib.save_encoder(state.model, config, own.encoder, total_steps, "pretrain")
   logging.info(f"encoder saved to {directory}")
 
 

@@ -101,7 +101,7 @@ def test_kept_block_and_trunk_are_the_pretrained_encoders(tmp_path):
   c = tiny_config()
   encoder = encoder_lib.build_encoder(c.model, SIZE)
   encoder(random_images(8), training=True)  # moving statistics away from their initial values
-  encoder_lib.save_encoder(encoder, c, str(tmp_path), step=5)
+  encoder_lib.save_encoder(encoder, c, str(tmp_path), step=5, stage="pretrain")
   model = classifier_lib.build(c, CLASSES, encoder_directory=str(tmp_path))
   pairs = [(model.trunk, encoder.trunk)] + [
     (getattr(model, name), encoder.projection.get_layer(name)) for name in classifier_lib.KEPT_BLOCK

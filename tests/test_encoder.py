@@ -159,11 +159,11 @@ def test_save_and_load_round_trip(tmp_path):
 
   full = ml_collections.ConfigDict({"name": "t", "model": config(depth=10, width=1), "data": {"image_size": 8}})
   encoder = encoder_lib.build_encoder(full.model, 8)
-  encoder_lib.save_encoder(encoder, full, str(tmp_path / "enc"), 5)
+  encoder_lib.save_encoder(encoder, full, str(tmp_path / "enc"), 5, "pretrain")
   loaded, meta = encoder_lib.load_encoder(str(tmp_path / "enc"), full, "paws_train.py")
   x = tf.random.normal([2, 8, 8, 3])
   np.testing.assert_allclose(loaded(x, training=False)[0].numpy(), encoder(x, training=False)[0].numpy(), atol=1e-6)
-  assert meta["pretrain_step"] == 5
+  assert (meta["stage"], meta["step"]) == ("pretrain", 5)
   with pytest.raises(UserError, match="no trained encoder"):
     encoder_lib.load_encoder(str(tmp_path / "missing"), full, "paws_train.py")
   other = ml_collections.ConfigDict({"name": "t", "model": config(depth=16, width=1), "data": {"image_size": 8}})

@@ -76,7 +76,7 @@ def test_full_digits_run_in_a_ram_workdir_crashes_resumes_and_writes_nothing_loc
   for step, loss in summary["pretrain_steps"][14:16]:  # recomputed from the restored state and stream
     assert loss == pytest.approx(losses[step], abs=1e-4)
   assert summary["finetune_steps"] == [1, 2, 3]
-  assert summary["encoder"]["pretrain_step"] == 20
+  assert (summary["encoder"]["stage"], summary["encoder"]["step"]) == ("pretrain", 20)
   assert summary["eval"]["encoder"] == "finetuned" and summary["eval"]["num_support"] == 40
   assert summary["eval"]["checkpoint"] == f"{workdir}/finetuned/weights"
   assert all(summary["pngs"].values()), summary["pngs"]

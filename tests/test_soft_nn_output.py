@@ -37,7 +37,7 @@ def evaluated(tmp_path_factory):
   assert config.model.prediction_head
   tf_keras.utils.set_random_seed(0)
   encoder = encoder_lib.build_encoder(config.model, config.data.image_size)
-  encoder_lib.save_encoder(encoder, config, os.path.join(workdir, "encoder"), step=0)
+  encoder_lib.save_encoder(encoder, config, os.path.join(workdir, "encoder"), step=0, stage="pretrain")
   _, train_labels, _, _ = datasets.load_dataset("digits")
   labeled = np.sort(np.concatenate([np.flatnonzero(train_labels == label)[:4] for label in range(10)]))  # as read back
   run = Workdir(workdir)

@@ -288,9 +288,12 @@ def exists(directory: str) -> bool:
   return saved.exists(directory, saved.ENCODER)
 
 
-def save_encoder(encoder: tf_keras.Model, config: ConfigDict, directory: str, step: int) -> str:
-  """Writes the encoder weights and the model config fine_tune.py / nn_eval.py need (any tf.io.gfile path)."""
-  return saved.save(encoder, saved.ENCODER, directory, saved.model_meta(config, pretrain_step=step))
+def save_encoder(encoder: tf_keras.Model, config: ConfigDict, directory: str, step: int, stage: str) -> str:
+  """Writes the encoder weights and the model config fine_tune.py / nn_eval.py need (any tf.io.gfile path).
+
+  step, stage: the training step the weights are from and the stage that trained them ("pretrain" or "finetune").
+  """
+  return saved.save(encoder, saved.ENCODER, directory, saved.model_meta(config, stage=stage, step=step))
 
 
 def load_encoder(directory: str, config: ConfigDict, what: str) -> tuple[tf_keras.Model, dict]:

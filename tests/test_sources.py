@@ -106,7 +106,15 @@ def folder_order(source):
   return np.array([int(os.path.basename(name)[:5]) for name in source.train.names])
 
 
-def assert_same_batches(expected, actual, atol):
+def step_batch(element, data):
+  """A pre-training element as the train step embeds it: a streamed one after its colour stage."""
+  if len(element) == 3:
+    return pipelines.colour_pretrain_batch(*element, augment.AugmentSpec.from_config(data))
+  return element
+
+
+def assert_same_batches(expected, actual, atol, data):
+  expected, actual = ([step_batch(element, data) for element in batches] for batches in (expected, actual))
   for (views_a, supports_a), (views_b, supports_b) in zip(expected, actual, strict=True):
     assert len(views_a) == len(views_b)
     for a, b in zip(views_a, views_b):
@@ -172,7 +180,7 @@ def test_jpeg_decoding_is_pils_and_window_decoding_is_exact(options):
   for index in range(25):
     draws = augment.crop_draws([tf.constant([index, 7], tf.int64)], 1, (0.02, 0.5), flip=False)
     draws = {key: value[0] for key, value in draws.items()}
-    pixels, boxes = decoding._decode_one_box(tf.constant(data), "test.jpg", draws)
+    pixels, boxes = decoding.decode_one_box(tf.constant(data), "test.jpg", draws)
     top, left, height, width = boxes.numpy()[0]
     expected_box = augment.crop_boxes(draws, 75, 100).numpy()[0]
     assert (height, width) == tuple(expected_box[2:])
@@ -200,9 +208,9 @@ def test_color_stage_on_separate_crops_equals_augment_batch():
   )
   expected = augment.augment_batch(images, seed, 12, (0.3, 1.0), spec).numpy()
   draws = augment.crop_draws([seed], len(images), (0.3, 1.0), flip=True)
+  one_image = lambda i: [{key: value[i] for key, value in draws.items()}]
   crops = [
-    pipelines._cut_views(tf.constant(encode(image)), "x.png", {key: value[i] for key, value in draws.items()}, 12)[0]
-    for i, image in enumerate(images)
+    pipelines._cut_views(tf.constant(encode(image)), "x.png", one_image(i), [12])[0] for i, image in enumerate(images)
   ]
   actual = augment.color_and_normalize(tf.stack(crops), seed, spec).numpy()
   np.testing.assert_allclose(actual, expected, atol=TOLERANCE / 0.2 * 5, rtol=0)
@@ -223,9 +231,8 @@ def test_folder_streams_the_in_memory_batches(digits_folder, digits):
   steps = dict(start_step=9, total_steps=11)  # across the epoch boundary (10 steps per epoch)
   plan = sampling.PawsPlan(labeled, labels, source.num_unlabeled, config.pretrain, 5, 1)  # one plan for both
   expected = pipelines.pretrain_dataset(images, plan, config.data, config.pretrain, **steps)
-  assert_same_batches(
-    expected, source.pretrain_dataset(plan, config.data, config.pretrain, **steps), TOLERANCE / DIGITS_STD
-  )
+  actual = source.pretrain_dataset(plan, config.data, config.pretrain, **steps)
+  assert_same_batches(expected, actual, TOLERANCE / DIGITS_STD, config.data)
   # fine-tuning views and evaluation batches: whole images, exactly
   with config.unlocked():
     config.data.flip = True  # flip-only views exercise the flip coins too
@@ -279,7 +286,8 @@ def test_tfrecords_stream_the_in_memory_batches_and_losses(digits_records, digit
   plan = sampling.PawsPlan(labeled, train_labels, source.num_unlabeled, config.pretrain, 0, 1)
   expected = list(pipelines.pretrain_dataset(train_images, plan, config.data, config.pretrain, **steps))
   actual = list(source.pretrain_dataset(plan, config.data, config.pretrain, **steps))
-  assert_same_batches(expected, actual, TOLERANCE / DIGITS_STD)
+  assert_same_batches(expected, actual, TOLERANCE / DIGITS_STD, config.data)
+  actual = [step_batch(element, config.data) for element in actual]
   tf.keras.utils.set_random_seed(0)
   model = encoder_lib.build_encoder(config.model, config.data.image_size)
   loss_in_memory = first_loss(model, *expected[0], config.pretrain)
@@ -296,7 +304,7 @@ def test_resumed_stream_is_the_uninterrupted_one(tmp_path):
   plan = sampling.PawsPlan(labeled, source.train_labels, source.num_unlabeled, config.pretrain, 2, 1)
   full = list(source.pretrain_dataset(plan, config.data, config.pretrain, start_step=0, total_steps=3))
   resumed = list(source.pretrain_dataset(plan, config.data, config.pretrain, start_step=2, total_steps=3))
-  assert_same_batches(full[2:], resumed, 0.0)
+  assert_same_batches(full[2:], resumed, 0.0, config.data)
 
 
 # --- Split files by name ----------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 `augment_batch(images, seed, size, scale, spec)` makes one view of every image of a batch, with the
 settings of an `AugmentSpec` (built once from the config's `data` section by `AugmentSpec.from_config`);
-`color_and_normalize` is its colour stage for crops cut elsewhere (images read from files), and
-`crop_draws` / `crop_boxes` its crop draws for images whose size is known only once decoded. `rows`
+for crops cut elsewhere (images read from files) `colour_draws` makes its colour draws and `apply_colour`
+its colour stage (`color_and_normalize` both), and `crop_draws` / `crop_boxes` its crop draws for images
+whose size is known only once decoded. `rows`
 (sampling.Rows) lets one replica augment its rows of a global batch exactly as the whole batch would.
 
 Every op transforms a whole batch at once, with its own random draws for each
@@ -780,7 +781,7 @@ def _hashable(rows):
 def _sample_colour(seed, num_images, spec):
   """The per-image colour draws of one view, from sub-seeds 2 and 3 of 5 (and 5, 6 of 7) of its seed.
 
-  Shared by augment_batch and color_and_normalize, so both make the same draws for the same seed.
+  Shared by augment_batch and colour_draws, so both make the same draws for the same seed.
   Returns (jitter parameters, solarize thresholds, grayscale coins, blur parameters); None for an op that
   is off, which then stays out of the graph.
   """
@@ -827,9 +828,8 @@ def _augment_batch_graph(images, seed, size, scale, ratio, spec, rows):
 def color_and_normalize(views: tf.Tensor, seed: tf.Tensor, spec: AugmentSpec, rows: Rows | None = None) -> tf.Tensor:
   """The colour stage of augment_batch, for views cropped, resized and flipped elsewhere (METHOD.md section 4).
 
-  Streamed images (utils/data/pipelines.py) differ in size, so their crops are cut and resized one image at a
-  time; this runs the rest of augment_batch on the batch of crops. With the same `seed` it makes the
-  draws augment_batch makes (crop and flip use the first two of its five sub-seeds, this the others), so
+  apply_colour(views, colour_draws(seed, ...), spec): with the same `seed` it makes the draws augment_batch
+  makes (crop and flip use the first two of its five sub-seeds, this the others), so
   augment_batch(images, seed, ..., spec) equals color_and_normalize(crops, seed, spec) when `crops` are
   augment_batch's crops of the same images.
 
@@ -844,23 +844,52 @@ def color_and_normalize(views: tf.Tensor, seed: tf.Tensor, spec: AugmentSpec, ro
   return _color_graph(views, seed, spec, _hashable(rows))
 
 
+@tf.function(autograph=False, reduce_retracing=True)
+def _color_graph(views, seed, spec, rows):
+  """color_and_normalize with hashable Python arguments."""
+  return apply_colour(views, colour_draws(seed, tf.shape(views)[0], spec, rows), spec)
+
+
+def colour_draws(seed: tf.Tensor, num_images: int | tf.Tensor, spec: AugmentSpec, rows: Rows | None = None) -> dict:
+  """The per-image colour draws of one view, those augment_batch makes for the same seed: the small tensors
+  apply_colour needs, so the pixel work can run elsewhere (the streamed pipeline's train step).
+
+  Returns a dict with an entry only for the ops that are on: jitter (dict of [N] and [N, passes] tensors),
+  solarize ([N] thresholds), grayscale, equalize ([N] coins), blur (dict of [N] and [N, taps] tensors).
+  """
+  num_draws, keep = draw_rows(num_images, rows)
+  jitter, solarize, grayscale, blur = _sample_colour(seed, num_draws, spec)
+  draws = {"jitter": jitter, "solarize": solarize, "grayscale": grayscale, "blur": blur}
+  if spec.equalize_prob > 0:
+    draws["equalize"] = _coins(_split(seed, 5)[4], num_draws, spec.equalize_prob)
+  return keep({name: value for name, value in draws.items() if value is not None})
+
+
+_COLOUR_OPS = ("jitter", "solarize", "grayscale", "blur")  # _colour_views' order of its `colour` tuple
+
+
+def apply_colour(views: tf.Tensor, draws: dict, spec: AugmentSpec) -> tf.Tensor:
+  """Jitter, grayscale, blur, solarize, equalize and normalisation of crops with colour_draws' draws.
+
+  Args:
+    views: [N, S, S, 3] float32 in [0, 1] (crops, resized and flipped).
+    draws: colour_draws' dict for these N images.
+    spec: the AugmentSpec the draws were made with (mean, std).
+  Returns:
+    float32 [N, S, S, 3], normalised: augment_batch's pixels for the same crops and draws. Static shapes
+    only (every image is equalized, the selected ones kept), so it also runs inside an XLA-compiled step.
+  """
+  colour = tuple(draws.get(name) for name in _COLOUR_OPS)
+  views, normalized = _color_pixels(tf.cast(views, tf.float32), colour, spec.mean, spec.std)
+  if "equalize" in draws:
+    normalized = _select(draws["equalize"], normalize(_equalize_all(views), spec.mean, spec.std), normalized)
+  return normalized
+
+
 @tf.function(jit_compile=True, autograph=False)
 def _color_pixels(views, colour, mean, std):
   """_augment_pixels after its crop: _colour_views; the [0, 1] and normalised views."""
   return _colour_views(_xla_fence(views), colour, mean, std)
-
-
-@tf.function(autograph=False, reduce_retracing=True)
-def _color_graph(views, seed, spec, rows):
-  """color_and_normalize with hashable Python arguments; the draws of _augment_batch_graph."""
-  equalize_seed = _split(seed, 5)[4]
-  num_draws, keep = draw_rows(tf.shape(views)[0], rows)
-  colour = keep(_sample_colour(seed, num_draws, spec))
-  views, normalized = _color_pixels(tf.cast(views, tf.float32), colour, spec.mean, spec.std)
-  if spec.equalize_prob > 0:
-    indices, equalized = _equalize_selected(views, keep(_coins(equalize_seed, num_draws, spec.equalize_prob)))
-    normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, spec.mean, spec.std))
-  return normalized
 
 
 CROP_ATTEMPTS = 10

@@ -65,10 +65,11 @@ def decode_image(encoded: tf.Tensor, description: tf.Tensor | str) -> tf.Tensor:
     )
 
 
-def _decode_one_box(encoded, description, draws):
+def decode_one_box(encoded: tf.Tensor, description: tf.Tensor | str, draws: dict) -> tuple[tf.Tensor, tf.Tensor]:
   """Decodes only the part of a JPEG its single view needs (the crop box, widened as _JPEG_BLOCK says).
 
-  Returns (uint8 pixels, int32 [1, 4] box within them). A PNG is decoded whole.
+  draws: one image's augment.crop_draws of its one view. Returns (uint8 pixels, int32 [1, 4] box within
+  them). A PNG is decoded whole.
   """
 
   def jpeg_window():

@@ -162,19 +162,28 @@ def eval_dataset(images: np.ndarray, batch_size: int, mean: Sequence[float], std
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def _cut_views(encoded, description, draws, size):
-  """The V views of one image: a list of float32 [size, size, 3] in [0, 1], cropped, resized and flipped."""
-  num_views = draws["flip"].shape[0]
-  if num_views == 1:
-    pixels, boxes = decoding._decode_one_box(encoded, description, draws)
+def _cut_views(encoded, description, groups, sizes):
+  """The views of one image: a list of float32 [size, size, 3] in [0, 1], cropped, resized and flipped.
+
+  groups: one image's augment.crop_draws of each view group, sizes: each group's output size. The image is
+  decoded once for all of them; a single view decodes only its crop's window of a JPEG.
+  """
+  counts = [draws["flip"].shape[0] for draws in groups]
+  if sum(counts) == 1:
+    draws, size = next((draws, size) for draws, size, count in zip(groups, sizes, counts) if count)
+    pixels, boxes = decoding.decode_one_box(encoded, description, draws)
+    boxes_and_flips = [(boxes, draws["flip"], size)]
   else:
     pixels = decoding.decode_image(encoded, description)
     shape = tf.shape(pixels)
-    boxes = augment.crop_boxes(draws, shape[0], shape[1])
+    boxes_and_flips = [
+      (augment.crop_boxes(draws, shape[0], shape[1]), draws["flip"], size) for draws, size in zip(groups, sizes)
+    ]
   views = []
-  for view in range(num_views):
-    crop = decoding.resize_box(pixels, boxes[view], size)
-    views.append(tf.where(draws["flip"][view], tf.reverse(crop, axis=[1]), crop))
+  for boxes, flips, size in boxes_and_flips:
+    for view in range(flips.shape[0]):
+      crop = decoding.resize_box(pixels, boxes[view], size)
+      views.append(tf.where(flips[view], tf.reverse(crop, axis=[1]), crop))
   return views
 
 
@@ -186,7 +195,7 @@ def streamed_views(
   spec: augment.AugmentSpec,
   rows: sampling.Rows,
 ) -> tf.data.Dataset:
-  """Per-step batches of augmented views of images read from files.
+  """Per-step batches of cropped views of images read from files, with the draws of their colour stage.
 
   Args:
     images: the image_files.ImageFiles the indices point into.
@@ -198,9 +207,12 @@ def streamed_views(
     rows: only these rows of each batch (one replica's; Rows(0, total, total) for all), with the draws they
       have in the whole batch; only their images are read.
   Returns:
-    Dataset of tuples of float32 [rows.count, size, size, 3] views, the groups' views in order.
+    Dataset of (crops, colour): crops a tuple of float32 [rows.count, size, size, 3] views in [0, 1], the
+    groups' views in order, cropped, resized and flipped; colour the tuple of their augment.colour_draws.
+    augment.apply_colour(crops[v], colour[v], spec) is augment_batch's view v of the same images.
   """
   num_seeds = max(first + count for first, count, _, _ in view_groups)
+  sizes = [size for _, _, size, _ in view_groups]
   _, keep = augment.draw_rows(rows.count, rows)  # the rows' share of the whole batch's draws
 
   def draw(step, indices):
@@ -212,25 +224,19 @@ def streamed_views(
     return tf.fill([rows.count], step), keep(indices), groups
 
   def cut(step, index, groups):
-    encoded, description = images.read(index), images.describe(index)
-    views = []
-    for draws, (_, _, size, _) in zip(groups, view_groups):
-      views += _cut_views(encoded, description, draws, size)
-    return step, tuple(views)
+    return step, tuple(_cut_views(images.read(index), images.describe(index), groups, sizes))
 
   def colour(steps, views):
     seeds = _view_seeds(seed, steps[0], _VIEWS, num_seeds)
-    view_seed_list = [seeds[first + view] for first, count, _, _ in view_groups for view in range(count)]
-    return tuple(
-      augment.color_and_normalize(batch, view_seed, spec, rows) for batch, view_seed in zip(views, view_seed_list)
-    )
+    view_seeds = [seeds[first + view] for first, count, _, _ in view_groups for view in range(count)]
+    return views, tuple(augment.colour_draws(view_seed, rows.count, spec, rows) for view_seed in view_seeds)
 
   signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([rows.total], tf.int64))
   dataset = tf.data.Dataset.from_generator(index_batches, output_signature=signature)
   dataset = dataset.map(draw).unbatch()
   dataset = dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.batch(rows.count, drop_remainder=True)
-  return dataset.map(colour, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return dataset.map(colour)
 
 
 def stream_pretrain_dataset(
@@ -246,15 +252,20 @@ def stream_pretrain_dataset(
   """pretrain_dataset for images read from files: the same steps, views and supports.
 
   Each image's crop boxes come from its own height and width with the draws augment_batch makes for its
-  position in the batch, on the original image (a JPEG support view decodes only its crop's window);
-  crops are resized with augment_batch's PIL filter, then the batch gets augment_batch's colour stage.
-  Only the images of the step's replicas are read and held in memory.
+  position in the batch, on the original image, decoded once for all its views (a JPEG support view decodes
+  only its crop's window); crops are resized with augment_batch's PIL filter. The colour stage (jitter,
+  grayscale, blur, solarize, equalize, normalisation: two thirds of the host's work per image at the
+  ImageNet recipe) is left to the train step, on the accelerator: each element carries the per-image colour
+  draws, and colour_pretrain_batch (called by utils/train/steps.paws_steps) turns it into pretrain_dataset's
+  element. Only the images of the step's replicas are read and held in memory.
 
   Args:
     images: image_files.ImageFiles, all unlabeled training images (the training images first).
     Other arguments: as pretrain_dataset.
   Returns:
-    tf.data.Dataset of (views, supports) as pretrain_dataset.
+    tf.data.Dataset of (views, supports, colour): views and supports as pretrain_dataset's but cropped,
+    resized and flipped only, in [0, 1]; colour the augment.colour_draws of the 2 + multicrop views, then
+    of the support views.
   """
   p, geometry = pretrain, plan.geometry
   spec = augment.AugmentSpec.from_config(data)
@@ -275,9 +286,24 @@ def stream_pretrain_dataset(
     )
     support_groups = [(2 + p.multicrop, p.support_views, large, data.large_crop_scale)]
     supports = streamed_views(images, support_batches, support_groups, plan.seed, spec, geometry.support_rows(replica))
-    return tf.data.Dataset.zip(unlabeled, supports).map(lambda views, support_views: (views, tf.stack(support_views)))
+    return tf.data.Dataset.zip(unlabeled, supports).map(
+      lambda views, support_views: (views[0], tf.stack(support_views[0]), views[1] + support_views[1])
+    )
 
   return sampling.round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
+
+
+def colour_pretrain_batch(
+  views: Sequence[tf.Tensor], supports: tf.Tensor, colour: Sequence[dict], spec: augment.AugmentSpec
+) -> tuple[tuple[tf.Tensor, ...], tf.Tensor]:
+  """The colour stage of a stream_pretrain_dataset element: pretrain_dataset's (views, supports) of it.
+
+  views: the 2 + multicrop crop batches; supports [support_views, n, S, S, 3]; colour: the element's draws.
+  """
+  coloured = tuple(augment.apply_colour(view, draws, spec) for view, draws in zip(views, colour))
+  support_colour = colour[len(views) :]
+  supports = tf.stack([augment.apply_colour(supports[v], draws, spec) for v, draws in enumerate(support_colour)])
+  return coloured, supports
 
 
 def stream_finetune_dataset(
@@ -400,7 +426,7 @@ def classifier_dataset(
       views = views.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:  # one view per step; only this replica's images are read
       views = streamed_views(images, index_stream, [(0, 1, size, CROP_SCALE)], seed, spec, rows)
-      views = views.map(lambda view: view)  # (view,) -> view
+      views = views.map(lambda crops, colour: augment.apply_colour(crops[0], colour[0], spec))  # normalisation
     targets = tf.data.Dataset.from_generator(label_stream, output_signature=tf.TensorSpec([rows.count], tf.int64))
     return tf.data.Dataset.zip(views, targets)
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 import tf_keras
 
 from utils import losses
-from utils.data import sampling
+from utils.data import augment, pipelines, sampling
 from utils.model import encoder as encoder_lib
 from utils.train import optim
 
@@ -76,12 +76,18 @@ def paws_steps(
     unique_classes=p.unique_classes_per_replica,
   )
 
-  def step_fn(views, supports):
-    """views: this replica's 2 + multicrop batches; supports: its support rows [support_views, n, S, S, 3]."""
+  spec = augment.AugmentSpec.from_config(config.data)
+
+  def step_fn(views, supports, colour=None):
+    """views: this replica's 2 + multicrop batches; supports: its support rows [support_views, n, S, S, 3];
+    colour: a streamed pipeline's colour draws (pipelines.stream_pretrain_dataset), whose colour stage runs
+    here, on the accelerator, batched; None when the pipeline already applied it (in-memory images)."""
     replica = tf.distribute.get_replica_context()
     # Across workers tf.distribute leaves batch dimensions unknown (it allows partial batches); ours are whole.
     views = [tf.ensure_shape(v, [local_batch, None, None, None]) for v in views]
     supports = tf.ensure_shape(supports, [p.support_views, local_support, None, None, None])
+    if colour is not None:
+      views, supports = pipelines.colour_pretrain_batch(views, supports, colour, spec)
     supports = tf.reshape(supports, [num_support] + supports.shape[-3:].as_list())
     with tf.GradientTape() as tape:
       h, z = encoder_lib.embed_views(encoder, [[supports, views[0], views[1]], views[2:]], training=True)

@@ -38,10 +38,12 @@ def base_config():
   c.seed = 0  # augmentation and initialisation stream
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "cifar10"  # or digits; or "folder" / "tfrecord" with --data_dir (docs/data.md, Your own data)
+  c.data.dataset = "cifar10"  # or digits; or "folder" / "tfrecord" / "tfds" with --data_dir (docs/data.md)
   # tfrecord: globs of the training and validation files, relative to --data_dir (Model Garden's names).
   c.data.train_files = "train-*"
   c.data.val_files = "validation-*"
+  # tfds: the dataset prepared in --data_dir (TFDS's data_dir), NAME[/CONFIG][:VERSION] (docs/data.md, TFDS).
+  c.data.tfds_name = "cifar10"
   c.data.image_size = 32
   c.data.labeled_per_class = 400  # 4000 labels (METHOD.md section 4)
   c.data.label_seed = 152
@@ -188,13 +190,16 @@ def imagenet_config():
   """The reference's configs/paws/imgnt_train.yaml and imgnt_fine_tune.yaml (METHOD.md section 10)."""
   c = base_config()
   c.name = "imagenet"
-  c.data.dataset = "folder"  # DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/; --config.data.dataset=tfrecord also works
+  # DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/; --config.data.dataset=tfrecord or tfds (imagenet2012) also work
+  c.data.dataset = "folder"
+  c.data.tfds_name = "imagenet2012"
   c.data.image_size = 224
   # 10 % of the labels is about 128 images per class (1 %: --config.data.labeled_per_class=13) when the
   # subset is drawn by data.label_seed. The reference's subsets are lists of file names
   # (n01440764_10026.JPEG) named by the unlabeled fraction: imagenet_subsets/90percent.txt holds the 10 %
   # labels (128 116 names), 99percent.txt the 1 % (12 811). They are not balanced per class: give them with
-  # paws_train.py --split_file=90percent.txt --config.data.labeled_per_class=0.
+  # paws_train.py --split_file=90percent.txt --config.data.labeled_per_class=0 (with data.dataset=tfds, TFDS's
+  # copy of the same lists: --split_file=tfds:imagenet2012_subset/10pct, or /1pct).
   c.data.labeled_per_class = 128
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)

@@ -30,13 +30,14 @@ _DATA_DIR = flags.DEFINE_string(
   "data_dir",
   None,
   "CIFAR-10 offline: folder with cifar-10-python.tar.gz or cifar-10-batches-py/; data.dataset=folder or "
-  "tfrecord: the folder of the images (docs/data.md, Your own data).",
+  "tfrecord: the folder of the images; tfds: TFDS's data_dir (docs/data.md, Your own data).",
 )
 _SPLIT_FILE = flags.DEFINE_string(
   "split_file",
   None,
-  "Labeled subset as a split file: one training index per line (the reference's format), or for folder "
-  "and tfrecord data one file name per line.",
+  "Labeled subset as a split file: one training index per line (the reference's format), or for folder, "
+  "tfrecord and tfds data one file name per line; tfds data also tfds:SUBSET, the file names of a prepared "
+  "TFDS dataset (tfds:imagenet2012_subset/10pct).",
 )
 _FORCE = flags.DEFINE_bool("force", False, "Reuse a workdir whose saved config differs.")
 _BENCHMARK = flags.DEFINE_integer("benchmark", 0, "If > 0: time this many steps on random data and exit.")

@@ -128,6 +128,7 @@ ERRORS = {
   "tfrecord_keys": "the records must be tf.train.Example",
   "unknown_val_label": "which no training record has",
   "no_val_records": "no validation records",
+  "tfds_not_prepared": "is not prepared in",
   "data_changed": "no longer matches the training images",
   "interrupted": "received: stopped at step",
   "checkpoint_write": "cannot write a checkpoint to",

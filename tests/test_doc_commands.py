@@ -9,8 +9,9 @@ expanded, and inline code) and config.py's docstrings. For each:
     flag, a bad value, an unknown preset or config field, or a value of the wrong type fails;
   - the config it builds passes utils/config_rules.validate_config;
   - what the scripts require beyond single flags: --workdir (unless paws_train.py --benchmark), --data_dir
-    for a streamed dataset (folder, tfrecord), and for an ImageNet command with --split_file,
-    data.labeled_per_class=0 and one of the reference's file names: its lists are not balanced per class,
+    for a streamed dataset (folder, tfrecord, tfds), and for an ImageNet command with --split_file,
+    data.labeled_per_class=0 and one of the reference's file names (tfds: TFDS's copies of them,
+    tfds:imagenet2012_subset/10pct or /1pct): its lists are not balanced per class,
     so any other labeled_per_class is refused (paws_train.py checks the balance only once it reads the
     images, which this test cannot);
   - benchmarks run as `python -m benchmarks.NAME` (a path `python benchmarks/NAME.py` cannot import utils/).
@@ -35,6 +36,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENTRY_SCRIPTS = ("paws_train.py", "fine_tune.py", "nn_eval.py")
 # The reference's ImageNet label lists (imagenet_subsets/), named by the fraction left unlabeled.
 REFERENCE_IMAGENET_SPLITS = ("90percent.txt", "99percent.txt")
+# TFDS's copies of the same lists, for data.dataset=tfds (utils/data/tfds_data.py).
+TFDS_IMAGENET_SUBSETS = ("tfds:imagenet2012_subset/10pct", "tfds:imagenet2012_subset/1pct")
 COMMAND = re.compile(r"\bpython3?\s+(?:-m\s+benchmarks\.\w+|benchmarks/\w+\.py|(?:paws_train|fine_tune|nn_eval)\.py)")
 FENCE = re.compile(r"^\s*(```|~~~)")
 ASSIGNMENT = re.compile(r"""^\s*(?:export\s+)?([A-Za-z_]\w*)=(?:"([^"]*)"|'([^']*)')\s*$""")
@@ -267,7 +270,10 @@ def parsed_problems(script, arguments):
         problems.append(
           "an ImageNet --split_file (the reference's unbalanced name lists) needs --config.data.labeled_per_class=0"
         )
-      if os.path.basename(split_file) not in REFERENCE_IMAGENET_SPLITS:
+      if config.data.dataset == "tfds":
+        if split_file not in TFDS_IMAGENET_SUBSETS:
+          problems.append(f"--split_file={split_file}: TFDS's ImageNet subsets are {', '.join(TFDS_IMAGENET_SUBSETS)}")
+      elif os.path.basename(split_file) not in REFERENCE_IMAGENET_SPLITS:
         problems.append(f"--split_file={split_file}: the reference's lists are {', '.join(REFERENCE_IMAGENET_SPLITS)}")
   return problems
 

@@ -25,6 +25,7 @@ BAD = {
   "data.dataset": ["imagenet", "CIFAR10", ""],
   "data.train_files": ["", "  ", 3],
   "data.val_files": [""],
+  "data.tfds_name": ["", 3],
   "data.image_size": [0, -32],
   "data.labeled_per_class": [-1, 2.5],
   "data.label_seed": [-1],

@@ -15,7 +15,7 @@ from utils.errors import UserError
 
 # The allowed values of every field that names a choice: the only lists of them in the project.
 IN_MEMORY_DATASETS = ("cifar10", "digits")  # loaded whole (utils/data/datasets.py)
-STREAMED_DATASETS = ("folder", "tfrecord")  # streamed from files (utils/data/sources.py)
+STREAMED_DATASETS = ("folder", "tfrecord", "tfds")  # streamed from files (utils/data/sources.py)
 DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE_SETTINGS = ("auto", "true", "false")
@@ -161,6 +161,7 @@ RULES = {
   "data.dataset": one_of(DATASETS),
   "data.train_files": text(),  # tfrecord: glob of the training files, relative to --data_dir
   "data.val_files": text(),
+  "data.tfds_name": text(),  # tfds: NAME[/CONFIG][:VERSION] of a dataset prepared in --data_dir
   "data.image_size": integer(1),
   "data.labeled_per_class": integer(0),  # 0: as many as --split_file lists (paws_train.py)
   "data.label_seed": integer(0),

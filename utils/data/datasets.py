@@ -54,11 +54,11 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{number}" for number in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
 
 
-# Loaded into memory here; "folder" and "tfrecord" are streamed from files by utils/data/sources.py.
+# Loaded into memory here; "folder", "tfrecord" and "tfds" are streamed from files by utils/data/sources.py.
 IN_MEMORY_DATASETS = ("cifar10", "digits")
 
 
-DATASET_NAMES = IN_MEMORY_DATASETS + ("folder", "tfrecord")
+DATASET_NAMES = IN_MEMORY_DATASETS + ("folder", "tfrecord", "tfds")
 
 
 _numpy_core = getattr(np, "_core", None) or np.core
@@ -366,7 +366,7 @@ def load_digits(
 def load_dataset(name: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Loads "cifar10" or "digits" (which ignores data_dir); returns the 4-tuple.
 
-  "folder" and "tfrecord" data is never loaded whole: utils.sources.open_source streams it.
+  "folder", "tfrecord" and "tfds" data is never loaded whole: utils.sources.open_source streams it.
   """
   if name == "cifar10":
     return load_cifar10(data_dir)

@@ -2,7 +2,8 @@
 
 `ImageFiles` holds N images' names and labels and reads an image's bytes inside tf.data by its index:
 `FolderImages` one file per index (`list_class_folders` lists DATA_DIR/<split>/<class>/**.{jpg,jpeg,png}, in
-class then path order), `RecordImages` one record of a TFRecord file per index (`index_records` indexes the
+class then path order), `RecordImages` one record of a TFRecord file per index (features named by RecordKeys:
+Model Garden's or TFDS's; `index_records` / `index_record_files` index the
 files once per script start, one sequential read in parallel over files: the byte offset, label and name of
 every record, in file then record order; training then reads records by offset). Indices are those of the
 in-memory arrays' pipelines (utils/data/sampling.py's plans), so the order of a run is a function of
@@ -12,6 +13,7 @@ in-memory arrays' pipelines (utils/data/sampling.py's plans), so the order of a 
 import concurrent.futures
 import os
 import threading
+from typing import NamedTuple
 
 from absl import logging
 import numpy as np
@@ -30,6 +32,23 @@ LABEL_KEY = "image/class/label"
 
 
 NAME_KEY = "image/filename"
+
+
+class RecordKeys(NamedTuple):
+  """The tf.train.Example features of a TFRecord layout: encoded image, int64 label, optional name."""
+
+  image: str
+  label: str
+  name: str
+  layout: str  # what writes records like these, for messages
+
+
+MODEL_GARDEN_KEYS = RecordKeys(IMAGE_KEY, LABEL_KEY, NAME_KEY, "the layout of Model Garden's ImageNet conversion")
+
+
+# TensorFlow Datasets serializes an Image feature as its encoded bytes and a ClassLabel as int64, under the
+# features' names (utils/data/tfds_data.py).
+TFDS_KEYS = RecordKeys("image", "label", "file_name", "a TFDS dataset with image and label features")
 
 
 LAYOUT_HELP = "README: Your own data"
@@ -90,10 +109,11 @@ class FolderImages(ImageFiles):
 
 
 class RecordImages(ImageFiles):
-  """Records of TFRecord files, one per index, read by byte offset (records_index builds the index)."""
+  """Records of TFRecord files, one per index, read by byte offset (index_records builds the index)."""
 
-  def __init__(self, files, file_ids, offsets, lengths, names, labels):
+  def __init__(self, files, file_ids, offsets, lengths, names, labels, keys=MODEL_GARDEN_KEYS):
     super().__init__(names, labels)
+    self.keys = keys
     self.files = list(files)
     self.file_ids = np.asarray(file_ids, np.int64)
     self.offsets = np.asarray(offsets, np.int64)
@@ -128,7 +148,8 @@ class RecordImages(ImageFiles):
   def read(self, index):
     serialized = tf.py_function(self._read_bytes, [index], tf.string)
     serialized.set_shape([])
-    return tf.io.parse_single_example(serialized, {IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)})[IMAGE_KEY]
+    image = self.keys.image
+    return tf.io.parse_single_example(serialized, {image: tf.io.FixedLenFeature([], tf.string)})[image]
 
   def describe(self, index):
     position = tf.strings.as_string(tf.gather(self._positions, index))
@@ -198,19 +219,19 @@ def list_class_folders(root: str, split: str, class_names: list[str] | None = No
   return class_names, FolderImages(paths, names, labels)
 
 
-def _index_record_file(path):
+def _index_record_file(path, keys):
   """(lengths, raw labels, names) of every record of one TFRecord file, in order."""
   features = {
-    LABEL_KEY: tf.io.FixedLenFeature([], tf.int64, default_value=_MISSING_LABEL),
-    NAME_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-    IMAGE_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    keys.label: tf.io.FixedLenFeature([], tf.int64, default_value=_MISSING_LABEL),
+    keys.name: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    keys.image: tf.io.FixedLenFeature([], tf.string, default_value=""),
   }
 
   def parse(records):
     parsed = tf.io.parse_example(records, features)
-    return tf.strings.length(records), parsed[LABEL_KEY], parsed[NAME_KEY], tf.strings.length(parsed[IMAGE_KEY])
+    return tf.strings.length(records), parsed[keys.label], parsed[keys.name], tf.strings.length(parsed[keys.image])
 
-  expected = f"tf.train.Example records with {IMAGE_KEY} (bytes) and {LABEL_KEY} (int64)"
+  expected = f"tf.train.Example records with {keys.image} (bytes) and {keys.label} (int64)"
   lengths, labels, names, image_bytes = [], [], [], []
   try:
     for batch in tf.data.TFRecordDataset(path).batch(1024).map(parse):
@@ -226,11 +247,10 @@ def _index_record_file(path):
   if not lengths:
     return np.zeros([0], np.int64), np.zeros([0], np.int64), []
   lengths, labels, names, image_bytes = (np.concatenate(values) for values in (lengths, labels, names, image_bytes))
-  for key, missing in ((LABEL_KEY, labels == _MISSING_LABEL), (IMAGE_KEY, image_bytes == 0)):
+  for key, missing in ((keys.label, labels == _MISSING_LABEL), (keys.image, image_bytes == 0)):
     if missing.any():
       raise UserError(
-        f"{path} record {int(np.argmax(missing))} has no {key}; the records must be {expected} "
-        "(the layout of Model Garden's ImageNet conversion)"
+        f"{path} record {int(np.argmax(missing))} has no {key}; the records must be {expected} ({keys.layout})"
       )
   base = os.path.basename(path)
   names = [name.decode() if name else f"{base}:{position}" for position, name in enumerate(names)]
@@ -238,19 +258,32 @@ def _index_record_file(path):
 
 
 def index_records(pattern: str, what: str) -> tuple:
-  """Indexes the TFRecord files matching `pattern`: one sequential read, in parallel over files.
+  """Indexes the TFRecord files matching `pattern` (MODEL_GARDEN_KEYS), as index_record_files.
 
   Args:
     pattern: glob of the files.
     what: the config field holding the pattern, for messages.
-  Returns:
-    (files, file_ids, offsets, lengths, names, raw labels), records in file then record order.
   """
   files = sorted(tf.io.gfile.glob(pattern))
   if not files:
     raise UserError(f"no TFRecord files match {pattern}; set {what} (a glob relative to --data_dir)")
-  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
-    per_file = list(pool.map(_index_record_file, files))
+  indexed = index_record_files(files, MODEL_GARDEN_KEYS)
+  if not indexed[4]:
+    raise UserError(f"the TFRecord files matching {pattern} hold no records; check {what}")
+  return indexed
+
+
+def index_record_files(files: list[str], keys: RecordKeys) -> tuple:
+  """Indexes TFRecord files: one sequential read, in parallel over files.
+
+  Args:
+    files: the files, in the order that numbers their records.
+    keys: the records' features.
+  Returns:
+    (files, file_ids, offsets, lengths, names, raw labels), records in file then record order.
+  """
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
+    per_file = list(pool.map(lambda path: _index_record_file(path, keys), files))
   file_ids, offsets, lengths, names, labels = [], [], [], [], []
   for file_id, (file_lengths, file_labels, file_names) in enumerate(per_file):
     frames = file_lengths + _RECORD_FRAME_BYTES
@@ -259,8 +292,6 @@ def index_records(pattern: str, what: str) -> tuple:
     lengths.append(file_lengths)
     labels.append(file_labels)
     names += file_names
-  if not names:
-    raise UserError(f"the TFRecord files matching {pattern} hold no records; check {what}")
   return files, *(np.concatenate(values) for values in (file_ids, offsets, lengths)), names, np.concatenate(labels)
 
 

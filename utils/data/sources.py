@@ -10,6 +10,10 @@
                    PNG bytes) and image/class/label (int64), as Model Garden's ImageNet conversion writes them;
                    image/filename, when present, names the record in split files. Files: the globs
                    data.train_files and data.val_files, relative to DATA_DIR (or absolute, gs:// too).
+  tfds             StreamSource of the TFRecord shards of the TFDS dataset data.tfds_name prepared in DATA_DIR
+                   (TFDS's data_dir): its train split, validation or test for evaluation, class names from
+                   its ClassLabel; file_name names the record in split files, and --split_file=tfds:SUBSET
+                   takes the labeled subset from another prepared dataset's file names (utils/data/tfds_data.py).
 
 A Source gives the scripts what they need of their data whatever its form: the training labels and image
 names (split files), the stages' input pipelines for an index plan (utils/data/sampling.py: which images
@@ -24,6 +28,7 @@ indexed and read: utils/data/image_files.py.
 
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
+import functools
 import os
 
 from absl import logging
@@ -31,10 +36,11 @@ from ml_collections import ConfigDict
 import numpy as np
 import tensorflow as tf
 
-from utils.data import augment, datasets, decoding, image_files, pipelines, sampling, splits
+from utils import config_rules
+from utils.data import augment, datasets, decoding, image_files, pipelines, sampling, splits, tfds_data
 from utils.errors import UserError
 
-STREAMED = ("folder", "tfrecord")
+STREAMED = config_rules.STREAMED_DATASETS
 
 # How evaluation prepares image files (soft-NN supports and queries, the classifier's queries and held-out
 # images): the reference's Resize + CenterCrop. Arrays (cifar10, digits) are evaluated whole, as they are.
@@ -62,13 +68,21 @@ class Source:
 
   streamed = False
   train_names = None
+  # tfds: the names a prepared TFDS dataset lists (tfds_data.subset_names of its name), for --split_file=tfds:NAME.
+  subset_names = None
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
 
   def read_split_file(self, path: str, expected_count: int | None = None, check_balance: bool = True) -> np.ndarray:
-    """The labeled subset a split file lists: indices, or for streamed sources names (splits.read_split_file)."""
+    """The labeled subset a split file lists: indices, or for streamed sources names (splits.read_split_file);
+    tfds:NAME lists the file names of the prepared TFDS dataset NAME (data.dataset=tfds)."""
+    lines = None
+    if path.startswith(tfds_data.SUBSET_PREFIX):
+      if self.subset_names is None:
+        raise UserError(f"{path} names a TFDS dataset's images: it needs data.dataset=tfds, not {self.name}")
+      lines = self.subset_names(path[len(tfds_data.SUBSET_PREFIX) :])
     return splits.read_split_file(
       path,
       len(self.train_labels),
@@ -77,6 +91,7 @@ class Source:
       names=self.train_names,
       class_names=self.class_names,
       dataset=self.name,
+      lines=lines,
     )
 
   def check_images(self, indices: Sequence[int]) -> None:
@@ -152,8 +167,9 @@ class StreamSource(Source):
 
   streamed = True
 
-  def __init__(self, name, class_names, train, unlabeled, evaluation, evaluation_hint):
+  def __init__(self, name, class_names, train, unlabeled, evaluation, evaluation_hint, subset_names=None):
     self.name = name
+    self.subset_names = subset_names
     self.class_names = list(class_names)
     self.train, self.unlabeled, self.evaluation = train, unlabeled, evaluation
     self.train_labels = train.labels
@@ -330,12 +346,24 @@ def open_records(root: str, train_files: str, val_files: str, evaluation: bool =
   return StreamSource("tfrecord", [str(value) for value in class_values], train, train, validation, hint)
 
 
+def open_tfds(name: str, data_dir: str, evaluation: bool = True) -> StreamSource:
+  """The prepared TFDS dataset `name` (module docstring) as a StreamSource; `evaluation` False skips its
+  evaluation split."""
+  images = tfds_data.open_tfds(name, data_dir, evaluation)
+  if images.evaluation_split:
+    hint = f"evaluation needs the {images.evaluation_split} split: nn_eval.py indexes it"
+  else:
+    hint = f"TFDS dataset {name} has no {' or '.join(tfds_data.EVALUATION_SPLITS)} split to evaluate on"
+  subset_names = functools.partial(tfds_data.subset_names, data_dir=data_dir)
+  return StreamSource("tfds", images.class_names, images.train, images.train, images.evaluation, hint, subset_names)
+
+
 def open_source(data: ConfigDict, data_dir: str | None, evaluation: bool = False) -> Source:
   """The Source of config.data.dataset.
 
   Args:
     data: the config's `data` section.
-    data_dir: --data_dir (CIFAR-10 offline folder, or the root of folder / tfrecord data).
+    data_dir: --data_dir (CIFAR-10 offline folder, the root of folder / tfrecord data, or TFDS's data_dir).
     evaluation: whether the evaluation images are needed (TFRecord validation files are indexed only then).
   """
   if data.dataset not in STREAMED:
@@ -347,6 +375,8 @@ def open_source(data: ConfigDict, data_dir: str | None, evaluation: bool = False
     )
   if "://" not in data_dir and not tf.io.gfile.isdir(data_dir):
     raise UserError(f"data directory {data_dir} does not exist; fix --data_dir")
+  if data.dataset == "tfds":
+    return open_tfds(data.tfds_name, data_dir, evaluation)
   if data.dataset == "folder":
     if not tf.io.gfile.isdir(os.path.join(data_dir, "train")):
       raise UserError(

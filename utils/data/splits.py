@@ -45,6 +45,7 @@ def read_split_file(
   names: Sequence[str] | None = None,
   class_names: Sequence[str] | None = None,
   dataset: str | None = None,
+  lines: Sequence[str] | None = None,
 ) -> np.ndarray:
   """Reads a labeled-subset file: one training index per line, or one image name per line (METHOD.md section 4).
 
@@ -61,13 +62,16 @@ def read_split_file(
     names: optional names of the training images, in index order (image_files.ImageFiles.names).
     class_names: optional names of the classes, for the message about unbalanced classes.
     dataset: optional data.dataset of the names, for the message about an unknown name.
+    lines: optional entries given instead of the file's lines (`path` then only names them in messages).
   Returns:
     Sorted int64 indices.
   """
-  if not datasets._is_file(path):
-    raise UserError(f"split file {path} does not exist; check the path")
-  with tf.io.gfile.GFile(path) as file:
-    lines = [(number, line.strip()) for number, line in enumerate(file, start=1) if line.strip()]
+  if lines is None:
+    if not datasets._is_file(path):
+      raise UserError(f"split file {path} does not exist; check the path")
+    with tf.io.gfile.GFile(path) as file:
+      lines = list(file)
+  lines = [(number, line.strip()) for number, line in enumerate(lines, start=1) if line.strip()]
   by_name = names is not None and not all(_is_integer(text) for _, text in lines)
   lookup = _name_lookup(names) if by_name else None
   indices, seen_at = [], {}

@@ -206,25 +206,26 @@ def main(argv):
   state = fit.fit(stage, strategy, config.run, output, output if chief else None, prepare=prepare_output)
 
   # --- Results: every worker saves (see paws_train.py) -----------------------------------------------
-  if selection is not None:  # saved by the hook, at the best epoch
-    logging.info(
-      f"fine-tuning done: {stage.total_steps} steps; classifier of epoch {selection.best_epoch} (held-out top-1 "
-      f"{selection.best:.2f} %) saved to {output.root} (nn_eval.py reports its top-1/top-5)"
-    )
-    return
-  if classifier:
-    classifier_lib.save(state.model, config, output.root, stage.total_steps)
-    logging.info(
-      f"fine-tuning done: {stage.total_steps} steps; classifier saved to {output.root} "
-      "(nn_eval.py reports its top-1/top-5)"
-    )
-    return
-  if _FROM_SCRATCH.value:
-    # Trained with batch statistics: its moving averages must be re-estimated before
-    # inference-mode evaluation (on the clean labeled images; the test set is never used).
-    encoder_lib.reestimate_batch_norm(state.model, source.labeled_images(labeled, config.data))
-  encoder_lib.save_encoder(state.model, config, output.root, stage.total_steps, "finetune")
-  logging.info(f"fine-tuning done: {stage.total_steps} steps; encoder saved to {output.root}")
+  with fit.lost_workers(strategy, state):
+    if selection is not None:  # saved by the hook, at the best epoch
+      logging.info(
+        f"fine-tuning done: {stage.total_steps} steps; classifier of epoch {selection.best_epoch} (held-out top-1 "
+        f"{selection.best:.2f} %) saved to {output.root} (nn_eval.py reports its top-1/top-5)"
+      )
+      return
+    if classifier:
+      classifier_lib.save(state.model, config, output.root, stage.total_steps)
+      logging.info(
+        f"fine-tuning done: {stage.total_steps} steps; classifier saved to {output.root} "
+        "(nn_eval.py reports its top-1/top-5)"
+      )
+      return
+    if _FROM_SCRATCH.value:
+      # Trained with batch statistics: its moving averages must be re-estimated before
+      # inference-mode evaluation (on the clean labeled images; the test set is never used).
+      encoder_lib.reestimate_batch_norm(state.model, source.labeled_images(labeled, config.data))
+    encoder_lib.save_encoder(state.model, config, output.root, stage.total_steps, "finetune")
+    logging.info(f"fine-tuning done: {stage.total_steps} steps; encoder saved to {output.root}")
 
 
 if __name__ == "__main__":

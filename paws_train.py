@@ -134,8 +134,10 @@ def main(argv):
   logging.info(f"pre-training done: {total_steps} steps, {time.time() - started:.1f} s this run")
 
   # --- Results -----------------------------------------------------------------
-  # Every worker saves (reading the synchronised BatchNorm statistics is a collective).
-  directory = encoder_lib.save_encoder(state.model, config, own.encoder, total_steps, "pretrain")
+  # Every worker saves (reading the synchronised BatchNorm statistics is a collective): a worker lost
+  # meanwhile is one error line, as in training.
+  with fit.lost_workers(strategy, state):
+    directory = encoder_lib.save_encoder(state.model, config, own.encoder, total_steps, "pretrain")
   logging.info(f"encoder saved to {directory}")
 
 

@@ -323,3 +323,30 @@ def test_a_killed_worker_stops_the_other_and_a_restart_resumes_exactly(tmp_path)
       for metric in METRICS:
         expected = before_the_kill[record["step"]][metric]
         assert record[metric] == pytest.approx(expected, rel=1e-4, abs=1e-5), (metric, record)
+
+
+@pytest.mark.slow
+def test_a_worker_lost_while_saving_the_encoder_is_one_error_line(tmp_path):
+  """Worker 1 is SIGKILLed as it starts saving its encoder after the last step; the chief's save (reading the
+  synchronised BatchNorm statistics is a collective) must end in the one lost-worker line, naming worker 1 and
+  the final checkpoint, not in a traceback."""
+  args = [*scriptrun.TINY, "--config.pretrain.epochs=1", "--config.run.collective_timeout=5"]
+  cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
+  shared = tmp_path / "shared"
+  workers = [
+    scriptrun.start(
+      *(("paws_train.py",) if index == 0 else ("tests.kill_at_checkpoint", "encoder", "1", "paws_train.py")),
+      *args,
+      f"--workdir={shared}",
+      log_path=str(tmp_path / f"worker{index}.log"),
+      extra_env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})},
+    )
+    for index in range(2)
+  ]
+  statuses = [worker.wait(timeout=600) for worker in workers]
+  output = scriptrun.read_text(tmp_path / "worker0.log")
+  assert statuses == [2, -signal.SIGKILL], output[-3000:]  # worker 1 prints nothing (the chief prints)
+  lines = [line for line in output.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
+  assert scriptrun.ERRORS["worker_lost"] in lines[0] and "lost worker 1 " in lines[0], lines[0]
+  assert f"stopped at step 10, the last checkpoint is {shared / 'checkpoints' / 'ckpt-10'}" in lines[0], lines[0]

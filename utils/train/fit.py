@@ -80,11 +80,7 @@ def fit(
     stage.name, stage.total_steps, stage.steps_per_epoch, stage.images_per_step, stage.schedule, stage.after_epoch
   )
   current_step = lambda: int(state.step.numpy())
-  # In a cluster, a lost worker stops the others within run.collective_timeout, with one line (devices.lost_workers).
-  with (
-    devices.lost_workers(strategy, current_step, lambda: state.manager.latest_checkpoint),
-    stage.input_errors(current_step),
-  ):
+  with lost_workers(strategy, state), stage.input_errors(current_step):
     log_path = train_loop.run_loop(
       train_steps, iter(dataset), state, shape, run_config, log_dir.root if log_dir else None
     )
@@ -94,3 +90,10 @@ def fit(
     )
     logging.info(f"loss curves in {plot}")
   return state
+
+
+def lost_workers(strategy: tf.distribute.Strategy, state: train_loop.TrainState) -> contextlib.AbstractContextManager:
+  """In a cluster, a lost worker stops the others within run.collective_timeout, with one line
+  (devices.lost_workers), during training and while the scripts save the trained model after it (a
+  collective: every worker reads the synchronised BatchNorm statistics)."""
+  return devices.lost_workers(strategy, lambda: int(state.step.numpy()), lambda: state.manager.latest_checkpoint)

@@ -144,6 +144,9 @@ def base_config():
   # unreachable) counts as lost; the others then stop with one error line naming it and the last checkpoint
   # (utils/devices.py watch_peers; docs/running.md). 10 s is TensorFlow's own default.
   c.run.collective_timeout = 10.0
+  # grpc://HOST:PORT of a tf.data service dispatcher: the training input is built on its workers (other
+  # machines), the same batches as without it (docs/running.md, Input on other machines); "" = on this host.
+  c.run.data_service = ""
   return c
 
 

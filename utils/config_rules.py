@@ -8,6 +8,7 @@ flag-parsing failures into one UserError line, and runs validate_config before e
 """
 
 import math
+import re
 
 import ml_collections
 
@@ -240,6 +241,12 @@ RULES = {
   "run.checkpoint_every": integer(1),
   "run.keep_checkpoints": integer(1),
   "run.collective_timeout": number(at_least=1),  # seconds (utils/devices.py watch_peers)
+  # "" = off; else the dispatcher's address (utils/data/service.py).
+  "run.data_service": Rule(
+    "'' (off) or grpc://HOST:PORT of a tf.data service dispatcher",
+    lambda value: isinstance(value, str),
+    lambda value, config: value == "" or re.fullmatch(r"grpc://[^\s:/]+:\d+", value) is not None,
+  ),
 }
 
 

@@ -104,7 +104,7 @@ def pretrain_dataset(
       tf.TensorSpec([geometry.batch], tf.int64),
       tf.TensorSpec([geometry.support], tf.int64),
     )
-    dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
+    dataset = sampling.index_dataset(index_stream, signature)
     return dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   return sampling.round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
@@ -149,7 +149,7 @@ def finetune_dataset(
       return _flip_views(batch, _view_seeds(seed, step, _SUNCET_VIEWS, finetune.views), spec, rows)
 
     signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([geometry.support], tf.int64))
-    dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
+    dataset = sampling.index_dataset(index_stream, signature)
     return dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   return sampling.round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)
@@ -232,7 +232,7 @@ def streamed_views(
     return views, tuple(augment.colour_draws(view_seed, rows.count, spec, rows) for view_seed in view_seeds)
 
   signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([rows.total], tf.int64))
-  dataset = tf.data.Dataset.from_generator(index_batches, output_signature=signature)
+  dataset = sampling.index_dataset(index_batches, signature)
   dataset = dataset.map(draw).unbatch()
   dataset = dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.batch(rows.count, drop_remainder=True)
@@ -333,14 +333,14 @@ def stream_finetune_dataset(
 
     def index_stream():
       for step in range(start_step, total_steps):
-        for index in rows.take(plan.supports(step)):
-          yield step, index
+        yield step, rows.take(plan.supports(step))
 
     def make_views(steps, batch):
       return _flip_views(batch, _view_seeds(seed, steps[0], _SUNCET_VIEWS, finetune.views), spec, rows)
 
-    signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64))
-    dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
+    signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([rows.count], tf.int64))
+    dataset = sampling.index_dataset(index_stream, signature)
+    dataset = dataset.map(lambda step, indices: (tf.fill([rows.count], step), indices)).unbatch()
     dataset = dataset.map(
       lambda step, index: (step, load(index)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
@@ -411,7 +411,7 @@ def classifier_dataset(
 
     def label_stream():
       for step in range(start_step, total_steps):
-        yield rows.take(plan.batch_labels(step))
+        yield step, rows.take(plan.batch_labels(step))
 
     if in_memory:
 
@@ -422,12 +422,13 @@ def classifier_dataset(
         )
 
       signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([geometry.batch], tf.int64))
-      views = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
+      views = sampling.index_dataset(index_stream, signature)
       views = views.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:  # one view per step; only this replica's images are read
       views = streamed_views(images, index_stream, [(0, 1, size, CROP_SCALE)], seed, spec, rows)
       views = views.map(lambda crops, colour: augment.apply_colour(crops[0], colour[0], spec))  # normalisation
-    targets = tf.data.Dataset.from_generator(label_stream, output_signature=tf.TensorSpec([rows.count], tf.int64))
+    targets = sampling.index_dataset(label_stream, (tf.TensorSpec([], tf.int64), tf.TensorSpec([rows.count], tf.int64)))
+    targets = targets.map(lambda step, labels: labels)
     return tf.data.Dataset.zip(views, targets)
 
   return sampling.round_robin(replica_dataset, replicas).prefetch(tf.data.AUTOTUNE)

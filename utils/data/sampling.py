@@ -20,9 +20,12 @@ consecutive elements to a worker's devices in turn and prefetches them there (`d
 receives, and no worker builds, more than its own share.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import itertools
 from typing import NamedTuple
 
 from ml_collections import ConfigDict
@@ -87,6 +90,59 @@ def round_robin(replica_dataset: Callable[[int], tf.data.Dataset], replicas: Rep
     return datasets[0]
   choice = tf.data.Dataset.range(len(datasets)).repeat()
   return tf.data.Dataset.choose_from_datasets(datasets, choice)
+
+
+# --- Index sources ------------------------------------------------------------------------------------------
+
+# (stop, rows) while indices_in_graph is active, else None.
+_IN_GRAPH = contextvars.ContextVar("indices_in_graph", default=None)
+
+
+@contextlib.contextmanager
+def indices_in_graph(stop: int, rows: int):
+  """While active, index_dataset holds the indices of the steps before `stop` as constants, sharded by step.
+
+  For a dataset sent to tf.data service workers (utils/data/service.py), whose graph cannot call back into
+  this process's Python: the pipelines build the same maps on the same indices. rows: the source's rows,
+  padding rows included (TensorFlow refuses a hint-sharded source of fewer rows than workers); at least
+  the steps.
+  """
+  token = _IN_GRAPH.set((stop, rows))
+  try:
+    yield
+  finally:
+    _IN_GRAPH.reset(token)
+
+
+def padded_steps(first: int, stop: int, rows: int) -> tf.data.Dataset:
+  """Steps first .. stop - 1 as index_dataset shards them under indices_in_graph(stop, rows): this worker's."""
+  hint = tf.data.experimental.SHARD_HINT
+  return tf.data.Dataset.range(first, first + rows).shard(hint, hint).filter(lambda step: step < stop)
+
+
+def index_dataset(steps: Callable[[], Iterator[tuple]], signature: tuple) -> tf.data.Dataset:
+  """A training pipeline's index source: the tuples (step, arrays...) that steps() yields, one per step.
+
+  Normally drawn by NumPy as the pipeline runs (Dataset.from_generator), so the plan of a long run never sits
+  in memory. Under indices_in_graph(stop, rows): the tuples of the steps before `stop`, stacked into
+  constants of the graph, with a tf.data service shard hint: worker i of W reads rows i, i + W, ... of them
+  (ShardingPolicy.HINT; padding rows are dropped after the hint, as padded_steps does), each step whole, so
+  the zipped index sources of one pipeline stay aligned.
+  """
+  in_graph = _IN_GRAPH.get()
+  if in_graph is None:
+    return tf.data.Dataset.from_generator(steps, output_signature=signature)
+  stop, rows = in_graph
+  drawn = list(itertools.takewhile(lambda row: row[0] < stop, steps()))
+  real = len(drawn)
+  drawn += [drawn[-1]] * (rows - real)  # padding, dropped before anything is built from it
+  columns = tuple(
+    np.array([row[i] for row in drawn], spec.dtype.as_numpy_dtype).reshape([rows, *spec.shape])
+    for i, spec in enumerate(signature)
+  )
+  hint = tf.data.experimental.SHARD_HINT
+  dataset = tf.data.Dataset.from_tensor_slices((np.arange(rows), columns)).shard(hint, hint)
+  return dataset.filter(lambda row, _: row < real).map(lambda _, columns: columns)
 
 
 # --- Batch geometry -----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import tf_keras
 
 from utils import devices, plots
 from utils.data import sampling
+from utils.data import service as data_service
 from utils.train import loop as train_loop
 from utils.workdir import Workdir
 
@@ -73,8 +74,14 @@ def fit(
   start_step = int(state.step.numpy())
   logging.info(f"resuming from {restored} at step {start_step}" if restored else f"starting from {stage.fresh_start}")
 
-  # Each worker builds only its replicas' batches from start_step, prefetched to their devices.
-  dataset = sampling.distribute(strategy, lambda replicas: stage.make_dataset(replicas, start_step))
+  # Each worker builds only its replicas' batches from start_step, prefetched to their devices; with
+  # run.data_service the same batches are built on tf.data service workers.
+  make_dataset = lambda replicas: stage.make_dataset(replicas, start_step)
+  if run_config.data_service:
+    make_dataset = lambda replicas: data_service.remote_dataset(
+      run_config.data_service, stage.make_dataset, replicas, start_step, stage.total_steps
+    )
+  dataset = sampling.distribute(strategy, make_dataset)
   train_steps = stage.make_steps(state)
   shape = train_loop.Loop(
     stage.name, stage.total_steps, stage.steps_per_epoch, stage.images_per_step, stage.schedule, stage.after_epoch

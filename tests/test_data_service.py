@@ -1,0 +1,227 @@
+"""run.data_service: the training input built on tf.data service workers is the input built on the trainer.
+
+A dispatcher and two workers on localhost (utils/data/service.py's start_dispatcher / start_worker) serve the
+PAWS pre-training pipeline of tests/distributed_train_check.py's tiny config; every element every replica
+receives is compared bit for bit with the local pipeline's, for one replica and for two (MirroredStrategy over
+two logical CPUs), from step 0 across a chunk boundary (a few steps per chunk) and resumed at step 5; then a
+short training run (utils/train/fit.py) through the service logs exactly the local run's losses.
+Everything runs in one subprocess (`python -m tests.test_data_service OUTPUT.json` from the repository root):
+the logical CPUs must be configured before TensorFlow initialises.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+if __name__ == "__main__":  # the subprocess: before TensorFlow starts
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from utils.data import sampling
+from utils.data import service as data_service
+from utils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8  # the tiny data has 6 steps per epoch: the stream crosses an epoch
+RESUME_AT = 5
+STEPS_PER_CHUNK = 5  # from 0: chunks 0-4 and 5-7; from 5: 5-7
+TRAIN_STEPS = 4
+
+
+def test_chunks_are_cut_at_multiples_of_their_size():
+  assert data_service._chunks(0, 8, 5) == [(0, 5), (5, 8)]
+  assert data_service._chunks(3, 8, 5) == [(3, 5), (5, 8)]
+  assert data_service._chunks(5, 10, 5) == [(5, 10)]
+  assert data_service._chunks(7, 7, 5) == []
+
+
+def test_a_pipeline_that_calls_python_is_refused_before_anything_is_sent():
+  def make_dataset(replicas, start_step):
+    steps = lambda: ((step, np.arange(2)) for step in range(start_step, 4))
+    signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([2], tf.int64))
+    return sampling.index_dataset(steps, signature).map(lambda step, x: tf.py_function(lambda v: v, [x], tf.int64))
+
+  # No dispatcher listens there: the check comes first.
+  with pytest.raises(UserError, match=r"run.data_service: this input calls Python \(EagerPyFunc\)"):
+    data_service.remote_dataset("grpc://localhost:1", make_dataset, sampling.ONE_DEVICE, 0, 4)
+
+
+def test_index_plan_in_the_graph_holds_the_steps_padded_and_a_shard_hint():
+  steps = lambda: ((step, np.full([3], step * 10)) for step in range(2, 100))
+  signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([3], tf.int64))
+  with sampling.indices_in_graph(stop=5, rows=6):
+    dataset = sampling.index_dataset(steps, signature)
+  assert not data_service.python_ops(dataset)
+  graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+  constants = [tf.make_ndarray(node.attr["value"].tensor) for node in graph.node if node.op == "Const"]
+  # Steps 2, 3, 4, then the last one again as padding (dropped after the hint, never built).
+  assert any(np.array_equal(c, [2, 3, 4, 4, 4, 4]) for c in constants)
+  assert any(np.array_equal(c, np.repeat([[20], [30], [40], [40], [40], [40]], 3, axis=1)) for c in constants)
+  assert sum(node.op == "ShardDataset" for node in graph.node) == 1
+  with pytest.raises(tf.errors.FailedPreconditionError, match="SHARD_HINT"):  # only a worker can read it
+    next(iter(dataset))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  output = tmp_path_factory.mktemp("service") / "results.json"
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+  completed = subprocess.run(
+    [sys.executable, "-m", "tests.test_data_service", str(output)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert completed.returncode == 0, completed.stderr[-4000:]
+  return json.loads(output.read_text())
+
+
+@pytest.mark.parametrize("case", ["one_replica_from_0", "two_replicas_resumed"])
+def test_every_replica_gets_the_local_batches_bit_for_bit(results, case):
+  checked = results[case]
+  assert checked["elements"] == checked["expected_elements"]
+  assert checked["unequal"] == []
+
+
+def test_training_through_the_service_logs_the_local_losses(results):
+  local, remote = results["train"]["local"], results["train"]["service"]
+  assert [record["step"] for record in local] == list(range(1, TRAIN_STEPS + 1))
+  assert remote == local  # every metric of every step, exactly
+
+
+# --- The subprocess --------------------------------------------------------------------------------------
+
+
+def _tiny_setup(check, num_replicas):
+  """The tiny config, 24 random 8 x 8 images of 4 classes (16 labeled), and its PawsPlan."""
+  config = check.tiny_config()
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=[24, 8, 8, 3], dtype=np.uint8)
+  labels = np.arange(24) % 4
+  plan = sampling.PawsPlan(np.arange(16), labels, len(images), config.pretrain, config.seed, num_replicas)
+  return config, images, plan
+
+
+def _make_dataset(config, images, plan, total_steps):
+  from utils.data import pipelines  # pylint: disable=g-import-not-at-top
+
+  return lambda replicas, start_step: pipelines.pretrain_dataset(
+    images, plan, config.data, config.pretrain, start_step=start_step, total_steps=total_steps, replicas=replicas
+  )
+
+
+def _per_replica(strategy, make, count):
+  """The first `count` elements of the distributed dataset: for each, every replica's arrays, flattened."""
+  iterator = iter(sampling.distribute(strategy, make))
+  elements = []
+  for _ in range(count):
+    element = next(iterator)
+    elements.append([t.numpy() for v in tf.nest.flatten(element) for t in strategy.experimental_local_results(v)])
+  return elements
+
+
+def _compare(strategy, check, address, start_step):
+  config, images, plan = _tiny_setup(check, strategy.num_replicas_in_sync)
+  make = _make_dataset(config, images, plan, STEPS)
+  local = _per_replica(strategy, lambda replicas: make(replicas, 0), STEPS)[start_step:]
+  remote = _per_replica(
+    strategy,
+    lambda replicas: data_service.remote_dataset(address, make, replicas, start_step, STEPS, STEPS_PER_CHUNK),
+    STEPS - start_step,
+  )
+  unequal = [
+    [step, index]
+    for step, (a, b) in enumerate(zip(local, remote))
+    for index, (x, y) in enumerate(zip(a, b))
+    if not np.array_equal(x, y)
+  ]
+  return {"elements": len(remote), "expected_elements": len(local), "unequal": unequal}
+
+
+def _train(strategy, check, folder, address):
+  """TRAIN_STEPS steps of fit.fit from fixed initial weights; returns the logged records."""
+  import tf_keras  # pylint: disable=g-import-not-at-top
+
+  from utils.model import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+  from utils.train import fit, optim, steps  # pylint: disable=g-import-not-at-top
+  from utils.train import loop as train_loop  # pylint: disable=g-import-not-at-top
+  from utils.workdir import Workdir  # pylint: disable=g-import-not-at-top
+
+  config, images, plan = _tiny_setup(check, strategy.num_replicas_in_sync)
+  with config.unlocked():
+    config.run.data_service = address
+    config.run.log_every = 1
+  p = config.pretrain
+  schedule = optim.warmup_cosine_schedule(p.start_lr, p.lr, p.final_lr, 1, TRAIN_STEPS)
+  initial = _train.__dict__.setdefault("initial", [])
+
+  def make_model():
+    model = encoder_lib.build_for_strategy(config, strategy)
+    if not initial:
+      initial.extend(model.get_weights())
+    model.set_weights(initial)
+    return model
+
+  tf_keras.mixed_precision.set_global_policy("float32")
+  stage = fit.Stage(
+    name="pretrain",
+    title="PAWS pre-training",
+    plot_keys=("ce", "me_max", "loss"),
+    total_steps=TRAIN_STEPS,
+    steps_per_epoch=TRAIN_STEPS,
+    images_per_step=p.batch_size,
+    schedule=schedule,
+    make_model=make_model,
+    make_optimizer=lambda: optim.build_lars(schedule, p.momentum, p.weight_decay, p.lars_eta),
+    make_dataset=_make_dataset(config, images, plan, TRAIN_STEPS),
+    make_steps=lambda state: steps.paws_steps(config, strategy, state.model, state.optimizer, False),
+  )
+  workdir = Workdir(folder)
+  os.makedirs(folder)
+  fit.fit(stage, strategy, config.run, workdir, workdir)
+  records = train_loop.read_log(os.path.join(folder, "pretrain_log.jsonl"), "step")
+  return [{key: value for key, value in record.items() if key != "img/s"} for record in records]
+
+
+def main(output):
+  from tests import distributed_train_check as check  # pylint: disable=g-import-not-at-top  (2 logical CPUs)
+
+  ports = [_free_port(), _free_port()]
+  workers = [f"localhost:{port}" for port in ports]
+  dispatcher = data_service.start_dispatcher(0, workers)
+  servers = [data_service.start_worker(dispatcher.target.split("://")[1], p, w, 100) for p, w in zip(ports, workers)]
+  address = dispatcher.target
+  one = tf.distribute.OneDeviceStrategy("/cpu:0")
+  two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  results = {
+    "one_replica_from_0": _compare(one, check, address, 0),
+    "two_replicas_resumed": _compare(two, check, address, RESUME_AT),
+  }
+  folder = os.path.join(os.path.dirname(output), "train")
+  results["train"] = {
+    "local": _train(one, check, os.path.join(folder, "local"), ""),
+    "service": _train(one, check, os.path.join(folder, "service"), address),
+  }
+  with open(output, "w") as f:
+    json.dump(results, f)
+  # Shutting the servers down waits for their heartbeats to time out (tens of seconds): nothing is left to do.
+  del servers
+  os._exit(0)
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    return probe.getsockname()[1]
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])

@@ -3,10 +3,11 @@
 A dispatcher and two workers on localhost (utils/data/service.py's start_dispatcher / start_worker) serve the
 PAWS pre-training pipeline of tests/distributed_train_check.py's tiny config; every element every replica
 receives is compared bit for bit with the local pipeline's, for one replica and for two (MirroredStrategy over
-two logical CPUs), from step 0 across a chunk boundary (a few steps per chunk) and resumed at step 5; then a
+two logical CPUs), from step 0 across a chunk boundary (a few steps per chunk) and resumed at step 5, and
+classifier fine-tuning's (images and labels from two index sources, which must stay aligned); then a
 short training run (utils/train/fit.py) through the service logs exactly the local run's losses.
-Everything runs in one subprocess (`python -m tests.test_data_service OUTPUT.json` from the repository root):
-the logical CPUs must be configured before TensorFlow initialises.
+Both parts run in subprocesses (`python -m tests.test_data_service inputs|train OUTPUT.json` from the repository
+root): the logical CPUs must be configured before TensorFlow initialises.
 """
 
 import json
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import config as presets
+from utils import config_rules
 from utils.data import sampling
 from utils.data import service as data_service
 from utils.errors import UserError
@@ -37,6 +40,24 @@ def test_chunks_are_cut_at_multiples_of_their_size():
   assert data_service._chunks(3, 8, 5) == [(3, 5), (5, 8)]
   assert data_service._chunks(5, 10, 5) == [(5, 10)]
   assert data_service._chunks(7, 7, 5) == []
+
+
+def test_the_address_is_empty_or_grpc_host_and_port():
+  config = presets.get_config("digits")
+  for address in ("", "grpc://head:5050", "grpc://10.0.0.2:5050"):
+    config.run.data_service = address
+    config_rules.validate_config(config)
+  for address in ("head:5050", "grpc://head", "http://head:5050"):
+    config.run.data_service = address
+    with pytest.raises(UserError, match="run.data_service"):
+      config_rules.validate_config(config)
+
+
+def test_the_command_line_needs_the_worker_list_and_the_dispatcher(capsys):
+  for argv, flag in ((["dispatcher", "--port=5050"], "--workers"), (["worker", "--port=5051"], "--dispatcher")):
+    with pytest.raises(SystemExit):
+      data_service.main(argv)
+    assert f"the following arguments are required: {flag}" in capsys.readouterr().err
 
 
 def test_a_pipeline_that_calls_python_is_refused_before_anything_is_sent():
@@ -66,14 +87,13 @@ def test_index_plan_in_the_graph_holds_the_steps_padded_and_a_shard_hint():
     next(iter(dataset))
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-  output = tmp_path_factory.mktemp("service") / "results.json"
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+def run_part(part, folder):
+  """Runs `part` ("inputs" or "train") in the subprocess; returns its results."""
+  output = folder / "results.json"
   completed = subprocess.run(
-    [sys.executable, "-m", "tests.test_data_service", str(output)],
+    [sys.executable, "-m", "tests.test_data_service", part, str(output)],
     cwd=ROOT,
-    env=env,
+    env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
     capture_output=True,
     text=True,
     timeout=600,
@@ -82,15 +102,21 @@ def results(tmp_path_factory):
   return json.loads(output.read_text())
 
 
-@pytest.mark.parametrize("case", ["one_replica_from_0", "two_replicas_resumed"])
-def test_every_replica_gets_the_local_batches_bit_for_bit(results, case):
-  checked = results[case]
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+  return run_part("inputs", tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.mark.parametrize("case", ["one_replica_from_0", "two_replicas_resumed", "classifier_two_replicas"])
+def test_every_replica_gets_the_local_batches_bit_for_bit(inputs, case):
+  checked = inputs[case]
   assert checked["elements"] == checked["expected_elements"]
   assert checked["unequal"] == []
 
 
-def test_training_through_the_service_logs_the_local_losses(results):
-  local, remote = results["train"]["local"], results["train"]["service"]
+def test_training_through_the_service_logs_the_local_losses(tmp_path):
+  trained = run_part("train", tmp_path)
+  local, remote = trained["local"], trained["service"]
   assert [record["step"] for record in local] == list(range(1, TRAIN_STEPS + 1))
   assert remote == local  # every metric of every step, exactly
 
@@ -126,9 +152,25 @@ def _per_replica(strategy, make, count):
   return elements
 
 
-def _compare(strategy, check, address, start_step):
-  config, images, plan = _tiny_setup(check, strategy.num_replicas_in_sync)
-  make = _make_dataset(config, images, plan, STEPS)
+def _classifier_dataset(check, num_replicas):
+  """Classifier fine-tuning's pipeline (two index sources, images and labels) on the tiny data."""
+  from utils.data import pipelines  # pylint: disable=g-import-not-at-top
+
+  config, images, _ = _tiny_setup(check, num_replicas)
+  with config.unlocked():
+    config.finetune.batch_size = 4
+  plan = sampling.ClassifierPlan(np.arange(16), np.arange(24) % 4, config.finetune, config.seed, num_replicas)
+  return lambda replicas, start_step: pipelines.classifier_dataset(
+    images, plan, config.data, start_step=start_step, total_steps=STEPS, replicas=replicas
+  )
+
+
+def _compare(strategy, check, address, start_step, classifier=False):
+  if classifier:
+    make = _classifier_dataset(check, strategy.num_replicas_in_sync)
+  else:
+    config, images, plan = _tiny_setup(check, strategy.num_replicas_in_sync)
+    make = _make_dataset(config, images, plan, STEPS)
   local = _per_replica(strategy, lambda replicas: make(replicas, 0), STEPS)[start_step:]
   remote = _per_replica(
     strategy,
@@ -189,7 +231,7 @@ def _train(strategy, check, folder, address):
   return [{key: value for key, value in record.items() if key != "img/s"} for record in records]
 
 
-def main(output):
+def main(part, output):
   from tests import distributed_train_check as check  # pylint: disable=g-import-not-at-top  (2 logical CPUs)
 
   ports = [_free_port(), _free_port()]
@@ -198,16 +240,19 @@ def main(output):
   servers = [data_service.start_worker(dispatcher.target.split("://")[1], p, w, 100) for p, w in zip(ports, workers)]
   address = dispatcher.target
   one = tf.distribute.OneDeviceStrategy("/cpu:0")
-  two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-  results = {
-    "one_replica_from_0": _compare(one, check, address, 0),
-    "two_replicas_resumed": _compare(two, check, address, RESUME_AT),
-  }
-  folder = os.path.join(os.path.dirname(output), "train")
-  results["train"] = {
-    "local": _train(one, check, os.path.join(folder, "local"), ""),
-    "service": _train(one, check, os.path.join(folder, "service"), address),
-  }
+  if part == "inputs":
+    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    results = {
+      "one_replica_from_0": _compare(one, check, address, 0),
+      "two_replicas_resumed": _compare(two, check, address, RESUME_AT),
+      "classifier_two_replicas": _compare(two, check, address, 0, classifier=True),
+    }
+  else:
+    folder = os.path.dirname(output)
+    results = {
+      "local": _train(one, check, os.path.join(folder, "local"), ""),
+      "service": _train(one, check, os.path.join(folder, "service"), address),
+    }
   with open(output, "w") as f:
     json.dump(results, f)
   # Shutting the servers down waits for their heartbeats to time out (tens of seconds): nothing is left to do.
@@ -224,4 +269,4 @@ def _free_port():
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(*sys.argv[1:])

@@ -13,7 +13,9 @@ the batches it receives without the service, so a run with it is the run without
   * Static sharding by step. Worker i of the dispatcher's W workers (--workers, in that order) builds steps
     i, i + W, ... of every chunk (ShardingPolicy.HINT at the plan's source): each step is built whole by
     one worker, none twice. Dynamic sharding would split the pipeline's several index sources (images,
-    supports, labels) independently, and ShardingPolicy.OFF has every worker build everything.
+    supports, labels) independently, and ShardingPolicy.OFF has every worker build everything. TensorFlow
+    refuses a hint-sharded source of fewer rows than workers, so a chunk's source is padded to
+    STEPS_PER_CHUNK rows (the padding is dropped before anything is built): at most that many workers.
   * Order restored on the trainer. Elements of different workers arrive in any order, so each carries its
     position in the stream (step x replicas fed + replica) and the trainer puts them back in order: it holds
     the elements that arrive early, at most a chunk's worth when one worker lags behind the other.
@@ -170,8 +172,7 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
     prog="python -m utils.data.service",
     description="tf.data service servers for run.data_service (docs/running.md, Input on other machines). "
-    "They need no GPU and no copy of the data beyond the image files' paths, which every worker must be able "
-    "to read.",
+    "They need no GPU; every worker must read the image files at the paths the trainer uses.",
   )
   roles = parser.add_subparsers(dest="role", required=True)
   dispatcher = roles.add_parser("dispatcher", help="the one dispatcher; trainers use --config.run.data_service")

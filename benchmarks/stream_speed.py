@@ -1,28 +1,36 @@
-"""Streamed-JPEG throughput (utils/data/pipelines.streamed_views), ImageNet view recipe; writes misc/stream_speed.md.
+"""Streamed ImageNet input against the reference's Pillow chain, per CPU core; writes misc/stream_speed.md.
 
-Generates JPEGs of ImageNet's typical size (500 x 375, 4:2:0 chroma, quality 90) in a temporary class
-folder and measures, in one process and in alternating rounds (the best round of each counts):
-  * streamed: utils/data/pipelines.streamed_views as pre-training runs it, 2 x 224 px crops at area scale
-    (0.14, 1) and 6 x 96 px crops at (0.05, 0.14) per image, flip on, colour stage reduced to the
-    normalisation (the crop work only);
-  * the same from TFRecord shards of the same JPEGs (records read by byte offset);
-  * baseline: the same work written plainly in tf.data: read, decode (the same accurate DCT), 8 random
-    boxes, slice, tf.image.resize(bilinear, antialias=True), batch, normalise. The target is streamed /
-    baseline >= 0.8;
-  * streamed with the ImageNet colour recipe (jitter s = 1 with p = 0.8, plus grayscale p = 0.2 and blur
-    p = 0.5 when utils/data/augment.py has them);
-  * one 224 px view per image (a support view): decoding only the crop's window of the JPEG, as the
-    pipeline does for single views, against decoding the whole image;
-  * eight views per image by decoding eight windows, against decoding once (what the pipeline does).
+In one run, on the same JPEGs (written here: 500 x 375 px, 4:2:0, quality 90, or --images_dir=FOLDER, every
+.jpg/.jpeg/.png under it) and the same cores, for 1 and 2 cores (--cores), in alternating rounds:
+  * reference: the reference's per-image chain written in Pillow, in one worker process per core, each
+    pinned to its core (os.sched_setaffinity): decode once; per view RandomResizedCrop (torchvision's box
+    draw, PIL crop + bilinear resize), flip p 0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8 (ImageEnhance
+    brightness / contrast / colour and hue through HSV, in random order), RandomGrayscale p 0.2,
+    GaussianBlur p 0.5 with radius U[0.1, 2] (ImageFilter), ToTensor + Normalize in numpy; 2 x 224 px
+    views at area scale (0.14, 1) and 6 x 96 px at (0.05, 0.14) (METHOD.md section 10). Also "crops only"
+    (no colour op): the rows of issue 22's table.
+  * project: utils/data/pipelines.streamed_views with the config.py:imagenet views, in a child process pinned
+    to the same cores, TensorFlow's intra/inter-op pools and the tf.data pool set to that many threads:
+    decode, crop, resize, flip and the colour draws (the pixels of pre-training's host side: the colour stage
+    runs in the train step); and, for comparison, the same with augment.apply_colour run on the host too.
+  * the colour stage's cost in a CPU train step: augment.apply_colour of one batch's 8 views, compiled, on
+    the same cores, in ms per image (what moving it into the step adds to a CPU run; on a GPU it is
+    batched device work).
 
-  python -m benchmarks.stream_speed [--images=200] [--batch=32] [--epochs=3] [--rounds=3]
-                                    [--output=misc/stream_speed.md]
+  python -m benchmarks.stream_speed [--images=200] [--images_dir=FOLDER] [--cores=1,2] [--batch=32]
+                                    [--epochs=2] [--rounds=2] [--output=misc/stream_speed.md]
 
-from the repository root. The view recipe is fixed (ImageNet's, above): no --config.
+from the repository root. The view recipe is fixed (config.py:imagenet's): no --config.
 """
 
 import datetime
+import json
+import math
+import multiprocessing
 import os
+import random
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -30,250 +38,290 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 import numpy as np
-from PIL import Image
-import tensorflow as tf
-
-from utils import devices
-from utils.data import augment, decoding, image_files, pipelines, sampling, sources
+from PIL import Image, ImageEnhance, ImageFilter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-flags.DEFINE_integer("images", 200, "JPEGs generated.", lower_bound=1)
-flags.DEFINE_integer("batch", 32, "Images per step.", lower_bound=1)
-flags.DEFINE_integer("epochs", 3, "Passes over the images per measurement.", lower_bound=1)
-flags.DEFINE_integer("rounds", 3, "Alternating rounds; the best of each counts.", lower_bound=1)
+flags.DEFINE_integer("images", 200, "JPEGs written (without --images_dir).", lower_bound=1)
+flags.DEFINE_string("images_dir", None, "A folder of your own images (.jpg/.jpeg/.png, searched recursively).")
+flags.DEFINE_list("cores", ["1", "2"], "Core counts measured, each on cores 0..N-1.")
+flags.DEFINE_integer("batch", 32, "Images per step of the project's pipeline.", lower_bound=1)
+flags.DEFINE_integer("epochs", 2, "Passes over the images per measurement.", lower_bound=1)
+flags.DEFINE_integer("rounds", 2, "Alternating rounds; the best of each counts.", lower_bound=1)
 flags.DEFINE_string("output", os.path.join(ROOT, "misc", "stream_speed.md"), "Markdown file written.")
+flags.DEFINE_string("child", None, "Internal: run the project's measurements on this many cores, print JSON.")
+flags.DEFINE_string("paths_file", None, "Internal: the child's list of image paths.")
 
 LARGE, SMALL, MULTICROP = 224, 96, 6
 LARGE_SCALE, SMALL_SCALE = (0.14, 1.0), (0.05, 0.14)
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+VIEWS = [(LARGE, LARGE_SCALE)] * 2 + [(SMALL, SMALL_SCALE)] * MULTICROP
+MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def write_jpegs(folder, count, classes=4, seed=0):
-  """`count` 500 x 375 JPEGs with smooth structure and noise (so they compress like photos)."""
+def write_jpegs(folder, count, seed=0):
+  """`count` 500 x 375 JPEGs with smooth structure and noise (so they compress like photos); their paths."""
   rng = np.random.default_rng(seed)
+  paths = []
   for index in range(count):
-    coarse = rng.uniform(0, 255, [1, 6, 8, 3]).astype(np.float32)
-    image = tf.image.resize(coarse, [375, 500], "bicubic").numpy()[0] + rng.normal(0, 18, [375, 500, 3])
-    path = os.path.join(folder, "train", f"class{index % classes}", f"{index:05d}.jpg")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90, subsampling=2)
+    coarse = Image.fromarray(rng.uniform(0, 255, [6, 8, 3]).astype(np.uint8)).resize((500, 375), Image.BICUBIC)
+    image = np.asarray(coarse, np.float32) + rng.normal(0, 18, [375, 500, 3])
+    paths.append(os.path.join(folder, f"{index:05d}.jpg"))
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(paths[-1], "JPEG", quality=90, subsampling=2)
+  return paths
 
 
-def write_records(folder, paths, shards=4):
-  """The same JPEGs as TFRecord shards (Model Garden's layout); returns their sources.RecordImages."""
-  bounds = np.linspace(0, len(paths), shards + 1).astype(int)
-  for shard in range(shards):
-    with tf.io.TFRecordWriter(os.path.join(folder, f"train-{shard:05d}-of-{shards:05d}")) as writer:
-      for path in paths[bounds[shard] : bounds[shard + 1]]:
-        with open(path, "rb") as file:
-          encoded = file.read()
-        feature = {
-          image_files.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-          image_files.LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
-        }
-        writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-  return sources.open_records(folder, "train-*", "", evaluation=False).train
-
-
-def view_spec(colour):
-  """The ImageNet recipe's views (colour) or crops and flips only."""
-  return augment.AugmentSpec(
-    flip=True,
-    color_jitter_prob=0.8 if colour else 0.0,
-    color_jitter_strength=1.0,
-    solarize_prob=0.0,
-    equalize_prob=0.0,
-    grayscale_prob=0.2 if colour else 0.0,
-    blur_prob=0.5 if colour else 0.0,
-    blur_radius=(0.1, 2.0),
-    mean=MEAN,
-    std=STD,
+def image_paths(folder):
+  found = sorted(
+    os.path.join(directory, name)
+    for directory, _, names in os.walk(folder)
+    for name in names
+    if name.lower().endswith((".jpg", ".jpeg", ".png"))
   )
+  if not found:
+    raise app.UsageError(f"--images_dir={folder} holds no .jpg, .jpeg or .png file")
+  return found
 
 
-def streamed(images, batch_size, num_steps, colour):
-  def batches():
-    for step in range(num_steps):
-      yield step, sampling.unlabeled_indices(len(images), batch_size, step, seed=0)
-
-  groups = [(0, 2, LARGE, LARGE_SCALE), (2, MULTICROP, SMALL, SMALL_SCALE)]
-  rows = sampling.Rows(0, batch_size, batch_size)  # the whole batch
-  return pipelines.streamed_views(images, batches, groups, 0, view_spec(colour), rows).prefetch(tf.data.AUTOTUNE)
+# --- The reference's chain in Pillow --------------------------------------------------------------------------
 
 
-def random_box(height, width, scale, seed):
-  """A RandomResizedCrop-like box (one attempt, clipped): the baseline's cheap box."""
-  area = tf.cast(height * width, tf.float32) * tf.random.stateless_uniform([], seed, scale[0], scale[1])
-  aspect = tf.exp(tf.random.stateless_uniform([], seed + 1, np.log(3 / 4), np.log(4 / 3)))
-  crop_height = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32), 1, height)
-  crop_width = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32), 1, width)
-  top = tf.cast(tf.random.stateless_uniform([], seed + 2) * tf.cast(height - crop_height + 1, tf.float32), tf.int32)
-  left = tf.cast(tf.random.stateless_uniform([], seed + 3) * tf.cast(width - crop_width + 1, tf.float32), tf.int32)
-  return top, left, crop_height, crop_width
+def crop_box(rng, width, height, scale, ratio=(3 / 4, 4 / 3)):
+  """torchvision's RandomResizedCrop.get_params: (left, top, right, bottom)."""
+  area = width * height
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+      return left, top, left + w, top + h
+  w, h = width, height  # centre crop of the clamped ratio
+  if width / height < ratio[0]:
+    h = int(round(width / ratio[0]))
+  elif width / height > ratio[1]:
+    w = int(round(height * ratio[1]))
+  left, top = (width - w) // 2, (height - h) // 2
+  return left, top, left + w, top + h
 
 
-def baseline(paths, batch_size, num_steps):
-  """Read, decode, 8 boxes, slice, tf.image.resize (antialiased bilinear), flip, batch, normalise."""
-  order = np.concatenate([sampling.unlabeled_indices(len(paths), batch_size, step, 0) for step in range(num_steps)])
-  paths = tf.constant(paths)
-
-  def load(position, index):
-    image = tf.io.decode_jpeg(tf.io.read_file(paths[index]), channels=3, dct_method="INTEGER_ACCURATE")
-    shape = tf.shape(image)
-    views = []
-    for view in range(2 + MULTICROP):
-      size, scale = (LARGE, LARGE_SCALE) if view < 2 else (SMALL, SMALL_SCALE)
-      seed = tf.stack([position, tf.cast(view * 4, tf.int64)])
-      top, left, height, width = random_box(shape[0], shape[1], scale, seed)
-      crop = tf.cast(image[top : top + height, left : left + width], tf.float32)
-      crop = tf.image.resize(crop, [size, size], "bilinear", antialias=True) * (1 / 255)
-      views.append(tf.image.stateless_random_flip_left_right(crop, seed + 5))
-    return tuple(views[:2]), tuple(views[2:])
-
-  dataset = tf.data.Dataset.from_tensor_slices((np.arange(len(order), dtype=np.int64), order))
-  dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
-  dataset = dataset.map(
-    lambda large, small: tuple(augment.normalize(view, MEAN, STD) for view in large + small),
-    num_parallel_calls=tf.data.AUTOTUNE,
-  )
-  return dataset.prefetch(tf.data.AUTOTUNE)
+def adjust_hue(image, factor):
+  """torchvision's adjust_hue of a PIL image: the H channel shifted in uint8, through HSV."""
+  hue, saturation, value = image.convert("HSV").split()
+  shifted = np.array(hue, np.uint8)
+  shifted += np.uint8(int(factor * 255) % 256)
+  return Image.merge("HSV", (Image.fromarray(shifted, "L"), saturation, value)).convert("RGB")
 
 
-def single_view(images, count, window, batch):
-  """One 224 px view per image, decoding the crop's window (the pipeline's single-view path) or the whole JPEG."""
-
-  def load(index):
-    draws = augment.crop_draws([tf.stack([index, tf.constant(1, tf.int64)])], 1, LARGE_SCALE, flip=False)
-    draws = {key: value[0] for key, value in draws.items()}
-    encoded = images.read(index)
-    if window:
-      pixels, boxes = decoding._decode_one_box(encoded, images.describe(index), draws)
-    else:
-      pixels = decoding.decode_image(encoded, images.describe(index))
-      boxes = augment.crop_boxes(draws, tf.shape(pixels)[0], tf.shape(pixels)[1])
-    return decoding.resize_box(pixels, boxes[0], LARGE)
-
-  dataset = tf.data.Dataset.from_tensor_slices(np.arange(count, dtype=np.int64) % len(images))
-  return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch).prefetch(2)
+def colour_jitter(rng, image, strength=(0.8, 0.8, 0.8, 0.2)):
+  brightness, contrast, saturation, hue = strength
+  ops = [
+    lambda im: ImageEnhance.Brightness(im).enhance(rng.uniform(max(0, 1 - brightness), 1 + brightness)),
+    lambda im: ImageEnhance.Contrast(im).enhance(rng.uniform(max(0, 1 - contrast), 1 + contrast)),
+    lambda im: ImageEnhance.Color(im).enhance(rng.uniform(max(0, 1 - saturation), 1 + saturation)),
+    lambda im: adjust_hue(im, rng.uniform(-hue, hue)),
+  ]
+  rng.shuffle(ops)
+  for op in ops:
+    image = op(image)
+  return image
 
 
-def eight_windows(images, count, batch):
-  """Eight views per image, each from its own decoded window (decode_and_crop_jpeg eight times)."""
-  seeds = [tf.constant([9, view], tf.int64) for view in range(2 + MULTICROP)]
+def reference_views(path, rng, colour):
+  """The reference's 8 views of one image file, float32 [3, S, S] normalised."""
+  image = Image.open(path).convert("RGB")
+  views = []
+  for size, scale in VIEWS:
+    view = image.crop(crop_box(rng, image.width, image.height, scale)).resize((size, size), Image.BILINEAR)
+    if rng.random() < 0.5:
+      view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    if colour:
+      if rng.random() < 0.8:
+        view = colour_jitter(rng, view)
+      if rng.random() < 0.2:
+        view = view.convert("L").convert("RGB")
+      if rng.random() < 0.5:
+        view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    array = (np.asarray(view, np.float32) * (1 / 255) - MEAN) / STD
+    views.append(array.transpose(2, 0, 1))
+  return views
 
-  def load(index):
-    encoded = images.read(index)
-    views = []
-    for view, seed in enumerate(seeds):
-      size, scale = (LARGE, LARGE_SCALE) if view < 2 else (SMALL, SMALL_SCALE)
-      draws = augment.crop_draws([seed + tf.stack([index, 0])], 1, scale, flip=False)
-      pixels, boxes = decoding._decode_one_box(encoded, images.describe(index), {k: v[0] for k, v in draws.items()})
-      views.append(decoding.resize_box(pixels, boxes[0], size))
-    return tuple(views)
 
-  dataset = tf.data.Dataset.from_tensor_slices(np.arange(count, dtype=np.int64) % len(images))
-  return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch).prefetch(2)
-
-
-def images_per_second(make_dataset, num_images, batch):
-  """Images/s of one pass over a fresh dataset of `batch` images per element, after its first element (tracing,
-  XLA compilation)."""
-  iterator = iter(make_dataset())
-  next(iterator)
+def reference_worker(core, paths, colour, barrier, results):
+  os.sched_setaffinity(0, {core})
+  rng = random.Random(core)
+  reference_views(paths[0], rng, colour)  # warm-up: imports and caches
+  barrier.wait()
   start = time.perf_counter()
-  count = 0
-  for _ in iterator:
-    count += batch
-  elapsed = time.perf_counter() - start
-  assert count == num_images - batch, (count, num_images)
-  return count / elapsed
+  for path in paths:
+    reference_views(path, rng, colour)
+  results.put((start, time.perf_counter()))
+
+
+def reference_rate(paths, cores, colour, epochs):
+  """Images/s of the Pillow chain in one process per core (0..cores-1), each on its share of the images."""
+  context = multiprocessing.get_context("spawn")  # workers without this process's threads
+  barrier, results = context.Barrier(cores), context.Queue()
+  work = list(paths) * epochs
+  shares = [work[core::cores] for core in range(cores)]
+  workers = [
+    context.Process(target=reference_worker, args=(core, shares[core], colour, barrier, results))
+    for core in range(cores)
+  ]
+  for worker in workers:
+    worker.start()
+  times = [results.get() for _ in workers]
+  for worker in workers:
+    worker.join()
+  return len(work) / (max(end for _, end in times) - min(start for start, _ in times))
+
+
+# --- The project's pipeline, in a pinned child process ---------------------------------------------------------
+
+
+def project_measurements(paths, cores, batch, epochs):
+  """In this (pinned) process: {"crops": images/s, "host_colour": images/s, "step_colour_ms": ms per image}."""
+  import tensorflow as tf
+
+  import config as presets
+  from utils.data import augment, image_files, pipelines, sampling
+
+  tf.config.threading.set_intra_op_parallelism_threads(cores)
+  tf.config.threading.set_inter_op_parallelism_threads(cores)
+  images = image_files.FolderImages(paths, paths, np.full(len(paths), -1))
+  spec = augment.AugmentSpec.from_config(presets.get_config("imagenet").data)
+  groups = [(0, 2, LARGE, LARGE_SCALE), (2, MULTICROP, SMALL, SMALL_SCALE)]
+  steps = epochs * len(paths) // batch
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = cores
+
+  def dataset(host_colour):
+    def batches():
+      for step in range(steps + 1):  # the first one is the warm-up
+        yield step, sampling.unlabeled_indices(len(paths), batch, step, seed=0)
+
+    views = pipelines.streamed_views(images, batches, groups, 0, spec, sampling.Rows(0, batch, batch))
+    if host_colour:
+      views = views.map(lambda crops, colour: tuple(map(lambda c, d: augment.apply_colour(c, d, spec), crops, colour)))
+    return views.prefetch(2).with_options(options)
+
+  def rate(host_colour):
+    iterator = iter(dataset(host_colour))
+    first = next(iterator)
+    start = time.perf_counter()
+    count = sum(1 for _ in iterator)
+    assert count == steps
+    return steps * batch / (time.perf_counter() - start), first
+
+  crops_rate, (crops, colour) = rate(host_colour=False)
+  host_colour_rate, _ = rate(host_colour=True)
+  colour_step = tf.function(lambda crops, colour: [augment.apply_colour(c, d, spec) for c, d in zip(crops, colour)])
+  colour_step(crops, colour)  # compiles
+  repeats = 5
+  start = time.perf_counter()
+  for _ in range(repeats):
+    outputs = colour_step(crops, colour)
+  _ = [output.numpy() for output in outputs]
+  step_ms = (time.perf_counter() - start) * 1000 / (repeats * batch)
+  return {"crops": crops_rate, "host_colour": host_colour_rate, "step_colour_ms": step_ms}
+
+
+def project_rates(paths_file, cores, batch, epochs):
+  """project_measurements in a child process pinned to cores 0..cores-1."""
+  command = [sys.executable, "-m", "benchmarks.stream_speed", f"--child={cores}", f"--paths_file={paths_file}"]
+  command += [f"--batch={batch}", f"--epochs={epochs}"]
+  output = subprocess.run(
+    command,
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    text=True,
+    preexec_fn=lambda: os.sched_setaffinity(0, set(range(cores))),
+  ).stdout
+  return json.loads(output.strip().splitlines()[-1])
 
 
 def load_average():
-  try:
-    return os.getloadavg()[0]
-  except OSError:
-    return float("nan")
+  return os.getloadavg()[0]
+
+
+def table(args, results, loads, machine, count):
+  lines = [
+    "# Streamed ImageNet input against the reference's Pillow chain",
+    "",
+    f"Machine: {machine}. Written by `python -m benchmarks.stream_speed "
+    f"--images={args.images}{' --images_dir=...' if args.images_dir else ''} --cores={','.join(args.cores)} "
+    f"--batch={args.batch} --epochs={args.epochs} --rounds={args.rounds}` on {datetime.date.today().isoformat()}; "
+    f"1-minute load average during the run {min(loads):.1f} to {max(loads):.1f} (on {os.cpu_count()} cores): the "
+    "cores were shared with other jobs, so absolute rates are noisy; every row was measured in alternating rounds "
+    "on the same cores (best round of each), so the ratios are the comparable part.",
+    "",
+    f"{count} {'of your' if args.images_dir else 'generated 500 x 375 px (4:2:0, quality 90)'} JPEGs; the ImageNet "
+    f"views: 2 x {LARGE} px at area scale {LARGE_SCALE} and {MULTICROP} x {SMALL} px at {SMALL_SCALE} per image. "
+    "Reference: Pillow, one process per core. Project host: utils/data/pipelines.streamed_views (decode once, "
+    "crops, flips, colour draws); its colour stage runs in the train step (last column: its cost on these CPU "
+    "cores, per image, batched and compiled).",
+    "",
+    "| cores | reference, colour on (img/s) | reference, crops only | project host (img/s) | project host / "
+    "reference (colour on) | project with the colour on the host | colour in the step, CPU (ms/img) |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for cores in args.cores:
+    best = {name: max(values) for name, values in results[cores].items()}
+    lines.append(
+      f"| {cores} | {best['reference']:.1f} | {best['reference_crops']:.1f} | {best['crops']:.1f} | "
+      f"**{best['crops'] / best['reference']:.2f}x** | {best['host_colour']:.1f} | "
+      f"{min(results[cores]['step_colour_ms']):.1f} |"
+    )
+  first, last = args.cores[0], args.cores[-1]
+  if first != last:
+    scaling = max(results[last]["crops"]) / max(results[first]["crops"])
+    reference_scaling = max(results[last]["reference"]) / max(results[first]["reference"])
+    lines += ["", f"- {last} cores / {first}: project host {scaling:.2f}x, reference {reference_scaling:.2f}x."]
+  lines.append(
+    "- Per round (images/s): "
+    + "; ".join(
+      f"{cores} cores {name} " + " / ".join(f"{value:.0f}" for value in values)
+      for cores in args.cores
+      for name, values in results[cores].items()
+      if name != "step_colour_ms"
+    )
+    + "."
+  )
+  return lines
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; settings are flags (--images=200)")
-  args = flags.FLAGS  # parsed by app.run
+  args = flags.FLAGS
+  if args.child:
+    with open(args.paths_file) as file:
+      paths = file.read().splitlines()
+    print(json.dumps(project_measurements(paths, int(args.child), args.batch, args.epochs)))
+    return
+  from utils import devices
 
+  if args.images_dir and not os.path.isdir(args.images_dir):
+    raise app.UsageError(f"--images_dir={args.images_dir} is not a folder")
   with tempfile.TemporaryDirectory() as folder:
-    write_jpegs(folder, args.images)
-    source = sources.open_folder(folder)
-    images = source.train
-    records = write_records(folder, images.paths)
-    steps = args.epochs * (len(images) // args.batch)
-    total = steps * args.batch
-    fewer = max(total // 4 // args.batch, 2) * args.batch  # eight decodes per image: slow
-    crops_per_image = 2 + MULTICROP
-    candidates = {
-      "streamed": lambda: streamed(images, args.batch, steps, colour=False),
-      "baseline": lambda: baseline(images.paths, args.batch, steps),
-      "streamed_records": lambda: streamed(records, args.batch, steps, colour=False),
-      "streamed_colour": lambda: streamed(images, args.batch, steps, colour=True),
-      "one_view_window": lambda: single_view(images, total, window=True, batch=args.batch),
-      "one_view_whole": lambda: single_view(images, total, window=False, batch=args.batch),
-      "eight_windows": lambda: eight_windows(images, fewer, batch=args.batch),
-    }
-    sizes = {"eight_windows": fewer}
-    rates = {name: [] for name in candidates}
+    paths = image_paths(args.images_dir) if args.images_dir else write_jpegs(folder, args.images)
+    paths_file = os.path.join(folder, "paths.txt")
+    with open(paths_file, "w") as file:
+      file.write("\n".join(paths))
+    results = {cores: {} for cores in args.cores}
     loads = [load_average()]
     for round_number in range(args.rounds):
-      for name, make in candidates.items():
-        rate = images_per_second(make, sizes.get(name, total), args.batch)
-        rates[name].append(rate)
-        print(f"round {round_number + 1}: {name}: {rate:.1f} images/s", flush=True)
-      loads.append(load_average())
-
-  best = {name: max(values) for name, values in rates.items()}
-
-  def ratios(first, second):
-    """'median R, per round a / b / ...' of rates[first] / rates[second], the rounds paired."""
-    per_round = [a / b for a, b in zip(rates[first], rates[second])]
-    return f"median {np.median(per_round):.2f}x, per round " + " / ".join(f"{r:.2f}" for r in per_round)
-
-  rows = [
-    ("streamed: utils/data/pipelines.streamed_views, crops only", "streamed", crops_per_image),
-    ("baseline: plain tf.data decode + crop + tf.image.resize", "baseline", crops_per_image),
-    ("streamed from TFRecords (4 shards, records read by offset), crops only", "streamed_records", crops_per_image),
-    ("streamed with the ImageNet colour recipe", "streamed_colour", crops_per_image),
-    ("one 224 px view per image, decoding the crop's window", "one_view_window", 1),
-    ("one 224 px view per image, decoding the whole JPEG", "one_view_whole", 1),
-    ("eight views from eight decoded windows (not used)", "eight_windows", crops_per_image),
-  ]
-  lines = [
-    "# Streamed-image input speed",
-    "",
-    f"Machine: {devices.machine_description()}. Written by `python -m benchmarks.stream_speed --images="
-    f"{args.images} --batch={args.batch} --epochs={args.epochs} --rounds={args.rounds}` on "
-    f"{datetime.date.today().isoformat()}; load average during the run {min(loads):.1f} to {max(loads):.1f} "
-    f"(on {os.cpu_count()} cores). **Preliminary**: the machine was shared with other jobs, so absolute "
-    "numbers are low and noisy; the rows were measured in alternating rounds in one process (best round of "
-    "each), so their ratios are the comparable part.",
-    "",
-    f"{args.images} generated JPEGs of 500 x 375 px (4:2:0, quality 90) in a class folder; the ImageNet view "
-    f"recipe: 2 x {LARGE} px crops at area scale {LARGE_SCALE} and {MULTICROP} x {SMALL} px at "
-    f"{SMALL_SCALE} per image, {args.batch} images per step.",
-    "",
-    "| pipeline | images/s (best round) | crops/s (best round) | images/s in each round |",
-    "|---|---|---|---|",
-  ]
-  lines += [
-    f"| {what} | {best[name]:.1f} | {best[name] * crops:.0f} | {' / '.join(f'{rate:.0f}' for rate in rates[name])} |"
-    for what, name, crops in rows
-  ]
-  lines += [
-    "",
-    f"- streamed / baseline: **{best['streamed'] / best['baseline']:.2f}** for the best rounds (target >= 0.8); "
-    f"{ratios('streamed', 'baseline')}.",
-    f"- single view, window / whole decode: {ratios('one_view_window', 'one_view_whole')}.",
-    f"- eight views, one decode / eight windows: {ratios('streamed', 'eight_windows')} (so multi-view images are "
-    "decoded once).",
-  ]
+      for cores in args.cores:
+        n = int(cores)
+        measured = {
+          "reference": reference_rate(paths, n, colour=True, epochs=args.epochs),
+          "reference_crops": reference_rate(paths, n, colour=False, epochs=args.epochs),
+          **project_rates(paths_file, n, args.batch, args.epochs),
+        }
+        for name, value in measured.items():
+          results[cores].setdefault(name, []).append(value)
+        print(f"round {round_number + 1}, {n} cores: " + ", ".join(f"{k} {v:.1f}" for k, v in measured.items()))
+        loads.append(load_average())
+    lines = table(args, results, loads, devices.machine_description(), len(paths))
   os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
   with open(args.output, "w") as file:
     file.write("\n".join(lines) + "\n")

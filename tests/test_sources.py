@@ -190,6 +190,28 @@ def test_jpeg_decoding_is_pils_and_window_decoding_is_exact(options):
     )
 
 
+def test_views_of_all_groups_from_one_decode_equal_a_decode_per_group():
+  rng = np.random.default_rng(3)
+  smooth = tf.image.resize(rng.uniform(0, 255, [1, 6, 8, 3]), [45, 60]).numpy()[0]
+  encoded = tf.constant(encode(np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8), "JPEG"))
+  seeds = [tf.constant([5, view], tf.int64) for view in range(5)]
+  groups = [augment.crop_draws(seeds[:2], 1, (0.3, 1.0), True), augment.crop_draws(seeds[2:], 1, (0.05, 0.2), True)]
+  groups = [{key: value[0] for key, value in draws.items()} for draws in groups]
+  views = pipelines._cut_views(encoded, "x.jpg", groups, [20, 8])
+  # the oracle: one decode per group, float crops resized by tf.image.resize, flipped by tf.where
+  expected = []
+  for draws, size in zip(groups, [20, 8]):
+    pixels = decoding.decode_image(encoded, "x.jpg")
+    boxes = augment.crop_boxes(draws, 45, 60).numpy()
+    for (top, left, height, width), flip in zip(boxes, draws["flip"]):
+      crop = tf.cast(pixels[top : top + height, left : left + width], tf.float32)
+      crop = tf.image.resize(crop, [size, size], "bilinear", antialias=True) * (1.0 / 255.0)
+      expected.append(tf.where(flip, tf.reverse(crop, axis=[1]), crop).numpy())
+  assert len(views) == 5 and any(groups[1]["flip"]) and not all(groups[1]["flip"])
+  for view, oracle in zip(views, expected):
+    np.testing.assert_array_equal(view.numpy(), oracle)
+
+
 def test_color_stage_on_separate_crops_equals_augment_batch():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, [16, 20, 24, 3], dtype=np.uint8)

@@ -437,14 +437,17 @@ def _solarize(images, thresholds):
 def _equalize_all(images):
   """PIL ImageOps.equalize on every channel of float [M, H, W, C] images."""
   shape = tf.shape(images)
-  num_rows = shape[0] * shape[3]
+  # Static sizes where known: inside an XLA-compiled train step the histogram's length must be a constant.
+  num_rows = (images.shape[0] or shape[0]) * (images.shape[3] or shape[3])
   levels = tf.cast(tf.round(images * 255.0), tf.int32)
   # One 256-bin histogram per (image, channel) row: offset the levels by
-  # 256 * row and count them all with one bincount.
+  # 256 * row and count them all with one bincount (the raw op: tf.math.bincount derives its length from the
+  # data's maximum, which XLA cannot fold to a constant).
   bins = levels + tf.reshape(tf.range(num_rows) * 256, [shape[0], 1, 1, -1])
-  histogram = tf.reshape(
-    tf.math.bincount(tf.reshape(bins, [-1]), minlength=num_rows * 256, maxlength=num_rows * 256), [num_rows, 256]
+  counts = tf.raw_ops.DenseBincount(
+    input=tf.reshape(bins, [-1]), size=num_rows * 256, weights=tf.zeros([0], tf.int32), binary_output=False
   )
+  histogram = tf.reshape(counts, [num_rows, 256])
   last_nonzero = tf.reduce_max(tf.where(histogram > 0, tf.range(256)[None, :], -1), axis=1)
   last_count = tf.gather(histogram, last_nonzero, batch_dims=1)
   step = (tf.reduce_sum(histogram, axis=1) - last_count) // 255

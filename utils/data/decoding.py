@@ -28,8 +28,14 @@ def resize_box(image: tf.Tensor, box: tf.Tensor, size: int) -> tf.Tensor:
   two differ by at most 3e-6 of the [0, 1] range (tests/test_sources.py); a box of the output size is
   copied exactly.
   """
-  crop = tf.cast(image[box[0] : box[0] + box[2], box[1] : box[1] + box[3]], tf.float32)
-  return tf.image.resize(crop, [size, size], "bilinear", antialias=True) * (1.0 / 255.0)
+  crop = image[None, box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
+  # tf.image.resize(..., "bilinear", antialias=True)'s kernel, called on the uint8 crop: the same pixels without
+  # a float32 copy of the crop first (a quarter of the time of a 224 px view).
+  scale = tf.constant([size, size], tf.float32) / tf.cast(box[2:], tf.float32)
+  resized = tf.raw_ops.ScaleAndTranslate(
+    images=crop, size=[size, size], scale=scale, translation=[0.0, 0.0], kernel_type="triangle", antialias=True
+  )
+  return resized[0] * (1.0 / 255.0)
 
 
 _JPEG_MAGIC = b"\xff\xd8\xff"

@@ -183,7 +183,8 @@ def _cut_views(encoded, description, groups, sizes):
   for boxes, flips, size in boxes_and_flips:
     for view in range(flips.shape[0]):
       crop = decoding.resize_box(pixels, boxes[view], size)
-      views.append(tf.where(flips[view], tf.reverse(crop, axis=[1]), crop))
+      # tf.cond, not tf.where: a select broadcasting a scalar condition cost as much as the resize of the view
+      views.append(tf.cond(flips[view], lambda crop=crop: tf.reverse(crop, axis=[1]), lambda crop=crop: crop))
   return views
 
 

@@ -4,7 +4,8 @@ A dispatcher and two workers on localhost (utils/data/service.py's start_dispatc
 PAWS pre-training pipeline of tests/distributed_train_check.py's tiny config; every element every replica
 receives is compared bit for bit with the local pipeline's, for one replica and for two (MirroredStrategy over
 two logical CPUs), from step 0 across a chunk boundary (a few steps per chunk) and resumed at step 5, and
-classifier fine-tuning's (images and labels from two index sources, which must stay aligned); then a
+the streamed pipeline of a folder of PNG files (unlabeled images and supports from two index sources, which
+must stay aligned: the same step on the same worker); then a
 short training run (utils/train/fit.py) through the service logs exactly the local run's losses.
 Both parts run in subprocesses (`python -m tests.test_data_service inputs|train OUTPUT.json` from the repository
 root): the logical CPUs must be configured before TensorFlow initialises.
@@ -31,7 +32,7 @@ from utils.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8  # the tiny data has 6 steps per epoch: the stream crosses an epoch
 RESUME_AT = 5
-STEPS_PER_CHUNK = 5  # from 0: chunks 0-4 and 5-7; from 5: 5-7
+STEPS_PER_CHUNK = 5  # from 0: chunks 0-4 and 5-7; from 5: 5-7 (the folder's: one chunk, building it takes seconds)
 TRAIN_STEPS = 4
 
 
@@ -107,7 +108,7 @@ def inputs(tmp_path_factory):
   return run_part("inputs", tmp_path_factory.mktemp("inputs"))
 
 
-@pytest.mark.parametrize("case", ["one_replica_from_0", "two_replicas_resumed", "classifier_two_replicas"])
+@pytest.mark.parametrize("case", ["one_replica_from_0", "two_replicas_resumed", "folder_two_replicas"])
 def test_every_replica_gets_the_local_batches_bit_for_bit(inputs, case):
   checked = inputs[case]
   assert checked["elements"] == checked["expected_elements"]
@@ -152,29 +153,33 @@ def _per_replica(strategy, make, count):
   return elements
 
 
-def _classifier_dataset(check, num_replicas):
-  """Classifier fine-tuning's pipeline (two index sources, images and labels) on the tiny data."""
-  from utils.data import pipelines  # pylint: disable=g-import-not-at-top
+def _folder_dataset(check, num_replicas, root):
+  """The streamed pre-training pipeline (images read from files) on a tiny folder of PNG files."""
+  from tests.test_sources import small_folder  # pylint: disable=g-import-not-at-top
+  from utils.data import sources  # pylint: disable=g-import-not-at-top
 
-  config, images, _ = _tiny_setup(check, num_replicas)
+  config = check.tiny_config()
   with config.unlocked():
-    config.finetune.batch_size = 4
-  plan = sampling.ClassifierPlan(np.arange(16), np.arange(24) % 4, config.finetune, config.seed, num_replicas)
-  return lambda replicas, start_step: pipelines.classifier_dataset(
-    images, plan, config.data, start_step=start_step, total_steps=STEPS, replicas=replicas
+    config.data.dataset = "folder"
+  source = sources.open_source(config.data, small_folder(root, size=(12, 10)))  # 3 classes x 4 images
+  plan = sampling.PawsPlan(
+    np.arange(12), source.train_labels, source.num_unlabeled, config.pretrain, config.seed, num_replicas
+  )
+  return lambda replicas, start_step: source.pretrain_dataset(
+    plan, config.data, config.pretrain, start_step=start_step, total_steps=STEPS, replicas=replicas
   )
 
 
-def _compare(strategy, check, address, start_step, classifier=False):
-  if classifier:
-    make = _classifier_dataset(check, strategy.num_replicas_in_sync)
+def _compare(strategy, check, address, start_step, folder=None, steps_per_chunk=STEPS_PER_CHUNK):
+  if folder:
+    make = _folder_dataset(check, strategy.num_replicas_in_sync, folder)
   else:
     config, images, plan = _tiny_setup(check, strategy.num_replicas_in_sync)
     make = _make_dataset(config, images, plan, STEPS)
   local = _per_replica(strategy, lambda replicas: make(replicas, 0), STEPS)[start_step:]
   remote = _per_replica(
     strategy,
-    lambda replicas: data_service.remote_dataset(address, make, replicas, start_step, STEPS, STEPS_PER_CHUNK),
+    lambda replicas: data_service.remote_dataset(address, make, replicas, start_step, STEPS, steps_per_chunk),
     STEPS - start_step,
   )
   unequal = [
@@ -245,7 +250,7 @@ def main(part, output):
     results = {
       "one_replica_from_0": _compare(one, check, address, 0),
       "two_replicas_resumed": _compare(two, check, address, RESUME_AT),
-      "classifier_two_replicas": _compare(two, check, address, 0, classifier=True),
+      "folder_two_replicas": _compare(two, check, address, 0, os.path.join(os.path.dirname(output), "images"), STEPS),
     }
   else:
     folder = os.path.dirname(output)

@@ -25,6 +25,7 @@ the batches it receives without the service, so a run with it is the run without
 
 import argparse
 from collections.abc import Callable, Iterator
+import concurrent.futures
 import socket
 import sys
 
@@ -91,17 +92,20 @@ def remote_dataset(
     )
     return tf.data.Dataset.zip(positions, dataset)
 
-  # Before anything is sent: a pipeline that calls Python cannot run on a worker.
-  calls = python_ops(chunk_dataset(*chunks[0])) if chunks else set()
+  if not chunks:
+    return make_dataset(replicas, start_step)  # no steps left
+  # Built once here (building a streamed pipeline takes seconds): its ops checked before anything is sent,
+  # its element spec the stream's.
+  first_chunk = chunk_dataset(*chunks[0])
+  calls = python_ops(first_chunk)
   if calls:
     raise UserError(
       f"run.data_service: this input calls Python ({', '.join(sorted(calls))}), which tf.data service "
       "workers cannot run (TFRecord files are read that way); use image folders or run.data_service=''"
     )
 
-  def start_job(first, stop):
-    """Registers the chunk's dataset and starts reading it: an iterator of (position, element)."""
-    tagged = chunk_dataset(first, stop)
+  def start_job(tagged):
+    """Registers a chunk's dataset and starts reading it: an iterator of (position, element)."""
     dataset_id = _SERVICE.register_dataset(address, tagged)
     remote = _SERVICE.from_dataset_id(
       processing_mode=_SERVICE.ShardingPolicy.HINT,
@@ -112,23 +116,26 @@ def remote_dataset(
     return iter(remote)
 
   def in_order() -> Iterator:
-    if not chunks:
-      return
-    upcoming = start_job(*chunks[0])
-    for index, (first, stop) in enumerate(chunks):
-      current = upcoming
-      if index + 1 < len(chunks):  # the workers start on the next chunk while this one is read
-        upcoming = start_job(*chunks[index + 1])
-      expected, early = first * per_step, {}
-      for position, element in current:
-        early[int(position)] = element
-        while expected in early:
-          yield tf.nest.map_structure(lambda tensor: tensor.numpy(), early.pop(expected))
-          expected += 1
-      if expected != stop * per_step:
-        raise RuntimeError(f"the tf.data service delivered steps {first}..{stop - 1} incompletely: {sorted(early)}")
+    # The next chunk is built, registered and started in the background while this one is read.
+    background = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+      upcoming = background.submit(start_job, first_chunk)
+      for index, (first, stop) in enumerate(chunks):
+        current = upcoming.result()
+        if index + 1 < len(chunks):
+          upcoming = background.submit(lambda chunk=chunks[index + 1]: start_job(chunk_dataset(*chunk)))
+        expected, early = first * per_step, {}
+        for position, element in current:
+          early[int(position)] = element
+          while expected in early:
+            yield tf.nest.map_structure(lambda tensor: tensor.numpy(), early.pop(expected))
+            expected += 1
+        if expected != stop * per_step:
+          raise RuntimeError(f"the tf.data service delivered steps {first}..{stop - 1} incompletely: {sorted(early)}")
+    finally:
+      background.shutdown(wait=False)
 
-  element_spec = make_dataset(replicas, start_step).element_spec  # drawn lazily: nothing is computed here
+  element_spec = first_chunk.element_spec[1]
   return tf.data.Dataset.from_generator(in_order, output_signature=element_spec).prefetch(tf.data.AUTOTUNE)
 
 

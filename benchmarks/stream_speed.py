@@ -150,14 +150,15 @@ def reference_worker(core, paths, colour, barrier, results):
   rng = random.Random(core)
   reference_views(paths[0], rng, colour)  # warm-up: imports and caches
   barrier.wait()
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for path in paths:
     reference_views(path, rng, colour)
-  results.put((start, time.perf_counter()))
+  results.put((start, time.perf_counter(), time.process_time() - cpu))
 
 
 def reference_rate(paths, cores, colour, epochs):
-  """Images/s of the Pillow chain in one process per core (0..cores-1), each on its share of the images."""
+  """(images/s, CPU ms per image) of the Pillow chain in one process per core (0..cores-1), each on its share
+  of the images."""
   context = multiprocessing.get_context("spawn")  # workers without this process's threads
   barrier, results = context.Barrier(cores), context.Queue()
   work = list(paths) * epochs
@@ -171,14 +172,16 @@ def reference_rate(paths, cores, colour, epochs):
   times = [results.get() for _ in workers]
   for worker in workers:
     worker.join()
-  return len(work) / (max(end for _, end in times) - min(start for start, _ in times))
+  wall = max(end for _, end, _ in times) - min(start for start, _, _ in times)
+  return len(work) / wall, sum(cpu for _, _, cpu in times) * 1000 / len(work)
 
 
 # --- The project's pipeline, in a pinned child process ---------------------------------------------------------
 
 
 def project_measurements(paths, cores, batch, epochs):
-  """In this (pinned) process: {"crops": images/s, "host_colour": images/s, "step_colour_ms": ms per image}."""
+  """In this (pinned) process: {"crops": images/s, "crops_cpu_ms": CPU ms per image, "host_colour": images/s,
+  "step_colour_ms": ms per image}."""
   import tensorflow as tf
 
   import config as presets
@@ -206,13 +209,13 @@ def project_measurements(paths, cores, batch, epochs):
   def rate(host_colour):
     iterator = iter(dataset(host_colour))
     first = next(iterator)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     count = sum(1 for _ in iterator)
     assert count == steps
-    return steps * batch / (time.perf_counter() - start), first
+    return steps * batch / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / (steps * batch), first
 
-  crops_rate, (crops, colour) = rate(host_colour=False)
-  host_colour_rate, _ = rate(host_colour=True)
+  crops_rate, crops_cpu_ms, (crops, colour) = rate(host_colour=False)
+  host_colour_rate, _, _ = rate(host_colour=True)
   colour_step = tf.function(lambda crops, colour: [augment.apply_colour(c, d, spec) for c, d in zip(crops, colour)])
   colour_step(crops, colour)  # compiles
   repeats = 5
@@ -221,7 +224,7 @@ def project_measurements(paths, cores, batch, epochs):
     outputs = colour_step(crops, colour)
   _ = [output.numpy() for output in outputs]
   step_ms = (time.perf_counter() - start) * 1000 / (repeats * batch)
-  return {"crops": crops_rate, "host_colour": host_colour_rate, "step_colour_ms": step_ms}
+  return {"crops": crops_rate, "crops_cpu_ms": crops_cpu_ms, "host_colour": host_colour_rate, "step_colour_ms": step_ms}
 
 
 def project_rates(paths_file, cores, batch, epochs):
@@ -258,18 +261,23 @@ def table(args, results, loads, machine, count):
     f"views: 2 x {LARGE} px at area scale {LARGE_SCALE} and {MULTICROP} x {SMALL} px at {SMALL_SCALE} per image. "
     "Reference: Pillow, one process per core. Project host: utils/data/pipelines.streamed_views (decode once, "
     "crops, flips, colour draws); its colour stage runs in the train step (last column: its cost on these CPU "
-    "cores, per image, batched and compiled).",
+    "cores, per image, batched and compiled). CPU ms per image: the processes' CPU time (all their threads) over "
+    "the images, the least of the rounds; the inverse of images/s per core when the cores are fully used, and "
+    "less sensitive than wall time to other jobs on the cores.",
     "",
     "| cores | reference, colour on (img/s) | reference, crops only | project host (img/s) | project host / "
-    "reference (colour on) | project with the colour on the host | colour in the step, CPU (ms/img) |",
-    "|---|---|---|---|---|---|---|",
+    "reference (colour on) | CPU ms per image: reference, project host (ratio) | project with the colour on the "
+    "host | colour in the step, CPU (ms/img) |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for cores in args.cores:
     best = {name: max(values) for name, values in results[cores].items()}
+    cpu = {name: min(results[cores][name]) for name in ("reference_cpu_ms", "crops_cpu_ms", "step_colour_ms")}
     lines.append(
       f"| {cores} | {best['reference']:.1f} | {best['reference_crops']:.1f} | {best['crops']:.1f} | "
-      f"**{best['crops'] / best['reference']:.2f}x** | {best['host_colour']:.1f} | "
-      f"{min(results[cores]['step_colour_ms']):.1f} |"
+      f"**{best['crops'] / best['reference']:.2f}x** | {cpu['reference_cpu_ms']:.1f}, {cpu['crops_cpu_ms']:.1f} "
+      f"({cpu['reference_cpu_ms'] / cpu['crops_cpu_ms']:.2f}x) | {best['host_colour']:.1f} | "
+      f"{cpu['step_colour_ms']:.1f} |"
     )
   first, last = args.cores[0], args.cores[-1]
   if first != last:
@@ -282,7 +290,7 @@ def table(args, results, loads, machine, count):
       f"{cores} cores {name} " + " / ".join(f"{value:.0f}" for value in values)
       for cores in args.cores
       for name, values in results[cores].items()
-      if name != "step_colour_ms"
+      if not name.endswith("_ms")
     )
     + "."
   )
@@ -312,11 +320,9 @@ def main(argv):
     for round_number in range(args.rounds):
       for cores in args.cores:
         n = int(cores)
-        measured = {
-          "reference": reference_rate(paths, n, colour=True, epochs=args.epochs),
-          "reference_crops": reference_rate(paths, n, colour=False, epochs=args.epochs),
-          **project_rates(paths_file, n, args.batch, args.epochs),
-        }
+        measured = dict(zip(("reference", "reference_cpu_ms"), reference_rate(paths, n, True, args.epochs)))
+        measured["reference_crops"] = reference_rate(paths, n, False, args.epochs)[0]
+        measured.update(project_rates(paths_file, n, args.batch, args.epochs))
         for name, value in measured.items():
           results[cores].setdefault(name, []).append(value)
         print(f"round {round_number + 1}, {n} cores: " + ", ".join(f"{k} {v:.1f}" for k, v in measured.items()))

@@ -72,6 +72,16 @@ def test_a_pipeline_that_calls_python_is_refused_before_anything_is_sent():
     data_service.remote_dataset("grpc://localhost:1", make_dataset, sampling.ONE_DEVICE, 0, 4)
 
 
+def test_an_address_where_no_dispatcher_answers_is_refused_at_once():
+  def make_dataset(replicas, start_step):
+    steps = lambda: ((step, np.arange(2)) for step in range(start_step, 4))
+    return sampling.index_dataset(steps, (tf.TensorSpec([], tf.int64), tf.TensorSpec([2], tf.int64)))
+
+  address = f"grpc://localhost:{_free_port()}"
+  with pytest.raises(UserError, match=f"no tf.data service dispatcher answers at {address}"):
+    data_service.remote_dataset(address, make_dataset, sampling.ONE_DEVICE, 0, 4)
+
+
 def test_index_plan_in_the_graph_holds_the_steps_padded_and_a_shard_hint():
   steps = lambda: ((step, np.full([3], step * 10)) for step in range(2, 100))
   signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([3], tf.int64))

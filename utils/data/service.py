@@ -52,6 +52,18 @@ def python_ops(dataset: tf.data.Dataset) -> set[str]:
   return ops & _PYTHON_OPS
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+  """Raises UserError when nothing accepts a connection at the dispatcher's address (TensorFlow would retry forever)."""
+  host, port = address.removeprefix("grpc://").rsplit(":", 1)
+  try:
+    socket.create_connection((host, int(port)), timeout=timeout).close()
+  except OSError as error:
+    raise UserError(
+      f"run.data_service: no tf.data service dispatcher answers at {address} ({error}); start one "
+      "(python -m utils.data.service dispatcher, docs/running.md) or set run.data_service=''"
+    ) from None
+
+
 def _chunks(start_step: int, total_steps: int, size: int) -> list[tuple[int, int]]:
   """[first, stop) of each chunk of steps from start_step, cut at multiples of `size`."""
   edges = [start_step, *range((start_step // size + 1) * size, total_steps, size), total_steps]
@@ -77,7 +89,8 @@ def remote_dataset(
   Returns:
     A dataset with the same elements in the same order as make_dataset(replicas, start_step).
   Raises:
-    UserError: the pipeline calls Python (TFRecord files are read that way), so no worker can run it.
+    UserError: the pipeline calls Python (TFRecord files are read that way), so no worker can run it; or
+      nothing answers at `address`.
   """
   per_step = len(replicas.ids)
   chunks = _chunks(start_step, total_steps, steps_per_chunk)
@@ -103,6 +116,8 @@ def remote_dataset(
       f"run.data_service: this input calls Python ({', '.join(sorted(calls))}), which tf.data service "
       "workers cannot run (TFRecord files are read that way); use image folders or run.data_service=''"
     )
+
+  _check_reachable(address)
 
   def start_job(tagged):
     """Registers a chunk's dataset and starts reading it: an iterator of (position, element)."""

@@ -7,8 +7,8 @@ chunk boundary (a few steps per chunk); a folder of PNG files streamed (unlabele
 index sources, which must stay aligned: the same step on the same worker), two replicas (MirroredStrategy over
 two logical CPUs), resumed at step 5. Then a short training run (utils/train/fit.py) through the service logs
 exactly the local run's losses.
-Both parts run in subprocesses (`python -m tests.test_data_service inputs|train OUTPUT.json` from the repository
-root): the logical CPUs must be configured before TensorFlow initialises.
+Everything runs in one subprocess (`python -m tests.test_data_service OUTPUT.json` from the repository root): the
+logical CPUs must be configured before TensorFlow initialises.
 """
 
 import json
@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8  # the tiny data has 6 steps per epoch: the stream crosses an epoch
 RESUME_AT = 5
 STEPS_PER_CHUNK = 5  # from 0: chunks 0-4 and 5-7 (the folder's: one chunk, building it takes seconds)
-TRAIN_STEPS = 4
+TRAIN_STEPS = 3
 
 
 def test_chunks_are_cut_at_multiples_of_their_size():
@@ -98,11 +98,12 @@ def test_index_plan_in_the_graph_holds_the_steps_padded_and_a_shard_hint():
     next(iter(dataset))
 
 
-def run_part(part, folder):
-  """Runs `part` ("inputs" or "train") in the subprocess; returns its results."""
-  output = folder / "results.json"
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  """Everything the service serves, and the local references, from one subprocess (one TensorFlow start)."""
+  output = tmp_path_factory.mktemp("service") / "results.json"
   completed = subprocess.run(
-    [sys.executable, "-m", "tests.test_data_service", part, str(output)],
+    [sys.executable, "-m", "tests.test_data_service", str(output)],
     cwd=ROOT,
     env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
     capture_output=True,
@@ -113,21 +114,15 @@ def run_part(part, folder):
   return json.loads(output.read_text())
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-  return run_part("inputs", tmp_path_factory.mktemp("inputs"))
-
-
 @pytest.mark.parametrize("case", ["one_replica_from_0", "folder_two_replicas_resumed"])
-def test_every_replica_gets_the_local_batches_bit_for_bit(inputs, case):
-  checked = inputs[case]
+def test_every_replica_gets_the_local_batches_bit_for_bit(results, case):
+  checked = results[case]
   assert checked["elements"] == checked["expected_elements"]
   assert checked["unequal"] == []
 
 
-def test_training_through_the_service_logs_the_local_losses(tmp_path):
-  trained = run_part("train", tmp_path)
-  local, remote = trained["local"], trained["service"]
+def test_training_through_the_service_logs_the_local_losses(results):
+  local, remote = results["train"]["local"], results["train"]["service"]
   assert [record["step"] for record in local] == list(range(1, TRAIN_STEPS + 1))
   assert remote == local  # every metric of every step, exactly
 
@@ -246,7 +241,7 @@ def _train(strategy, check, folder, address):
   return [{key: value for key, value in record.items() if key != "img/s"} for record in records]
 
 
-def main(part, output):
+def main(output):
   from tests import distributed_train_check as check  # pylint: disable=g-import-not-at-top  (2 logical CPUs)
 
   ports = [_free_port(), _free_port()]
@@ -255,20 +250,16 @@ def main(part, output):
   servers = [data_service.start_worker(dispatcher.target.split("://")[1], p, w, 100) for p, w in zip(ports, workers)]
   address = dispatcher.target
   one = tf.distribute.OneDeviceStrategy("/cpu:0")
-  if part == "inputs":
-    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    results = {
-      "one_replica_from_0": _compare(one, check, address, 0),
-      "folder_two_replicas_resumed": _compare(
-        two, check, address, RESUME_AT, os.path.join(os.path.dirname(output), "images"), STEPS
-      ),
-    }
-  else:
-    folder = os.path.dirname(output)
-    results = {
+  two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  folder = os.path.dirname(output)
+  results = {
+    "one_replica_from_0": _compare(one, check, address, 0),
+    "folder_two_replicas_resumed": _compare(two, check, address, RESUME_AT, os.path.join(folder, "images"), STEPS),
+    "train": {
       "local": _train(one, check, os.path.join(folder, "local"), ""),
       "service": _train(one, check, os.path.join(folder, "service"), address),
-    }
+    },
+  }
   with open(output, "w") as f:
     json.dump(results, f)
   # Shutting the servers down waits for their heartbeats to time out (tens of seconds): nothing is left to do.
@@ -285,4 +276,4 @@ def _free_port():
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:])
+  main(sys.argv[1])

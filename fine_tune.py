@@ -20,6 +20,7 @@ moving statistics are re-estimated on the clean labeled images at the end).
 from utils import native_logs
 
 native_logs.set_native_log_level()  # before TensorFlow loads: its C++ start-up chatter stays out
+native_logs.use_tf_keras()  # before TensorFlow loads: tf.keras is tf_keras, Keras 3 is never imported
 
 from absl import flags, logging
 import numpy as np

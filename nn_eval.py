@@ -26,6 +26,7 @@ import os
 from utils import native_logs
 
 native_logs.set_native_log_level()  # before TensorFlow loads: its C++ start-up chatter stays out
+native_logs.use_tf_keras()  # before TensorFlow loads: tf.keras is tf_keras, Keras 3 is never imported
 
 from absl import flags, logging
 import tensorflow as tf

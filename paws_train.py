@@ -10,6 +10,7 @@ Re-running the same command resumes from the newest intact checkpoint in the wor
 from utils import native_logs
 
 native_logs.set_native_log_level()  # before TensorFlow loads: its C++ start-up chatter stays out
+native_logs.use_tf_keras()  # before TensorFlow loads: tf.keras is tf_keras, Keras 3 is never imported
 import time
 
 from absl import flags, logging

@@ -253,9 +253,10 @@ def table(args, results, loads, machine, count):
     f"Machine: {machine}. Written by `python -m benchmarks.stream_speed "
     f"--images={args.images}{' --images_dir=...' if args.images_dir else ''} --cores={','.join(args.cores)} "
     f"--batch={args.batch} --epochs={args.epochs} --rounds={args.rounds}` on {datetime.date.today().isoformat()}; "
-    f"1-minute load average during the run {min(loads):.1f} to {max(loads):.1f} (on {os.cpu_count()} cores): the "
-    "cores were shared with other jobs, so absolute rates are noisy; every row was measured in alternating rounds "
-    "on the same cores (best round of each), so the ratios are the comparable part.",
+    f"1-minute load average during the run {min(loads):.1f} to {max(loads):.1f} (on {os.cpu_count()} cores; "
+    f"this benchmark's own processes count up to {max(map(int, args.cores))}, more means other jobs shared the "
+    "cores). Every row was measured in alternating rounds on the same cores (best round of each), so the ratios "
+    "are the comparable part.",
     "",
     f"{count} {'of your' if args.images_dir else 'generated 500 x 375 px (4:2:0, quality 90)'} JPEGs; the ImageNet "
     f"views: 2 x {LARGE} px at area scale {LARGE_SCALE} and {MULTICROP} x {SMALL} px at {SMALL_SCALE} per image. "

@@ -234,7 +234,7 @@ def test_color_stage_on_separate_crops_equals_augment_batch():
   crops = [
     pipelines._cut_views(tf.constant(encode(image)), "x.png", one_image(i), [12])[0] for i, image in enumerate(images)
   ]
-  actual = augment.color_and_normalize(tf.stack(crops), seed, spec).numpy()
+  actual = augment.apply_colour(tf.stack(crops), augment.colour_draws(seed, len(crops), spec), spec).numpy()
   np.testing.assert_allclose(actual, expected, atol=TOLERANCE / 0.2 * 5, rtol=0)
 
 

@@ -89,7 +89,7 @@ def test_paws_step_under_each_precision(tiny, float32_reference):
 
 def streamed_batch(c, seed=0):
   """A stream_pretrain_dataset element (crops in [0, 1], colour draws) and the batch of its colour stage on the
-  host, augment.color_and_normalize of the same crops and view seeds (what the in-memory pipeline gives)."""
+  host, augment.apply_colour of the same crops and draws outside a step (what the in-memory pipeline gives)."""
   spec = augment.AugmentSpec.from_config(c.data)
   rng = np.random.default_rng(seed)
   crops, supports = (
@@ -99,8 +99,8 @@ def streamed_batch(c, seed=0):
   view_seeds = [tf.constant([seed, view], tf.int64) for view in range(len(crops) + len(supports))]
   colour = tuple(augment.colour_draws(s, len(crops[0]), spec) for s in view_seeds[: len(crops)])
   colour += tuple(augment.colour_draws(s, supports.shape[1], spec) for s in view_seeds[len(crops) :])
-  coloured = tuple(augment.color_and_normalize(x, s, spec).numpy() for x, s in zip(crops, view_seeds))
-  coloured_supports = [augment.color_and_normalize(x, s, spec) for x, s in zip(supports, view_seeds[len(crops) :])]
+  coloured = tuple(augment.apply_colour(x, draws, spec).numpy() for x, draws in zip(crops, colour))
+  coloured_supports = [augment.apply_colour(x, draws, spec) for x, draws in zip(supports, colour[len(crops) :])]
   return (crops, supports, colour), (coloured, tf.stack(coloured_supports).numpy())
 
 

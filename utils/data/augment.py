@@ -1,11 +1,11 @@
 """Batched, stateless view augmentation: the CIFAR-10 and ImageNet recipes (METHOD.md sections 4, 10).
 
 `augment_batch(images, seed, size, scale, spec)` makes one view of every image of a batch, with the
-settings of an `AugmentSpec` (built once from the config's `data` section by `AugmentSpec.from_config`);
-for crops cut elsewhere (images read from files) `colour_draws` makes its colour draws and `apply_colour`
-its colour stage (`color_and_normalize` both), and `crop_draws` / `crop_boxes` its crop draws for images
-whose size is known only once decoded. `rows`
-(sampling.Rows) lets one replica augment its rows of a global batch exactly as the whole batch would.
+settings of an `AugmentSpec` (built once from the config's `data` section by `AugmentSpec.from_config`).
+For crops cut elsewhere (images read from files) `colour_draws` makes its colour draws and `apply_colour`
+its colour stage (with the same seed: augment_batch's pixels for the same crops), and `crop_draws` /
+`crop_boxes` its crop draws for images whose size is known only once decoded. `rows` (sampling.Rows) lets
+one replica augment its rows of a global batch exactly as the whole batch would.
 
 Every op transforms a whole batch at once, with its own random draws for each
 image. Per-image ops (tf.map_fn, or Model Garden's `official.vision.ops.augment`
@@ -815,42 +815,18 @@ def _sample_colour(seed, num_images, spec):
 @tf.function(autograph=False, reduce_retracing=True)
 def _augment_batch_graph(images, seed, size, scale, ratio, spec, rows):
   """augment_batch with hashable Python arguments."""
-  crop_seed, flip_seed, _, _, equalize_seed = _split(seed, 5)
+  crop_seed, flip_seed = _split(seed, 5)[:2]
   shape = tf.shape(images)
   num_draws, keep = draw_rows(shape[0], rows)
   boxes = keep(sample_crop_boxes(crop_seed, num_draws, shape[1], shape[2], scale, ratio))
   flip_mask = keep(_coins(flip_seed, num_draws, 0.5)) if spec.flip else None
-  colour = keep(_sample_colour(seed, num_draws, spec))
+  draws = colour_draws(seed, shape[0], spec, rows)
+  colour = tuple(draws.get(name) for name in _COLOUR_OPS)
   views, normalized = _augment_pixels(images, boxes, flip_mask, colour, size, spec.mean, spec.std)
-  if spec.equalize_prob > 0:
-    indices, equalized = _equalize_selected(views, keep(_coins(equalize_seed, num_draws, spec.equalize_prob)))
+  if "equalize" in draws:  # only the selected images: here the count may be data-dependent (apply_colour: XLA)
+    indices, equalized = _equalize_selected(views, draws["equalize"])
     normalized = tf.tensor_scatter_nd_update(normalized, indices, normalize(equalized, spec.mean, spec.std))
   return normalized
-
-
-def color_and_normalize(views: tf.Tensor, seed: tf.Tensor, spec: AugmentSpec, rows: Rows | None = None) -> tf.Tensor:
-  """The colour stage of augment_batch, for views cropped, resized and flipped elsewhere (METHOD.md section 4).
-
-  apply_colour(views, colour_draws(seed, ...), spec): with the same `seed` it makes the draws augment_batch
-  makes (crop and flip use the first two of its five sub-seeds, this the others), so
-  augment_batch(images, seed, ..., spec) equals color_and_normalize(crops, seed, spec) when `crops` are
-  augment_batch's crops of the same images.
-
-  Args:
-    views: float32 [N, S, S, 3] in [0, 1].
-    seed: int32/int64 tensor of shape [2], the view's seed as augment_batch takes it.
-    spec, rows: as augment_batch.
-
-  Returns:
-    float32 [N, S, S, 3], normalised.
-  """
-  return _color_graph(views, seed, spec, _hashable(rows))
-
-
-@tf.function(autograph=False, reduce_retracing=True)
-def _color_graph(views, seed, spec, rows):
-  """color_and_normalize with hashable Python arguments."""
-  return apply_colour(views, colour_draws(seed, tf.shape(views)[0], spec, rows), spec)
 
 
 def colour_draws(seed: tf.Tensor, num_images: int | tf.Tensor, spec: AugmentSpec, rows: Rows | None = None) -> dict:

@@ -99,7 +99,7 @@ def test_full_digits_run_in_a_ram_workdir_crashes_resumes_and_writes_nothing_loc
     assert name in files, sorted(files)
   assert any(name.startswith("tensorboard/pretrain/events.out.tfevents") for name in files)
   assert any(name.startswith("finetuned/tensorboard/finetune/events.out.tfevents") for name in files)
-  assert not any(name.endswith((".tmp", ".write_test", ".lock")) for name in files)
+  assert not any(name.endswith((".tmp", ".lock")) or ".write_test" in name for name in files)
   assert summary["local_files"] == [] and list(cwd.iterdir()) == []
   # One warning for the whole process: the nested finetuned/ folder and the reruns are covered by it.
   assert result.stderr.count("cannot be locked") == 1

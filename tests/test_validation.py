@@ -94,6 +94,7 @@ BAD = {
   "run.checkpoint_every": [0, -500],
   "run.keep_checkpoints": [0],
   "run.collective_timeout": [0.0, 0.5, -10.0, "10"],
+  "run.data_service": ["localhost:5050", "grpc://host", "grpc://host:port", "http://host:5050", 5050],
 }
 
 # Edge values the meaning allows: they must pass.
@@ -115,6 +116,7 @@ GOOD = {
   "run.cpu_replicas": [0, 2, 4],
   "eval.knn_k": [0, 1, 10**6],
   "run.collective_timeout": [1, 2.5, 600],
+  "run.data_service": ["", "grpc://localhost:5050", "grpc://10.0.0.2:5050"],
 }
 
 

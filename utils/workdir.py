@@ -18,6 +18,7 @@ import os
 import re
 import socket
 import sys
+import uuid
 
 from ml_collections import ConfigDict
 import tensorflow as tf
@@ -114,7 +115,8 @@ def prepare_workdir(workdir: str) -> str:
     raise UserError("--workdir is required: the folder where checkpoints, logs and results go")
   try:
     tf.io.gfile.makedirs(workdir)
-    probe = os.path.join(workdir, ".write_test")
+    # A name of its own: the workers of a cluster probe the shared workdir at the same time.
+    probe = os.path.join(workdir, f".write_test-{uuid.uuid4().hex}")
     with tf.io.gfile.GFile(probe, "w") as f:
       f.write("ok")
     tf.io.gfile.remove(probe)

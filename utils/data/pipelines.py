@@ -427,7 +427,11 @@ def classifier_dataset(
       views = views.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:  # one view per step; only this replica's images are read
       views = streamed_views(images, index_stream, [(0, 1, size, CROP_SCALE)], seed, spec, rows)
-      views = views.map(lambda crops, colour: augment.apply_colour(crops[0], colour[0], spec))  # normalisation
+      views = views.map(  # the colour stage (here: normalisation) on the host, steps in parallel as before
+        lambda crops, colour: augment.apply_colour(crops[0], colour[0], spec),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+      )
     targets = sampling.index_dataset(label_stream, (tf.TensorSpec([], tf.int64), tf.TensorSpec([rows.count], tf.int64)))
     targets = targets.map(lambda step, labels: labels)
     return tf.data.Dataset.zip(views, targets)
